@@ -1,0 +1,20 @@
+//! The contract between the XDP program and the userspace controller.
+//!
+//! Everything both sides must agree on lives here: the `#[repr(C)]` map types, the map
+//! names, the Call-ID locator and the keyed hash. The eBPF crate and the controller call
+//! the very same functions, so the kernel and the slow path can never disagree on which
+//! backend a message belongs to.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+pub mod hash;
+pub mod maps;
+pub mod parse;
+#[cfg(feature = "user")]
+pub mod table;
+
+pub use hash::{CallIdHasher, HashKey};
+pub use maps::*;
+pub use parse::{Scan, ScanOutcome, scan_call_id};

@@ -1,0 +1,213 @@
+//! Map names and the Pod types stored in them.
+//!
+//! Names carry a version suffix: a daemon must never reuse a pinned map whose layout
+//! differs from the one it was built with. The kernel cuts names at 15 characters.
+use bytemuck::{Pod, Zeroable};
+
+/// Service address (VIP, UDP port) -> [`ServiceInfo`].
+pub const MAP_SERVICES: &str = "sd_services_v1";
+/// Array of maps, indexed by service id; each inner map is a slot table (see [`SLOTS`]).
+pub const MAP_TABLES: &str = "sd_tables_v1";
+/// Array of [`Backend`], indexed by backend id.
+pub const MAP_BACKENDS: &str = "sd_backends_v1";
+/// Per-CPU array of [`BackendStats`], indexed by backend id.
+pub const MAP_BACKEND_STATS: &str = "sd_bstats_v1";
+/// Per-CPU array of u64, indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "sd_counters_v1";
+/// Single-entry array holding [`Config`].
+pub const MAP_CONFIG: &str = "sd_config_v1";
+/// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
+pub const MAP_TX_PORTS: &str = "sd_txports_v1";
+/// Per-CPU scratch space the XDP program copies the UDP payload into.
+pub const MAP_SCRATCH: &str = "sd_scratch_v1";
+
+/// The XDP program that dispatches SIP.
+pub const PROG_DISPATCH: &str = "sip_dispatch";
+/// An XDP program that passes everything: attached to veth peers so that native-mode
+/// XDP_TX/XDP_REDIRECT frames are received (veth needs NAPI on the peer).
+pub const PROG_PASS: &str = "xdp_pass";
+
+/// Slots per service table. A power of two: the slot is the low bits of the Call-ID hash.
+/// 65536 slots keep every backend's share within 0.02 of its weight share even for
+/// thousands of backends, and a table is 256 KiB.
+pub const SLOTS: usize = 1 << 16;
+/// Slot value meaning "no backend": the packet is passed to the stack (counted).
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Services one dispatcher can serve.
+pub const MAX_SERVICES: u32 = 64;
+/// Backends across all services.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Bytes of UDP payload the XDP program scans for the Call-ID. A power of two so that
+/// masked indices are provably in bounds for the verifier.
+pub const SCAN_WINDOW: usize = 2048;
+/// The fast path promises to find a Call-ID header that starts in the first this-many
+/// bytes of the UDP payload (the rest of the window leaves room for the value).
+pub const FAST_PATH_PROMISE: usize = 1500;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// A service or backend address. IPv4 addresses sit in `addr[0]`, the rest zero.
+/// Address words and the port are in network byte order, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// UDP port, network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceInfo {
+    /// Index into the tables map.
+    pub id: u32,
+    pub flags: u32,
+}
+
+/// Where the XDP program sends a message. Written once per id: a backend whose address
+/// changes gets a new id, so a table never points at a half-written entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    /// Network byte order words; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+    /// UDP port, network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// The 128-bit SipHash key, as two little-endian words (k0, k1).
+    pub hash_key: [u64; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct Scratch {
+    pub bytes: [u8; SCAN_WINDOW],
+}
+
+/// Per-CPU counters of the fast path, indexed by the enum value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets seen by the program (every frame).
+    Seen = 0,
+    /// Not for a configured service: passed untouched.
+    NotService,
+    /// Dispatched with XDP_TX (egress = ingress interface).
+    Tx,
+    /// Dispatched with XDP_REDIRECT.
+    Redirect,
+    /// Passed: IPv4 fragment (first or later) or IPv6 fragment header.
+    PassFragment,
+    /// Passed: IPv6 with extension headers.
+    PassIpv6Ext,
+    /// Passed: no Call-ID header within the scan window.
+    PassNoCallId,
+    /// Passed: the FIB has no route or no neighbour entry for the backend.
+    PassFibMiss,
+    /// Passed: the service has no backend for this slot (empty table).
+    PassNoBackend,
+    /// Passed: a header or length field points past the end of the frame.
+    PassTruncated,
+    /// Passed: the Call-ID value runs past the scan window.
+    PassCallIdBeyondWindow,
+    /// Passed: the egress interface is not in the tx ports map.
+    PassNoTxPort,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Seen,
+        Counter::NotService,
+        Counter::Tx,
+        Counter::Redirect,
+        Counter::PassFragment,
+        Counter::PassIpv6Ext,
+        Counter::PassNoCallId,
+        Counter::PassFibMiss,
+        Counter::PassNoBackend,
+        Counter::PassTruncated,
+        Counter::PassCallIdBeyondWindow,
+        Counter::PassNoTxPort,
+    ];
+
+    /// Stable snake_case name, used in logs, JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Seen => "seen",
+            Counter::NotService => "not_service",
+            Counter::Tx => "xdp_tx",
+            Counter::Redirect => "xdp_redirect",
+            Counter::PassFragment => "pass_fragment",
+            Counter::PassIpv6Ext => "pass_ipv6_ext_header",
+            Counter::PassNoCallId => "pass_no_call_id",
+            Counter::PassFibMiss => "pass_fib_miss",
+            Counter::PassNoBackend => "pass_no_backend",
+            Counter::PassTruncated => "pass_truncated",
+            Counter::PassCallIdBeyondWindow => "pass_call_id_beyond_window",
+            Counter::PassNoTxPort => "pass_no_tx_port",
+        }
+    }
+}
+
+/// Index of a Call-ID hash in a service's slot table.
+#[inline(always)]
+pub const fn slot_of(hash: u64) -> u32 {
+    (hash as u32) & (SLOTS as u32 - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_dense_and_named_uniquely() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for d in &Counter::ALL[..i] {
+                assert_ne!(c.name(), d.name());
+            }
+        }
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for n in [
+            MAP_SERVICES,
+            MAP_TABLES,
+            MAP_BACKENDS,
+            MAP_BACKEND_STATS,
+            MAP_COUNTERS,
+            MAP_CONFIG,
+            MAP_TX_PORTS,
+            MAP_SCRATCH,
+        ] {
+            assert!(n.len() <= 15, "{n} is longer than 15 characters");
+        }
+    }
+
+    #[test]
+    fn pod_sizes_have_no_padding() {
+        assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
+        assert_eq!(core::mem::size_of::<Backend>(), 20);
+        assert_eq!(core::mem::size_of::<ServiceInfo>(), 8);
+        assert_eq!(core::mem::size_of::<BackendStats>(), 16);
+        assert_eq!(core::mem::size_of::<Config>(), 16);
+    }
+}

@@ -1,0 +1,243 @@
+//! The Call-ID locator: one pass over the SIP header block that finds the `Call-ID`
+//! header (long form `Call-ID` or compact `i`, any case, optional spaces or tabs around
+//! the colon, line folding after the colon) and hashes its value as it goes.
+//!
+//! Rules (RFC 3261 section 7.3.1, RFC 4475):
+//! - a header name only counts at the start of a line; a line that starts with a space
+//!   or tab continues the previous header, so it is never a header start;
+//! - `X-Call-ID:`, `Call-IDX:`, `i-foo:` are other headers;
+//! - lines end with CRLF, LF or a lone CR; the first empty line ends the headers, and
+//!   nothing in the body is looked at;
+//! - the value ends at CR or LF; spaces and tabs in it are not part of the Call-ID (the
+//!   grammar has none), so they are skipped by the hash, which also trims both ends;
+//! - the first Call-ID header wins.
+//!
+//! The same function runs in the XDP program (over a per-CPU copy of the first
+//! [`crate::SCAN_WINDOW`] bytes of the UDP payload) and in userspace (over whole
+//! datagrams), so both pick the same backend for every message.
+use crate::hash::{CallIdHasher, HashKey};
+
+/// Byte access for the scanner. The fixed-size array form masks the index, which lets
+/// the eBPF verifier prove every access in bounds without a branch.
+pub trait ByteWindow {
+    fn byte_at(&self, i: usize) -> u8;
+}
+
+impl<const N: usize> ByteWindow for [u8; N] {
+    #[inline(always)]
+    fn byte_at(&self, i: usize) -> u8 {
+        const { assert!(N.is_power_of_two()) };
+        self[i & (N - 1)]
+    }
+}
+
+impl ByteWindow for [u8] {
+    #[inline(always)]
+    fn byte_at(&self, i: usize) -> u8 {
+        self[i]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanOutcome {
+    /// A Call-ID with a non-empty value: `hash`, `start` and `end` are set.
+    Found,
+    /// The headers (or the whole message) ended without a Call-ID header.
+    NoCallId,
+    /// The first Call-ID header has an empty value.
+    Empty,
+    /// The scanned bytes end before the headers (or the Call-ID value) do, and the
+    /// message goes on: a longer look is needed (the userspace slow path).
+    BeyondWindow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scan {
+    pub outcome: ScanOutcome,
+    /// SipHash-1-3 of the value bytes (spaces and tabs skipped). Valid when `Found`.
+    pub hash: u64,
+    /// Offset of the first value byte. Valid when `Found`.
+    pub start: u32,
+    /// Offset one past the last non-blank value byte. Valid when `Found`.
+    pub end: u32,
+}
+
+// Scanner states. Plain integers: a `match` on them compiles to a short chain of
+// compares that the verifier handles well.
+const LINE_START: u8 = 0;
+const SKIP_LINE: u8 = 1;
+/// After a CR that ended a line: an LF here belongs to the same line end.
+const AFTER_CR: u8 = 2;
+/// `NAME_CALL_ID + k`: the first k bytes of `call-id` matched at a line start.
+const NAME_CALL_ID: u8 = 10;
+/// A complete header name (`call-id` or `i`) matched: spaces/tabs, then ':'.
+const NAME_END: u8 = 20;
+/// After the colon: spaces/tabs, or a line end that may be a fold.
+const VALUE_LEADING: u8 = 21;
+/// A CR inside the leading whitespace of the value.
+const VALUE_LEADING_CR: u8 = 22;
+/// A line end inside the leading whitespace: a space or tab continues (folding).
+const VALUE_LEADING_EOL: u8 = 23;
+const VALUE: u8 = 24;
+
+const CALL_ID: &[u8; 7] = b"call-id";
+
+#[inline(always)]
+fn is_blank(c: u8) -> bool {
+    c == b' ' || c == b'\t'
+}
+
+#[inline(always)]
+fn is_eol(c: u8) -> bool {
+    c == b'\r' || c == b'\n'
+}
+
+/// State after the first byte of a line. `None`: the line is empty, the headers end.
+#[inline(always)]
+fn line_start(c: u8) -> Option<u8> {
+    if is_eol(c) {
+        None
+    } else if c | 0x20 == b'c' {
+        Some(NAME_CALL_ID + 1)
+    } else if c | 0x20 == b'i' {
+        Some(NAME_END)
+    } else {
+        Some(SKIP_LINE)
+    }
+}
+
+/// State after a byte that ends a line in any state but the value.
+#[inline(always)]
+fn line_end(c: u8) -> u8 {
+    if c == b'\r' { AFTER_CR } else { LINE_START }
+}
+
+/// Finds and hashes the first Call-ID header in `buf[..len]`.
+///
+/// `complete` says whether `buf[..len]` is the whole message: if it is not, running out
+/// of bytes before the answer is known gives [`ScanOutcome::BeyondWindow`].
+#[inline(always)]
+pub fn scan_call_id<W: ByteWindow + ?Sized>(
+    buf: &W,
+    len: usize,
+    complete: bool,
+    key: HashKey,
+) -> Scan {
+    let mut hasher = CallIdHasher::new(key);
+    let mut state = LINE_START;
+    let mut start = 0u32;
+    let mut end = 0u32;
+    let mut i = 0usize;
+    while i < len {
+        let c = buf.byte_at(i);
+        state = match state {
+            LINE_START => match line_start(c) {
+                Some(s) => s,
+                None => return miss(ScanOutcome::NoCallId),
+            },
+            AFTER_CR => {
+                if c == b'\n' {
+                    LINE_START
+                } else {
+                    match line_start(c) {
+                        Some(s) => s,
+                        None => return miss(ScanOutcome::NoCallId),
+                    }
+                }
+            }
+            SKIP_LINE => {
+                if is_eol(c) {
+                    line_end(c)
+                } else {
+                    SKIP_LINE
+                }
+            }
+            NAME_END => {
+                if c == b':' {
+                    VALUE_LEADING
+                } else if is_blank(c) {
+                    NAME_END
+                } else if is_eol(c) {
+                    line_end(c)
+                } else {
+                    SKIP_LINE
+                }
+            }
+            VALUE_LEADING => {
+                if is_blank(c) {
+                    VALUE_LEADING
+                } else if c == b'\r' {
+                    VALUE_LEADING_CR
+                } else if c == b'\n' {
+                    VALUE_LEADING_EOL
+                } else {
+                    start = i as u32;
+                    end = i as u32 + 1;
+                    hasher.write_byte(c);
+                    VALUE
+                }
+            }
+            VALUE_LEADING_CR => {
+                if c == b'\n' {
+                    VALUE_LEADING_EOL
+                } else if is_blank(c) {
+                    VALUE_LEADING
+                } else {
+                    return miss(ScanOutcome::Empty);
+                }
+            }
+            VALUE_LEADING_EOL => {
+                if is_blank(c) {
+                    VALUE_LEADING
+                } else {
+                    return miss(ScanOutcome::Empty);
+                }
+            }
+            VALUE => {
+                if is_eol(c) {
+                    return Scan { outcome: ScanOutcome::Found, hash: hasher.finish(), start, end };
+                }
+                if !is_blank(c) {
+                    hasher.write_byte(c);
+                    end = i as u32 + 1;
+                }
+                VALUE
+            }
+            // NAME_CALL_ID + 1 ..= NAME_CALL_ID + 6
+            s => {
+                let k = (s - NAME_CALL_ID) as usize;
+                let want = CALL_ID[k % CALL_ID.len()];
+                let matched = if want == b'-' { c == b'-' } else { c | 0x20 == want };
+                if matched {
+                    if k + 1 == CALL_ID.len() { NAME_END } else { s + 1 }
+                } else if is_eol(c) {
+                    line_end(c)
+                } else {
+                    SKIP_LINE
+                }
+            }
+        };
+        i += 1;
+    }
+    if !complete {
+        return miss(ScanOutcome::BeyondWindow);
+    }
+    if state == VALUE {
+        // The message ends right after the value, with no line end.
+        return Scan { outcome: ScanOutcome::Found, hash: hasher.finish(), start, end };
+    }
+    if state == VALUE_LEADING || state == VALUE_LEADING_CR || state == VALUE_LEADING_EOL {
+        return miss(ScanOutcome::Empty);
+    }
+    miss(ScanOutcome::NoCallId)
+}
+
+#[inline(always)]
+fn miss(outcome: ScanOutcome) -> Scan {
+    Scan { outcome, hash: 0, start: 0, end: 0 }
+}
+
+/// Userspace convenience: scans a whole message.
+pub fn scan_message(msg: &[u8], key: HashKey) -> Scan {
+    scan_call_id(msg, msg.len(), true, key)
+}

@@ -1,0 +1,1 @@
+//! Slot table builder (placeholder, being written).
