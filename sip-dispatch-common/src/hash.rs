@@ -135,6 +135,12 @@ impl CallIdHasher {
         self.len
     }
 
+    /// Sets the byte count to the value `len()` returned; see `ByteWindow::opaque`.
+    #[inline(always)]
+    pub fn set_len(&mut self, len: u64) {
+        self.len = len;
+    }
+
     #[inline(always)]
     pub const fn is_empty(&self) -> bool {
         self.len == 0

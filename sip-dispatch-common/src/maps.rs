@@ -98,6 +98,8 @@ pub struct Config {
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct Scratch {
     pub bytes: [u8; SCAN_WINDOW],
+    /// Where the XDP program launders loop state (see `parse::ByteWindow::opaque`).
+    pub opaque: u64,
 }
 
 /// Per-CPU counters of the fast path, indexed by the enum value.
@@ -164,6 +166,16 @@ impl Counter {
             Counter::PassNoTxPort => "pass_no_tx_port",
         }
     }
+}
+
+// aya needs its own marker trait on every map key and value it reads or writes.
+#[cfg(feature = "user")]
+mod aya_pod {
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceInfo {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::Config {}
 }
 
 /// Index of a Call-ID hash in a service's slot table.

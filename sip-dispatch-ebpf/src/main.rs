@@ -1,2 +1,436 @@
+//! The XDP fast path of sip-dispatch.
+//!
+//! For a UDP datagram sent to a configured service (VIP, port): find and hash the
+//! Call-ID (the shared `sip_dispatch_common::scan_call_id`), pick the backend from the
+//! service's slot table, rewrite destination IP/port/MACs, patch the checksums and send
+//! it out (XDP_TX, or XDP_REDIRECT through the tx ports devmap). Everything else passes
+//! to the kernel stack untouched; what was meant for a service but could not be handled
+//! is counted by reason.
 #![no_std]
 #![no_main]
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
+        xdp_action::{XDP_PASS, XDP_TX},
+    },
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, PerCpuArray},
+    helpers::generated::{bpf_fib_lookup, bpf_loop, bpf_xdp_load_bytes},
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+use sip_dispatch_common::{
+    Backend, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
+    MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo,
+    ServiceKey, csum::CsumDelta, parse::ByteWindow, slot_of,
+};
+
+const BPF_F_NO_PREALLOC: usize = 1;
+const IPPROTO_UDP: u8 = 17;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+#[btf_map(name = "sd_services_v1")]
+static SERVICES: HashMap<ServiceKey, ServiceInfo, { MAX_SERVICES as usize }, BPF_F_NO_PREALLOC> =
+    HashMap::new();
+#[btf_map(name = "sd_tables_v1")]
+static TABLES: ArrayOfMaps<Array<u32, SLOTS>, { MAX_SERVICES as usize }> = ArrayOfMaps::new();
+#[btf_map(name = "sd_backends_v1")]
+static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+#[btf_map(name = "sd_bstats_v1")]
+static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+#[btf_map(name = "sd_counters_v1")]
+static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+#[btf_map(name = "sd_config_v1")]
+static CONFIG: Array<Config, 1> = Array::new();
+#[btf_map(name = "sd_txports_v1")]
+static TX_PORTS: DevMapHash<64> = DevMapHash::new();
+#[btf_map(name = "sd_scratch_v1")]
+static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+#[xdp]
+pub fn sip_dispatch(ctx: XdpContext) -> u32 {
+    count(Counter::Seen);
+    match dispatch(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            XDP_PASS
+        }
+    }
+}
+
+/// Passes everything. Attach it to the peer of a veth that runs `sip_dispatch` in native
+/// mode: veth drops XDP_TX/XDP_REDIRECT frames unless the receiving peer runs XDP.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+/// A pointer to a `T` at `offset` in the frame, if the frame is long enough.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// The parsed headers of a UDP datagram for a service.
+struct Datagram {
+    family: u8,
+    /// Offset of the IP header.
+    l3: usize,
+    /// Offset of the UDP header.
+    l4: usize,
+    /// UDP payload length from the UDP header.
+    payload_len: usize,
+    key: ServiceKey,
+    src: [u32; 4],
+}
+
+/// Ok(action) when dispatched; Ok(XDP_PASS) for traffic that is not ours (counted as
+/// such); Err(reason) for service traffic the fast path leaves to the stack.
+#[inline(always)]
+fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
+    let Some(dg) = parse(ctx)? else {
+        count(Counter::NotService);
+        return Ok(XDP_PASS);
+    };
+    let Some(service) = (unsafe { SERVICES.get(&dg.key) }) else {
+        count(Counter::NotService);
+        return Ok(XDP_PASS);
+    };
+    let service_id = service.id;
+
+    let hash = call_id_hash(ctx, &dg)?;
+    let backend_id = *TABLES
+        .get_value(service_id, &slot_of(hash))
+        .ok_or(Counter::PassNoBackend)?;
+    if backend_id == NO_BACKEND {
+        return Err(Counter::PassNoBackend);
+    }
+    let backend = *BACKENDS.get(backend_id).ok_or(Counter::PassNoBackend)?;
+    if backend.family != dg.family {
+        return Err(Counter::PassNoBackend);
+    }
+
+    let fib = fib_lookup(ctx, &dg, &backend)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    let egress = fib.ifindex;
+    if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {
+        return Err(Counter::PassNoTxPort);
+    }
+
+    rewrite(ctx, &dg, &backend, &fib)?;
+
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        let len = (ctx.data_end() - ctx.data()) as u64;
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += len;
+        }
+    }
+    if egress == ingress {
+        count(Counter::Tx);
+        return Ok(XDP_TX);
+    }
+    match TX_PORTS.redirect(egress, 0) {
+        Ok(action) => {
+            count(Counter::Redirect);
+            Ok(action)
+        }
+        // The port vanished between the check and now; the frame is already rewritten,
+        // so passing it would deliver it to the stack with the backend's address.
+        Err(_) => Err(Counter::PassNoTxPort),
+    }
+}
+
+/// Ethernet (at most one 802.1Q/802.1ad tag), IPv4 (any header length) or IPv6 (no
+/// extension headers), UDP. `Ok(None)` for frames that are not UDP at all.
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3 = EthHdr::LEN;
+    if ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16 {
+        let vlan: *const VlanHdr = ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
+        ether_type = unsafe { (*vlan).ether_type };
+        l3 += VlanHdr::LEN;
+    }
+    let frame_len = ctx.data_end() - ctx.data();
+
+    let mut key = ServiceKey::default();
+    let mut src = [0u32; 4];
+    let (family, l4, ip_end) = if ether_type == EtherType::Ipv4 as u16 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
+        let ip = unsafe { &*ip };
+        if ip.proto != IPPROTO_UDP {
+            return Ok(None);
+        }
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < Ipv4Hdr::LEN {
+            return Err(Counter::PassTruncated);
+        }
+        // More-fragments flag or a fragment offset: reassembly is the stack's job.
+        if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+            return Err(Counter::PassFragment);
+        }
+        key.addr[0] = u32::from_ne_bytes(ip.dst_addr);
+        src[0] = u32::from_ne_bytes(ip.src_addr);
+        let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+        (FAMILY_V4, l3 + ihl, l3 + tot_len)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
+        let ip = unsafe { &*ip };
+        match ip.next_hdr {
+            IPPROTO_UDP => {}
+            44 => return Err(Counter::PassFragment),
+            // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6.
+            0 | 43 | 60 | 51 | 135 | 139 | 140 => return Err(Counter::PassIpv6Ext),
+            _ => return Ok(None),
+        }
+        key.addr = words(&ip.dst_addr);
+        src = words(&ip.src_addr);
+        let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
+        (
+            FAMILY_V6,
+            l3 + Ipv6Hdr::LEN,
+            l3 + Ipv6Hdr::LEN + payload_len,
+        )
+    } else {
+        return Ok(None);
+    };
+    key.family = family;
+
+    let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Counter::PassTruncated)?;
+    let udp = unsafe { &*udp };
+    key.port = u16::from_ne_bytes(udp.dst);
+    let udp_len = u16::from_be_bytes(udp.len) as usize;
+    // Lengths that claim more than the frame holds, or less than a UDP header.
+    if udp_len < UdpHdr::LEN || l4 + udp_len > ip_end || ip_end > frame_len {
+        if unsafe { SERVICES.get(&key) }.is_none() {
+            return Ok(None);
+        }
+        return Err(Counter::PassTruncated);
+    }
+    Ok(Some(Datagram {
+        family,
+        l3,
+        l4,
+        payload_len: udp_len - UdpHdr::LEN,
+        key,
+        src,
+    }))
+}
+
+#[inline(always)]
+fn words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// Copies the start of the UDP payload into per-CPU scratch and hashes the Call-ID.
+#[inline(always)]
+fn call_id_hash(ctx: &XdpContext, dg: &Datagram) -> Result<u64, Counter> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Counter::PassNoCallId)?;
+    let config = CONFIG.get(0).ok_or(Counter::PassNoBackend)?;
+    let key = HashKey {
+        k0: config.hash_key[0],
+        k1: config.hash_key[1],
+    };
+    let complete = dg.payload_len <= SCAN_WINDOW;
+    let len = if complete {
+        dg.payload_len
+    } else {
+        SCAN_WINDOW
+    };
+    // The verifier needs the copy length proven to lie in 1..=SCAN_WINDOW.
+    if len == 0 || len > SCAN_WINDOW {
+        return Err(Counter::PassNoCallId);
+    }
+    let offset = (dg.l4 + UdpHdr::LEN) as u32;
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            offset,
+            (*scratch).bytes.as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(Counter::PassTruncated);
+    }
+    let mut job = ScanJob {
+        scanner: Scanner::new(key),
+        done: None,
+    };
+    // Verifier constraint: a plain loop over up to 2048 bytes with a branchy body
+    // exceeds the verifier's limits (8192 pending branches); bpf_loop's callback is
+    // verified once, and the kernel inlines the loop.
+    unsafe {
+        bpf_loop(
+            len as u32,
+            scan_step as *mut c_void,
+            (&raw mut job).cast(),
+            0,
+        )
+    };
+    let scan = match job.done {
+        Some(scan) => scan,
+        None => job.scanner.finish(complete),
+    };
+    match scan.outcome {
+        ScanOutcome::Found => Ok(scan.hash),
+        ScanOutcome::BeyondWindow => Err(Counter::PassCallIdBeyondWindow),
+        ScanOutcome::NoCallId | ScanOutcome::Empty => Err(Counter::PassNoCallId),
+    }
+}
+
+/// The per-CPU copy of the payload, as the shared scanner reads it.
+struct Window(*mut Scratch);
+
+impl ByteWindow for Window {
+    #[inline(always)]
+    fn byte_at(&self, i: usize) -> u8 {
+        // The mask keeps every access provably inside the map value.
+        unsafe { (*self.0).bytes[i & (SCAN_WINDOW - 1)] }
+    }
+
+    /// A store and a load through map memory: the verifier cannot know what comes back.
+    #[inline(always)]
+    fn opaque(&self, x: u64) -> u64 {
+        unsafe {
+            let p = &raw mut (*self.0).opaque;
+            core::ptr::write_volatile(p, x);
+            core::ptr::read_volatile(p)
+        }
+    }
+}
+
+/// The state `bpf_loop` hands to `scan_step`.
+struct ScanJob {
+    scanner: Scanner,
+    done: Option<Scan>,
+}
+
+/// One byte of the Call-ID scan: 0 continues the loop, 1 stops it.
+#[inline(never)]
+extern "C" fn scan_step(index: u64, job: *mut c_void) -> i64 {
+    let job = unsafe { &mut *(job as *mut ScanJob) };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    match job.scanner.step(&Window(scratch), index as usize) {
+        Some(scan) => {
+            job.done = Some(scan);
+            1
+        }
+        None => 0,
+    }
+}
+
+/// Route and next hop for the backend, seen from the ingress interface.
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, dg: &Datagram, backend: &Backend) -> Result<FibLookup, Counter> {
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.dport = backend.port;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_1.tot_len = (dg.l4 - dg.l3 + UdpHdr::LEN + dg.payload_len) as u16;
+    if dg.family == FAMILY_V4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = dg.src[0];
+        fib.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = dg.src;
+        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+    }
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibLookup>() as i32, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err(Counter::PassFibMiss);
+    }
+    Ok(fib)
+}
+
+/// Destination address, port and MACs to the backend's; checksums patched in place.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    dg: &Datagram,
+    backend: &Backend,
+    fib: &FibLookup,
+) -> Result<(), Counter> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
+    let udp: *mut UdpHdr = ptr_at(ctx, dg.l4).ok_or(Counter::PassTruncated)?;
+    let mut udp_delta = CsumDelta::default();
+    unsafe {
+        if dg.family == FAMILY_V4 {
+            let ip: *mut Ipv4Hdr = ptr_at(ctx, dg.l3).ok_or(Counter::PassTruncated)?;
+            let old = u32::from_ne_bytes((*ip).dst_addr);
+            let new = backend.addr[0];
+            let mut ip_delta = CsumDelta::default();
+            ip_delta.replace_u32(old, new);
+            (*ip).dst_addr = new.to_ne_bytes();
+            let check = u16::from_ne_bytes((*ip).check);
+            (*ip).check = ip_delta.apply(check).to_ne_bytes();
+            udp_delta.replace_u32(old, new);
+        } else {
+            let ip: *mut Ipv6Hdr = ptr_at(ctx, dg.l3).ok_or(Counter::PassTruncated)?;
+            let old = words(&(*ip).dst_addr);
+            for i in 0..4 {
+                udp_delta.replace_u32(old[i], backend.addr[i]);
+            }
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                let w = backend.addr[i].to_ne_bytes();
+                bytes[i * 4] = w[0];
+                bytes[i * 4 + 1] = w[1];
+                bytes[i * 4 + 2] = w[2];
+                bytes[i * 4 + 3] = w[3];
+            }
+            (*ip).dst_addr = bytes;
+        }
+        udp_delta.replace(u16::from_ne_bytes((*udp).dst), backend.port);
+        (*udp).dst = backend.port.to_ne_bytes();
+        let check = u16::from_ne_bytes((*udp).check);
+        // A zero field stays zero: "no checksum" in IPv4, invalid (and dropped by the
+        // receiver, as it would have been) in IPv6.
+        (*udp).check = udp_delta.apply_udp(check).to_ne_bytes();
+        (*eth).dst_addr = fib.dmac;
+        (*eth).src_addr = fib.smac;
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,1 +1,29 @@
-fn main() {}
+//! sip-dispatch: the controller daemon and its CLI.
+mod bpffs;
+mod cli;
+mod dataplane;
+mod health;
+mod run;
+mod stats;
+mod sysctl;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Run(args) => run::run(args),
+        cli::Command::XdpPass(args) => run::xdp_pass(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line that names the problem, with its causes.
+            eprintln!("sip-dispatch: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

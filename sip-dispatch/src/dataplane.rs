@@ -1,0 +1,261 @@
+//! The loaded XDP object: its maps (pinned under the pin directory) and its attachment.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use sip_dispatch_common::{
+    Backend, BackendStats, Config, Counter, HashKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, PROG_DISPATCH, PROG_PASS,
+    SLOTS, ServiceInfo, ServiceKey,
+};
+
+/// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sip-dispatch"));
+
+const PINNED_MAPS: [&str; 8] = [
+    MAP_SERVICES,
+    MAP_TABLES,
+    MAP_BACKENDS,
+    MAP_BACKEND_STATS,
+    MAP_COUNTERS,
+    MAP_CONFIG,
+    MAP_TX_PORTS,
+    MAP_SCRATCH,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Native,
+    Skb,
+}
+
+impl AttachMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Skb => "skb",
+        }
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    iface: String,
+    link: Option<XdpLinkId>,
+}
+
+impl Dataplane {
+    /// Loads the object with its maps pinned in `pin_dir` (which must be empty unless
+    /// `reset` is given) and sets the hash key.
+    pub fn load(pin_dir: &Path, iface: &str, reset: bool, key: HashKey) -> anyhow::Result<Self> {
+        crate::bpffs::prepare_pin_dir(pin_dir)?;
+        let stale: Vec<PathBuf> = PINNED_MAPS
+            .iter()
+            .map(|m| pin_dir.join(m))
+            .filter(|p| p.exists())
+            .collect();
+        if !stale.is_empty() {
+            if !reset {
+                bail!(
+                    "maps are already pinned in {} (another sip-dispatch on {iface}, or one that \
+                     did not exit cleanly): stop it, or start with --reset",
+                    pin_dir.display()
+                );
+            }
+            for p in stale {
+                std::fs::remove_file(&p)
+                    .with_context(|| format!("removing stale pin {}", p.display()))?;
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> =
+            PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
+        let mut dp = Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            iface: iface.to_string(),
+            link: None,
+        };
+        let mut config: Array<&mut MapData, Config> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
+        config
+            .set(
+                0,
+                Config {
+                    hash_key: [key.k0, key.k1],
+                },
+                0,
+            )
+            .context("writing the hash key")?;
+        Ok(dp)
+    }
+
+    fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
+    }
+
+    fn map(&self, name: &str) -> anyhow::Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
+    }
+
+    /// Attaches the dispatcher. `Auto` tries native first, then skb.
+    pub fn attach(&mut self, mode: crate::cli::XdpModeArg) -> anyhow::Result<AttachMode> {
+        use crate::cli::XdpModeArg;
+        let iface = self.iface.clone();
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_DISPATCH)
+            .ok_or_else(|| anyhow!("program {PROG_DISPATCH} missing from the XDP object"))?
+            .try_into()?;
+        prog.load()
+            .context("the kernel verifier rejected the XDP program")?;
+        let attempt = |prog: &mut Xdp, m: AttachMode| {
+            let flags = match m {
+                AttachMode::Native => XdpMode::Driver,
+                AttachMode::Skb => XdpMode::Skb,
+            };
+            prog.attach(&iface, flags)
+        };
+        let (link, got) = match mode {
+            XdpModeArg::Native => (attempt(prog, AttachMode::Native), AttachMode::Native),
+            XdpModeArg::Skb => (attempt(prog, AttachMode::Skb), AttachMode::Skb),
+            XdpModeArg::Auto => match attempt(prog, AttachMode::Native) {
+                Ok(l) => (Ok(l), AttachMode::Native),
+                Err(e) => {
+                    log::info!("native XDP on {iface} failed ({e}); falling back to skb mode");
+                    (attempt(prog, AttachMode::Skb), AttachMode::Skb)
+                }
+            },
+        };
+        let link =
+            link.with_context(|| format!("attaching XDP to {iface} in {} mode", got.name()))?;
+        self.link = Some(link);
+        Ok(got)
+    }
+
+    /// Lets XDP_REDIRECT reach this interface.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        let mut ports: DevMapHash<&mut MapData> =
+            DevMapHash::try_from(self.map_mut(MAP_TX_PORTS)?)?;
+        ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()> {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.map_mut(MAP_BACKENDS)?)?;
+        backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))?;
+        Ok(())
+    }
+
+    /// Installs a service's slot table (entries are backend ids, or NO_BACKEND) with one
+    /// atomic swap of the inner map, then makes sure the service entry points at it.
+    pub fn publish_table(
+        &mut self,
+        service_id: u32,
+        key: ServiceKey,
+        slots: &[u32],
+    ) -> anyhow::Result<()> {
+        if slots.len() != SLOTS {
+            bail!("slot table has {} entries, expected {SLOTS}", slots.len());
+        }
+        let mut inner: Array<MapData, u32> =
+            Array::create(SLOTS as u32, 0).context("creating a slot table map")?;
+        for (i, b) in slots.iter().enumerate() {
+            inner.set(i as u32, *b, 0).context("filling a slot table")?;
+        }
+        let mut tables: ArrayOfMaps<&mut MapData, Array<MapData, u32>> =
+            ArrayOfMaps::try_from(self.map_mut(MAP_TABLES)?)?;
+        tables
+            .set(service_id, &inner, 0)
+            .context("swapping in the slot table")?;
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
+        services
+            .insert(
+                key,
+                ServiceInfo {
+                    id: service_id,
+                    flags: 0,
+                },
+                0,
+            )
+            .context("writing the service entry")?;
+        Ok(())
+    }
+
+    /// Fast-path counters summed over CPUs, in `Counter` order.
+    pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_COUNTERS)?)?;
+        Counter::ALL
+            .iter()
+            .map(|c| Ok((*c, map.get(&(*c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    pub fn backend_stats(&self, id: u32) -> anyhow::Result<BackendStats> {
+        let map: PerCpuArray<&MapData, BackendStats> =
+            PerCpuArray::try_from(self.map(MAP_BACKEND_STATS)?)?;
+        let per_cpu = map.get(&id, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |a, s| BackendStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            }))
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take()
+            && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
+            && let Ok(prog) = <&mut Xdp>::try_from(p)
+            && let Err(e) = prog.detach(link)
+        {
+            log::warn!("detaching XDP from {}: {e}", self.iface);
+        }
+        for m in PINNED_MAPS {
+            let p = self.pin_dir.join(m);
+            if let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                log::warn!("removing pin {}: {e}", p.display());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
+
+/// Attaches the pass-everything program to `iface` (kernel's choice of mode) and returns
+/// what keeps it attached.
+pub fn attach_pass(iface: &str) -> anyhow::Result<(Ebpf, XdpLinkId)> {
+    let mut ebpf = EbpfLoader::new()
+        .load(OBJECT)
+        .context("loading the XDP object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROG_PASS)
+        .ok_or_else(|| anyhow!("program {PROG_PASS} missing from the XDP object"))?
+        .try_into()?;
+    prog.load().context("loading xdp_pass")?;
+    let link = prog
+        .attach(iface, XdpMode::Default)
+        .with_context(|| format!("attaching xdp_pass to {iface}"))?;
+    Ok((ebpf, link))
+}
