@@ -9,8 +9,8 @@ use aya::{
 };
 use sip_dispatch_common::{
     Backend, BackendStats, Config, Counter, HashKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, PROG_DISPATCH, PROG_PASS,
-    SLOTS, ServiceInfo, ServiceKey,
+    MAP_COUNTERS, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, NO_BACKEND,
+    PROG_DISPATCH, PROG_PASS, SLOTS, ServiceInfo, ServiceKey,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -44,14 +44,15 @@ impl AttachMode {
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    pin_dir: PathBuf,
+    pin_dir: Option<PathBuf>,
     iface: String,
     link: Option<XdpLinkId>,
+    next_backend_id: u32,
 }
 
 impl Dataplane {
     /// Loads the object with its maps pinned in `pin_dir` (which must be empty unless
-    /// `reset` is given) and sets the hash key.
+    /// `reset` is given), sets the hash key and loads the program into the kernel.
     pub fn load(pin_dir: &Path, iface: &str, reset: bool, key: HashKey) -> anyhow::Result<Self> {
         crate::bpffs::prepare_pin_dir(pin_dir)?;
         let stale: Vec<PathBuf> = PINNED_MAPS
@@ -79,12 +80,33 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
+        Self::init(ebpf, Some(pin_dir.to_path_buf()), iface, key)
+    }
+
+    /// Loads the object with private, unpinned maps (kernel tests, benchmarks).
+    pub fn load_unpinned(key: HashKey) -> anyhow::Result<Self> {
+        let ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .context("loading the XDP object")?;
+        Self::init(ebpf, None, "", key)
+    }
+
+    fn init(
+        ebpf: Ebpf,
+        pin_dir: Option<PathBuf>,
+        iface: &str,
+        key: HashKey,
+    ) -> anyhow::Result<Self> {
         let mut dp = Dataplane {
             ebpf,
-            pin_dir: pin_dir.to_path_buf(),
+            pin_dir,
             iface: iface.to_string(),
             link: None,
+            next_backend_id: 0,
         };
+        dp.dispatch_program()?
+            .load()
+            .context("the kernel verifier rejected the XDP program")?;
         let mut config: Array<&mut MapData, Config> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
         config
             .set(
@@ -110,17 +132,20 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
     }
 
+    /// The dispatcher program (loaded into the kernel by `load`).
+    pub fn dispatch_program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROG_DISPATCH)
+            .ok_or_else(|| anyhow!("program {PROG_DISPATCH} missing from the XDP object"))?
+            .try_into()?)
+    }
+
     /// Attaches the dispatcher. `Auto` tries native first, then skb.
     pub fn attach(&mut self, mode: crate::cli::XdpModeArg) -> anyhow::Result<AttachMode> {
         use crate::cli::XdpModeArg;
         let iface = self.iface.clone();
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(PROG_DISPATCH)
-            .ok_or_else(|| anyhow!("program {PROG_DISPATCH} missing from the XDP object"))?
-            .try_into()?;
-        prog.load()
-            .context("the kernel verifier rejected the XDP program")?;
+        let prog = self.dispatch_program()?;
         let attempt = |prog: &mut Xdp, m: AttachMode| {
             let flags = match m {
                 AttachMode::Native => XdpMode::Driver,
@@ -200,6 +225,40 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Writes a service's backends (with fresh backend ids) and its slot table.
+    /// Returns (id, address, weight) per table member, in the table's order.
+    pub fn install_service(
+        &mut self,
+        service_id: u32,
+        vip: std::net::SocketAddr,
+        table: &sip_dispatch_common::table::SlotTable,
+    ) -> anyhow::Result<Vec<(u32, std::net::SocketAddr, u32)>> {
+        let first = self.next_backend_id;
+        if first as usize + table.members.len() > MAX_BACKENDS as usize {
+            bail!("more than {MAX_BACKENDS} backends");
+        }
+        let mut members = Vec::with_capacity(table.members.len());
+        for (i, m) in table.members.iter().enumerate() {
+            let id = first + i as u32;
+            self.set_backend(id, m.backend)?;
+            members.push((id, m.backend.to_socket_addr(), m.weight));
+        }
+        self.next_backend_id += table.members.len() as u32;
+        let slots: Vec<u32> = table
+            .slots
+            .iter()
+            .map(|&m| {
+                if m == NO_BACKEND {
+                    NO_BACKEND
+                } else {
+                    first + m
+                }
+            })
+            .collect();
+        self.publish_table(service_id, ServiceKey::from_socket_addr(vip), &slots)?;
+        Ok(members)
+    }
+
     /// Fast-path counters summed over CPUs, in `Counter` order.
     pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
         let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_COUNTERS)?)?;
@@ -231,15 +290,16 @@ impl Drop for Dataplane {
         {
             log::warn!("detaching XDP from {}: {e}", self.iface);
         }
+        let Some(dir) = &self.pin_dir else { return };
         for m in PINNED_MAPS {
-            let p = self.pin_dir.join(m);
+            let p = dir.join(m);
             if let Err(e) = std::fs::remove_file(&p)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 log::warn!("removing pin {}: {e}", p.display());
             }
         }
-        let _ = std::fs::remove_dir(&self.pin_dir);
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

@@ -1,13 +1,6 @@
 //! sip-dispatch: the controller daemon and its CLI.
-mod bpffs;
-mod cli;
-mod dataplane;
-mod health;
-mod run;
-mod stats;
-mod sysctl;
-
 use clap::Parser as _;
+use sip_dispatch::{cli, run};
 
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))

@@ -3,7 +3,7 @@ use std::{ffi::CString, io::Write as _, net::SocketAddr, path::PathBuf, time::Du
 
 use anyhow::{Context as _, bail};
 use sip_dispatch_common::{
-    Backend, HashKey, NO_BACKEND, ServiceKey,
+    Backend, HashKey,
     table::{Weighted, build_table},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -84,24 +84,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let _forwarding = Forwarding::enable(&args.iface, args.vip.is_ipv6())?;
     let mut dp = Dataplane::load(&pin_dir, &args.iface, args.reset, key)?;
-    // Backend ids are the members' canonical indices.
-    let mut known = Vec::new();
-    for (id, m) in table.members.iter().enumerate() {
-        dp.set_backend(id as u32, m.backend)?;
-        known.push((id as u32, m.backend.to_socket_addr(), m.weight));
-    }
-    dp.publish_table(0, ServiceKey::from_socket_addr(args.vip), &table.slots)?;
+    let known = dp.install_service(0, args.vip, &table)?;
     for (name, i) in tx_ports() {
         if let Err(e) = dp.add_tx_port(i) {
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
         }
     }
-    debug_assert!(
-        table
-            .slots
-            .iter()
-            .all(|s| *s == NO_BACKEND || (*s as usize) < known.len())
-    );
 
     let addrs: Vec<SocketAddr> = known.iter().map(|(_, a, _)| *a).collect();
     runtime.block_on(probe_all(&addrs, 0));

@@ -1,0 +1,10 @@
+//! sip-dispatch's controller, as a library: the binary (`main.rs`) is its CLI, and the
+//! kernel tests drive the same [`dataplane::Dataplane`] the daemon uses.
+pub mod bpffs;
+pub mod cli;
+pub mod dataplane;
+pub mod frames;
+pub mod health;
+pub mod run;
+pub mod stats;
+pub mod sysctl;

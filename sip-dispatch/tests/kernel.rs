@@ -1,0 +1,583 @@
+//! Kernel tests: the compiled XDP program, run by the kernel through BPF_PROG_TEST_RUN
+//! on a table of fixture frames. Each test runs in a private network namespace (its
+//! thread unshares one) with a veth, permanent neighbour entries for the backends and
+//! forwarding on, so that `bpf_fib_lookup` answers as it would on a dispatcher.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN); fails loudly without it.
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Command,
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use sip_dispatch::{
+    dataplane::Dataplane,
+    frames::{FrameSpec, parse},
+};
+use sip_dispatch_common::{
+    Backend, Counter, HashKey, ScanOutcome,
+    parse::{golden::GOLDEN_MESSAGES, scan_message},
+    table::{SlotTable, Weighted, build_table},
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const VETH: &str = "kt0";
+const VETH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+const CLIENT4: &str = "198.18.1.10:5070";
+const CLIENT6: &str = "[2001:db8:1::10]:5070";
+const VIP4: &str = "198.18.1.100:5060";
+const VIP6: &str = "[2001:db8:1::100]:5060";
+/// A service whose only backend has no neighbour entry.
+const VIP_NO_NEIGH: &str = "198.18.1.101:5060";
+
+fn backend_mac(ip: IpAddr) -> [u8; 6] {
+    let last = match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    [0x02, 0, 0, 0, 0x01, last]
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Harness {
+    dp: Dataplane,
+    ifindex: u32,
+    v4: SlotTable,
+    v4_ids: Vec<u32>,
+    v6: SlotTable,
+    v6_ids: Vec<u32>,
+}
+
+fn weighted(addrs: &[(&str, u32)]) -> Vec<Weighted> {
+    addrs
+        .iter()
+        .map(|(a, w)| Weighted {
+            backend: Backend::from_socket_addr(a.parse().unwrap()),
+            weight: *w,
+        })
+        .collect()
+}
+
+impl Harness {
+    fn new() -> Harness {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "kernel tests load XDP programs and need root: run them through `cargo xtask test`"
+        );
+        // This thread (and the commands it spawns) gets a network namespace of its own.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET)"
+        );
+        sh(&["ip", "link", "set", "lo", "up"]);
+        sh(&[
+            "ip", "link", "add", VETH, "type", "veth", "peer", "name", "kt1",
+        ]);
+        sh(&[
+            "ip",
+            "link",
+            "set",
+            VETH,
+            "address",
+            "02:00:00:00:00:aa",
+            "up",
+        ]);
+        sh(&["ip", "link", "set", "kt1", "up"]);
+        sh(&["ip", "addr", "add", "198.18.1.1/24", "dev", VETH]);
+        sh(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::1/64",
+            "dev",
+            VETH,
+            "nodad",
+        ]);
+        for ip in [
+            "198.18.1.21",
+            "198.18.1.22",
+            "198.18.1.23",
+            "2001:db8:1::21",
+            "2001:db8:1::22",
+            "2001:db8:1::23",
+        ] {
+            let mac = backend_mac(ip.parse().unwrap());
+            let mac = mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            sh(&[
+                "ip",
+                "neigh",
+                "add",
+                ip,
+                "lladdr",
+                &mac,
+                "dev",
+                VETH,
+                "nud",
+                "permanent",
+            ]);
+        }
+        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").unwrap();
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
+        let ifindex = std::fs::read_to_string(format!("/sys/class/net/{VETH}/ifindex"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| if_index(VETH));
+
+        let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT).expect("load the XDP program");
+        let v4 = build_table(
+            &weighted(&[
+                ("198.18.1.21:5060", 2),
+                ("198.18.1.22:5062", 1),
+                ("198.18.1.23:5064", 1),
+            ]),
+            HashKey::DEFAULT,
+        )
+        .unwrap();
+        let v6 = build_table(
+            &weighted(&[
+                ("[2001:db8:1::21]:5060", 1),
+                ("[2001:db8:1::22]:5060", 1),
+                ("[2001:db8:1::23]:5060", 1),
+            ]),
+            HashKey::DEFAULT,
+        )
+        .unwrap();
+        let no_neigh =
+            build_table(&weighted(&[("198.18.1.50:5060", 1)]), HashKey::DEFAULT).unwrap();
+        let v4_ids = dp
+            .install_service(0, VIP4.parse().unwrap(), &v4)
+            .unwrap()
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        let v6_ids = dp
+            .install_service(1, VIP6.parse().unwrap(), &v6)
+            .unwrap()
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        dp.install_service(2, VIP_NO_NEIGH.parse().unwrap(), &no_neigh)
+            .unwrap();
+        dp.add_tx_port(ifindex).unwrap();
+        Harness {
+            dp,
+            ifindex,
+            v4,
+            v4_ids,
+            v6,
+            v6_ids,
+        }
+    }
+
+    /// Runs one frame; `ingress_veth` makes the frame arrive on the veth (so a backend
+    /// behind it is reached with XDP_TX), otherwise it arrives on lo (XDP_REDIRECT).
+    fn run(&mut self, frame: &[u8], ingress_veth: bool) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut ctx = [0u32; 6];
+        ctx[1] = frame.len() as u32; // data_end
+        ctx[3] = if ingress_veth { self.ifindex } else { 1 };
+        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let prog = self.dp.dispatch_program().unwrap();
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_bytes),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn counters(&self) -> Vec<(Counter, u64)> {
+        self.dp.counters().unwrap()
+    }
+
+    /// The backend userspace predicts for a message on the v4 or v6 service.
+    fn predicted(&self, v6: bool, msg: &[u8]) -> SocketAddr {
+        let scan = scan_message(msg, HashKey::DEFAULT);
+        assert_eq!(scan.outcome, ScanOutcome::Found, "fixture has no Call-ID");
+        let table = if v6 { &self.v6 } else { &self.v4 };
+        table
+            .member_for_hash(scan.hash)
+            .expect("table has members")
+            .backend
+            .to_socket_addr()
+    }
+}
+
+fn if_index(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+fn invite(call_id_header: &str) -> Vec<u8> {
+    format!(
+        "INVITE sip:service@198.18.1.100:5060 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 198.18.1.10:5070;branch=z9hG4bK-1\r\n\
+         From: sipp <sip:sipp@198.18.1.10:5070>;tag=1\r\n\
+         To: <sip:service@198.18.1.100:5060>\r\n\
+         {call_id_header}\r\n\
+         CSeq: 1 INVITE\r\n\
+         Contact: <sip:sipp@198.18.1.10:5070>\r\n\
+         Max-Forwards: 70\r\n\
+         Content-Type: application/sdp\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The change in each counter between two snapshots, non-zero ones only.
+fn delta(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> Vec<(Counter, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| (a.0, a.1 - b.1))
+        .collect()
+}
+
+enum Expect {
+    /// Dispatched with this verdict to the backend userspace predicts.
+    Dispatched(u32),
+    /// Passed untouched, counted under this reason.
+    Passed(Counter),
+}
+
+struct Fixture {
+    name: &'static str,
+    frame: FrameSpec,
+    ingress_veth: bool,
+    expect: Expect,
+}
+
+fn fixture(name: &'static str, src: &str, dst: &str, payload: &[u8], expect: Expect) -> Fixture {
+    Fixture {
+        name,
+        frame: FrameSpec::udp(src.parse().unwrap(), dst.parse().unwrap(), payload),
+        ingress_veth: true,
+        expect,
+    }
+}
+
+fn fixtures() -> Vec<Fixture> {
+    use Counter::*;
+    use Expect::*;
+    let long = invite("Call-ID: a84b4c76e66710@pc33.atlanta.com");
+    let mut v = vec![
+        fixture("ipv4 long form", CLIENT4, VIP4, &long, Dispatched(XDP_TX)),
+        fixture("ipv6 long form", CLIENT6, VIP6, &long, Dispatched(XDP_TX)),
+        fixture("compact form", CLIENT4, VIP4, &invite("i: compact-1@198.18.1.10"), Dispatched(XDP_TX)),
+        fixture("lower case, spaces around colon", CLIENT4, VIP4, &invite("call-id \t:  lower-1@x  "), Dispatched(XDP_TX)),
+        fixture("upper case", CLIENT6, VIP6, &invite("CALL-ID:UPPER-1@x"), Dispatched(XDP_TX)),
+        fixture(
+            "lookalike headers only",
+            CLIENT4,
+            VIP4,
+            &invite("X-Call-ID: fake-1\r\nCall-IDX: fake-2\r\ni-foo: fake-3\r\nSubject: Call-ID: fake-4"),
+            Passed(PassNoCallId),
+        ),
+        fixture(
+            "Call-ID only in the body",
+            CLIENT4,
+            VIP4,
+            b"MESSAGE sip:x SIP/2.0\r\nVia: SIP/2.0/UDP 198.18.1.10\r\nContent-Type: message/sipfrag\r\n\r\nCall-ID: in-body@x\r\n",
+            Passed(PassNoCallId),
+        ),
+        fixture("no Call-ID", CLIENT4, VIP4, &invite("Subject: hello"), Passed(PassNoCallId)),
+        fixture("empty Call-ID", CLIENT4, VIP4, &invite("Call-ID:   "), Passed(PassNoCallId)),
+        fixture("non-SIP UDP to the service port", CLIENT4, VIP4, &[0x17u8; 200], Passed(PassNoCallId)),
+        fixture("UDP to another port", CLIENT4, "198.18.1.100:5080", &long, Passed(NotService)),
+        fixture("UDP to another address", CLIENT4, "198.18.1.99:5060", &long, Passed(NotService)),
+        fixture("backend without neighbour entry", CLIENT4, VIP_NO_NEIGH, &long, Passed(PassFibMiss)),
+    ];
+
+    let mut headers = String::new();
+    while headers.len() < 1400 {
+        headers.push_str("X-Padding: 0123456789abcdefghijklmnopqrstuvwxyz0123456789\r\n");
+    }
+    // The Call-ID is the last header, after 1400 bytes, and the frame still fits a
+    // 1500-byte MTU (a larger one would be FRAG_NEEDED for the FIB).
+    let late = format!("OPTIONS sip:x SIP/2.0\r\n{headers}Call-ID: late-1@198.18.1.10\r\n\r\n");
+    assert!(late.find("Call-ID").unwrap() > 1400 && late.len() < 1472);
+    v.push(fixture(
+        "Call-ID after 1400 bytes of headers",
+        CLIENT4,
+        VIP4,
+        late.as_bytes(),
+        Dispatched(XDP_TX),
+    ));
+    let far = invite(&format!("{headers}{headers}Call-ID: beyond-1@198.18.1.10"));
+    v.push(fixture(
+        "Call-ID beyond the scan window",
+        CLIENT4,
+        VIP4,
+        &far,
+        Passed(PassCallIdBeyondWindow),
+    ));
+
+    let mut f = fixture(
+        "via lo: XDP_REDIRECT to the veth",
+        CLIENT4,
+        VIP4,
+        &long,
+        Dispatched(XDP_REDIRECT),
+    );
+    f.ingress_veth = false;
+    v.push(f);
+    let mut f = fixture(
+        "ipv6 via lo: XDP_REDIRECT",
+        CLIENT6,
+        VIP6,
+        &long,
+        Dispatched(XDP_REDIRECT),
+    );
+    f.ingress_veth = false;
+    v.push(f);
+    let mut f = fixture("802.1Q tag", CLIENT4, VIP4, &long, Dispatched(XDP_TX));
+    f.frame.vlan = Some((0x8100, 42));
+    v.push(f);
+    let mut f = fixture(
+        "802.1ad tag, ipv6",
+        CLIENT6,
+        VIP6,
+        &long,
+        Dispatched(XDP_TX),
+    );
+    f.frame.vlan = Some((0x88a8, 42));
+    v.push(f);
+    let mut f = fixture("IPv4 options", CLIENT4, VIP4, &long, Dispatched(XDP_TX));
+    f.frame.ip_options = vec![0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00]; // router alert, NOPs, EOL
+    v.push(f);
+    let mut f = fixture(
+        "IPv4 UDP checksum 0",
+        CLIENT4,
+        VIP4,
+        &long,
+        Dispatched(XDP_TX),
+    );
+    f.frame.zero_udp_checksum = true;
+    v.push(f);
+    let mut f = fixture(
+        "first fragment (MF)",
+        CLIENT4,
+        VIP4,
+        &long,
+        Passed(PassFragment),
+    );
+    f.frame.fragment = Some((true, 0));
+    v.push(f);
+    let mut f = fixture("later fragment", CLIENT4, VIP4, &long, Passed(PassFragment));
+    f.frame.fragment = Some((false, 185));
+    v.push(f);
+    let mut f = fixture(
+        "IPv6 hop-by-hop header",
+        CLIENT6,
+        VIP6,
+        &long,
+        Passed(PassIpv6Ext),
+    );
+    f.frame.ipv6_ext = Some(0);
+    v.push(f);
+    let mut f = fixture(
+        "IPv6 fragment header",
+        CLIENT6,
+        VIP6,
+        &long,
+        Passed(PassFragment),
+    );
+    f.frame.ipv6_ext = Some(44);
+    v.push(f);
+    v
+}
+
+#[test]
+fn fixture_table() {
+    let mut h = Harness::new();
+    let mut failures = Vec::new();
+    for f in fixtures() {
+        let frame = f.frame.build();
+        let before = h.counters();
+        let (verdict, out) = h.run(&frame, f.ingress_veth);
+        let after = h.counters();
+        let counted = delta(&before, &after);
+        let mut check = |ok: bool, what: String| {
+            if !ok {
+                failures.push(format!("{}: {what}", f.name));
+            }
+        };
+        match f.expect {
+            Expect::Passed(reason) => {
+                check(
+                    verdict == XDP_PASS,
+                    format!("verdict {verdict}, want XDP_PASS"),
+                );
+                check(out == frame, "a passed frame was modified".into());
+                check(
+                    counted == vec![(Counter::Seen, 1), (reason, 1)],
+                    format!("counters {counted:?}, want seen and {}", reason.name()),
+                );
+            }
+            Expect::Dispatched(want) => {
+                check(verdict == want, format!("verdict {verdict}, want {want}"));
+                let want_counter = if want == XDP_TX {
+                    Counter::Tx
+                } else {
+                    Counter::Redirect
+                };
+                check(
+                    counted == vec![(Counter::Seen, 1), (want_counter, 1)],
+                    format!("counters {counted:?}"),
+                );
+                let Some(p) = parse(&out) else {
+                    check(false, "output does not parse".into());
+                    continue;
+                };
+                let backend = h.predicted(f.frame.dst.is_ipv6(), &f.frame.payload);
+                check(
+                    p.dst == backend,
+                    format!("sent to {}, userspace predicts {backend}", p.dst),
+                );
+                check(p.src == f.frame.src, format!("source changed to {}", p.src));
+                check(
+                    p.dst_mac == backend_mac(backend.ip()),
+                    format!("dst MAC {:x?}", p.dst_mac),
+                );
+                check(p.src_mac == VETH_MAC, format!("src MAC {:x?}", p.src_mac));
+                check(p.vlan == f.frame.vlan, format!("VLAN tag {:?}", p.vlan));
+                check(p.payload == f.frame.payload, "payload changed".into());
+                check(p.ip_checksum_ok, "IPv4 header checksum wrong".into());
+                check(p.udp_checksum_ok, "UDP checksum wrong".into());
+                if f.frame.zero_udp_checksum {
+                    check(
+                        p.udp_checksum == 0,
+                        "a zero IPv4 UDP checksum did not stay zero".into(),
+                    );
+                }
+                check(out.len() == frame.len(), "frame length changed".into());
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} fixture checks failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn truncated_frames_are_passed_and_counted() {
+    let mut h = Harness::new();
+    let long = invite("Call-ID: a84b4c76e66710@pc33.atlanta.com");
+    let full = FrameSpec::udp(CLIENT4.parse().unwrap(), VIP4.parse().unwrap(), &long).build();
+    // Cut inside the IPv4 header, inside the UDP header, and inside the payload (the
+    // UDP and IP lengths then claim more than the frame holds).
+    for cut in [20, 14 + 20 + 4, 14 + 20 + 8 + 100] {
+        let frame = &full[..cut];
+        let before = h.counters();
+        let (verdict, out) = h.run(frame, true);
+        let counted = delta(&before, &h.counters());
+        assert_eq!(verdict, XDP_PASS, "cut at {cut}");
+        assert_eq!(out, frame, "cut at {cut}: frame modified");
+        assert_eq!(
+            counted,
+            vec![(Counter::Seen, 1), (Counter::PassTruncated, 1)],
+            "cut at {cut}"
+        );
+    }
+}
+
+/// The backend chosen in the kernel equals the one the userspace table predicts, for
+/// 1000 random Call-IDs over IPv4 and IPv6, and every backend gets some.
+#[test]
+fn kernel_agrees_with_userspace_for_1000_call_ids() {
+    let mut h = Harness::new();
+    let mut rng = 0x5eed_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..1000 {
+        let len = 8 + (next() % 40) as usize;
+        let id: String = (0..len)
+            .map(|_| {
+                b"abcdefghijklmnopqrstuvwxyz0123456789-.!%*_+`'~"[(next() % 46) as usize] as char
+            })
+            .collect();
+        let v6 = i % 2 == 1;
+        let msg = invite(&format!("Call-ID: {id}@198.18.1.10"));
+        let (src, dst) = if v6 { (CLIENT6, VIP6) } else { (CLIENT4, VIP4) };
+        let frame = FrameSpec::udp(src.parse().unwrap(), dst.parse().unwrap(), &msg).build();
+        let (verdict, out) = h.run(&frame, true);
+        assert_eq!(verdict, XDP_TX, "Call-ID {id}");
+        let got = parse(&out).expect("output parses").dst;
+        let want = h.predicted(v6, &msg);
+        assert_eq!(got, want, "Call-ID {id}");
+        *seen.entry(got).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        6,
+        "every backend of both services was chosen: {seen:?}"
+    );
+    let ids: Vec<u32> = h.v4_ids.iter().chain(&h.v6_ids).copied().collect();
+    let total: u64 = ids
+        .iter()
+        .map(|id| h.dp.backend_stats(*id).unwrap().packets)
+        .sum();
+    assert_eq!(total, 1000, "per-backend packet counters add up");
+}
+
+/// The golden messages of sip-dispatch-common reach the backend their golden hash
+/// selects in userspace.
+#[test]
+fn golden_messages_hash_the_same_in_the_kernel() {
+    let mut h = Harness::new();
+    for (msg, call_id) in GOLDEN_MESSAGES {
+        let scan = scan_message(msg.as_bytes(), HashKey::DEFAULT);
+        assert_eq!(
+            &msg.as_bytes()[scan.start as usize..scan.end as usize],
+            call_id.as_bytes()
+        );
+        let frame = FrameSpec::udp(
+            CLIENT4.parse().unwrap(),
+            VIP4.parse().unwrap(),
+            msg.as_bytes(),
+        )
+        .build();
+        let (verdict, out) = h.run(&frame, true);
+        assert_eq!(verdict, XDP_TX, "{call_id}");
+        let want =
+            h.v4.member_for_hash(scan.hash)
+                .unwrap()
+                .backend
+                .to_socket_addr();
+        assert_eq!(parse(&out).unwrap().dst, want, "{call_id}");
+    }
+}
