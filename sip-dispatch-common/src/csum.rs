@@ -95,7 +95,9 @@ mod tests {
         d.replace(0x1111, 0x2222);
         assert_eq!(d.apply_udp(0), 0);
         // Find a check value whose update yields 0.
-        let hit = (1..=0xffffu16).find(|&c| d.apply(c) == 0).expect("some check updates to 0");
+        let hit = (1..=0xffffu16)
+            .find(|&c| d.apply(c) == 0)
+            .expect("some check updates to 0");
         assert_eq!(d.apply_udp(hit), 0xffff);
     }
 }

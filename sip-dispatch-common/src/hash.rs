@@ -184,7 +184,11 @@ mod tests {
         let data: [u8; 600] = core::array::from_fn(|i| (i * 7 + 3) as u8);
         for key in keys {
             for n in 0..data.len() {
-                assert_eq!(siphash13(key, &data[..n]), reference(key, &data[..n]), "len {n}");
+                assert_eq!(
+                    siphash13(key, &data[..n]),
+                    reference(key, &data[..n]),
+                    "len {n}"
+                );
             }
         }
     }
@@ -193,7 +197,11 @@ mod tests {
     #[test]
     fn golden_vectors() {
         for (input, want) in GOLDEN {
-            assert_eq!(siphash13(HashKey::DEFAULT, input.as_bytes()), *want, "{input:?}");
+            assert_eq!(
+                siphash13(HashKey::DEFAULT, input.as_bytes()),
+                *want,
+                "{input:?}"
+            );
         }
     }
 

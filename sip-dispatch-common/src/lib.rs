@@ -6,9 +6,12 @@
 //! backend a message belongs to.
 #![no_std]
 
-#[cfg(feature = "user")]
+#[cfg(any(test, feature = "user"))]
 extern crate std;
 
+#[cfg(feature = "user")]
+pub mod addr;
+pub mod csum;
 pub mod hash;
 pub mod maps;
 pub mod parse;
@@ -17,4 +20,4 @@ pub mod table;
 
 pub use hash::{CallIdHasher, HashKey};
 pub use maps::*;
-pub use parse::{Scan, ScanOutcome, scan_call_id};
+pub use parse::{Scan, ScanOutcome, Scanner, scan_call_id};

@@ -21,6 +21,20 @@ use crate::hash::{CallIdHasher, HashKey};
 /// the eBPF verifier prove every access in bounds without a branch.
 pub trait ByteWindow {
     fn byte_at(&self, i: usize) -> u8;
+
+    /// Returns `x`. The eBPF implementation passes it through map memory, so that the
+    /// verifier sees an unknown value instead of a constant.
+    ///
+    /// Verifier constraint: the scan loop carries small integers (the scanner state, the
+    /// hasher's byte count) that are constants on every path the verifier walks. A
+    /// constant that decides a branch becomes "precise", and states that differ in a
+    /// precise value are never merged, so the verifier would walk the loop once per
+    /// distinct (position, state, length) and exceed its 1M-instruction limit. Laundered
+    /// once per byte, these values stay imprecise and the loop verifies in one pass.
+    #[inline(always)]
+    fn opaque(&self, x: u64) -> u64 {
+        x
+    }
 }
 
 impl<const N: usize> ByteWindow for [u8; N] {
@@ -80,7 +94,9 @@ const VALUE_LEADING_CR: u8 = 22;
 const VALUE_LEADING_EOL: u8 = 23;
 const VALUE: u8 = 24;
 
-const CALL_ID: &[u8; 7] = b"call-id";
+/// `call-id`, padded to 8 bytes so that a masked index is provably in bounds.
+const CALL_ID: &[u8; 8] = b"call-id\0";
+const CALL_ID_LEN: usize = 7;
 
 #[inline(always)]
 fn is_blank(c: u8) -> bool {
@@ -112,28 +128,38 @@ fn line_end(c: u8) -> u8 {
     if c == b'\r' { AFTER_CR } else { LINE_START }
 }
 
-/// Finds and hashes the first Call-ID header in `buf[..len]`.
-///
-/// `complete` says whether `buf[..len]` is the whole message: if it is not, running out
-/// of bytes before the answer is known gives [`ScanOutcome::BeyondWindow`].
-#[inline(always)]
-pub fn scan_call_id<W: ByteWindow + ?Sized>(
-    buf: &W,
-    len: usize,
-    complete: bool,
-    key: HashKey,
-) -> Scan {
-    let mut hasher = CallIdHasher::new(key);
-    let mut state = LINE_START;
-    let mut start = 0u32;
-    let mut end = 0u32;
-    let mut i = 0usize;
-    while i < len {
+/// The scanner between two bytes: one step per byte, so that the XDP program can run
+/// the steps from `bpf_loop` (whose callback the verifier checks once) while userspace
+/// runs them in a plain loop ([`scan_call_id`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Scanner {
+    state: u8,
+    start: u32,
+    end: u32,
+    hasher: CallIdHasher,
+}
+
+impl Scanner {
+    #[inline(always)]
+    pub fn new(key: HashKey) -> Scanner {
+        Scanner {
+            state: LINE_START,
+            start: 0,
+            end: 0,
+            hasher: CallIdHasher::new(key),
+        }
+    }
+
+    /// Consumes byte `i` of `buf`. `Some` once the answer is known.
+    #[inline(always)]
+    pub fn step<W: ByteWindow + ?Sized>(&mut self, buf: &W, i: usize) -> Option<Scan> {
         let c = buf.byte_at(i);
-        state = match state {
+        let state = buf.opaque(self.state as u64) as u8;
+        self.hasher.set_len(buf.opaque(self.hasher.len()));
+        self.state = match state {
             LINE_START => match line_start(c) {
                 Some(s) => s,
-                None => return miss(ScanOutcome::NoCallId),
+                None => return Some(miss(ScanOutcome::NoCallId)),
             },
             AFTER_CR => {
                 if c == b'\n' {
@@ -141,7 +167,7 @@ pub fn scan_call_id<W: ByteWindow + ?Sized>(
                 } else {
                     match line_start(c) {
                         Some(s) => s,
-                        None => return miss(ScanOutcome::NoCallId),
+                        None => return Some(miss(ScanOutcome::NoCallId)),
                     }
                 }
             }
@@ -171,9 +197,9 @@ pub fn scan_call_id<W: ByteWindow + ?Sized>(
                 } else if c == b'\n' {
                     VALUE_LEADING_EOL
                 } else {
-                    start = i as u32;
-                    end = i as u32 + 1;
-                    hasher.write_byte(c);
+                    self.start = i as u32;
+                    self.end = i as u32 + 1;
+                    self.hasher.write_byte(c);
                     VALUE
                 }
             }
@@ -183,33 +209,41 @@ pub fn scan_call_id<W: ByteWindow + ?Sized>(
                 } else if is_blank(c) {
                     VALUE_LEADING
                 } else {
-                    return miss(ScanOutcome::Empty);
+                    return Some(miss(ScanOutcome::Empty));
                 }
             }
             VALUE_LEADING_EOL => {
                 if is_blank(c) {
                     VALUE_LEADING
                 } else {
-                    return miss(ScanOutcome::Empty);
+                    return Some(miss(ScanOutcome::Empty));
                 }
             }
             VALUE => {
                 if is_eol(c) {
-                    return Scan { outcome: ScanOutcome::Found, hash: hasher.finish(), start, end };
+                    return Some(self.found());
                 }
                 if !is_blank(c) {
-                    hasher.write_byte(c);
-                    end = i as u32 + 1;
+                    self.hasher.write_byte(c);
+                    self.end = i as u32 + 1;
                 }
                 VALUE
             }
             // NAME_CALL_ID + 1 ..= NAME_CALL_ID + 6
             s => {
-                let k = (s - NAME_CALL_ID) as usize;
-                let want = CALL_ID[k % CALL_ID.len()];
-                let matched = if want == b'-' { c == b'-' } else { c | 0x20 == want };
+                let k = s.wrapping_sub(NAME_CALL_ID) as usize;
+                let want = CALL_ID[k & 7];
+                let matched = if want == b'-' {
+                    c == b'-'
+                } else {
+                    c | 0x20 == want
+                };
                 if matched {
-                    if k + 1 == CALL_ID.len() { NAME_END } else { s + 1 }
+                    if k + 1 == CALL_ID_LEN {
+                        NAME_END
+                    } else {
+                        s.wrapping_add(1)
+                    }
                 } else if is_eol(c) {
                     line_end(c)
                 } else {
@@ -217,27 +251,73 @@ pub fn scan_call_id<W: ByteWindow + ?Sized>(
                 }
             }
         };
+        None
+    }
+
+    /// The answer when the bytes ran out. `complete`: they were the whole message.
+    #[inline(always)]
+    pub fn finish(self, complete: bool) -> Scan {
+        if !complete {
+            return miss(ScanOutcome::BeyondWindow);
+        }
+        match self.state {
+            // The message ends right after the value, with no line end.
+            VALUE => self.found(),
+            VALUE_LEADING | VALUE_LEADING_CR | VALUE_LEADING_EOL => miss(ScanOutcome::Empty),
+            _ => miss(ScanOutcome::NoCallId),
+        }
+    }
+
+    #[inline(always)]
+    fn found(&self) -> Scan {
+        Scan {
+            outcome: ScanOutcome::Found,
+            hash: self.hasher.finish(),
+            start: self.start,
+            end: self.end,
+        }
+    }
+}
+
+/// Finds and hashes the first Call-ID header in `buf[..len]`.
+///
+/// `complete` says whether `buf[..len]` is the whole message: if it is not, running out
+/// of bytes before the answer is known gives [`ScanOutcome::BeyondWindow`].
+#[inline(always)]
+pub fn scan_call_id<W: ByteWindow + ?Sized>(
+    buf: &W,
+    len: usize,
+    complete: bool,
+    key: HashKey,
+) -> Scan {
+    let mut scanner = Scanner::new(key);
+    let mut i = 0usize;
+    while i < len {
+        if let Some(scan) = scanner.step(buf, i) {
+            return scan;
+        }
         i += 1;
     }
-    if !complete {
-        return miss(ScanOutcome::BeyondWindow);
-    }
-    if state == VALUE {
-        // The message ends right after the value, with no line end.
-        return Scan { outcome: ScanOutcome::Found, hash: hasher.finish(), start, end };
-    }
-    if state == VALUE_LEADING || state == VALUE_LEADING_CR || state == VALUE_LEADING_EOL {
-        return miss(ScanOutcome::Empty);
-    }
-    miss(ScanOutcome::NoCallId)
+    scanner.finish(complete)
 }
 
 #[inline(always)]
 fn miss(outcome: ScanOutcome) -> Scan {
-    Scan { outcome, hash: 0, start: 0, end: 0 }
+    Scan {
+        outcome,
+        hash: 0,
+        start: 0,
+        end: 0,
+    }
 }
 
 /// Userspace convenience: scans a whole message.
 pub fn scan_message(msg: &[u8], key: HashKey) -> Scan {
     scan_call_id(msg, msg.len(), true, key)
 }
+
+#[cfg(any(test, feature = "user"))]
+pub mod golden;
+
+#[cfg(test)]
+mod tests;
