@@ -60,7 +60,6 @@ fn validate(args: &RunArgs) -> anyhow::Result<()> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     validate(&args)?;
-    let index = ifindex(&args.iface)?;
     let key = args.hash_key.unwrap_or(HashKey::DEFAULT);
     let pin_dir = args
         .pin_path
@@ -76,6 +75,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         })
         .collect();
     let table = build_table(&members, key).context("building the slot table")?;
+    let index = ifindex(&args.iface)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
