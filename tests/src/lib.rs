@@ -1,0 +1,20 @@
+//! Test bed for sip-dispatch: network-namespace topologies with RAII cleanup, child
+//! processes inside them, SIPp drivers with exact call accounting, and an end-to-end
+//! scenario runner shared by the integration tests (`tests/`) and `cargo xtask run`.
+//!
+//! Everything runs inside namespaces this crate creates (`sdt<pid>n<seq>-<role>`), using
+//! only 198.18.0.0/24 and 2001:db8::/64; nothing touches the root namespace's interfaces.
+//! Needs root, `ip`, `ethtool` and `sipp`.
+pub mod cancel;
+pub mod cmd;
+pub mod dispatcher;
+pub mod netns;
+pub mod preflight;
+pub mod process;
+pub mod scenario;
+pub mod sipp;
+pub mod topology;
+
+pub use dispatcher::XdpMode;
+pub use scenario::{ScenarioConfig, ScenarioSummary, run_direct, run_scenario};
+pub use topology::Family;

@@ -1,1 +1,193 @@
-fn main() {}
+//! Project tasks: `cargo xtask test`, `cargo xtask run [-- ARGS]`, `cargo xtask prereqs`.
+mod demo;
+mod prereqs;
+mod privilege;
+mod shell;
+mod test;
+
+use std::os::unix::process::CommandExt as _;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use sip_dispatch_testbed::{Family, XdpMode};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "sip-dispatch project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Install prerequisites, build sip-dispatch, run the unit tests of the host crates
+    /// and the namespace/XDP integration tests (as root).
+    Test {
+        /// Do not check or install prerequisites.
+        #[arg(long)]
+        skip_install: bool,
+    },
+    /// Install prerequisites, build sip-dispatch (release) and run it as root:
+    /// `cargo xtask run -- --iface IF --vip ... --backend ...` runs `sip-dispatch run ARGS`;
+    /// without ARGS, a self-contained demo in network namespaces.
+    Run {
+        /// Demo: address family (v4 or v6).
+        #[arg(long, default_value = "v4")]
+        family: Family,
+        /// Demo: XDP mode (native, skb or auto).
+        #[arg(long, default_value = "native")]
+        mode: XdpMode,
+        /// Demo: backend weights, comma-separated.
+        #[arg(long, default_value = "2,1,1", value_delimiter = ',')]
+        weights: Vec<u32>,
+        /// Demo: calls per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Demo: seconds of calls.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+        /// Do not check or install prerequisites.
+        #[arg(long)]
+        skip_install: bool,
+        /// Arguments for `sip-dispatch run` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Only check and install the prerequisites.
+    Prereqs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli.command) {
+        eprintln!("xtask: error: {e:#}");
+        // 128 + SIGINT after a Ctrl-C, as shells report it.
+        std::process::exit(if sip_dispatch_testbed::cancel::requested() {
+            130
+        } else {
+            1
+        });
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Test { skip_install } => {
+            privilege::ensure_root("test")?;
+            test::run(skip_install)
+        }
+        Task::Prereqs => {
+            privilege::ensure_root("prereqs")?;
+            shell::header("prerequisites");
+            prereqs::ensure_all()
+        }
+        Task::Run {
+            family,
+            mode,
+            weights,
+            rate,
+            seconds,
+            skip_install,
+            args,
+        } => {
+            privilege::ensure_root("run")?;
+            if !skip_install {
+                shell::header("prerequisites");
+                prereqs::ensure_all()?;
+            }
+            shell::header("build: cargo build --release -p sip-dispatch");
+            shell::run(
+                shell::cargo()
+                    .current_dir(shell::workspace_dir())
+                    .args(["build", "--release", "-p", "sip-dispatch"])
+                    .env_remove("AYA_BUILD_SKIP"),
+            )?;
+            let binary = shell::target_dir().join("release").join("sip-dispatch");
+            if !binary.is_file() {
+                bail!("the build left no binary at {}", binary.display());
+            }
+            if args.is_empty() {
+                shell::header("demo");
+                demo::run(
+                    binary,
+                    &demo::DemoOptions {
+                        family,
+                        mode,
+                        weights,
+                        rate,
+                        seconds,
+                    },
+                )
+            } else {
+                shell::header(&format!("sip-dispatch run {}", args.join(" ")));
+                let err = std::process::Command::new(&binary)
+                    .arg("run")
+                    .args(&args)
+                    .exec();
+                Err(err).with_context(|| format!("executing {}", binary.display()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_trailing_args() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "run",
+            "--",
+            "--iface",
+            "v-disp",
+            "--vip",
+            "198.18.0.100:5060",
+        ])
+        .unwrap();
+        match cli.command {
+            Task::Run { args, weights, .. } => {
+                assert_eq!(args, ["--iface", "v-disp", "--vip", "198.18.0.100:5060"]);
+                assert_eq!(weights, [2, 1, 1]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn demo_options_parse() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "run",
+            "--family",
+            "v6",
+            "--mode",
+            "skb",
+            "--weights",
+            "1,1",
+        ])
+        .unwrap();
+        match cli.command {
+            Task::Run {
+                family,
+                mode,
+                weights,
+                args,
+                ..
+            } => {
+                assert_eq!(family, Family::V6);
+                assert_eq!(mode, XdpMode::Skb);
+                assert_eq!(weights, [1, 1]);
+                assert!(args.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

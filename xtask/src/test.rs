@@ -1,0 +1,109 @@
+//! `cargo xtask test`: prerequisites, build, unit tests of the host crates, then the
+//! namespace/XDP integration tests against the freshly built binary.
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{
+    prereqs,
+    shell::{self, header},
+};
+
+struct Outcome {
+    name: String,
+    ok: bool,
+    took: Duration,
+}
+
+/// Runs one step, timing it and recording the outcome.
+fn step(outcomes: &mut Vec<Outcome>, name: &str, f: impl FnOnce() -> Result<()>) -> bool {
+    header(name);
+    let started = Instant::now();
+    let result = f();
+    if let Err(e) = &result {
+        eprintln!("xtask: {name}: {e:#}");
+    }
+    outcomes.push(Outcome {
+        name: name.to_owned(),
+        ok: result.is_ok(),
+        took: started.elapsed(),
+    });
+    result.is_ok()
+}
+
+/// A cargo command for the workspace, with the real eBPF build (no `AYA_BUILD_SKIP`).
+fn cargo(args: &[&str]) -> Command {
+    let mut c = shell::cargo();
+    c.current_dir(shell::workspace_dir())
+        .args(args)
+        .env_remove("AYA_BUILD_SKIP");
+    c
+}
+
+pub fn run(skip_install: bool) -> Result<()> {
+    let mut outcomes = Vec::new();
+    let total = Instant::now();
+
+    let prepared = if skip_install {
+        true
+    } else {
+        step(&mut outcomes, "prerequisites", prereqs::ensure_all)
+    };
+    let built = prepared
+        && step(&mut outcomes, "build: cargo build -p sip-dispatch", || {
+            shell::run(&mut cargo(&["build", "-p", "sip-dispatch"]))
+        });
+    if built {
+        let unit: [(&str, &[&str]); 3] = [
+            (
+                "unit tests: sip-dispatch-common",
+                &["test", "-p", "sip-dispatch-common", "--features", "user"],
+            ),
+            ("unit tests: sip-dispatch", &["test", "-p", "sip-dispatch"]),
+            ("unit tests: xtask", &["test", "-p", "xtask"]),
+        ];
+        for (name, args) in unit {
+            step(&mut outcomes, name, || shell::run(&mut cargo(args)));
+        }
+        let bin = shell::target_dir().join("debug").join("sip-dispatch");
+        step(
+            &mut outcomes,
+            "integration tests: sip-dispatch-testbed (namespaces, SIPp, XDP)",
+            || {
+                shell::run(
+                    cargo(&[
+                        "test",
+                        "-p",
+                        "sip-dispatch-testbed",
+                        "--",
+                        "--test-threads=1",
+                    ])
+                    .env("SIP_DISPATCH_BIN", &bin),
+                )
+            },
+        );
+    }
+
+    header("summary");
+    for o in &outcomes {
+        println!(
+            "    {} {:<66} {:>6.1} s",
+            if o.ok { "ok  " } else { "FAIL" },
+            o.name,
+            o.took.as_secs_f64()
+        );
+    }
+    let failed = outcomes.iter().filter(|o| !o.ok).count();
+    println!(
+        "    {} step(s), {failed} failed, {:.1} s",
+        outcomes.len(),
+        total.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!("{failed} step(s) failed");
+    }
+    Ok(())
+}
