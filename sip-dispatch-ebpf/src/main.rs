@@ -104,6 +104,8 @@ struct Datagram {
     payload_len: usize,
     key: ServiceKey,
     src: [u32; 4],
+    /// Why the fast path leaves this datagram to the stack, if it does.
+    unhandled: Option<Counter>,
 }
 
 /// Ok(action) when dispatched; Ok(XDP_PASS) for traffic that is not ours (counted as
@@ -119,6 +121,9 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
         return Ok(XDP_PASS);
     };
     let service_id = service.id;
+    if let Some(reason) = dg.unhandled {
+        return Err(reason);
+    }
 
     let hash = call_id_hash(ctx, &dg)?;
     let backend_id = *TABLES
@@ -163,8 +168,13 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
     }
 }
 
-/// Ethernet (at most one 802.1Q/802.1ad tag), IPv4 (any header length) or IPv6 (no
-/// extension headers), UDP. `Ok(None)` for frames that are not UDP at all.
+/// IPv6 extension headers walked to find the UDP header. Longer chains are passed.
+const MAX_IPV6_EXT: usize = 4;
+
+/// Ethernet (at most one 802.1Q/802.1ad tag), IPv4 (any header length) or IPv6, UDP.
+/// `Ok(None)` for frames that are not UDP at all. A datagram the fast path cannot
+/// dispatch (IPv6 extension headers, a first fragment, bad lengths) still comes back
+/// with its service key, so that only service traffic is counted by reason.
 #[inline(always)]
 fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
@@ -179,6 +189,7 @@ fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
 
     let mut key = ServiceKey::default();
     let mut src = [0u32; 4];
+    let mut unhandled = None;
     let (family, l4, ip_end) = if ether_type == EtherType::Ipv4 as u16 {
         let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
         let ip = unsafe { &*ip };
@@ -189,9 +200,14 @@ fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
         if ihl < Ipv4Hdr::LEN {
             return Err(Counter::PassTruncated);
         }
-        // More-fragments flag or a fragment offset: reassembly is the stack's job.
-        if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        let frags = u16::from_be_bytes(ip.frags);
+        if frags & 0x1fff != 0 {
+            // A later fragment carries no UDP header, so no port to tell the service by.
             return Err(Counter::PassFragment);
+        }
+        if frags & 0x2000 != 0 {
+            // First fragment: reassembly is the stack's job.
+            unhandled = Some(Counter::PassFragment);
         }
         key.addr[0] = u32::from_ne_bytes(ip.dst_addr);
         src[0] = u32::from_ne_bytes(ip.src_addr);
@@ -200,21 +216,45 @@ fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
     } else if ether_type == EtherType::Ipv6 as u16 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
         let ip = unsafe { &*ip };
-        match ip.next_hdr {
-            IPPROTO_UDP => {}
-            44 => return Err(Counter::PassFragment),
-            // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6.
-            0 | 43 | 60 | 51 | 135 | 139 | 140 => return Err(Counter::PassIpv6Ext),
-            _ => return Ok(None),
-        }
         key.addr = words(&ip.dst_addr);
         src = words(&ip.src_addr);
-        let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
-        (
-            FAMILY_V6,
-            l3 + Ipv6Hdr::LEN,
-            l3 + Ipv6Hdr::LEN + payload_len,
-        )
+        let ip_end = l3 + Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
+        let mut next = ip.next_hdr;
+        let mut l4 = l3 + Ipv6Hdr::LEN;
+        for _ in 0..MAX_IPV6_EXT {
+            let ext_len = match next {
+                IPPROTO_UDP => break,
+                // Hop-by-hop, routing, destination options: (length + 1) * 8 bytes.
+                0 | 43 | 60 => {
+                    let h: *const [u8; 2] = ptr_at(ctx, l4).ok_or(Counter::PassTruncated)?;
+                    (unsafe { (*h)[1] } as usize + 1) * 8
+                }
+                44 => {
+                    let h: *const [u8; 4] = ptr_at(ctx, l4).ok_or(Counter::PassTruncated)?;
+                    if u16::from_be_bytes(unsafe { [(*h)[2], (*h)[3]] }) & 0xfff8 != 0 {
+                        return Err(Counter::PassFragment);
+                    }
+                    unhandled = Some(Counter::PassFragment);
+                    8
+                }
+                // Authentication header: (length + 2) * 4 bytes.
+                51 => {
+                    let h: *const [u8; 2] = ptr_at(ctx, l4).ok_or(Counter::PassTruncated)?;
+                    (unsafe { (*h)[1] } as usize + 2) * 4
+                }
+                _ => return Ok(None),
+            };
+            let h: *const u8 = ptr_at(ctx, l4).ok_or(Counter::PassTruncated)?;
+            next = unsafe { *h };
+            l4 += ext_len;
+            if unhandled.is_none() {
+                unhandled = Some(Counter::PassIpv6Ext);
+            }
+        }
+        if next != IPPROTO_UDP {
+            return Ok(None);
+        }
+        (FAMILY_V6, l4, ip_end)
     } else {
         return Ok(None);
     };
@@ -224,20 +264,20 @@ fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
     let udp = unsafe { &*udp };
     key.port = u16::from_ne_bytes(udp.dst);
     let udp_len = u16::from_be_bytes(udp.len) as usize;
-    // Lengths that claim more than the frame holds, or less than a UDP header.
-    if udp_len < UdpHdr::LEN || l4 + udp_len > ip_end || ip_end > frame_len {
-        if unsafe { SERVICES.get(&key) }.is_none() {
-            return Ok(None);
-        }
-        return Err(Counter::PassTruncated);
+    // Lengths that claim more than the frame holds, or less than a UDP header. (A first
+    // fragment's UDP length covers the reassembled datagram: it stays a fragment.)
+    if unhandled.is_none() && (udp_len < UdpHdr::LEN || l4 + udp_len > ip_end || ip_end > frame_len)
+    {
+        unhandled = Some(Counter::PassTruncated);
     }
     Ok(Some(Datagram {
         family,
         l3,
         l4,
-        payload_len: udp_len - UdpHdr::LEN,
+        payload_len: udp_len.saturating_sub(UdpHdr::LEN),
         key,
         src,
+        unhandled,
     }))
 }
 

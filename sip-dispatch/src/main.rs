@@ -11,7 +11,13 @@ fn main() -> std::process::ExitCode {
         Err(e) if e.use_stderr() => {
             // One line that names the problem; clap's usage hint is one `--help` away.
             let rendered = e.render().to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
+            eprintln!(
+                "{}",
+                rendered
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
             return std::process::ExitCode::from(2);
         }
         Err(e) => e.exit(),
