@@ -44,47 +44,26 @@ fn port_from_wire(port: u16) -> u16 {
     u16::from_be_bytes(port.to_ne_bytes())
 }
 
-impl Backend {
-    /// The backend for a socket address. IPv6 scope id and flow label are dropped.
-    pub fn from_socket_addr(sa: SocketAddr) -> Backend {
-        let (addr, family) = words_from_ip(sa.ip());
-        Backend {
-            addr,
-            port: port_to_wire(sa.port()),
-            family,
-            _pad: 0,
-        }
-    }
+/// `from_socket_addr` / `to_socket_addr` for the two address types of the maps, which
+/// share one layout (network-order address words, network-order port, family).
+macro_rules! socket_addr_conversions {
+    ($($ty:ident),+) => {$(
+        impl $ty {
+            /// From a socket address. IPv6 scope id and flow label are dropped.
+            pub fn from_socket_addr(sa: SocketAddr) -> $ty {
+                let (addr, family) = words_from_ip(sa.ip());
+                $ty { addr, port: port_to_wire(sa.port()), family, _pad: 0 }
+            }
 
-    /// The socket address. Any family other than [`FAMILY_V4`] is read as IPv6.
-    pub fn to_socket_addr(&self) -> SocketAddr {
-        SocketAddr::new(
-            ip_from_words(&self.addr, self.family),
-            port_from_wire(self.port),
-        )
-    }
+            /// The socket address. Any family other than [`FAMILY_V4`] is read as IPv6.
+            pub fn to_socket_addr(&self) -> SocketAddr {
+                SocketAddr::new(ip_from_words(&self.addr, self.family), port_from_wire(self.port))
+            }
+        }
+    )+};
 }
 
-impl ServiceKey {
-    /// The service key for a socket address. IPv6 scope id and flow label are dropped.
-    pub fn from_socket_addr(sa: SocketAddr) -> ServiceKey {
-        let (addr, family) = words_from_ip(sa.ip());
-        ServiceKey {
-            addr,
-            port: port_to_wire(sa.port()),
-            family,
-            _pad: 0,
-        }
-    }
-
-    /// The socket address. Any family other than [`FAMILY_V4`] is read as IPv6.
-    pub fn to_socket_addr(&self) -> SocketAddr {
-        SocketAddr::new(
-            ip_from_words(&self.addr, self.family),
-            port_from_wire(self.port),
-        )
-    }
-}
+socket_addr_conversions!(Backend, ServiceKey);
 
 /// Formats a backend as `198.18.0.21:5060` or `[2001:db8::21]:5060`.
 pub fn backend_display(b: &Backend) -> impl fmt::Display + use<> {

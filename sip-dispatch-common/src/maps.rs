@@ -21,6 +21,18 @@ pub const MAP_TX_PORTS: &str = "sd_txports_v1";
 /// Per-CPU scratch space the XDP program copies the UDP payload into.
 pub const MAP_SCRATCH: &str = "sd_scratch_v1";
 
+/// Every map of the object, all pinned under the pin directory.
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_SERVICES,
+    MAP_TABLES,
+    MAP_BACKENDS,
+    MAP_BACKEND_STATS,
+    MAP_COUNTERS,
+    MAP_CONFIG,
+    MAP_TX_PORTS,
+    MAP_SCRATCH,
+];
+
 /// The XDP program that dispatches SIP.
 pub const PROG_DISPATCH: &str = "sip_dispatch";
 /// An XDP program that passes everything: attached to veth peers so that native-mode
@@ -200,16 +212,7 @@ mod tests {
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
-        for n in [
-            MAP_SERVICES,
-            MAP_TABLES,
-            MAP_BACKENDS,
-            MAP_BACKEND_STATS,
-            MAP_COUNTERS,
-            MAP_CONFIG,
-            MAP_TX_PORTS,
-            MAP_SCRATCH,
-        ] {
+        for n in ALL_MAPS {
             assert!(n.len() <= 15, "{n} is longer than 15 characters");
         }
     }

@@ -8,24 +8,13 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use sip_dispatch_common::{
-    Backend, BackendStats, Config, Counter, HashKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, NO_BACKEND,
+    ALL_MAPS, Backend, BackendStats, Config, Counter, HashKey, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, NO_BACKEND,
     PROG_DISPATCH, PROG_PASS, SLOTS, ServiceInfo, ServiceKey,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sip-dispatch"));
-
-const PINNED_MAPS: [&str; 8] = [
-    MAP_SERVICES,
-    MAP_TABLES,
-    MAP_BACKENDS,
-    MAP_BACKEND_STATS,
-    MAP_COUNTERS,
-    MAP_CONFIG,
-    MAP_TX_PORTS,
-    MAP_SCRATCH,
-];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -55,7 +44,7 @@ impl Dataplane {
     /// `reset` is given), sets the hash key and loads the program into the kernel.
     pub fn load(pin_dir: &Path, iface: &str, reset: bool, key: HashKey) -> anyhow::Result<Self> {
         crate::bpffs::prepare_pin_dir(pin_dir)?;
-        let stale: Vec<PathBuf> = PINNED_MAPS
+        let stale: Vec<PathBuf> = ALL_MAPS
             .iter()
             .map(|m| pin_dir.join(m))
             .filter(|p| p.exists())
@@ -74,8 +63,7 @@ impl Dataplane {
             }
         }
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> =
-            PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -291,7 +279,7 @@ impl Drop for Dataplane {
             log::warn!("detaching XDP from {}: {e}", self.iface);
         }
         let Some(dir) = &self.pin_dir else { return };
-        for m in PINNED_MAPS {
+        for m in ALL_MAPS {
             let p = dir.join(m);
             if let Err(e) = std::fs::remove_file(&p)
                 && e.kind() != std::io::ErrorKind::NotFound

@@ -132,6 +132,40 @@ pub struct UasReport {
     pub exit_code: Option<i32>,
 }
 
+/// The files a SIPp run writes: statistics (a CSV line a second and one at exit), one
+/// line per SIP message, and errors.
+struct TraceFiles {
+    stat: PathBuf,
+    messages: PathBuf,
+    errors: PathBuf,
+}
+
+impl TraceFiles {
+    fn new(dir: &Path, label: &str) -> TraceFiles {
+        TraceFiles {
+            stat: dir.join(format!("{label}.stat.csv")),
+            messages: dir.join(format!("{label}.messages.log")),
+            errors: dir.join(format!("{label}.errors.log")),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "-trace_stat".into(),
+            "-stf".into(),
+            path_arg(&self.stat),
+            "-fd".into(),
+            "1".into(),
+            "-trace_shortmsg".into(),
+            "-shortmessage_file".into(),
+            path_arg(&self.messages),
+            "-trace_err".into(),
+            "-error_file".into(),
+            path_arg(&self.errors),
+        ]
+    }
+}
+
 /// A SIPp UAS (`-sn uas -aa`) running in a namespace.
 pub struct Uas {
     pub address: SocketAddr,
@@ -145,10 +179,8 @@ impl Uas {
     /// It quits by itself after `bound` at the latest.
     pub fn start(ns: &str, ip: IpAddr, dir: &Path, label: &str, bound: Duration) -> Result<Self> {
         crate::topology::check_test_address(ip)?;
-        let stat_path = dir.join(format!("{label}.stat.csv"));
-        let messages_path = dir.join(format!("{label}.messages.log"));
-        let error_path = dir.join(format!("{label}.errors.log"));
-        let args: Vec<String> = vec![
+        let logs = TraceFiles::new(dir, label);
+        let mut args: Vec<String> = vec![
             "-sn".into(),
             "uas".into(),
             "-aa".into(),
@@ -160,25 +192,15 @@ impl Uas {
             "-nostdin".into(),
             "-timeout".into(),
             format!("{}s", bound.as_secs().max(1)),
-            "-trace_stat".into(),
-            "-stf".into(),
-            path_arg(&stat_path),
-            "-fd".into(),
-            "1".into(),
-            "-trace_shortmsg".into(),
-            "-shortmessage_file".into(),
-            path_arg(&messages_path),
-            "-trace_err".into(),
-            "-error_file".into(),
-            path_arg(&error_path),
         ];
+        args.extend(logs.args());
         let mut process = Process::spawn(ns, "sipp", &args, dir, label)?;
         process::wait_udp_bound(&mut process, ip, SIP_PORT, Duration::from_secs(10))?;
         Ok(Uas {
             address: SocketAddr::new(ip, SIP_PORT),
             process,
-            stat_path,
-            messages_path,
+            stat_path: logs.stat,
+            messages_path: logs.messages,
         })
     }
 
@@ -313,9 +335,7 @@ impl UacReport {
 pub fn run_uac(ns: &str, spec: &UacSpec, dir: &Path, label: &str) -> Result<UacReport> {
     crate::topology::check_test_address(spec.target.ip())?;
     crate::topology::check_test_address(spec.local_ip)?;
-    let stat_path = dir.join(format!("{label}.stat.csv"));
-    let messages_path = dir.join(format!("{label}.messages.log"));
-    let error_path = dir.join(format!("{label}.errors.log"));
+    let logs = TraceFiles::new(dir, label);
     let mut args: Vec<String> = match &spec.scenario {
         Scenario::BuiltIn(name) => vec!["-sn".into(), (*name).into()],
         Scenario::File(path) => vec!["-sf".into(), path_arg(path)],
@@ -337,18 +357,8 @@ pub fn run_uac(ns: &str, spec: &UacSpec, dir: &Path, label: &str) -> Result<UacR
         "-timeout".into(),
         format!("{}s", spec.bound.as_secs().max(1)),
         "-timeout_error".into(),
-        "-trace_stat".into(),
-        "-stf".into(),
-        path_arg(&stat_path),
-        "-fd".into(),
-        "1".into(),
-        "-trace_shortmsg".into(),
-        "-shortmessage_file".into(),
-        path_arg(&messages_path),
-        "-trace_err".into(),
-        "-error_file".into(),
-        path_arg(&error_path),
     ]);
+    args.extend(logs.args());
     let started = Instant::now();
     let mut process = Process::spawn(ns, "sipp", &args, dir, label)?;
     let limit = spec.bound + Duration::from_secs(10);
@@ -377,7 +387,7 @@ pub fn run_uac(ns: &str, spec: &UacSpec, dir: &Path, label: &str) -> Result<UacR
             tail(&stopped.stdout, 20)
         );
     }
-    let stat = StatRow::read(&stat_path)?;
+    let stat = StatRow::read(&logs.stat)?;
     Ok(UacReport {
         exit_code: code,
         successful: stat.require("SuccessfulCall(C)")?,
