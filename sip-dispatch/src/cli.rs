@@ -1,8 +1,10 @@
 //! Command line: subcommands, flags and the address formats operators' scripts use.
-use std::{net::SocketAddr, path::PathBuf, str::FromStr};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sip_dispatch_common::HashKey;
+
+use crate::health::AliveCodes;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,7 +20,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Attach the XDP dispatcher to an interface and keep its tables filled.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Attach an XDP program that passes everything (for the peer of a veth that runs the
     /// dispatcher in native mode) and hold it until SIGINT/SIGTERM.
     XdpPass(XdpPassArgs),
@@ -32,9 +34,38 @@ pub struct RunArgs {
     /// Service address: 198.18.0.100:5060 or [2001:db8::100]:5060.
     #[arg(long, value_parser = parse_socket_addr)]
     pub vip: SocketAddr,
-    /// Backend ADDR:PORT[,weight=N] (weight defaults to 1). Repeat for each backend.
-    #[arg(long = "backend", required = true)]
+    /// Static backend ADDR:PORT[,weight=N][,priority=N] (weight 1 and priority 0 unless
+    /// given; lower priorities are preferred, as in SRV). Repeat for each backend.
+    #[arg(long = "backend", required_unless_present = "srv")]
     pub backends: Vec<BackendSpec>,
+    /// DNS SRV name whose targets are backends (e.g. _sip._udp.example.net); repeatable,
+    /// and may be combined with --backend.
+    #[arg(long = "srv")]
+    pub srv: Vec<String>,
+    /// DNS server ADDR:PORT for SRV lookups. Default: the system resolver configuration.
+    #[arg(long, value_parser = parse_socket_addr)]
+    pub dns_server: Option<SocketAddr>,
+    /// Re-resolve SRV names no sooner than this many seconds, whatever their TTL.
+    #[arg(long, default_value_t = 5)]
+    pub dns_min_ttl: u64,
+    /// Re-resolve SRV names at least this often, in seconds, whatever their TTL.
+    #[arg(long, default_value_t = 300)]
+    pub dns_max_ttl: u64,
+    /// Time between two OPTIONS health checks of a backend (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// How long a health check waits for its response.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+    /// Consecutive failed health checks that take a backend down.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub down_after: u32,
+    /// Consecutive successful health checks that bring a backend back up.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub up_after: u32,
+    /// Response codes that mean "alive": codes, classes and exclusions.
+    #[arg(long, default_value = AliveCodes::DEFAULT)]
+    pub alive_codes: AliveCodes,
     /// XDP attach mode: auto tries native (driver) and falls back to skb (generic).
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
@@ -69,6 +100,7 @@ pub enum XdpModeArg {
 pub struct BackendSpec {
     pub addr: SocketAddr,
     pub weight: u32,
+    pub priority: u16,
 }
 
 impl FromStr for BackendSpec {
@@ -78,21 +110,32 @@ impl FromStr for BackendSpec {
         let mut parts = s.split(',');
         let addr = parse_socket_addr(parts.next().unwrap_or_default())?;
         let mut weight = 1;
+        let mut priority = 0;
         for opt in parts {
             match opt.split_once('=') {
                 Some(("weight", n)) => {
                     weight = n
-                        .parse::<u32>()
-                        .map_err(|_| format!("invalid weight {n:?} in backend {s:?}"))?;
+                        .parse::<u16>()
+                        .map_err(|_| format!("invalid weight {n:?} in backend {s:?} (0 to 65535)"))?
+                        .into();
+                }
+                Some(("priority", n)) => {
+                    priority = n.parse::<u16>().map_err(|_| {
+                        format!("invalid priority {n:?} in backend {s:?} (0 to 65535)")
+                    })?;
                 }
                 _ => {
                     return Err(format!(
-                        "unknown backend option {opt:?} in {s:?} (expected weight=N)"
+                        "unknown backend option {opt:?} in {s:?} (expected weight=N or priority=N)"
                     ));
                 }
             }
         }
-        Ok(BackendSpec { addr, weight })
+        Ok(BackendSpec {
+            addr,
+            weight,
+            priority,
+        })
     }
 }
 
@@ -104,6 +147,20 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("invalid address {s:?}: port 0"));
     }
     Ok(addr)
+}
+
+/// `500ms`, `1s`, `2.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}: expected e.g. 500ms, 1s or 2.5s");
+    let (number, unit) = match s.strip_suffix("ms") {
+        Some(n) => (n, 0.001),
+        None => (s.strip_suffix('s').ok_or_else(err)?, 1.0),
+    };
+    let value: f64 = number.parse().map_err(|_| err())?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(err());
+    }
+    Ok(Duration::from_secs_f64(value * unit))
 }
 
 fn parse_hash_key(s: &str) -> Result<HashKey, String> {
@@ -120,9 +177,13 @@ mod tests {
         assert_eq!(b.addr, "198.18.0.21:5060".parse().unwrap());
         assert_eq!(b.weight, 2);
         let b: BackendSpec = "[2001:db8::21]:5062".parse().unwrap();
-        assert_eq!(b.weight, 1);
+        assert_eq!((b.weight, b.priority), (1, 0));
         assert_eq!(b.addr.port(), 5062);
+        let b: BackendSpec = "198.18.0.21:5060,priority=20,weight=0".parse().unwrap();
+        assert_eq!((b.weight, b.priority), (0, 20));
         for bad in [
+            "198.18.0.21:5060,priority=-1",
+            "198.18.0.21:5060,weight=70000",
             "198.18.0.21",
             "198.18.0.21:5060,weight=x",
             "198.18.0.21:5060,w=2",
@@ -130,6 +191,16 @@ mod tests {
             "198.18.0.21:0",
         ] {
             assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("2.5s"), Ok(Duration::from_millis(2500)));
+        for bad in ["", "1", "s", "-1s", "0s", "1m", "NaNs"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 

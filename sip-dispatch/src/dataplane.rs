@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, xdp::DevMapHash},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use sip_dispatch_common::{
@@ -36,7 +36,16 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     iface: String,
     link: Option<XdpLinkId>,
-    next_backend_id: u32,
+    ids: BackendIds,
+}
+
+/// Backend ids: one per backend address for as long as the address is configured, so
+/// that its counters survive table rebuilds. Freed ids are reused lowest first.
+#[derive(Default)]
+struct BackendIds {
+    by_addr: std::collections::HashMap<std::net::SocketAddr, u32>,
+    free: std::collections::BTreeSet<u32>,
+    next: u32,
 }
 
 impl Dataplane {
@@ -90,7 +99,7 @@ impl Dataplane {
             pin_dir,
             iface: iface.to_string(),
             link: None,
-            next_backend_id: 0,
+            ids: BackendIds::default(),
         };
         dp.dispatch_program()?
             .load()
@@ -213,7 +222,52 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes a service's backends (with fresh backend ids) and its slot table.
+    /// The id of a backend address, allocating one (and writing its map entry, with
+    /// zeroed counters) the first time.
+    pub fn backend_id(&mut self, addr: std::net::SocketAddr) -> anyhow::Result<u32> {
+        if let Some(id) = self.ids.by_addr.get(&addr) {
+            return Ok(*id);
+        }
+        let id = match self.ids.free.pop_first() {
+            Some(id) => id,
+            None if self.ids.next < MAX_BACKENDS => {
+                self.ids.next += 1;
+                self.ids.next - 1
+            }
+            None => bail!("more than {MAX_BACKENDS} backends"),
+        };
+        self.set_backend(id, Backend::from_socket_addr(addr))?;
+        let mut stats: PerCpuArray<&mut MapData, BackendStats> =
+            PerCpuArray::try_from(self.map_mut(MAP_BACKEND_STATS)?)?;
+        let zero = PerCpuValues::try_from(vec![
+            BackendStats::default();
+            aya::util::nr_cpus().map_err(|(_, e)| e)?
+        ])?;
+        stats
+            .set(id, zero, 0)
+            .with_context(|| format!("zeroing the counters of backend {id}"))?;
+        self.ids.by_addr.insert(addr, id);
+        Ok(id)
+    }
+
+    /// The id of a backend address that has one.
+    pub fn known_backend_id(&self, addr: std::net::SocketAddr) -> Option<u32> {
+        self.ids.by_addr.get(&addr).copied()
+    }
+
+    /// The addresses that have an id.
+    pub fn backend_addrs(&self) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
+        self.ids.by_addr.keys().copied()
+    }
+
+    /// Frees a backend's id. Call only once no published table refers to it.
+    pub fn release_backend(&mut self, addr: std::net::SocketAddr) {
+        if let Some(id) = self.ids.by_addr.remove(&addr) {
+            self.ids.free.insert(id);
+        }
+    }
+
+    /// Swaps in a service's slot table, allocating ids for new backends.
     /// Returns (id, address, weight) per table member, in the table's order.
     pub fn install_service(
         &mut self,
@@ -221,17 +275,11 @@ impl Dataplane {
         vip: std::net::SocketAddr,
         table: &sip_dispatch_common::table::SlotTable,
     ) -> anyhow::Result<Vec<(u32, std::net::SocketAddr, u32)>> {
-        let first = self.next_backend_id;
-        if first as usize + table.members.len() > MAX_BACKENDS as usize {
-            bail!("more than {MAX_BACKENDS} backends");
-        }
         let mut members = Vec::with_capacity(table.members.len());
-        for (i, m) in table.members.iter().enumerate() {
-            let id = first + i as u32;
-            self.set_backend(id, m.backend)?;
-            members.push((id, m.backend.to_socket_addr(), m.weight));
+        for m in &table.members {
+            let addr = m.backend.to_socket_addr();
+            members.push((self.backend_id(addr)?, addr, m.weight));
         }
-        self.next_backend_id += table.members.len() as u32;
         let slots: Vec<u32> = table
             .slots
             .iter()
@@ -239,7 +287,7 @@ impl Dataplane {
                 if m == NO_BACKEND {
                     NO_BACKEND
                 } else {
-                    first + m
+                    members[m as usize].0
                 }
             })
             .collect();

@@ -2,9 +2,12 @@
 //! kernel tests drive the same [`dataplane::Dataplane`] the daemon uses.
 pub mod bpffs;
 pub mod cli;
+pub mod control;
 pub mod dataplane;
 pub mod frames;
 pub mod health;
 pub mod run;
+pub mod select;
+pub mod srv;
 pub mod stats;
 pub mod sysctl;

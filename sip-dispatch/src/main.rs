@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => e.exit(),
     };
     let result = match cli.command {
-        cli::Command::Run(args) => run::run(args),
+        cli::Command::Run(args) => run::run(*args),
         cli::Command::XdpPass(args) => run::xdp_pass(args),
     };
     match result {

@@ -1,23 +1,19 @@
 //! `sip-dispatch run` and `sip-dispatch xdp-pass`.
-use std::{ffi::CString, io::Write as _, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, ffi::CString, io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
-use sip_dispatch_common::{
-    Backend, HashKey,
-    table::{Weighted, build_table},
-};
+use sip_dispatch_common::HashKey;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::{RunArgs, XdpPassArgs},
+    control::{self, Controller, Service},
     dataplane::{Dataplane, attach_pass},
-    health, stats,
+    health::HealthConfig,
+    select::Candidate,
+    srv::{self, DnsConfig},
     sysctl::Forwarding,
 };
-
-/// Re-probe interval: keeps the backends' neighbour entries fresh for the FIB lookup.
-const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 fn ifindex(iface: &str) -> anyhow::Result<u32> {
     let name = CString::new(iface).with_context(|| format!("invalid interface name {iface:?}"))?;
@@ -40,7 +36,7 @@ fn tx_ports() -> Vec<(String, u32)> {
 }
 
 fn validate(args: &RunArgs) -> anyhow::Result<()> {
-    for b in &args.backends {
+    for (i, b) in args.backends.iter().enumerate() {
         if b.addr.is_ipv6() != args.vip.is_ipv6() {
             bail!(
                 "backend {} and VIP {} are of different address families",
@@ -51,54 +47,117 @@ fn validate(args: &RunArgs) -> anyhow::Result<()> {
         if b.addr == args.vip {
             bail!("backend {} is the VIP itself (a forwarding loop)", b.addr);
         }
+        if args.backends[..i].iter().any(|o| o.addr == b.addr) {
+            bail!("backend {} is listed twice", b.addr);
+        }
     }
     if args.iface == "lo" {
         bail!("refusing to attach to lo: XDP dispatch needs a real or veth interface");
+    }
+    if args.dns_min_ttl > args.dns_max_ttl {
+        bail!(
+            "--dns-min-ttl {} is above --dns-max-ttl {}",
+            args.dns_min_ttl,
+            args.dns_max_ttl
+        );
+    }
+    if args.health_timeout > args.health_interval {
+        bail!(
+            "--health-timeout {:?} is longer than --health-interval {:?}",
+            args.health_timeout,
+            args.health_interval
+        );
     }
     Ok(())
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     validate(&args)?;
+    ifindex(&args.iface)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_daemon(args))
+}
+
+async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     let key = args.hash_key.unwrap_or(HashKey::DEFAULT);
     let pin_dir = args
         .pin_path
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/sip-dispatch/{}", args.iface)));
+    let health = HealthConfig {
+        interval: args.health_interval,
+        timeout: args.health_timeout,
+        down_after: args.down_after,
+        up_after: args.up_after,
+        alive: args.alive_codes.clone(),
+    };
+    let dns = DnsConfig {
+        server: args.dns_server,
+        min_ttl: Duration::from_secs(args.dns_min_ttl),
+        max_ttl: Duration::from_secs(args.dns_max_ttl),
+    };
+    let mut service = Service {
+        id: 0,
+        vip: args.vip,
+        statics: args
+            .backends
+            .iter()
+            .map(|b| Candidate {
+                addr: b.addr,
+                priority: b.priority,
+                weight: b.weight,
+                sharing: 1,
+                healthy: true,
+            })
+            .collect(),
+        srv: BTreeMap::new(),
+    };
 
-    let members: Vec<Weighted> = args
-        .backends
-        .iter()
-        .map(|b| Weighted {
-            backend: Backend::from_socket_addr(b.addr),
-            weight: b.weight,
-        })
-        .collect();
-    let table = build_table(&members, key).context("building the slot table")?;
-    let index = ifindex(&args.iface)?;
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    // DNS first: starting needs at least one known backend.
+    let resolver = if args.srv.is_empty() {
+        None
+    } else {
+        Some(srv::resolver(&dns)?)
+    };
+    let mut first_answers = BTreeMap::new();
+    let mut dns_errors = Vec::new();
+    if let Some(resolver) = &resolver {
+        for name in &args.srv {
+            match srv::resolve(resolver, name).await {
+                Ok(answer) => {
+                    control::log_answer(name, &answer);
+                    service.set_srv(name, &answer);
+                    first_answers.insert(name.clone(), answer);
+                }
+                Err(e) => {
+                    log::warn!("dns {name} failed: {e:#} (retrying in the background)");
+                    dns_errors.push(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    if service.statics.is_empty() && service.srv.values().all(Vec::is_empty) {
+        bail!("no backend known: {}", dns_errors.join("; "));
+    }
 
     let _forwarding = Forwarding::enable(&args.iface, args.vip.is_ipv6())?;
     let mut dp = Dataplane::load(&pin_dir, &args.iface, args.reset, key)?;
-    let known = dp.install_service(0, args.vip, &table)?;
     for (name, i) in tx_ports() {
         if let Err(e) = dp.add_tx_port(i) {
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
         }
     }
-
-    let addrs: Vec<SocketAddr> = known.iter().map(|(_, a, _)| *a).collect();
-    runtime.block_on(probe_all(&addrs, 0));
-
-    let mode = dp.attach(args.xdp_mode)?;
+    let mut ctl = Controller::new(dp, key, health, service);
+    ctl.initial_probe().await;
+    ctl.republish();
+    let mode = ctl.dataplane().attach(args.xdp_mode)?;
+    let infos = ctl.backend_infos();
     log::info!(
-        "dispatching {} to {} backend(s) on {} (ifindex {index}) in {} mode",
+        "dispatching {} on {} in {} mode",
         args.vip,
-        known.len(),
         args.iface,
         mode.name()
     );
@@ -106,50 +165,49 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "iface={} mode={} backends={}",
         args.iface,
         mode.name(),
-        known.len()
+        infos.len()
     ));
 
-    runtime.block_on(async {
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut tick = tokio::time::interval(PROBE_INTERVAL);
-        tick.tick().await;
-        let mut seq = 1;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = tick.tick() => {
-                    probe_all(&addrs, seq).await;
-                    seq += 1;
-                }
-            }
-        }
-        anyhow::Ok(())
-    })?;
+    let (srv_tx, srv_rx) = tokio::sync::mpsc::channel(64);
+    let watchers: Vec<_> = match resolver {
+        Some(resolver) => args
+            .srv
+            .iter()
+            .map(|name| {
+                let first = first_answers.get(name).cloned();
+                tokio::spawn(srv::watch(
+                    resolver.clone(),
+                    name.clone(),
+                    dns,
+                    first,
+                    srv_tx.clone(),
+                ))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    ctl.run(srv_rx, stop_signal()?).await;
+    for w in watchers {
+        w.abort();
+    }
 
-    let snap = stats::snapshot(&dp, &known)?;
-    drop(dp);
+    let snap = ctl.snapshot()?;
+    drop(ctl);
     println!("sip-dispatch: exit-stats {}", serde_json::to_string(&snap)?);
     log::info!("detached from {}", args.iface);
     Ok(())
 }
 
-/// Probes every backend once, concurrently; logs the ones that do not answer.
-async fn probe_all(backends: &[SocketAddr], round: u64) {
-    let mut probes = tokio::task::JoinSet::new();
-    for (i, b) in backends.iter().copied().enumerate() {
-        let seq = round * backends.len() as u64 + i as u64;
-        probes.spawn(async move { (b, health::probe(b, seq, PROBE_TIMEOUT).await) });
-    }
-    while let Some(Ok((b, result))) = probes.join_next().await {
-        match result {
-            Ok(Some(_)) => {}
-            Ok(None) if round == 0 => log::warn!("backend {b} did not answer OPTIONS"),
-            Ok(None) => log::debug!("backend {b} did not answer OPTIONS"),
-            Err(e) => log::warn!("probing backend {b}: {e:#}"),
+/// Resolves on SIGINT or SIGTERM.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
+    })
 }
 
 /// The one line on stdout that scripts and tests wait for.
@@ -167,12 +225,7 @@ pub fn xdp_pass(args: XdpPassArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        stop_signal()?.await;
         anyhow::Ok(())
     })?;
     drop(ebpf);

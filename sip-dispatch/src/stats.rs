@@ -1,12 +1,34 @@
 //! Counter snapshots, as JSON for scripts.
+use std::{net::SocketAddr, time::Duration};
+
 use serde::Serialize;
 
 use crate::dataplane::Dataplane;
+
+/// What the controller knows of a backend.
+#[derive(Clone, Debug)]
+pub struct BackendInfo {
+    pub id: Option<u32>,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub priority: u16,
+    /// `static`, or the SRV name it came from.
+    pub source: String,
+    pub state: &'static str,
+    pub reason: String,
+    /// Smoothed health-check round trip.
+    pub rtt: Option<Duration>,
+}
 
 #[derive(Serialize)]
 pub struct BackendSnapshot {
     pub address: String,
     pub weight: u32,
+    pub priority: u16,
+    pub source: String,
+    pub state: &'static str,
+    pub reason: String,
+    pub rtt_ms: Option<f64>,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -15,12 +37,13 @@ pub struct BackendSnapshot {
 pub struct Snapshot {
     pub counters: serde_json::Map<String, serde_json::Value>,
     pub backends: Vec<BackendSnapshot>,
+    pub dns_failures: u64,
 }
 
-/// Reads the counters and the given backends' stats (`(id, address, weight)`).
 pub fn snapshot(
     dp: &Dataplane,
-    backends: &[(u32, std::net::SocketAddr, u32)],
+    backends: &[BackendInfo],
+    dns_failures: u64,
 ) -> anyhow::Result<Snapshot> {
     let counters = dp
         .counters()?
@@ -29,15 +52,27 @@ pub fn snapshot(
         .collect();
     let backends = backends
         .iter()
-        .map(|(id, addr, weight)| {
-            let s = dp.backend_stats(*id)?;
+        .map(|b| {
+            let s = match b.id {
+                Some(id) => dp.backend_stats(id)?,
+                None => Default::default(),
+            };
             Ok(BackendSnapshot {
-                address: addr.to_string(),
-                weight: *weight,
+                address: b.address.to_string(),
+                weight: b.weight,
+                priority: b.priority,
+                source: b.source.clone(),
+                state: b.state,
+                reason: b.reason.clone(),
+                rtt_ms: b.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 packets: s.packets,
                 bytes: s.bytes,
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    Ok(Snapshot { counters, backends })
+    Ok(Snapshot {
+        counters,
+        backends,
+        dns_failures,
+    })
 }
