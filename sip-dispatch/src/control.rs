@@ -263,12 +263,18 @@ impl Controller {
         if self.published.as_ref() == Some(&selection) {
             return;
         }
+        let started = Instant::now();
         if let Err(e) = self.publish(&selection) {
             // The old table stays in force; the next change tries again.
             log::error!("table {}: {e:#}", self.service.vip);
             return;
         }
         self.generation += 1;
+        log::debug!(
+            "table {} built and swapped in {:?}",
+            self.service.vip,
+            started.elapsed()
+        );
         let list: Vec<String> = selection
             .members
             .iter()

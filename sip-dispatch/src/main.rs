@@ -5,6 +5,7 @@ use sip_dispatch::{cli, run};
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
+        .format_timestamp_millis()
         .init();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
