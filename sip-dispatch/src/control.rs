@@ -5,17 +5,25 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
+    sync::Arc,
     time::Instant,
 };
 
 use anyhow::Context as _;
-use sip_dispatch_common::{HashKey, table::build_table};
-use tokio::{sync::mpsc, task::JoinHandle};
+use sip_dispatch_common::{
+    HashKey,
+    table::{SlotTable, build_table},
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
 use crate::{
     dataplane::Dataplane,
     health::{self, Health, HealthConfig, ProbeOutcome, State},
     select::{Candidate, Selection, select},
+    slowpath,
     srv::{SrvAnswer, SrvEvent},
     stats::BackendInfo,
 };
@@ -89,6 +97,9 @@ pub struct Controller {
     probe_rx: mpsc::Receiver<(SocketAddr, ProbeOutcome)>,
     published: Option<Selection>,
     generation: u64,
+    /// The slow path reads the table in force from here.
+    tables: watch::Sender<Option<Arc<SlotTable>>>,
+    pub slow_path: Arc<slowpath::Counters>,
     pub dns_failures: u64,
 }
 
@@ -111,10 +122,17 @@ impl Controller {
             probe_rx,
             published: None,
             generation: 0,
+            tables: watch::channel(None).0,
+            slow_path: Arc::default(),
             dns_failures: 0,
         };
         c.sync_backends();
         c
+    }
+
+    /// The table in force, for the slow path.
+    pub fn tables(&self) -> slowpath::TableWatch {
+        self.tables.subscribe()
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -306,6 +324,7 @@ impl Controller {
         }
         self.dp
             .install_service(self.service.id, self.service.vip, &table)?;
+        self.tables.send_replace(Some(Arc::new(table)));
         Ok(())
     }
 
@@ -348,6 +367,11 @@ impl Controller {
 
     /// Counters and backend states, as the exit line and the stats show them.
     pub fn snapshot(&self) -> anyhow::Result<crate::stats::Snapshot> {
-        crate::stats::snapshot(&self.dp, &self.backend_infos(), self.dns_failures)
+        crate::stats::snapshot(
+            &self.dp,
+            &self.backend_infos(),
+            self.dns_failures,
+            self.slow_path.snapshot(),
+        )
     }
 }

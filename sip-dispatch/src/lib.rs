@@ -8,6 +8,7 @@ pub mod frames;
 pub mod health;
 pub mod run;
 pub mod select;
+pub mod slowpath;
 pub mod srv;
 pub mod stats;
 pub mod sysctl;

@@ -11,6 +11,7 @@ use crate::{
     dataplane::{Dataplane, attach_pass},
     health::HealthConfig,
     select::Candidate,
+    slowpath,
     srv::{self, DnsConfig},
     sysctl::Forwarding,
 };
@@ -150,9 +151,16 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
         }
     }
+    let slow_socket = slowpath::bind(args.vip).await?;
     let mut ctl = Controller::new(dp, key, health, service);
     ctl.initial_probe().await;
     ctl.republish();
+    let slow = tokio::spawn(slowpath::serve(
+        slow_socket,
+        key,
+        ctl.tables(),
+        ctl.slow_path.clone(),
+    ));
     let mode = ctl.dataplane().attach(args.xdp_mode)?;
     let infos = ctl.backend_infos();
     log::info!(
@@ -190,6 +198,7 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     for w in watchers {
         w.abort();
     }
+    slow.abort();
 
     let snap = ctl.snapshot()?;
     drop(ctl);

@@ -38,12 +38,14 @@ pub struct Snapshot {
     pub counters: serde_json::Map<String, serde_json::Value>,
     pub backends: Vec<BackendSnapshot>,
     pub dns_failures: u64,
+    pub slow_path: crate::slowpath::CountersSnapshot,
 }
 
 pub fn snapshot(
     dp: &Dataplane,
     backends: &[BackendInfo],
     dns_failures: u64,
+    slow_path: crate::slowpath::CountersSnapshot,
 ) -> anyhow::Result<Snapshot> {
     let counters = dp
         .counters()?
@@ -74,5 +76,6 @@ pub fn snapshot(
         counters,
         backends,
         dns_failures,
+        slow_path,
     })
 }

@@ -1,0 +1,518 @@
+//! The slow path: what the XDP program passes for a service (fragmented datagrams,
+//! Call-IDs beyond its window, IPv6 extension headers, FIB misses) reaches the kernel
+//! stack, which reassembles it and delivers it to a socket on the VIP. Here the same
+//! Call-ID scanner and the same slot table pick the same backend, and the datagram is
+//! sent on with the client's source address and port (an IP_TRANSPARENT socket bound to
+//! the client's address), so the backend sees what the fast path would have sent.
+//!
+//! With no healthy backend, a request (other than ACK) gets a stateless
+//! `503 Service Unavailable` with Retry-After (RFC 3261 8.2.6), rate-limited per source
+//! and in total so that spoofed traffic cannot turn the dispatcher into a reflector;
+//! responses and ACKs are dropped. Every outcome is counted.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use sip_dispatch_common::{HashKey, ScanOutcome, parse::scan_message, table::SlotTable};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::UdpSocket, sync::watch};
+
+/// Seconds a client is told to wait when no backend is available.
+pub const RETRY_AFTER_SECS: u32 = 5;
+
+/// What to do with one datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Forward(SocketAddr),
+    /// No healthy backend: answer this request with a 503.
+    Reject,
+    Drop(DropReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// STUN, CRLF keep-alives, anything that does not start like a SIP message.
+    NotSip,
+    /// A SIP message without a (non-empty) Call-ID.
+    NoCallId,
+    /// No healthy backend, and the message is a response or an ACK (never answered).
+    NoBackend,
+}
+
+/// The decision for one datagram, given the service's current table. The fast path
+/// makes the same choice for every message it can handle (a kernel test checks that).
+pub fn decide(msg: &[u8], table: Option<&SlotTable>, key: HashKey) -> Decision {
+    let Some(kind) = sip_kind(msg) else {
+        return Decision::Drop(DropReason::NotSip);
+    };
+    let scan = scan_message(msg, key);
+    if scan.outcome != ScanOutcome::Found {
+        return Decision::Drop(DropReason::NoCallId);
+    }
+    match table.and_then(|t| t.member_for_hash(scan.hash)) {
+        Some(m) => Decision::Forward(m.backend.to_socket_addr()),
+        None if kind == SipKind::Request => Decision::Reject,
+        None => Decision::Drop(DropReason::NoBackend),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SipKind {
+    Request,
+    /// A response, or an ACK (which gets no response either).
+    NoAnswer,
+}
+
+/// Whether `msg` starts like a SIP request (`METHOD SP ... SIP/2.0`) or response.
+fn sip_kind(msg: &[u8]) -> Option<SipKind> {
+    let line_end = msg
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(msg.len());
+    let line = &msg[..line_end];
+    if line.starts_with(b"SIP/2.0 ") {
+        return Some(SipKind::NoAnswer);
+    }
+    let method_len = line.iter().position(|&b| b == b' ')?;
+    let method = &line[..method_len];
+    if method.is_empty()
+        || !method
+            .iter()
+            .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'.' || *b == b'!')
+    {
+        return None;
+    }
+    if !line.ends_with(b" SIP/2.0") {
+        return None;
+    }
+    Some(if method == b"ACK" {
+        SipKind::NoAnswer
+    } else {
+        SipKind::Request
+    })
+}
+
+/// A stateless `503 Service Unavailable` for `request` (RFC 3261 8.2.6.2): its Via
+/// headers in order, From, To (with a tag added when it has none), Call-ID and CSeq.
+/// None when the request lacks one of them.
+pub fn service_unavailable(request: &[u8], retry_after: u32) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(request).ok()?;
+    let head = text.split("\r\n\r\n").next()?.split("\n\n").next()?;
+    // Unfold continuation lines first (RFC 3261 7.3.1).
+    let mut headers: Vec<String> = Vec::new();
+    for line in head.lines().skip(1) {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = headers.last_mut() {
+                last.push(' ');
+                last.push_str(line.trim());
+            }
+        } else {
+            headers.push(line.to_string());
+        }
+    }
+    let named = |long: &str, short: &str| -> Vec<String> {
+        headers
+            .iter()
+            .filter_map(|h| {
+                let (name, value) = h.split_once(':')?;
+                let name = name.trim();
+                (name.eq_ignore_ascii_case(long) || name.eq_ignore_ascii_case(short))
+                    .then(|| value.trim().to_string())
+            })
+            .collect()
+    };
+    let vias = named("via", "v");
+    let from = named("from", "f").into_iter().next()?;
+    let mut to = named("to", "t").into_iter().next()?;
+    let call_id = named("call-id", "i").into_iter().next()?;
+    let cseq = named("cseq", "cseq").into_iter().next()?;
+    if vias.is_empty() || call_id.is_empty() {
+        return None;
+    }
+    if !to.to_ascii_lowercase().contains(";tag=") {
+        to.push_str(&format!(
+            ";tag=sd{:x}",
+            sip_dispatch_common::hash::siphash13(HashKey::DEFAULT, call_id.as_bytes()) as u32
+        ));
+    }
+    let mut out = String::from("SIP/2.0 503 Service Unavailable\r\n");
+    for v in &vias {
+        out.push_str(&format!("Via: {v}\r\n"));
+    }
+    out.push_str(&format!(
+        "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nRetry-After: {retry_after}\r\n\
+         Server: sip-dispatch\r\nContent-Length: 0\r\n\r\n"
+    ));
+    Some(out.into_bytes())
+}
+
+/// A token bucket.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Limits the 503s: per source address and in total.
+pub struct RateLimiter {
+    per_source: HashMap<IpAddr, Bucket>,
+    total: Bucket,
+    source_rate: f64,
+    source_burst: f64,
+    total_rate: f64,
+    total_burst: f64,
+}
+
+/// Sources tracked at once; past that, idle ones are forgotten.
+const MAX_SOURCES: usize = 10_000;
+
+impl RateLimiter {
+    pub fn new(source_rate: f64, total_rate: f64) -> RateLimiter {
+        let now = Instant::now();
+        RateLimiter {
+            per_source: HashMap::new(),
+            total: Bucket {
+                tokens: total_rate * 2.0,
+                last: now,
+            },
+            source_rate,
+            source_burst: source_rate * 2.0,
+            total_rate,
+            total_burst: total_rate * 2.0,
+        }
+    }
+
+    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+        if self.per_source.len() >= MAX_SOURCES && !self.per_source.contains_key(&source) {
+            let (rate, burst) = (self.source_rate, self.source_burst);
+            self.per_source.retain(|_, b| {
+                let mut probe = *b;
+                probe.take(rate, burst, now);
+                probe.tokens + 1.0 < burst
+            });
+            if self.per_source.len() >= MAX_SOURCES {
+                return false;
+            }
+        }
+        let burst = self.source_burst;
+        let bucket = self.per_source.entry(source).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        if !bucket.take(self.source_rate, burst, now) {
+            return false;
+        }
+        self.total.take(self.total_rate, self.total_burst, now)
+    }
+}
+
+/// Counters of the slow path.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub answered_503: AtomicU64,
+    pub dropped_not_sip: AtomicU64,
+    pub dropped_no_call_id: AtomicU64,
+    pub dropped_no_backend: AtomicU64,
+    pub rate_limited_503: AtomicU64,
+    pub send_errors: AtomicU64,
+}
+
+#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    pub received: u64,
+    pub forwarded: u64,
+    pub answered_503: u64,
+    pub dropped_not_sip: u64,
+    pub dropped_no_call_id: u64,
+    pub dropped_no_backend: u64,
+    pub rate_limited_503: u64,
+    pub send_errors: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CountersSnapshot {
+            received: g(&self.received),
+            forwarded: g(&self.forwarded),
+            answered_503: g(&self.answered_503),
+            dropped_not_sip: g(&self.dropped_not_sip),
+            dropped_no_call_id: g(&self.dropped_no_call_id),
+            dropped_no_backend: g(&self.dropped_no_backend),
+            rate_limited_503: g(&self.rate_limited_503),
+            send_errors: g(&self.send_errors),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Sends `data` to `backend` from the client's own address and port. The kernel
+/// fragments it when it is larger than the path MTU.
+pub fn send_as(client: SocketAddr, backend: SocketAddr, data: &[u8]) -> std::io::Result<()> {
+    let sock = Socket::new(
+        Domain::for_address(client),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if client.is_ipv6() {
+        sock.set_ip_transparent_v6(true)?;
+        sock.set_only_v6(true)?;
+    } else {
+        sock.set_ip_transparent_v4(true)?;
+        // Fragment locally rather than fail with EMSGSIZE on large INVITEs.
+        let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&raw const dont).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&client.into())?;
+    sock.send_to(data, &backend.into())?;
+    Ok(())
+}
+
+/// The current table of a service, as the controller last published it.
+pub type TableWatch = watch::Receiver<Option<Arc<SlotTable>>>;
+
+/// Binds the service socket on the VIP.
+pub async fn bind(vip: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let sock = Socket::new(Domain::for_address(vip), Type::DGRAM, Some(Protocol::UDP))?;
+    if vip.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    // Reassembled INVITEs can be large; keep bursts of them.
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    sock.set_nonblocking(true)?;
+    sock.bind(&vip.into()).with_context(|| {
+        format!("binding the slow-path socket on {vip} (is the VIP an address of this host?)")
+    })?;
+    Ok(UdpSocket::from_std(sock.into())?)
+}
+
+/// Serves the slow path of one service until the task is dropped.
+pub async fn serve(sock: UdpSocket, key: HashKey, tables: TableWatch, counters: Arc<Counters>) {
+    let mut limiter = RateLimiter::new(5.0, 200.0);
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("slow path recv: {e}");
+                continue;
+            }
+        };
+        bump(&counters.received);
+        let msg = &buf[..n];
+        let table = tables.borrow().clone();
+        match decide(msg, table.as_deref(), key) {
+            Decision::Forward(backend) => match send_as(client, backend, msg) {
+                Ok(()) => bump(&counters.forwarded),
+                Err(e) => {
+                    bump(&counters.send_errors);
+                    log::debug!("slow path: forwarding from {client} to {backend}: {e}");
+                }
+            },
+            Decision::Reject => {
+                if !limiter.allow(client.ip(), Instant::now()) {
+                    bump(&counters.rate_limited_503);
+                    continue;
+                }
+                match service_unavailable(msg, RETRY_AFTER_SECS) {
+                    Some(resp) => match sock.send_to(&resp, client).await {
+                        Ok(_) => bump(&counters.answered_503),
+                        Err(_) => bump(&counters.send_errors),
+                    },
+                    None => bump(&counters.dropped_no_call_id),
+                }
+            }
+            Decision::Drop(DropReason::NotSip) => bump(&counters.dropped_not_sip),
+            Decision::Drop(DropReason::NoCallId) => bump(&counters.dropped_no_call_id),
+            Decision::Drop(DropReason::NoBackend) => bump(&counters.dropped_no_backend),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sip_dispatch_common::{
+        Backend,
+        table::{Weighted, build_table},
+    };
+
+    fn table() -> SlotTable {
+        let members: Vec<Weighted> = ["198.18.0.21:5060", "198.18.0.22:5060"]
+            .iter()
+            .map(|a| Weighted {
+                backend: Backend::from_socket_addr(a.parse().unwrap()),
+                weight: 1,
+            })
+            .collect();
+        build_table(&members, HashKey::DEFAULT).unwrap()
+    }
+
+    const INVITE: &str = "INVITE sip:svc@198.18.0.100 SIP/2.0\r\n\
+        Via: SIP/2.0/UDP 198.18.0.10:5070;branch=z9hG4bK-1\r\n\
+        v: SIP/2.0/UDP 198.18.0.9:5060;branch=z9hG4bK-0\r\n\
+        From: <sip:a@x>;tag=1\r\nTo: <sip:svc@198.18.0.100>\r\nCall-ID: abc@x\r\n\
+        CSeq: 1 INVITE\r\nSubject: a\r\n folded\r\nContent-Length: 0\r\n\r\n";
+
+    #[test]
+    fn forwards_to_the_backend_of_the_table() {
+        let t = table();
+        let scan = scan_message(INVITE.as_bytes(), HashKey::DEFAULT);
+        let want = t
+            .member_for_hash(scan.hash)
+            .unwrap()
+            .backend
+            .to_socket_addr();
+        assert_eq!(
+            decide(INVITE.as_bytes(), Some(&t), HashKey::DEFAULT),
+            Decision::Forward(want)
+        );
+        let response = "SIP/2.0 200 OK\r\nCall-ID: abc@x\r\n\r\n";
+        assert_eq!(
+            decide(response.as_bytes(), Some(&t), HashKey::DEFAULT),
+            Decision::Forward(want)
+        );
+    }
+
+    #[test]
+    fn no_backend_rejects_requests_and_drops_responses_and_acks() {
+        let empty = build_table(&[], HashKey::DEFAULT).unwrap();
+        for t in [None, Some(&empty)] {
+            assert_eq!(
+                decide(INVITE.as_bytes(), t, HashKey::DEFAULT),
+                Decision::Reject
+            );
+            let ack = INVITE
+                .replace("INVITE sip", "ACK sip")
+                .replace("1 INVITE", "1 ACK");
+            assert_eq!(
+                decide(ack.as_bytes(), t, HashKey::DEFAULT),
+                Decision::Drop(DropReason::NoBackend)
+            );
+            let resp = "SIP/2.0 180 Ringing\r\nCall-ID: abc@x\r\n\r\n";
+            assert_eq!(
+                decide(resp.as_bytes(), t, HashKey::DEFAULT),
+                Decision::Drop(DropReason::NoBackend)
+            );
+        }
+    }
+
+    #[test]
+    fn non_sip_and_call_id_less_messages_are_dropped() {
+        let t = table();
+        let stun = [
+            0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+        ];
+        for msg in [
+            &stun[..],
+            b"\r\n\r\n",
+            b"",
+            b"\x00\xff garbage",
+            b"hello world",
+        ] {
+            assert_eq!(
+                decide(msg, Some(&t), HashKey::DEFAULT),
+                Decision::Drop(DropReason::NotSip),
+                "{msg:?}"
+            );
+        }
+        let no_id = "OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n";
+        assert_eq!(
+            decide(no_id.as_bytes(), Some(&t), HashKey::DEFAULT),
+            Decision::Drop(DropReason::NoCallId)
+        );
+    }
+
+    #[test]
+    fn the_503_copies_the_dialog_headers_and_adds_a_to_tag() {
+        let resp = String::from_utf8(service_unavailable(INVITE.as_bytes(), 5).unwrap()).unwrap();
+        assert!(resp.starts_with("SIP/2.0 503 Service Unavailable\r\n"));
+        let vias: Vec<&str> = resp.lines().filter(|l| l.starts_with("Via: ")).collect();
+        assert_eq!(
+            vias,
+            [
+                "Via: SIP/2.0/UDP 198.18.0.10:5070;branch=z9hG4bK-1",
+                "Via: SIP/2.0/UDP 198.18.0.9:5060;branch=z9hG4bK-0"
+            ]
+        );
+        assert!(resp.contains("\r\nFrom: <sip:a@x>;tag=1\r\n"));
+        assert!(resp.contains("\r\nTo: <sip:svc@198.18.0.100>;tag=sd"));
+        assert!(resp.contains("\r\nCall-ID: abc@x\r\nCSeq: 1 INVITE\r\nRetry-After: 5\r\n"));
+        assert!(resp.ends_with("Content-Length: 0\r\n\r\n"));
+        // The response parser of the health checks reads it back.
+        let parsed = crate::health::parse_response(resp.as_bytes()).unwrap();
+        assert_eq!((parsed.status, parsed.call_id.as_str()), (503, "abc@x"));
+        assert_eq!(parsed.retry_after, Some(std::time::Duration::from_secs(5)));
+        // A To with a tag keeps it; a request missing From gets no answer.
+        let tagged = INVITE.replace("To: <sip:svc@198.18.0.100>", "To: <sip:svc@x>;tag=99");
+        let resp = String::from_utf8(service_unavailable(tagged.as_bytes(), 5).unwrap()).unwrap();
+        assert!(resp.contains("\r\nTo: <sip:svc@x>;tag=99\r\n"));
+        assert_eq!(
+            service_unavailable(INVITE.replace("From:", "X-From:").as_bytes(), 5),
+            None
+        );
+    }
+
+    #[test]
+    fn rate_limits_per_source_and_in_total() {
+        let now = Instant::now();
+        let mut l = RateLimiter::new(5.0, 20.0);
+        let a: IpAddr = "198.18.0.10".parse().unwrap();
+        let allowed = (0..100).filter(|_| l.allow(a, now)).count();
+        assert_eq!(allowed, 10, "the burst of one source");
+        assert!(
+            l.allow(a, now + std::time::Duration::from_secs(1)),
+            "refills at its rate"
+        );
+        // Many sources: the total bucket (burst 40, 1 already used above... 11) caps them.
+        let total = (0..1000u32)
+            .filter(|i| {
+                l.allow(
+                    IpAddr::from([198, 18, 1, (i % 250) as u8]),
+                    now + std::time::Duration::from_secs(1),
+                )
+            })
+            .count();
+        assert!(total <= 40, "{total}");
+    }
+}
