@@ -554,6 +554,66 @@ fn kernel_agrees_with_userspace_for_1000_call_ids() {
     assert_eq!(total, 1000, "per-backend packet counters add up");
 }
 
+/// Fast path and slow path agree: a corpus of messages (golden ones, lookalikes, folded
+/// and compact headers, odd line ends, messages without a Call-ID) goes through the XDP
+/// program and through the slow path's decision function with the same table. Whatever
+/// the kernel dispatches, the slow path sends to the same backend; whatever it passes for
+/// want of a Call-ID, the slow path does not forward either.
+#[test]
+fn fast_path_and_slow_path_agree() {
+    use sip_dispatch::slowpath::{Decision, decide};
+    let mut h = Harness::new();
+    let mut corpus: Vec<Vec<u8>> = GOLDEN_MESSAGES
+        .iter()
+        .map(|(m, _)| m.as_bytes().to_vec())
+        .collect();
+    let headers = [
+        "Call-ID: plain-1@198.18.1.10",
+        "i:compact-2",
+        "call-id \t : spaced-3@x \t",
+        "CALL-ID:\r\n folded-4@x",
+        "X-Call-ID: fake\r\nCall-ID: after-lookalike-5",
+        "Subject: x\r\n Call-ID: not-a-header\r\nCall-ID: real-6",
+        "Call-ID: first-7\r\nCall-ID: second-7",
+        "Call-ID: <>:\"[]{}@[2001:db8::1]",
+        "Subject: none",
+        "Call-ID:",
+    ];
+    for header in headers {
+        let msg = invite(header);
+        corpus.push(msg.clone());
+        let lf_only = String::from_utf8(msg.clone())
+            .unwrap()
+            .replace("\r\n", "\n");
+        corpus.push(lf_only.into_bytes());
+        let cr_only = String::from_utf8(msg).unwrap().replace("\r\n", "\r");
+        corpus.push(cr_only.into_bytes());
+    }
+    let mut dispatched = 0;
+    for msg in &corpus {
+        let frame = FrameSpec::udp(CLIENT4.parse().unwrap(), VIP4.parse().unwrap(), msg).build();
+        let (verdict, out) = h.run(&frame, true);
+        let slow = decide(msg, Some(&h.v4), HashKey::DEFAULT);
+        let text = String::from_utf8_lossy(msg);
+        if verdict == XDP_TX {
+            dispatched += 1;
+            let fast = parse(&out).unwrap().dst;
+            assert_eq!(slow, Decision::Forward(fast), "{text:?}");
+        } else {
+            assert_eq!(verdict, XDP_PASS, "{text:?}");
+            assert!(
+                !matches!(slow, Decision::Forward(_)),
+                "slow path forwards what the fast path found no Call-ID in: {text:?}"
+            );
+        }
+    }
+    assert!(
+        dispatched >= corpus.len() - 6,
+        "only {dispatched} of {} dispatched",
+        corpus.len()
+    );
+}
+
 /// The golden messages of sip-dispatch-common reach the backend their golden hash
 /// selects in userspace.
 #[test]
