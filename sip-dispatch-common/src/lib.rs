@@ -16,6 +16,8 @@ pub mod hash;
 pub mod maps;
 pub mod parse;
 #[cfg(feature = "user")]
+pub mod sip;
+#[cfg(feature = "user")]
 pub mod table;
 
 pub use hash::{CallIdHasher, HashKey};

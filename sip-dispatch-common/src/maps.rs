@@ -38,6 +38,8 @@ pub const PROG_DISPATCH: &str = "sip_dispatch";
 /// An XDP program that passes everything: attached to veth peers so that native-mode
 /// XDP_TX/XDP_REDIRECT frames are received (veth needs NAPI on the peer).
 pub const PROG_PASS: &str = "xdp_pass";
+/// The benchmarks' baseline XDP program: swaps the MAC addresses and returns XDP_TX.
+pub const PROG_MAC_SWAP: &str = "mac_swap";
 
 /// Slots per service table. A power of two: the slot is the low bits of the Call-ID hash.
 /// 65536 slots keep every backend's share within 0.02 of its weight share even for

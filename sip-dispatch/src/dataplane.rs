@@ -355,3 +355,18 @@ pub fn attach_pass(iface: &str) -> anyhow::Result<(Ebpf, XdpLinkId)> {
         .with_context(|| format!("attaching xdp_pass to {iface}"))?;
     Ok((ebpf, link))
 }
+
+/// Loads the object with private, unpinned maps and loads only the XDP program `name`
+/// into the kernel (benchmarks: the MAC-swap baseline). Get it back with
+/// `ebpf.program_mut(name)` to test-run or attach it.
+pub fn load_program(name: &str) -> anyhow::Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .load(OBJECT)
+        .context("loading the XDP object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading {name}"))?;
+    Ok(ebpf)
+}

@@ -21,7 +21,9 @@ use std::{
 
 use anyhow::Context as _;
 use serde::Serialize;
-use sip_dispatch_common::{HashKey, ScanOutcome, parse::scan_message, table::SlotTable};
+use sip_dispatch_common::{
+    HashKey, ScanOutcome, parse::scan_message, sip::service_unavailable, table::SlotTable,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::UdpSocket, sync::watch};
 
@@ -98,61 +100,6 @@ fn sip_kind(msg: &[u8]) -> Option<SipKind> {
     } else {
         SipKind::Request
     })
-}
-
-/// A stateless `503 Service Unavailable` for `request` (RFC 3261 8.2.6.2): its Via
-/// headers in order, From, To (with a tag added when it has none), Call-ID and CSeq.
-/// None when the request lacks one of them.
-pub fn service_unavailable(request: &[u8], retry_after: u32) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(request).ok()?;
-    let head = text.split("\r\n\r\n").next()?.split("\n\n").next()?;
-    // Unfold continuation lines first (RFC 3261 7.3.1).
-    let mut headers: Vec<String> = Vec::new();
-    for line in head.lines().skip(1) {
-        let line = line.trim_end_matches('\r');
-        if line.starts_with([' ', '\t']) {
-            if let Some(last) = headers.last_mut() {
-                last.push(' ');
-                last.push_str(line.trim());
-            }
-        } else {
-            headers.push(line.to_string());
-        }
-    }
-    let named = |long: &str, short: &str| -> Vec<String> {
-        headers
-            .iter()
-            .filter_map(|h| {
-                let (name, value) = h.split_once(':')?;
-                let name = name.trim();
-                (name.eq_ignore_ascii_case(long) || name.eq_ignore_ascii_case(short))
-                    .then(|| value.trim().to_string())
-            })
-            .collect()
-    };
-    let vias = named("via", "v");
-    let from = named("from", "f").into_iter().next()?;
-    let mut to = named("to", "t").into_iter().next()?;
-    let call_id = named("call-id", "i").into_iter().next()?;
-    let cseq = named("cseq", "cseq").into_iter().next()?;
-    if vias.is_empty() || call_id.is_empty() {
-        return None;
-    }
-    if !to.to_ascii_lowercase().contains(";tag=") {
-        to.push_str(&format!(
-            ";tag=sd{:x}",
-            sip_dispatch_common::hash::siphash13(HashKey::DEFAULT, call_id.as_bytes()) as u32
-        ));
-    }
-    let mut out = String::from("SIP/2.0 503 Service Unavailable\r\n");
-    for v in &vias {
-        out.push_str(&format!("Via: {v}\r\n"));
-    }
-    out.push_str(&format!(
-        "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nRetry-After: {retry_after}\r\n\
-         Server: sip-dispatch\r\nContent-Length: 0\r\n\r\n"
-    ));
-    Some(out.into_bytes())
 }
 
 /// A token bucket.
@@ -460,36 +407,6 @@ mod tests {
         assert_eq!(
             decide(no_id.as_bytes(), Some(&t), HashKey::DEFAULT),
             Decision::Drop(DropReason::NoCallId)
-        );
-    }
-
-    #[test]
-    fn the_503_copies_the_dialog_headers_and_adds_a_to_tag() {
-        let resp = String::from_utf8(service_unavailable(INVITE.as_bytes(), 5).unwrap()).unwrap();
-        assert!(resp.starts_with("SIP/2.0 503 Service Unavailable\r\n"));
-        let vias: Vec<&str> = resp.lines().filter(|l| l.starts_with("Via: ")).collect();
-        assert_eq!(
-            vias,
-            [
-                "Via: SIP/2.0/UDP 198.18.0.10:5070;branch=z9hG4bK-1",
-                "Via: SIP/2.0/UDP 198.18.0.9:5060;branch=z9hG4bK-0"
-            ]
-        );
-        assert!(resp.contains("\r\nFrom: <sip:a@x>;tag=1\r\n"));
-        assert!(resp.contains("\r\nTo: <sip:svc@198.18.0.100>;tag=sd"));
-        assert!(resp.contains("\r\nCall-ID: abc@x\r\nCSeq: 1 INVITE\r\nRetry-After: 5\r\n"));
-        assert!(resp.ends_with("Content-Length: 0\r\n\r\n"));
-        // The response parser of the health checks reads it back.
-        let parsed = crate::health::parse_response(resp.as_bytes()).unwrap();
-        assert_eq!((parsed.status, parsed.call_id.as_str()), (503, "abc@x"));
-        assert_eq!(parsed.retry_after, Some(std::time::Duration::from_secs(5)));
-        // A To with a tag keeps it; a request missing From gets no answer.
-        let tagged = INVITE.replace("To: <sip:svc@198.18.0.100>", "To: <sip:svc@x>;tag=99");
-        let resp = String::from_utf8(service_unavailable(tagged.as_bytes(), 5).unwrap()).unwrap();
-        assert!(resp.contains("\r\nTo: <sip:svc@x>;tag=99\r\n"));
-        assert_eq!(
-            service_unavailable(INVITE.replace("From:", "X-From:").as_bytes(), 5),
-            None
         );
     }
 
