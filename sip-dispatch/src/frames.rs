@@ -20,6 +20,8 @@ pub struct FrameSpec {
     pub ipv6_ext: Option<u8>,
     /// IPv4 only: send a zero ("no") UDP checksum.
     pub zero_udp_checksum: bool,
+    /// IPv4 TTL / IPv6 hop limit.
+    pub ttl: u8,
     pub payload: Vec<u8>,
 }
 
@@ -35,6 +37,7 @@ impl FrameSpec {
             fragment: None,
             ipv6_ext: None,
             zero_udp_checksum: false,
+            ttl: 64,
             payload: payload.to_vec(),
         }
     }
@@ -70,7 +73,7 @@ impl FrameSpec {
                     let v = (if mf { 0x2000 } else { 0 }) | (off & 0x1fff);
                     ip[6..8].copy_from_slice(&v.to_be_bytes());
                 }
-                ip[8] = 64;
+                ip[8] = self.ttl;
                 ip[9] = 17;
                 ip[12..16].copy_from_slice(&s.octets());
                 ip[16..20].copy_from_slice(&d.octets());
@@ -86,7 +89,7 @@ impl FrameSpec {
                 ip[0] = 0x60;
                 ip[4..6].copy_from_slice(&((ext_len + udp.len()) as u16).to_be_bytes());
                 ip[6] = self.ipv6_ext.unwrap_or(17);
-                ip[7] = 64;
+                ip[7] = self.ttl;
                 ip[8..24].copy_from_slice(&s.octets());
                 ip[24..40].copy_from_slice(&d.octets());
                 f.extend_from_slice(&ip);

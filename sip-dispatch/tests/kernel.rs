@@ -488,6 +488,109 @@ fn fixture_table() {
     );
 }
 
+/// Hostile and odd input the fast path must handle (or pass) by rule.
+#[test]
+fn hostile_input() {
+    let mut h = Harness::new();
+    let dispatched = |h: &mut Harness, name: &str, spec: &FrameSpec| {
+        let frame = spec.build();
+        let (verdict, out) = h.run(&frame, true);
+        assert_eq!(verdict, XDP_TX, "{name}");
+        let p = parse(&out).unwrap_or_else(|| panic!("{name}: output does not parse"));
+        assert_eq!(
+            p.dst,
+            h.predicted(spec.dst.is_ipv6(), &spec.payload),
+            "{name}"
+        );
+        assert!(p.ip_checksum_ok && p.udp_checksum_ok, "{name}: checksums");
+        p
+    };
+    let passed = |h: &mut Harness, name: &str, frame: &[u8], reason: Counter| {
+        let before = h.counters();
+        let (verdict, out) = h.run(frame, true);
+        assert_eq!(verdict, XDP_PASS, "{name}");
+        assert_eq!(out, frame, "{name}: modified");
+        assert_eq!(
+            delta(&before, &h.counters()),
+            vec![(Counter::Seen, 1), (reason, 1)],
+            "{name}"
+        );
+    };
+    let udp =
+        |payload: &[u8]| FrameSpec::udp(CLIENT4.parse().unwrap(), VIP4.parse().unwrap(), payload);
+
+    // A Call-ID over 255 bytes, NUL bytes in headers and in the Call-ID, and the
+    // characters <>:"[]{} with an IPv6 literal: all bytes of the value count.
+    let long_id = format!("Call-ID: {}@198.18.1.10", "a".repeat(300));
+    dispatched(&mut h, "300-byte Call-ID", &udp(&invite(&long_id)));
+    dispatched(
+        &mut h,
+        "NUL bytes",
+        &udp(&invite("Subject: a\0b\r\nCall-ID: nul\0inside@x")),
+    );
+    dispatched(
+        &mut h,
+        "special characters",
+        &udp(&invite("Call-ID: <>:\"[]{}@[2001:db8::1]")),
+    );
+    // A SIP response sent to the VIP goes where its Call-ID goes.
+    dispatched(
+        &mut h,
+        "response to the VIP",
+        &udp(b"SIP/2.0 200 OK\r\nCall-ID: resp-1@x\r\nCSeq: 1 INVITE\r\n\r\n"),
+    );
+    // TTL 1: the dispatcher is not a router hop; the TTL is left as it came.
+    let mut ttl1 = udp(&invite("Call-ID: ttl-1@x"));
+    ttl1.ttl = 1;
+    let out = h.run(&ttl1.build(), true).1;
+    assert_eq!(out[22], 1, "TTL unchanged");
+    dispatched(&mut h, "TTL 1", &ttl1);
+
+    // Two messages in one datagram: the scan stops at the first blank line.
+    let first_has_none = [invite("Subject: first"), invite("Call-ID: second@x")].concat();
+    passed(
+        &mut h,
+        "second message's Call-ID",
+        &udp(&first_has_none).build(),
+        Counter::PassNoCallId,
+    );
+    let both = [invite("Call-ID: first@x"), invite("Call-ID: second@x")].concat();
+    let p = dispatched(&mut h, "two messages", &udp(&both));
+    assert_eq!(p.dst, h.predicted(false, &invite("Call-ID: first@x")));
+
+    // QinQ (two tags) is not parsed: passed untouched as not ours.
+    let mut qinq = udp(&invite("Call-ID: qinq@x"));
+    qinq.vlan = Some((0x88a8, 100));
+    let mut frame = qinq.build();
+    frame.splice(16..16, [0x81, 0x00, 0x00, 0x07]);
+    passed(&mut h, "QinQ", &frame, Counter::NotService);
+
+    // A rewritten UDP checksum that computes to 0 is sent as 0xffff. The X-Adjust value
+    // (after the Call-ID, so the backend stays) is chosen to make it so.
+    let base = invite("Call-ID: adjust-1@x\r\nX-Adjust: ??");
+    let backend = h.predicted(false, &base);
+    let at = base.windows(2).position(|w| w == b"??").unwrap();
+    let mut payload = base.clone();
+    let mut found = None;
+    for tweak in 0..=0xffffu32 {
+        let hi = (tweak >> 8) as u8;
+        let lo = tweak as u8;
+        if [hi, lo].iter().any(|b| *b == b'\r' || *b == b'\n') {
+            continue;
+        }
+        payload[at] = hi;
+        payload[at + 1] = lo;
+        let rewritten = FrameSpec::udp(CLIENT4.parse().unwrap(), backend, &payload).build();
+        if parse(&rewritten).unwrap().udp_checksum == 0xffff {
+            found = Some(payload.clone());
+            break;
+        }
+    }
+    let payload = found.expect("some adjust value yields a computed checksum of 0");
+    let p = dispatched(&mut h, "checksum 0xffff", &udp(&payload));
+    assert_eq!(p.udp_checksum, 0xffff);
+}
+
 #[test]
 fn truncated_frames_are_passed_and_counted() {
     let mut h = Harness::new();
