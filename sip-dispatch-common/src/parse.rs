@@ -318,6 +318,8 @@ pub fn scan_message(msg: &[u8], key: HashKey) -> Scan {
 
 #[cfg(any(test, feature = "user"))]
 pub mod golden;
+#[cfg(any(test, feature = "user"))]
+pub mod torture;
 
 #[cfg(test)]
 mod tests;

@@ -73,6 +73,11 @@ enum SipKind {
     NoAnswer,
 }
 
+/// RFC 3261 25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+}
+
 /// Whether `msg` starts like a SIP request (`METHOD SP ... SIP/2.0`) or response.
 fn sip_kind(msg: &[u8]) -> Option<SipKind> {
     let line_end = msg
@@ -85,11 +90,7 @@ fn sip_kind(msg: &[u8]) -> Option<SipKind> {
     }
     let method_len = line.iter().position(|&b| b == b' ')?;
     let method = &line[..method_len];
-    if method.is_empty()
-        || !method
-            .iter()
-            .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'.' || *b == b'!')
-    {
+    if method.is_empty() || !method.iter().all(|b| is_token_char(*b)) {
         return None;
     }
     if !line.ends_with(b" SIP/2.0") {

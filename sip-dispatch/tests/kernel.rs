@@ -717,6 +717,40 @@ fn fast_path_and_slow_path_agree() {
     );
 }
 
+/// The torture corpus (modelled on RFC 4475 and RFC 5118): each message's outcome in
+/// the kernel and in the slow path, over IPv4 and IPv6.
+#[test]
+fn torture_corpus() {
+    use sip_dispatch::slowpath::{Decision, DropReason, decide};
+    use sip_dispatch_common::parse::torture::TORTURE;
+    let mut h = Harness::new();
+    for (case, msg, want) in TORTURE {
+        for v6 in [false, true] {
+            let (src, dst, table) = if v6 {
+                (CLIENT6, VIP6, &h.v6)
+            } else {
+                (CLIENT4, VIP4, &h.v4)
+            };
+            let slow = decide(msg.as_bytes(), Some(table), HashKey::DEFAULT);
+            let frame =
+                FrameSpec::udp(src.parse().unwrap(), dst.parse().unwrap(), msg.as_bytes()).build();
+            let (verdict, out) = h.run(&frame, true);
+            match want {
+                Some(_) => {
+                    assert_eq!(verdict, XDP_TX, "{case}");
+                    let fast = parse(&out).unwrap().dst;
+                    assert_eq!(fast, h.predicted(v6, msg.as_bytes()), "{case}");
+                    assert_eq!(slow, Decision::Forward(fast), "{case}");
+                }
+                None => {
+                    assert_eq!(verdict, XDP_PASS, "{case}");
+                    assert_eq!(slow, Decision::Drop(DropReason::NoCallId), "{case}");
+                }
+            }
+        }
+    }
+}
+
 /// The golden messages of sip-dispatch-common reach the backend their golden hash
 /// selects in userspace.
 #[test]

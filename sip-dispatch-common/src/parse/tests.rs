@@ -836,3 +836,35 @@ fn golden_messages() {
         );
     }
 }
+
+/// Every message of the torture corpus gives its expected Call-ID (or none), as a whole
+/// message and through a 2048-byte window.
+#[test]
+fn torture_corpus() {
+    use crate::parse::torture::TORTURE;
+    for (case, msg, want) in TORTURE {
+        let bytes = msg.as_bytes();
+        let scan = scan_message(bytes, HashKey::DEFAULT);
+        match want {
+            Some(id) => {
+                assert_eq!(scan.outcome, ScanOutcome::Found, "{case}");
+                assert_eq!(
+                    &bytes[scan.start as usize..scan.end as usize],
+                    id.as_bytes(),
+                    "{case}"
+                );
+                let compact: Vec<u8> = id.bytes().filter(|b| *b != b' ' && *b != b'\t').collect();
+                assert_eq!(scan.hash, siphash13(HashKey::DEFAULT, &compact), "{case}");
+            }
+            None => assert_ne!(scan.outcome, ScanOutcome::Found, "{case}"),
+        }
+        let mut window = [0u8; 2048];
+        let n = bytes.len().min(2048);
+        window[..n].copy_from_slice(&bytes[..n]);
+        assert_eq!(
+            scan_call_id(&window, n, bytes.len() <= 2048, HashKey::DEFAULT),
+            scan,
+            "{case}"
+        );
+    }
+}
