@@ -24,6 +24,90 @@ pub enum Command {
     /// Attach an XDP program that passes everything (for the peer of a veth that runs the
     /// dispatcher in native mode) and hold it until SIGINT/SIGTERM.
     XdpPass(XdpPassArgs),
+    /// Show or change the backends of a running daemon.
+    Backends {
+        #[command(subcommand)]
+        command: BackendsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Fast-path, per-backend and slow-path counters of a running daemon.
+    Stats {
+        /// Refresh once a second, with rates, like top.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Which backend a Call-ID goes to now.
+    Which {
+        /// The Call-ID value.
+        call_id: String,
+        /// The service (VIP:PORT), if the daemon serves several.
+        #[arg(long, value_parser = parse_socket_addr)]
+        service: Option<SocketAddr>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resolve the SRV names again now.
+    Reload {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// How CLI commands reach the daemon.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The daemon's control socket. Default: the only one in /run/sip-dispatch.
+    #[arg(long, global = true)]
+    pub control: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendsCommand {
+    /// Every backend: address, source, priority, weight, state, reason, RTT, share, packets.
+    List,
+    /// Add a static backend.
+    Add {
+        #[arg(value_parser = parse_socket_addr)]
+        address: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        weight: u16,
+        #[arg(long, default_value_t = 0)]
+        priority: u16,
+        #[arg(long, value_parser = parse_socket_addr)]
+        service: Option<SocketAddr>,
+    },
+    /// Remove a static backend.
+    Remove {
+        #[arg(value_parser = parse_socket_addr)]
+        address: SocketAddr,
+    },
+    /// No new calls (weight 0); health checks go on.
+    Drain {
+        #[arg(value_parser = parse_socket_addr)]
+        address: SocketAddr,
+    },
+    /// Back in service after drain or disable.
+    Enable {
+        #[arg(value_parser = parse_socket_addr)]
+        address: SocketAddr,
+    },
+    /// Out of service: no calls, no health checks.
+    Disable {
+        #[arg(value_parser = parse_socket_addr)]
+        address: SocketAddr,
+    },
+    /// Change a backend's weight.
+    SetWeight {
+        #[arg(value_parser = parse_socket_addr)]
+        address: SocketAddr,
+        weight: u16,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +164,9 @@ pub struct RunArgs {
     /// Remove pins left by an earlier run before starting.
     #[arg(long)]
     pub reset: bool,
+    /// Control socket for the CLI. Default: /run/sip-dispatch/<iface>.sock
+    #[arg(long)]
+    pub control: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

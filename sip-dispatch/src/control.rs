@@ -1,377 +1,282 @@
-//! The controller: keeps each service's slot table right as DNS and backend health
-//! change. Every change that alters which backends take traffic (or their weights)
-//! builds a new table and swaps it in atomically; a table is only rebuilt when the
-//! selection really changed, so calls on surviving backends are never moved.
+//! The control socket: a Unix stream socket (mode 0600, root only) on which the CLI
+//! sends one JSON request per connection and reads one JSON response. The daemon applies
+//! every change through the controller, so each one is a table swap with the minimal
+//! disruption property.
 use std::{
-    collections::{BTreeMap, HashMap},
+    io::{BufRead as _, Write as _},
     net::SocketAddr,
-    sync::Arc,
-    time::Instant,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
-use anyhow::Context as _;
-use sip_dispatch_common::{
-    HashKey,
-    table::{SlotTable, build_table},
-};
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
 use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
 };
 
-use crate::{
-    dataplane::Dataplane,
-    health::{self, Health, HealthConfig, ProbeOutcome, State},
-    select::{Candidate, Selection, select},
-    slowpath,
-    srv::{SrvAnswer, SrvEvent},
-    stats::BackendInfo,
-};
+/// Where daemons put their sockets: `<dir>/<iface>.sock`.
+pub const SOCKET_DIR: &str = "/run/sip-dispatch";
+/// Requests longer than this are refused.
+const MAX_REQUEST: usize = 64 * 1024;
 
-/// Where a backend came from.
-pub const SOURCE_STATIC: &str = "static";
-
-pub struct Service {
-    pub id: u32,
-    pub vip: SocketAddr,
-    pub statics: Vec<Candidate>,
-    /// The last good answer of each SRV name (empty until the first one).
-    pub srv: BTreeMap<String, Vec<Candidate>>,
+pub fn default_socket(iface: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{iface}.sock"))
 }
 
-impl Service {
-    /// Takes an SRV answer; false when nothing changed. Targets of the other address
-    /// family than the VIP's, and the VIP itself, are left out.
-    pub fn set_srv(&mut self, name: &str, answer: &SrvAnswer) -> bool {
-        let mut cands = answer.candidates();
-        cands.retain(|c| c.addr.is_ipv6() == self.vip.is_ipv6() && c.addr != self.vip);
-        if self.srv.get(name) == Some(&cands) {
-            return false;
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    BackendsList,
+    BackendAdd {
+        address: SocketAddr,
+        weight: u32,
+        priority: u16,
+        service: Option<SocketAddr>,
+    },
+    BackendRemove {
+        address: SocketAddr,
+    },
+    /// `admin`: enable, drain or disable.
+    BackendAdmin {
+        address: SocketAddr,
+        admin: String,
+    },
+    BackendWeight {
+        address: SocketAddr,
+        weight: u32,
+    },
+    Stats,
+    Which {
+        call_id: String,
+        service: Option<SocketAddr>,
+    },
+    Reload,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub result: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            result,
         }
-        self.srv.insert(name.to_string(), cands);
-        true
     }
 
-    /// Static backends first, then SRV ones; an address listed twice keeps its first
-    /// appearance.
-    fn candidates(&self) -> Vec<(Candidate, String)> {
-        let mut out: Vec<(Candidate, String)> = self
-            .statics
-            .iter()
-            .map(|c| (*c, SOURCE_STATIC.to_string()))
-            .collect();
-        for (name, cands) in &self.srv {
-            out.extend(cands.iter().map(|c| (*c, name.clone())));
+    pub fn error(e: impl std::fmt::Display) -> Response {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            result: serde_json::Value::Null,
         }
-        let mut seen = std::collections::HashSet::new();
-        out.retain(|(c, _)| seen.insert(c.addr));
-        out
     }
 }
 
-struct Known {
-    health: Health,
-    /// Probed at least once: until then the backend takes no traffic.
-    probed: bool,
-    candidate: Candidate,
-    source: String,
-}
+/// A request on its way to the controller, with where its answer goes.
+pub type Command = (Request, oneshot::Sender<Response>);
 
-pub fn log_answer(name: &str, answer: &SrvAnswer) {
-    log::info!(
-        "dns {name} records={} backends={} ttl={}s",
-        answer.targets.len(),
-        answer.targets.iter().map(|t| t.addrs.len()).sum::<usize>(),
-        answer.ttl.as_secs()
-    );
-}
-
-pub struct Controller {
-    dp: Dataplane,
-    key: HashKey,
-    health_cfg: HealthConfig,
-    service: Service,
-    backends: BTreeMap<SocketAddr, Known>,
-    probers: HashMap<SocketAddr, JoinHandle<()>>,
-    probe_tx: mpsc::Sender<(SocketAddr, ProbeOutcome)>,
-    probe_rx: mpsc::Receiver<(SocketAddr, ProbeOutcome)>,
-    published: Option<Selection>,
-    generation: u64,
-    /// The slow path reads the table in force from here.
-    tables: watch::Sender<Option<Arc<SlotTable>>>,
-    pub slow_path: Arc<slowpath::Counters>,
-    pub dns_failures: u64,
-}
-
-impl Controller {
-    pub fn new(
-        dp: Dataplane,
-        key: HashKey,
-        health_cfg: HealthConfig,
-        service: Service,
-    ) -> Controller {
-        let (probe_tx, probe_rx) = mpsc::channel(1024);
-        let mut c = Controller {
-            dp,
-            key,
-            health_cfg,
-            service,
-            backends: BTreeMap::new(),
-            probers: HashMap::new(),
-            probe_tx,
-            probe_rx,
-            published: None,
-            generation: 0,
-            tables: watch::channel(None).0,
-            slow_path: Arc::default(),
-            dns_failures: 0,
+/// Listens on `path` until the task is dropped, handing requests to the controller.
+pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
         };
-        c.sync_backends();
-        c
-    }
-
-    /// The table in force, for the slow path.
-    pub fn tables(&self) -> slowpath::TableWatch {
-        self.tables.subscribe()
-    }
-
-    pub fn dataplane(&mut self) -> &mut Dataplane {
-        &mut self.dp
-    }
-
-    /// Probes every backend once, concurrently, and records the outcomes: this decides
-    /// the initial states before the first table is published.
-    pub async fn initial_probe(&mut self) {
-        let mut probes = tokio::task::JoinSet::new();
-        for addr in self.backends.keys().copied() {
-            let timeout = self.health_cfg.timeout;
-            probes.spawn(async move {
-                let outcome = match health::probe_socket(addr).await {
-                    Ok(sock) => health::probe_once(&sock, 0, timeout).await,
-                    Err(e) => ProbeOutcome::Unreachable(format!("{e}")),
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+            let response =
+                match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+                    .await
+                {
+                    Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => {
+                            let (reply, answer) = oneshot::channel();
+                            if tx.send((req, reply)).await.is_err() {
+                                Response::error("the daemon is shutting down")
+                            } else {
+                                answer.await.unwrap_or_else(|_| {
+                                    Response::error("the daemon is shutting down")
+                                })
+                            }
+                        }
+                        Err(e) => Response::error(format!("bad request: {e}")),
+                    },
+                    _ => Response::error("no request received"),
                 };
-                (addr, outcome)
-            });
-        }
-        while let Some(Ok((addr, outcome))) = probes.join_next().await {
-            self.on_probe(addr, outcome, false);
-        }
-    }
-
-    /// Adds what the service's candidates list and this controller does not know yet,
-    /// and forgets (and stops probing) what is no longer listed.
-    fn sync_backends(&mut self) {
-        let current = self.service.candidates();
-        for (c, source) in &current {
-            match self.backends.get_mut(&c.addr) {
-                Some(k) => {
-                    k.candidate = *c;
-                    k.source.clone_from(source);
-                }
-                None => {
-                    self.backends.insert(
-                        c.addr,
-                        Known {
-                            health: Health::new(State::Down, "not probed yet"),
-                            probed: false,
-                            candidate: *c,
-                            source: source.clone(),
-                        },
-                    );
-                }
+            if let Ok(mut text) = serde_json::to_string(&response) {
+                text.push('\n');
+                let _ = write.write_all(text.as_bytes()).await;
             }
-        }
-        let listed: std::collections::HashSet<SocketAddr> =
-            current.iter().map(|(c, _)| c.addr).collect();
-        self.backends.retain(|addr, _| listed.contains(addr));
-    }
-
-    /// Starts probers for backends without one, stops those of forgotten backends.
-    fn sync_probers(&mut self) {
-        self.probers.retain(|addr, handle| {
-            let keep = self.backends.contains_key(addr);
-            if !keep {
-                handle.abort();
-            }
-            keep
         });
-        for addr in self.backends.keys() {
-            if !self.probers.contains_key(addr) {
-                let task = health::prober(*addr, self.health_cfg.clone(), self.probe_tx.clone());
-                self.probers.insert(*addr, tokio::spawn(task));
-            }
-        }
     }
+}
 
-    fn on_probe(&mut self, addr: SocketAddr, outcome: ProbeOutcome, republish: bool) {
-        let Some(k) = self.backends.get_mut(&addr) else {
-            return;
-        };
-        let changed = if k.probed {
-            k.health.record(&outcome, &self.health_cfg, Instant::now())
-        } else {
-            k.probed = true;
-            k.health = Health::from_first_probe(&outcome, &self.health_cfg, Instant::now());
-            true
-        };
-        if changed {
-            log::info!(
-                "backend {addr} state={} reason={:?}",
-                k.health.state.name(),
-                k.health.reason
+/// Binds the control socket, replacing a stale one, with mode 0600.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another daemon is listening on {} (give this one another --control)",
+                path.display()
             );
-            if republish {
-                self.republish();
-            }
         }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
 
-    fn on_srv(&mut self, event: SrvEvent) {
-        match event {
-            SrvEvent::Resolved { name, answer } => self.apply_srv(name, &answer),
-            SrvEvent::Failed { name, error } => {
-                self.dns_failures += 1;
-                let kept = self.service.srv.get(&name).map_or(0, Vec::len);
-                log::warn!(
-                    "dns {name} failed: {error} (keeping the last known {kept} backend(s); retrying)"
-                );
-            }
-            SrvEvent::StillFailing { .. } => self.dns_failures += 1,
-        }
+/// The socket a CLI command talks to: `--control`, else the only socket in the
+/// default directory.
+pub fn resolve_socket(control: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = control {
+        return Ok(p.to_path_buf());
     }
-
-    /// Takes a new answer for an SRV name.
-    fn apply_srv(&mut self, name: String, answer: &SrvAnswer) {
-        log_answer(&name, answer);
-        if !self.service.set_srv(&name, answer) {
-            return;
-        }
-        self.sync_backends();
-        self.sync_probers();
-        self.republish();
-        self.release_forgotten();
+    let found: Vec<PathBuf> = std::fs::read_dir(SOCKET_DIR)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "the daemon is not running (no control socket in {SOCKET_DIR}; give --control PATH)"
+        ),
+        many => bail!(
+            "several daemons run ({}): choose one with --control PATH",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
+}
 
-    /// Frees the ids of backends that no longer appear anywhere (after the table that
-    /// stopped using them is in place).
-    fn release_forgotten(&mut self) {
-        let gone: Vec<SocketAddr> = self
-            .dp
-            .backend_addrs()
-            .filter(|a| !self.backends.contains_key(a))
-            .collect();
-        for addr in gone {
-            self.dp.release_backend(addr);
-        }
-    }
-
-    fn candidates_with_health(&self) -> Vec<Candidate> {
-        self.backends
-            .values()
-            .map(|k| Candidate {
-                healthy: k.probed && k.health.state == State::Up,
-                ..k.candidate
-            })
-            .collect()
-    }
-
-    /// Builds and swaps in a new table if the selection changed.
-    pub fn republish(&mut self) {
-        let selection = select(&self.candidates_with_health());
-        if self.published.as_ref() == Some(&selection) {
-            return;
-        }
-        let started = Instant::now();
-        if let Err(e) = self.publish(&selection) {
-            // The old table stays in force; the next change tries again.
-            log::error!("table {}: {e:#}", self.service.vip);
-            return;
-        }
-        self.generation += 1;
-        log::debug!(
-            "table {} built and swapped in {:?}",
-            self.service.vip,
-            started.elapsed()
-        );
-        let list: Vec<String> = selection
-            .members
-            .iter()
-            .map(|(a, _)| {
-                format!(
-                    "{a}/{}",
-                    self.backends.get(a).map_or(0, |k| k.candidate.weight)
+/// Sends one request and returns the daemon's result, or its error as an error.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                anyhow::anyhow!(
+                    "the daemon is not running (nothing listens on {})",
+                    socket.display()
                 )
-            })
-            .collect();
-        log::info!(
-            "table {} generation={} priority={} backends={}",
-            self.service.vip,
-            self.generation,
-            selection
-                .priority
-                .map_or("none".to_string(), |p| p.to_string()),
-            list.join(",")
-        );
-        self.published = Some(selection);
-    }
-
-    fn publish(&mut self, selection: &Selection) -> anyhow::Result<()> {
-        let table =
-            build_table(&selection.weighted(), self.key).context("building the slot table")?;
-        // Every known backend keeps an id (and its counters), in the table or not.
-        for addr in self.backends.keys() {
-            self.dp.backend_id(*addr)?;
-        }
-        self.dp
-            .install_service(self.service.id, self.service.vip, &table)?;
-        self.tables.send_replace(Some(Arc::new(table)));
-        Ok(())
-    }
-
-    /// Runs until `stop` resolves: health events and DNS answers change the tables.
-    pub async fn run(
-        &mut self,
-        mut srv_rx: mpsc::Receiver<SrvEvent>,
-        stop: impl std::future::Future<Output = ()>,
-    ) {
-        self.sync_probers();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                Some((addr, outcome)) = self.probe_rx.recv() => self.on_probe(addr, outcome, true),
-                Some(event) = srv_rx.recv() => self.on_srv(event),
-                _ = &mut stop => break,
             }
-        }
-        for (_, handle) in self.probers.drain() {
-            handle.abort();
-        }
-    }
-
-    /// What the stats and the exit line show of each backend.
-    pub fn backend_infos(&self) -> Vec<BackendInfo> {
-        self.backends
-            .iter()
-            .map(|(addr, k)| BackendInfo {
-                id: self.dp.known_backend_id(*addr),
-                address: *addr,
-                weight: k.candidate.weight,
-                priority: k.candidate.priority,
-                source: k.source.clone(),
-                state: k.health.state.name(),
-                reason: k.health.reason.clone(),
-                rtt: k.health.srtt,
-            })
-            .collect()
-    }
-
-    /// Counters and backend states, as the exit line and the stats show them.
-    pub fn snapshot(&self) -> anyhow::Result<crate::stats::Snapshot> {
-        crate::stats::snapshot(
-            &self.dp,
-            &self.backend_infos(),
-            self.dns_failures,
-            self.slow_path.snapshot(),
+            std::io::ErrorKind::PermissionDenied => {
+                anyhow::anyhow!(
+                    "permission denied on {} (the control socket is root only)",
+                    socket.display()
+                )
+            }
+            _ => anyhow::anyhow!("connecting to {}: {e}", socket.display()),
+        })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    stream
+        .write_all(text.as_bytes())
+        .with_context(|| format!("writing to {}", socket.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut line)
+        .with_context(|| format!("reading from {}", socket.display()))?;
+    let response: Response =
+        serde_json::from_str(&line).context("the daemon's answer is not JSON")?;
+    if response.ok {
+        Ok(response.result)
+    } else {
+        bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "the daemon refused".into())
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r = Request::BackendAdmin {
+            address: "198.18.0.21:5060".parse().unwrap(),
+            admin: "drain".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"backend-admin","address":"198.18.0.21:5060","admin":"drain"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert_eq!(
+            serde_json::to_string(&Request::BackendsList).unwrap(),
+            r#"{"op":"backends-list"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_round_trips_through_a_real_socket() {
+        let dir = std::env::temp_dir().join(format!("sd-control-test-{}", std::process::id()));
+        let path = dir.join("t.sock");
+        let listener = bind(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let (tx, mut rx) = mpsc::channel::<Command>(1);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(async move {
+            while let Some((req, reply)) = rx.recv().await {
+                let _ = reply.send(match req {
+                    Request::Stats => Response::ok(serde_json::json!({"seen": 7})),
+                    _ => Response::error("unknown backend 198.18.0.99:5060"),
+                });
+            }
+        });
+        let p = path.clone();
+        let got = tokio::task::spawn_blocking(move || call(&p, &Request::Stats))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got["seen"], 7);
+        let p = path.clone();
+        let err = tokio::task::spawn_blocking(move || call(&p, &Request::Reload))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "unknown backend 198.18.0.99:5060");
+        assert!(
+            bind(&path).is_err(),
+            "a second daemon on the same socket is refused"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = call(&path, &Request::Stats).unwrap_err().to_string();
+        assert!(err.contains("the daemon is not running"), "{err}");
     }
 }

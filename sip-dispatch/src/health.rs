@@ -124,6 +124,16 @@ pub enum State {
     Down,
 }
 
+/// What the operator decided, on top of what the health checks found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admin {
+    Enabled,
+    /// No new calls (weight 0): keeps being probed.
+    Drained,
+    /// Out of service: not probed, no calls.
+    Disabled,
+}
+
 impl State {
     pub fn name(self) -> &'static str {
         match self {
@@ -146,6 +156,9 @@ pub struct Health {
     pub reason: String,
     /// A 503 with Retry-After keeps the backend down until then.
     pub held_until: Option<Instant>,
+    /// False until the first probe, which alone decides the first state.
+    pub probed: bool,
+    pub admin: Admin,
 }
 
 impl Health {
@@ -159,6 +172,30 @@ impl Health {
             last_change: SystemTime::now(),
             reason: reason.into(),
             held_until: None,
+            probed: true,
+            admin: Admin::Enabled,
+        }
+    }
+
+    /// A backend not probed yet: down until its first probe says otherwise.
+    pub fn unprobed() -> Health {
+        Health {
+            probed: false,
+            ..Health::new(State::Down, "not probed yet")
+        }
+    }
+
+    /// Whether the backend may take calls.
+    pub fn takes_traffic(&self) -> bool {
+        self.probed && self.state == State::Up && self.admin == Admin::Enabled
+    }
+
+    /// What an operator sees: up, down, drained or disabled.
+    pub fn display_state(&self) -> &'static str {
+        match self.admin {
+            Admin::Disabled => "disabled",
+            Admin::Drained => "drained",
+            Admin::Enabled => self.state.name(),
         }
     }
 
@@ -175,8 +212,17 @@ impl Health {
         h
     }
 
-    /// Takes one probe's outcome; returns true when the state changed.
+    /// Takes one probe's outcome; returns true when the state changed. The first
+    /// outcome of an unprobed backend decides its state on its own.
     pub fn record(&mut self, outcome: &ProbeOutcome, cfg: &HealthConfig, now: Instant) -> bool {
+        if !self.probed {
+            let admin = self.admin;
+            *self = Health {
+                admin,
+                ..Health::from_first_probe(outcome, cfg, now)
+            };
+            return true;
+        }
         let failure = match outcome {
             ProbeOutcome::Answered {
                 status,

@@ -2,7 +2,9 @@
 //! kernel tests drive the same [`dataplane::Dataplane`] the daemon uses.
 pub mod bpffs;
 pub mod cli;
+pub mod commands;
 pub mod control;
+pub mod controller;
 pub mod dataplane;
 pub mod frames;
 pub mod health;

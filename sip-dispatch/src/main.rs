@@ -1,6 +1,6 @@
 //! sip-dispatch: the controller daemon and its CLI.
 use clap::Parser as _;
-use sip_dispatch::{cli, run};
+use sip_dispatch::{cli, commands, run};
 
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -26,6 +26,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         cli::Command::Run(args) => run::run(*args),
         cli::Command::XdpPass(args) => run::xdp_pass(args),
+        command => commands::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,7 +7,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::{RunArgs, XdpPassArgs},
-    control::{self, Controller, Service},
+    control,
+    controller::{self, Controller, Service},
     dataplane::{Dataplane, attach_pass},
     health::HealthConfig,
     select::Candidate,
@@ -129,7 +130,7 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
         for name in &args.srv {
             match srv::resolve(resolver, name).await {
                 Ok(answer) => {
-                    control::log_answer(name, &answer);
+                    controller::log_answer(name, &answer);
                     service.set_srv(name, &answer);
                     first_answers.insert(name.clone(), answer);
                 }
@@ -152,6 +153,11 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let slow_socket = slowpath::bind(args.vip).await?;
+    let control_path = args
+        .control
+        .clone()
+        .unwrap_or_else(|| control::default_socket(&args.iface));
+    let control_listener = control::bind(&control_path)?;
     let mut ctl = Controller::new(dp, key, health, service);
     ctl.initial_probe().await;
     ctl.republish();
@@ -189,12 +195,17 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
                     dns,
                     first,
                     srv_tx.clone(),
+                    ctl.reload.clone(),
                 ))
             })
             .collect(),
         None => Vec::new(),
     };
-    ctl.run(srv_rx, stop_signal()?).await;
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
+    let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
+    ctl.run(srv_rx, cmd_rx, stop_signal()?).await;
+    control_task.abort();
+    let _ = std::fs::remove_file(&control_path);
     for w in watchers {
         w.abort();
     }

@@ -179,14 +179,15 @@ pub fn backoff(previous: Option<Duration>, max: Duration) -> Duration {
     }
 }
 
-/// Resolves `name` now and then whenever its TTL (clamped) runs out, until the receiver
-/// is gone. `first` is the answer already in hand at start-up, if any.
+/// Resolves `name` now and then whenever its TTL (clamped) runs out, or `reload` is
+/// notified, until the receiver is gone. `first` is the answer already in hand at start-up, if any.
 pub async fn watch(
     resolver: TokioResolver,
     name: String,
     cfg: DnsConfig,
     first: Option<SrvAnswer>,
     tx: mpsc::Sender<SrvEvent>,
+    reload: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let mut wait = match &first {
         Some(a) => a.ttl.clamp(cfg.min_ttl, cfg.max_ttl),
@@ -198,7 +199,10 @@ pub async fn watch(
         None
     };
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = reload.notified() => {}
+        }
         let event = match resolve(&resolver, &name).await {
             Ok(answer) => {
                 wait = answer.ttl.clamp(cfg.min_ttl, cfg.max_ttl);
