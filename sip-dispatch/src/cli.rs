@@ -167,6 +167,9 @@ pub struct RunArgs {
     /// Control socket for the CLI. Default: /run/sip-dispatch/<iface>.sock
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT (e.g. 127.0.0.1:9464).
+    #[arg(long, value_parser = parse_socket_addr)]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]

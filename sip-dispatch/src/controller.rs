@@ -552,6 +552,14 @@ impl Controller {
                 state: k.health.display_state(),
                 reason: k.health.reason.clone(),
                 rtt: k.health.srtt,
+                consecutive_failures: k.health.consecutive_failures,
+                last_change: k
+                    .health
+                    .last_change
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                checks: k.health.checks,
+                check_failures: k.health.check_failures,
             })
             .collect()
     }

@@ -159,6 +159,9 @@ pub struct Health {
     /// False until the first probe, which alone decides the first state.
     pub probed: bool,
     pub admin: Admin,
+    /// Health checks done, and how many of them failed.
+    pub checks: u64,
+    pub check_failures: u64,
 }
 
 impl Health {
@@ -174,6 +177,8 @@ impl Health {
             held_until: None,
             probed: true,
             admin: Admin::Enabled,
+            checks: 0,
+            check_failures: 0,
         }
     }
 
@@ -216,13 +221,16 @@ impl Health {
     /// outcome of an unprobed backend decides its state on its own.
     pub fn record(&mut self, outcome: &ProbeOutcome, cfg: &HealthConfig, now: Instant) -> bool {
         if !self.probed {
-            let admin = self.admin;
+            let (admin, checks, failures) = (self.admin, self.checks, self.check_failures);
             *self = Health {
                 admin,
                 ..Health::from_first_probe(outcome, cfg, now)
             };
+            self.checks += checks;
+            self.check_failures += failures;
             return true;
         }
+        self.checks += 1;
         let failure = match outcome {
             ProbeOutcome::Answered {
                 status,
@@ -237,6 +245,7 @@ impl Health {
                 if cfg.alive.alive(*status) {
                     None
                 } else if let (503, Some(after)) = (*status, retry_after) {
+                    self.check_failures += 1;
                     self.held_until = Some(now + *after);
                     return self.change(
                         State::Down,
@@ -253,6 +262,7 @@ impl Health {
         };
         match failure {
             Some(why) => {
+                self.check_failures += 1;
                 self.consecutive_successes = 0;
                 self.consecutive_failures += 1;
                 if self.state == State::Up && self.consecutive_failures >= cfg.down_after {

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod frames;
 pub mod health;
+pub mod metrics;
 pub mod run;
 pub mod select;
 pub mod slowpath;

@@ -11,6 +11,7 @@ use crate::{
     controller::{self, Controller, Service},
     dataplane::{Dataplane, attach_pass},
     health::HealthConfig,
+    metrics,
     select::Candidate,
     slowpath,
     srv::{self, DnsConfig},
@@ -158,6 +159,10 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| control::default_socket(&args.iface));
     let control_listener = control::bind(&control_path)?;
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let mut ctl = Controller::new(dp, key, health, service);
     ctl.initial_probe().await;
     ctl.republish();
@@ -202,9 +207,14 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, args.vip, cmd_tx.clone())));
     let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
     ctl.run(srv_rx, cmd_rx, stop_signal()?).await;
     control_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&control_path);
     for w in watchers {
         w.abort();

@@ -189,7 +189,7 @@ pub struct Counters {
     pub send_errors: AtomicU64,
 }
 
-#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, serde::Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct CountersSnapshot {
     pub received: u64,
     pub forwarded: u64,

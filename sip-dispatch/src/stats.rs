@@ -1,7 +1,7 @@
 //! Counter snapshots, as JSON for scripts.
 use std::{net::SocketAddr, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dataplane::Dataplane;
 
@@ -18,22 +18,31 @@ pub struct BackendInfo {
     pub reason: String,
     /// Smoothed health-check round trip.
     pub rtt: Option<Duration>,
+    pub consecutive_failures: u32,
+    /// Seconds since the Unix epoch of the last state change.
+    pub last_change: u64,
+    pub checks: u64,
+    pub check_failures: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct BackendSnapshot {
     pub address: String,
     pub weight: u32,
     pub priority: u16,
     pub source: String,
-    pub state: &'static str,
+    pub state: String,
     pub reason: String,
     pub rtt_ms: Option<f64>,
+    pub consecutive_failures: u32,
+    pub last_change: u64,
+    pub checks: u64,
+    pub check_failures: u64,
     pub packets: u64,
     pub bytes: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Snapshot {
     pub counters: serde_json::Map<String, serde_json::Value>,
     pub backends: Vec<BackendSnapshot>,
@@ -64,9 +73,13 @@ pub fn snapshot(
                 weight: b.weight,
                 priority: b.priority,
                 source: b.source.clone(),
-                state: b.state,
+                state: b.state.to_string(),
                 reason: b.reason.clone(),
                 rtt_ms: b.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                consecutive_failures: b.consecutive_failures,
+                last_change: b.last_change,
+                checks: b.checks,
+                check_failures: b.check_failures,
                 packets: s.packets,
                 bytes: s.bytes,
             })
