@@ -12,7 +12,7 @@ use tokio::{
 
 use crate::{
     control::{Command, Request},
-    stats::Snapshot,
+    stats::{BackendSnapshot, Snapshot},
 };
 
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
@@ -55,6 +55,14 @@ pub async fn serve(listener: TcpListener, vip: std::net::SocketAddr, tx: mpsc::S
     }
 }
 
+/// A per-backend metric family: name, type, help, and how to read its value.
+type BackendFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&BackendSnapshot) -> String,
+);
+
 /// The snapshot in Prometheus text format.
 pub fn render(s: &Snapshot, vip: std::net::SocketAddr) -> String {
     let mut out = String::new();
@@ -78,12 +86,7 @@ pub fn render(s: &Snapshot, vip: std::net::SocketAddr) -> String {
         );
     }
     out.push_str(&lines);
-    let per_backend: [(
-        &str,
-        &str,
-        &str,
-        fn(&crate::stats::BackendSnapshot) -> String,
-    ); 6] = [
+    let per_backend: [BackendFamily; 6] = [
         (
             "backend_packets_total",
             "counter",
@@ -164,7 +167,6 @@ pub fn render(s: &Snapshot, vip: std::net::SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::BackendSnapshot;
 
     #[test]
     fn renders_every_family_with_labels() {
