@@ -112,15 +112,19 @@ pub enum BackendsCommand {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// TOML config file: every flag below as a key (same names), plus [[service]]
+    /// tables with `vip`, `backends` and `srv`. Flags override the file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Interface to attach to.
     #[arg(long)]
-    pub iface: String,
+    pub iface: Option<String>,
     /// Service address: 198.18.0.100:5060 or [2001:db8::100]:5060.
     #[arg(long, value_parser = parse_socket_addr)]
-    pub vip: SocketAddr,
+    pub vip: Option<SocketAddr>,
     /// Static backend ADDR:PORT[,weight=N][,priority=N] (weight 1 and priority 0 unless
     /// given; lower priorities are preferred, as in SRV). Repeat for each backend.
-    #[arg(long = "backend", required_unless_present = "srv")]
+    #[arg(long = "backend")]
     pub backends: Vec<BackendSpec>,
     /// DNS SRV name whose targets are backends (e.g. _sip._udp.example.net); repeatable,
     /// and may be combined with --backend.
@@ -129,30 +133,32 @@ pub struct RunArgs {
     /// DNS server ADDR:PORT for SRV lookups. Default: the system resolver configuration.
     #[arg(long, value_parser = parse_socket_addr)]
     pub dns_server: Option<SocketAddr>,
-    /// Re-resolve SRV names no sooner than this many seconds, whatever their TTL.
-    #[arg(long, default_value_t = 5)]
-    pub dns_min_ttl: u64,
-    /// Re-resolve SRV names at least this often, in seconds, whatever their TTL.
-    #[arg(long, default_value_t = 300)]
-    pub dns_max_ttl: u64,
-    /// Time between two OPTIONS health checks of a backend (e.g. 1s, 500ms).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub health_interval: Duration,
-    /// How long a health check waits for its response.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
-    pub health_timeout: Duration,
-    /// Consecutive failed health checks that take a backend down.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    pub down_after: u32,
-    /// Consecutive successful health checks that bring a backend back up.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    pub up_after: u32,
-    /// Response codes that mean "alive": codes, classes and exclusions.
-    #[arg(long, default_value = AliveCodes::DEFAULT)]
-    pub alive_codes: AliveCodes,
-    /// XDP attach mode: auto tries native (driver) and falls back to skb (generic).
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
-    pub xdp_mode: XdpModeArg,
+    /// Re-resolve SRV names no sooner than this many seconds, whatever their TTL [default: 5].
+    #[arg(long)]
+    pub dns_min_ttl: Option<u64>,
+    /// Re-resolve SRV names at least this often, in seconds, whatever their TTL [default: 300].
+    #[arg(long)]
+    pub dns_max_ttl: Option<u64>,
+    /// Time between two OPTIONS health checks of a backend (e.g. 1s, 500ms) [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    pub health_interval: Option<Duration>,
+    /// How long a health check waits for its response [default: 500ms].
+    #[arg(long, value_parser = parse_duration)]
+    pub health_timeout: Option<Duration>,
+    /// Consecutive failed health checks that take a backend down [default: 3].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub down_after: Option<u32>,
+    /// Consecutive successful health checks that bring a backend back up [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub up_after: Option<u32>,
+    /// Response codes that mean "alive": codes, classes and exclusions
+    /// [default: 2xx,3xx,4xx,6xx,!408,!480].
+    #[arg(long)]
+    pub alive_codes: Option<AliveCodes>,
+    /// XDP attach mode: auto tries native (driver) and falls back to skb (generic)
+    /// [default: auto].
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpModeArg>,
     /// 128-bit Call-ID hash key, 32 hex digits. Every dispatcher of one farm must use
     /// the same key. Default: 7369702d64697370617463682d763121 ("sip-dispatch-v1!").
     #[arg(long, value_parser = parse_hash_key)]
@@ -317,7 +323,7 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(args.backends.len(), 2);
-        assert_eq!(args.xdp_mode, XdpModeArg::Skb);
+        assert_eq!(args.xdp_mode, Some(XdpModeArg::Skb));
         assert_eq!(args.hash_key, Some(HashKey::DEFAULT));
         let err = Cli::try_parse_from([
             "sip-dispatch",

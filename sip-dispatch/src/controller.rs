@@ -1,5 +1,6 @@
 //! The controller: keeps each service's slot table right as DNS and backend health
-//! change. Every change that alters which backends take traffic (or their weights)
+//! change. Backends are known by address: one health check per address, whatever the
+//! number of services that use it. Every change that alters which backends take traffic (or their weights)
 //! builds a new table and swaps it in atomically; a table is only rebuilt when the
 //! selection really changed, so calls on surviving backends are never moved.
 use std::{
@@ -32,24 +33,45 @@ use crate::{
 /// Where a backend came from.
 pub const SOURCE_STATIC: &str = "static";
 
+/// A service (VIP:port) with its backends and the table in force.
 pub struct Service {
     pub id: u32,
     pub vip: SocketAddr,
     pub statics: Vec<Candidate>,
-    /// The last good answer of each SRV name (empty until the first one).
+    /// The last good answer of each of this service's SRV names (empty until the first).
     pub srv: BTreeMap<String, Vec<Candidate>>,
+    published: Option<Selection>,
+    generation: u64,
+    /// The slow path reads the table in force from here.
+    tables: watch::Sender<Option<Arc<SlotTable>>>,
 }
 
 impl Service {
-    /// Takes an SRV answer; false when nothing changed. Targets of the other address
-    /// family than the VIP's, and the VIP itself, are left out.
+    pub fn new(id: u32, vip: SocketAddr, statics: Vec<Candidate>, srv_names: &[String]) -> Service {
+        Service {
+            id,
+            vip,
+            statics,
+            srv: srv_names.iter().map(|n| (n.clone(), Vec::new())).collect(),
+            published: None,
+            generation: 0,
+            tables: watch::channel(None).0,
+        }
+    }
+
+    /// Takes an SRV answer for one of this service's names; false when nothing changed.
+    /// Targets of the other address family than the VIP's, and the VIP itself, are left
+    /// out.
     pub fn set_srv(&mut self, name: &str, answer: &SrvAnswer) -> bool {
+        let Some(current) = self.srv.get_mut(name) else {
+            return false;
+        };
         let mut cands = answer.candidates();
         cands.retain(|c| c.addr.is_ipv6() == self.vip.is_ipv6() && c.addr != self.vip);
-        if self.srv.get(name) == Some(&cands) {
+        if *current == cands {
             return false;
         }
-        self.srv.insert(name.to_string(), cands);
+        *current = cands;
         true
     }
 
@@ -68,12 +90,23 @@ impl Service {
         out.retain(|(c, _)| seen.insert(c.addr));
         out
     }
+
+    pub fn has_backends(&self) -> bool {
+        !self.statics.is_empty() || self.srv.values().any(|v| !v.is_empty())
+    }
+
+    /// The table in force, for the slow path.
+    pub fn tables(&self) -> slowpath::TableWatch {
+        self.tables.subscribe()
+    }
+
+    fn table(&self) -> Option<Arc<SlotTable>> {
+        self.tables.borrow().clone()
+    }
 }
 
 struct Known {
     health: Health,
-    candidate: Candidate,
-    source: String,
     /// `set-weight` from the operator, kept across DNS updates.
     weight_override: Option<u32>,
 }
@@ -91,15 +124,11 @@ pub struct Controller {
     dp: Dataplane,
     key: HashKey,
     health_cfg: HealthConfig,
-    service: Service,
+    services: Vec<Service>,
     backends: BTreeMap<SocketAddr, Known>,
     probers: HashMap<SocketAddr, JoinHandle<()>>,
     probe_tx: mpsc::Sender<(SocketAddr, ProbeOutcome)>,
     probe_rx: mpsc::Receiver<(SocketAddr, ProbeOutcome)>,
-    published: Option<Selection>,
-    generation: u64,
-    /// The slow path reads the table in force from here.
-    tables: watch::Sender<Option<Arc<SlotTable>>>,
     pub slow_path: Arc<slowpath::Counters>,
     /// Wakes the SRV watchers for an immediate re-resolution.
     pub reload: Arc<tokio::sync::Notify>,
@@ -111,21 +140,18 @@ impl Controller {
         dp: Dataplane,
         key: HashKey,
         health_cfg: HealthConfig,
-        service: Service,
+        services: Vec<Service>,
     ) -> Controller {
         let (probe_tx, probe_rx) = mpsc::channel(1024);
         let mut c = Controller {
             dp,
             key,
             health_cfg,
-            service,
+            services,
             backends: BTreeMap::new(),
             probers: HashMap::new(),
             probe_tx,
             probe_rx,
-            published: None,
-            generation: 0,
-            tables: watch::channel(None).0,
             slow_path: Arc::default(),
             reload: Arc::default(),
             dns_failures: 0,
@@ -134,9 +160,8 @@ impl Controller {
         c
     }
 
-    /// The table in force, for the slow path.
-    pub fn tables(&self) -> slowpath::TableWatch {
-        self.tables.subscribe()
+    pub fn services(&self) -> &[Service] {
+        &self.services
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -144,7 +169,7 @@ impl Controller {
     }
 
     /// Probes every backend once, concurrently, and records the outcomes: this decides
-    /// the initial states before the first table is published.
+    /// the initial states before the first tables are published.
     pub async fn initial_probe(&mut self) {
         let mut probes = tokio::task::JoinSet::new();
         for addr in self.backends.keys().copied() {
@@ -162,35 +187,24 @@ impl Controller {
         }
     }
 
-    /// Adds what the service's candidates list and this controller does not know yet,
-    /// and forgets (and stops probing) what is no longer listed.
+    /// Tracks every address some service lists, and forgets the others.
     fn sync_backends(&mut self) {
-        let current = self.service.candidates();
-        for (c, source) in &current {
-            match self.backends.get_mut(&c.addr) {
-                Some(k) => {
-                    k.candidate = *c;
-                    k.source.clone_from(source);
-                }
-                None => {
-                    self.backends.insert(
-                        c.addr,
-                        Known {
-                            health: Health::unprobed(),
-                            candidate: *c,
-                            source: source.clone(),
-                            weight_override: None,
-                        },
-                    );
-                }
-            }
+        let listed: std::collections::HashSet<SocketAddr> = self
+            .services
+            .iter()
+            .flat_map(|s| s.candidates())
+            .map(|(c, _)| c.addr)
+            .collect();
+        for addr in &listed {
+            self.backends.entry(*addr).or_insert_with(|| Known {
+                health: Health::unprobed(),
+                weight_override: None,
+            });
         }
-        let listed: std::collections::HashSet<SocketAddr> =
-            current.iter().map(|(c, _)| c.addr).collect();
         self.backends.retain(|addr, _| listed.contains(addr));
     }
 
-    /// Starts probers for backends without one, stops those of forgotten backends.
+    /// Starts probers for backends without one, stops those of forgotten or disabled ones.
     fn sync_probers(&mut self) {
         self.probers.retain(|addr, handle| {
             let keep = self
@@ -214,8 +228,7 @@ impl Controller {
         let Some(k) = self.backends.get_mut(&addr) else {
             return;
         };
-        let changed = k.health.record(&outcome, &self.health_cfg, Instant::now());
-        if changed {
+        if k.health.record(&outcome, &self.health_cfg, Instant::now()) {
             log::info!(
                 "backend {addr} state={} reason={:?}",
                 k.health.state.name(),
@@ -229,10 +242,15 @@ impl Controller {
 
     fn on_srv(&mut self, event: SrvEvent) {
         match event {
-            SrvEvent::Resolved { name, answer } => self.apply_srv(name, &answer),
+            SrvEvent::Resolved { name, answer } => self.apply_srv(&name, &answer),
             SrvEvent::Failed { name, error } => {
                 self.dns_failures += 1;
-                let kept = self.service.srv.get(&name).map_or(0, Vec::len);
+                let kept: usize = self
+                    .services
+                    .iter()
+                    .filter_map(|s| s.srv.get(&name))
+                    .map(Vec::len)
+                    .sum();
                 log::warn!(
                     "dns {name} failed: {error} (keeping the last known {kept} backend(s); retrying)"
                 );
@@ -241,21 +259,23 @@ impl Controller {
         }
     }
 
-    /// Takes a new answer for an SRV name.
-    fn apply_srv(&mut self, name: String, answer: &SrvAnswer) {
-        log_answer(&name, answer);
-        if !self.service.set_srv(&name, answer) {
-            return;
+    /// Takes a new answer for an SRV name (for every service that uses the name).
+    fn apply_srv(&mut self, name: &str, answer: &SrvAnswer) {
+        log_answer(name, answer);
+        let mut changed = false;
+        for s in &mut self.services {
+            changed |= s.set_srv(name, answer);
         }
+        if changed {
+            self.changed_backends();
+        }
+    }
+
+    /// After a backend set changed: track, probe, republish, then free unused ids.
+    fn changed_backends(&mut self) {
         self.sync_backends();
         self.sync_probers();
         self.republish();
-        self.release_forgotten();
-    }
-
-    /// Frees the ids of backends that no longer appear anywhere (after the table that
-    /// stopped using them is in place).
-    fn release_forgotten(&mut self) {
         let gone: Vec<SocketAddr> = self
             .dp
             .backend_addrs()
@@ -266,71 +286,80 @@ impl Controller {
         }
     }
 
-    fn candidates_with_health(&self) -> Vec<Candidate> {
-        self.backends
-            .values()
-            .map(|k| Candidate {
-                healthy: k.health.takes_traffic(),
-                weight: k.weight_override.unwrap_or(k.candidate.weight),
-                ..k.candidate
+    fn candidates_with_health(&self, service: &Service) -> Vec<Candidate> {
+        service
+            .candidates()
+            .into_iter()
+            .map(|(c, _)| {
+                let k = self.backends.get(&c.addr);
+                Candidate {
+                    healthy: k.is_some_and(|k| k.health.takes_traffic()),
+                    weight: k.and_then(|k| k.weight_override).unwrap_or(c.weight),
+                    ..c
+                }
             })
             .collect()
     }
 
-    /// Builds and swaps in a new table if the selection changed.
+    /// Builds and swaps in a new table for every service whose selection changed.
     pub fn republish(&mut self) {
-        let selection = select(&self.candidates_with_health());
-        if self.published.as_ref() == Some(&selection) {
+        for i in 0..self.services.len() {
+            self.republish_service(i);
+        }
+    }
+
+    fn republish_service(&mut self, i: usize) {
+        let selection = select(&self.candidates_with_health(&self.services[i]));
+        if self.services[i].published.as_ref() == Some(&selection) {
             return;
         }
         let started = Instant::now();
-        if let Err(e) = self.publish(&selection) {
+        let vip = self.services[i].vip;
+        if let Err(e) = self.publish(i, &selection) {
             // The old table stays in force; the next change tries again.
-            log::error!("table {}: {e:#}", self.service.vip);
+            log::error!("table {vip}: {e:#}");
             return;
         }
-        self.generation += 1;
-        log::debug!(
-            "table {} built and swapped in {:?}",
-            self.service.vip,
-            started.elapsed()
-        );
+        let service = &mut self.services[i];
+        service.generation += 1;
+        log::debug!("table {vip} built and swapped in {:?}", started.elapsed());
+        let weights: HashMap<SocketAddr, u32> = self
+            .candidates_with_health(&self.services[i])
+            .iter()
+            .map(|c| (c.addr, c.weight))
+            .collect();
         let list: Vec<String> = selection
             .members
             .iter()
-            .map(|(a, _)| {
-                format!(
-                    "{a}/{}",
-                    self.backends.get(a).map_or(0, |k| k.candidate.weight)
-                )
-            })
+            .map(|(a, _)| format!("{a}/{}", weights.get(a).copied().unwrap_or(0)))
             .collect();
+        let service = &mut self.services[i];
         log::info!(
-            "table {} generation={} priority={} backends={}",
-            self.service.vip,
-            self.generation,
+            "table {vip} generation={} priority={} backends={}",
+            service.generation,
             selection
                 .priority
                 .map_or("none".to_string(), |p| p.to_string()),
             list.join(",")
         );
-        self.published = Some(selection);
+        service.published = Some(selection);
     }
 
-    fn publish(&mut self, selection: &Selection) -> anyhow::Result<()> {
+    fn publish(&mut self, i: usize, selection: &Selection) -> anyhow::Result<()> {
         let table =
             build_table(&selection.weighted(), self.key).context("building the slot table")?;
-        // Every known backend keeps an id (and its counters), in the table or not.
+        // Every known backend keeps an id (and its counters), in a table or not.
         for addr in self.backends.keys() {
             self.dp.backend_id(*addr)?;
         }
-        self.dp
-            .install_service(self.service.id, self.service.vip, &table)?;
-        self.tables.send_replace(Some(Arc::new(table)));
+        let service = &self.services[i];
+        self.dp.install_service(service.id, service.vip, &table)?;
+        service.tables.send_replace(Some(Arc::new(table)));
         Ok(())
     }
 
-    /// Runs until `stop` resolves: health events and DNS answers change the tables.
+    /// Runs until `stop` resolves: health events, DNS answers and the operator's
+    /// commands change the tables.
     pub async fn run(
         &mut self,
         mut srv_rx: mpsc::Receiver<SrvEvent>,
@@ -362,12 +391,14 @@ impl Controller {
     fn handle(&mut self, request: control::Request) -> anyhow::Result<serde_json::Value> {
         use control::Request::*;
         match request {
-            BackendsList => Ok(self.backends_json()?),
+            BackendsList => self.backends_json(),
             Stats => Ok(serde_json::to_value(self.snapshot()?)?),
             Which { call_id, service } => self.which(&call_id, service),
             Reload => {
                 self.reload.notify_waiters();
-                Ok(serde_json::json!({"reloaded": self.service.srv.keys().collect::<Vec<_>>()}))
+                let names: std::collections::BTreeSet<&String> =
+                    self.services.iter().flat_map(|s| s.srv.keys()).collect();
+                Ok(serde_json::json!({ "reloaded": names }))
             }
             BackendAdd {
                 address,
@@ -375,23 +406,25 @@ impl Controller {
                 priority,
                 service,
             } => {
-                self.check_service(service)?;
-                if address.is_ipv6() != self.service.vip.is_ipv6() {
-                    bail!(
-                        "backend {address} and VIP {} are of different address families",
-                        self.service.vip
-                    );
+                let i = self.service_index(service)?;
+                let vip = self.services[i].vip;
+                if address.is_ipv6() != vip.is_ipv6() {
+                    bail!("backend {address} and VIP {vip} are of different address families");
                 }
-                if address == self.service.vip {
-                    bail!("backend {address} is the VIP itself (a forwarding loop)");
+                if self.services.iter().any(|s| s.vip == address) {
+                    bail!("backend {address} is a VIP of this dispatcher (a forwarding loop)");
                 }
-                if self.backends.contains_key(&address) {
-                    bail!("backend {address} is already configured");
+                if self.services[i]
+                    .candidates()
+                    .iter()
+                    .any(|(c, _)| c.addr == address)
+                {
+                    bail!("backend {address} is already configured for {vip}");
                 }
                 if weight > u16::MAX as u32 {
                     bail!("weight {weight} is above 65535");
                 }
-                self.service.statics.push(Candidate {
+                self.services[i].statics.push(Candidate {
                     addr: address,
                     priority,
                     weight,
@@ -399,17 +432,19 @@ impl Controller {
                     healthy: true,
                 });
                 self.changed_backends();
-                Ok(serde_json::json!({"added": address}))
+                Ok(serde_json::json!({"added": address, "service": vip}))
             }
             BackendRemove { address } => {
-                let known = self.known(address)?;
-                if known.source != SOURCE_STATIC {
-                    bail!(
-                        "backend {address} comes from DNS SRV {}: change the zone, or disable it",
-                        known.source
-                    );
+                self.known(address)?;
+                let mut removed = false;
+                for s in &mut self.services {
+                    let before = s.statics.len();
+                    s.statics.retain(|c| c.addr != address);
+                    removed |= s.statics.len() != before;
                 }
-                self.service.statics.retain(|c| c.addr != address);
+                if !removed {
+                    bail!("backend {address} comes from DNS SRV: change the zone, or disable it");
+                }
                 self.changed_backends();
                 Ok(serde_json::json!({"removed": address}))
             }
@@ -427,15 +462,11 @@ impl Controller {
                 }
                 k.health.admin = admin;
                 k.health.reason = "set by the operator".into();
-                log::info!(
-                    "backend {address} state={} reason=\"set by the operator\"",
-                    k.health.display_state()
-                );
+                let state = k.health.display_state();
+                log::info!("backend {address} state={state} reason=\"set by the operator\"");
                 self.sync_probers();
                 self.republish();
-                Ok(
-                    serde_json::json!({"address": address, "state": self.known(address)?.health.display_state()}),
-                )
+                Ok(serde_json::json!({"address": address, "state": state}))
             }
             BackendWeight { address, weight } => {
                 if weight > u16::MAX as u32 {
@@ -448,13 +479,23 @@ impl Controller {
         }
     }
 
-    fn check_service(&self, service: Option<SocketAddr>) -> anyhow::Result<()> {
-        match service {
-            Some(s) if s != self.service.vip => bail!(
-                "unknown service {s} (this daemon serves {})",
-                self.service.vip
-            ),
-            _ => Ok(()),
+    /// The service a command names, or the only one.
+    fn service_index(&self, vip: Option<SocketAddr>) -> anyhow::Result<usize> {
+        match vip {
+            Some(v) => self
+                .services
+                .iter()
+                .position(|s| s.vip == v)
+                .with_context(|| {
+                    let all: Vec<String> =
+                        self.services.iter().map(|s| s.vip.to_string()).collect();
+                    format!(
+                        "unknown service {v} (this daemon serves {})",
+                        all.join(", ")
+                    )
+                }),
+            None if self.services.len() == 1 => Ok(0),
+            None => bail!("this daemon serves several services: name one with --service VIP:PORT"),
         }
     }
 
@@ -470,98 +511,105 @@ impl Controller {
             .with_context(|| format!("unknown backend {address}"))
     }
 
-    /// After the static set changed: track, probe, republish, free.
-    fn changed_backends(&mut self) {
-        self.sync_backends();
-        self.sync_probers();
-        self.republish();
-        self.release_forgotten();
-    }
-
     /// Which backend a Call-ID value goes to now.
     fn which(
         &self,
         call_id: &str,
         service: Option<SocketAddr>,
     ) -> anyhow::Result<serde_json::Value> {
-        self.check_service(service)?;
+        let service = &self.services[self.service_index(service)?];
         let compact: Vec<u8> = call_id
             .trim()
             .bytes()
             .filter(|b| *b != b' ' && *b != b'\t')
             .collect();
         let hash = sip_dispatch_common::hash::siphash13(self.key, &compact);
-        let table = self.tables.borrow().clone();
-        let backend = table
-            .as_ref()
-            .and_then(|t| t.member_for_hash(hash))
-            .map(|m| m.backend.to_socket_addr());
+        let backend = service
+            .table()
+            .and_then(|t| t.member_for_hash(hash).map(|m| m.backend.to_socket_addr()));
         Ok(serde_json::json!({
             "call_id": call_id,
-            "service": self.service.vip,
+            "service": service.vip,
             "slot": sip_dispatch_common::slot_of(hash),
             "backend": backend,
         }))
     }
 
-    /// `backends list`: every backend of the service with its share of the slots.
+    /// `backends list`: every backend of every service, with its share of the slots.
     fn backends_json(&self) -> anyhow::Result<serde_json::Value> {
-        let table = self.tables.borrow().clone();
-        let shares: HashMap<SocketAddr, f64> = table
-            .as_ref()
-            .map(|t| {
-                t.members
-                    .iter()
-                    .zip(t.shares())
-                    .map(|(m, s)| (m.backend.to_socket_addr(), s))
-                    .collect()
-            })
-            .unwrap_or_default();
         let snap = self.snapshot()?;
-        let backends: Vec<serde_json::Value> = snap
-            .backends
+        let services: Vec<serde_json::Value> = self
+            .services
             .iter()
-            .map(|b| {
-                let mut v = serde_json::to_value(b).unwrap_or_default();
-                let addr: Option<SocketAddr> = b.address.parse().ok();
-                v["share"] =
-                    serde_json::json!(addr.and_then(|a| shares.get(&a)).copied().unwrap_or(0.0));
-                v
+            .map(|s| {
+                let shares: HashMap<SocketAddr, f64> = s
+                    .table()
+                    .map(|t| {
+                        t.members
+                            .iter()
+                            .zip(t.shares())
+                            .map(|(m, x)| (m.backend.to_socket_addr(), x))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let vip = s.vip.to_string();
+                let backends: Vec<serde_json::Value> = snap
+                    .backends
+                    .iter()
+                    .filter(|b| b.service == vip)
+                    .map(|b| {
+                        let mut v = serde_json::to_value(b).unwrap_or_default();
+                        let share = b
+                            .address
+                            .parse()
+                            .ok()
+                            .and_then(|a: SocketAddr| shares.get(&a).copied());
+                        v["share"] = serde_json::json!(share.unwrap_or(0.0));
+                        v
+                    })
+                    .collect();
+                serde_json::json!({
+                    "vip": s.vip,
+                    "generation": s.generation,
+                    "priority": s.published.as_ref().and_then(|p| p.priority),
+                    "backends": backends,
+                })
             })
             .collect();
-        Ok(serde_json::json!({
-            "services": [{
-                "vip": self.service.vip,
-                "generation": self.generation,
-                "priority": self.published.as_ref().and_then(|p| p.priority),
-                "backends": backends,
-            }]
-        }))
+        Ok(serde_json::json!({ "services": services }))
     }
 
-    /// What the stats and the exit line show of each backend.
+    /// What the stats and the exit line show of each backend, per service.
     pub fn backend_infos(&self) -> Vec<BackendInfo> {
-        self.backends
-            .iter()
-            .map(|(addr, k)| BackendInfo {
-                id: self.dp.known_backend_id(*addr),
-                address: *addr,
-                weight: k.weight_override.unwrap_or(k.candidate.weight),
-                priority: k.candidate.priority,
-                source: k.source.clone(),
-                state: k.health.display_state(),
-                reason: k.health.reason.clone(),
-                rtt: k.health.srtt,
-                consecutive_failures: k.health.consecutive_failures,
-                last_change: k
-                    .health
-                    .last_change
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                checks: k.health.checks,
-                check_failures: k.health.check_failures,
-            })
-            .collect()
+        let mut out = Vec::new();
+        for s in &self.services {
+            let effective = self.candidates_with_health(s);
+            for ((c, source), eff) in s.candidates().into_iter().zip(effective) {
+                let Some(k) = self.backends.get(&c.addr) else {
+                    continue;
+                };
+                out.push(BackendInfo {
+                    id: self.dp.known_backend_id(c.addr),
+                    service: s.vip,
+                    address: c.addr,
+                    weight: eff.weight,
+                    priority: c.priority,
+                    source,
+                    state: k.health.display_state(),
+                    reason: k.health.reason.clone(),
+                    rtt: k.health.srtt,
+                    consecutive_failures: k.health.consecutive_failures,
+                    last_change: k
+                        .health
+                        .last_change
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    checks: k.health.checks,
+                    check_failures: k.health.check_failures,
+                });
+            }
+        }
+        out
     }
 
     /// Counters and backend states, as the exit line and the stats show them.

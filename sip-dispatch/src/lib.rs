@@ -3,6 +3,7 @@
 pub mod bpffs;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod control;
 pub mod controller;
 pub mod dataplane;

@@ -22,7 +22,7 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves scrapes until the task is dropped.
-pub async fn serve(listener: TcpListener, vip: std::net::SocketAddr, tx: mpsc::Sender<Command>) {
+pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Command>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
@@ -37,7 +37,7 @@ pub async fn serve(listener: TcpListener, vip: std::net::SocketAddr, tx: mpsc::S
             let body = match tx.send((Request::Stats, reply)).await {
                 Ok(()) => match answer.await {
                     Ok(r) if r.ok => serde_json::from_value::<Snapshot>(r.result)
-                        .map(|s| render(&s, vip))
+                        .map(|s| render(&s))
                         .ok(),
                     _ => None,
                 },
@@ -64,7 +64,7 @@ type BackendFamily = (
 );
 
 /// The snapshot in Prometheus text format.
-pub fn render(s: &Snapshot, vip: std::net::SocketAddr) -> String {
+pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str| {
         let _ = writeln!(
@@ -135,7 +135,8 @@ pub fn render(s: &Snapshot, vip: std::net::SocketAddr) -> String {
         for b in &s.backends {
             let _ = writeln!(
                 out,
-                "sip_dispatch_{name}{{service=\"{vip}\",backend=\"{}\",source=\"{}\"}} {}",
+                "sip_dispatch_{name}{{service=\"{}\",backend=\"{}\",source=\"{}\"}} {}",
+                b.service,
                 b.address,
                 b.source,
                 value(b)
@@ -175,6 +176,7 @@ mod tests {
         let s = Snapshot {
             counters,
             backends: vec![BackendSnapshot {
+                service: "198.18.0.100:5060".into(),
                 address: "198.18.0.21:5060".into(),
                 weight: 2,
                 priority: 10,
@@ -192,7 +194,7 @@ mod tests {
             dns_failures: 3,
             slow_path: Default::default(),
         };
-        let text = render(&s, "198.18.0.100:5060".parse().unwrap());
+        let text = render(&s);
         let labels = r#"{service="198.18.0.100:5060",backend="198.18.0.21:5060",source="_sip._udp.example.net"}"#;
         for line in [
             "sip_dispatch_fastpath_packets_total{outcome=\"xdp_tx\"} 42".to_string(),

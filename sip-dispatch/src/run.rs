@@ -1,20 +1,22 @@
 //! `sip-dispatch run` and `sip-dispatch xdp-pass`.
-use std::{collections::BTreeMap, ffi::CString, io::Write as _, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    io::Write as _,
+};
 
 use anyhow::{Context as _, bail};
-use sip_dispatch_common::HashKey;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::{RunArgs, XdpPassArgs},
+    config::Settings,
     control,
     controller::{self, Controller, Service},
     dataplane::{Dataplane, attach_pass},
-    health::HealthConfig,
     metrics,
     select::Candidate,
-    slowpath,
-    srv::{self, DnsConfig},
+    slowpath, srv,
     sysctl::Forwarding,
 };
 
@@ -38,89 +40,59 @@ fn tx_ports() -> Vec<(String, u32)> {
         .collect()
 }
 
-fn validate(args: &RunArgs) -> anyhow::Result<()> {
-    for (i, b) in args.backends.iter().enumerate() {
-        if b.addr.is_ipv6() != args.vip.is_ipv6() {
-            bail!(
-                "backend {} and VIP {} are of different address families",
-                b.addr,
-                args.vip
-            );
-        }
-        if b.addr == args.vip {
-            bail!("backend {} is the VIP itself (a forwarding loop)", b.addr);
-        }
-        if args.backends[..i].iter().any(|o| o.addr == b.addr) {
-            bail!("backend {} is listed twice", b.addr);
-        }
-    }
-    if args.iface == "lo" {
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&args)?;
+    if settings.iface == "lo" {
         bail!("refusing to attach to lo: XDP dispatch needs a real or veth interface");
     }
-    if args.dns_min_ttl > args.dns_max_ttl {
-        bail!(
-            "--dns-min-ttl {} is above --dns-max-ttl {}",
-            args.dns_min_ttl,
-            args.dns_max_ttl
-        );
-    }
-    if args.health_timeout > args.health_interval {
-        bail!(
-            "--health-timeout {:?} is longer than --health-interval {:?}",
-            args.health_timeout,
-            args.health_interval
-        );
-    }
-    Ok(())
-}
-
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    validate(&args)?;
-    ifindex(&args.iface)?;
+    ifindex(&settings.iface)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_daemon(args))
+    runtime.block_on(run_daemon(settings))
 }
 
-async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
-    let key = args.hash_key.unwrap_or(HashKey::DEFAULT);
-    let pin_dir = args
-        .pin_path
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/sip-dispatch/{}", args.iface)));
-    let health = HealthConfig {
-        interval: args.health_interval,
-        timeout: args.health_timeout,
-        down_after: args.down_after,
-        up_after: args.up_after,
-        alive: args.alive_codes.clone(),
-    };
-    let dns = DnsConfig {
-        server: args.dns_server,
-        min_ttl: Duration::from_secs(args.dns_min_ttl),
-        max_ttl: Duration::from_secs(args.dns_max_ttl),
-    };
-    let mut service = Service {
-        id: 0,
-        vip: args.vip,
-        statics: args
-            .backends
-            .iter()
-            .map(|b| Candidate {
-                addr: b.addr,
-                priority: b.priority,
-                weight: b.weight,
-                sharing: 1,
-                healthy: true,
-            })
-            .collect(),
-        srv: BTreeMap::new(),
-    };
+async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
+    let Settings {
+        iface,
+        xdp_mode,
+        hash_key: key,
+        pin_path,
+        reset,
+        control: control_path,
+        metrics,
+        dns,
+        health,
+        ..
+    } = settings.clone();
+    let mut services: Vec<Service> = settings
+        .services
+        .iter()
+        .enumerate()
+        .map(|(id, s)| {
+            let statics = s
+                .backends
+                .iter()
+                .map(|b| Candidate {
+                    addr: b.addr,
+                    priority: b.priority,
+                    weight: b.weight,
+                    sharing: 1,
+                    healthy: true,
+                })
+                .collect();
+            Service::new(id as u32, s.vip, statics, &s.srv)
+        })
+        .collect();
 
     // DNS first: starting needs at least one known backend.
-    let resolver = if args.srv.is_empty() {
+    let names: BTreeSet<String> = settings
+        .services
+        .iter()
+        .flat_map(|s| s.srv.iter().cloned())
+        .collect();
+    let resolver = if names.is_empty() {
         None
     } else {
         Some(srv::resolver(&dns)?)
@@ -128,11 +100,13 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     let mut first_answers = BTreeMap::new();
     let mut dns_errors = Vec::new();
     if let Some(resolver) = &resolver {
-        for name in &args.srv {
+        for name in &names {
             match srv::resolve(resolver, name).await {
                 Ok(answer) => {
                     controller::log_answer(name, &answer);
-                    service.set_srv(name, &answer);
+                    for s in &mut services {
+                        s.set_srv(name, &answer);
+                    }
                     first_answers.insert(name.clone(), answer);
                 }
                 Err(e) => {
@@ -142,73 +116,88 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if service.statics.is_empty() && service.srv.values().all(Vec::is_empty) {
+    if !services.iter().any(Service::has_backends) {
         bail!("no backend known: {}", dns_errors.join("; "));
     }
+    for s in services.iter().filter(|s| !s.has_backends()) {
+        log::warn!(
+            "service {} has no backend yet: its requests get 503 until DNS answers",
+            s.vip
+        );
+    }
 
-    let _forwarding = Forwarding::enable(&args.iface, args.vip.is_ipv6())?;
-    let mut dp = Dataplane::load(&pin_dir, &args.iface, args.reset, key)?;
+    let mut forwarding = Vec::new();
+    for v6 in [false, true] {
+        if services.iter().any(|s| s.vip.is_ipv6() == v6) {
+            forwarding.push(Forwarding::enable(&iface, v6)?);
+        }
+    }
+    let mut dp = Dataplane::load(&pin_path, &iface, reset, key)?;
     for (name, i) in tx_ports() {
         if let Err(e) = dp.add_tx_port(i) {
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
         }
     }
-    let slow_socket = slowpath::bind(args.vip).await?;
-    let control_path = args
-        .control
-        .clone()
-        .unwrap_or_else(|| control::default_socket(&args.iface));
+    let mut slow_sockets = Vec::new();
+    for s in &services {
+        slow_sockets.push(slowpath::bind(s.vip).await?);
+    }
     let control_listener = control::bind(&control_path)?;
-    let metrics_listener = match args.metrics {
+    let metrics_listener = match metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let mut ctl = Controller::new(dp, key, health, service);
+    let mut ctl = Controller::new(dp, key, health, services);
     ctl.initial_probe().await;
     ctl.republish();
-    let slow = tokio::spawn(slowpath::serve(
-        slow_socket,
-        key,
-        ctl.tables(),
-        ctl.slow_path.clone(),
-    ));
-    let mode = ctl.dataplane().attach(args.xdp_mode)?;
-    let infos = ctl.backend_infos();
+    let slow: Vec<_> = ctl
+        .services()
+        .iter()
+        .zip(slow_sockets)
+        .map(|(s, sock)| {
+            tokio::spawn(slowpath::serve(
+                sock,
+                key,
+                s.tables(),
+                ctl.slow_path.clone(),
+            ))
+        })
+        .collect();
+    let mode = ctl.dataplane().attach(xdp_mode)?;
+    let backends = ctl.backend_infos().len();
+    let vips: Vec<String> = ctl.services().iter().map(|s| s.vip.to_string()).collect();
     log::info!(
-        "dispatching {} on {} in {} mode",
-        args.vip,
-        args.iface,
+        "dispatching {} on {iface} in {} mode",
+        vips.join(", "),
         mode.name()
     );
     ready(&format!(
-        "iface={} mode={} backends={}",
-        args.iface,
+        "iface={iface} mode={} backends={backends} services={}",
         mode.name(),
-        infos.len()
+        vips.len()
     ));
 
     let (srv_tx, srv_rx) = tokio::sync::mpsc::channel(64);
     let watchers: Vec<_> = match resolver {
-        Some(resolver) => args
-            .srv
+        Some(resolver) => names
             .iter()
             .map(|name| {
                 let first = first_answers.get(name).cloned();
-                tokio::spawn(srv::watch(
+                let task = srv::watch(
                     resolver.clone(),
                     name.clone(),
                     dns,
                     first,
                     srv_tx.clone(),
                     ctl.reload.clone(),
-                ))
+                );
+                tokio::spawn(task)
             })
             .collect(),
         None => Vec::new(),
     };
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
-    let metrics_task =
-        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, args.vip, cmd_tx.clone())));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, cmd_tx.clone())));
     let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
     ctl.run(srv_rx, cmd_rx, stop_signal()?).await;
     control_task.abort();
@@ -216,15 +205,15 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
         t.abort();
     }
     let _ = std::fs::remove_file(&control_path);
-    for w in watchers {
-        w.abort();
+    for task in watchers.into_iter().chain(slow) {
+        task.abort();
     }
-    slow.abort();
 
     let snap = ctl.snapshot()?;
     drop(ctl);
+    drop(forwarding);
     println!("sip-dispatch: exit-stats {}", serde_json::to_string(&snap)?);
-    log::info!("detached from {}", args.iface);
+    log::info!("detached from {iface}");
     Ok(())
 }
 

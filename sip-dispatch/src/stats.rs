@@ -9,6 +9,8 @@ use crate::dataplane::Dataplane;
 #[derive(Clone, Debug)]
 pub struct BackendInfo {
     pub id: Option<u32>,
+    /// The service (VIP:port) this entry is about.
+    pub service: SocketAddr,
     pub address: SocketAddr,
     pub weight: u32,
     pub priority: u16,
@@ -27,6 +29,7 @@ pub struct BackendInfo {
 
 #[derive(Serialize, Deserialize)]
 pub struct BackendSnapshot {
+    pub service: String,
     pub address: String,
     pub weight: u32,
     pub priority: u16,
@@ -69,6 +72,7 @@ pub fn snapshot(
                 None => Default::default(),
             };
             Ok(BackendSnapshot {
+                service: b.service.to_string(),
                 address: b.address.to_string(),
                 weight: b.weight,
                 priority: b.priority,
