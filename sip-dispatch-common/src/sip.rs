@@ -29,7 +29,9 @@ pub fn parse_response(msg: &[u8]) -> Option<Response> {
         .strip_prefix("SIP/2.0 ")?
         .get(..3)?
         .parse()
-        .ok()?;
+        .ok()
+        // Three digits, 1xx and up: `parse` alone takes "020" as 20 and "+99" as 99.
+        .filter(|s| (100..=999).contains(s))?;
     let mut response = Response {
         status,
         call_id: String::new(),
@@ -153,6 +155,9 @@ mod tests {
             None
         );
         assert_eq!(parse_response(b"\xff\xfe"), None);
+        // Found by the sip_response fuzz target: status codes below 100.
+        assert_eq!(parse_response(b"SIP/2.0 020 OK\r\n\r\n"), None);
+        assert_eq!(parse_response(b"SIP/2.0 +99 OK\r\n\r\n"), None);
     }
 
     #[test]

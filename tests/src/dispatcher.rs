@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
-use crate::process::Process;
+use crate::{events::DaemonLog, process::Process};
 
 /// The line `sip-dispatch` prints on stdout once attached and serving.
 pub const READY_PREFIX: &str = "sip-dispatch: ready";
@@ -84,40 +84,117 @@ impl FromStr for XdpMode {
     }
 }
 
-/// A backend as given to `--backend ADDR:PORT,weight=N`.
+/// A backend as given to `--backend ADDR:PORT,weight=N[,priority=P]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendArg {
     pub address: SocketAddr,
     pub weight: u32,
+    /// `None`: left to the daemon's default (0).
+    pub priority: Option<u32>,
+}
+
+impl BackendArg {
+    pub fn new(address: SocketAddr, weight: u32) -> Self {
+        BackendArg {
+            address,
+            weight,
+            priority: None,
+        }
+    }
 }
 
 impl fmt::Display for BackendArg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},weight={}", self.address, self.weight)
+        write!(f, "{},weight={}", self.address, self.weight)?;
+        if let Some(p) = self.priority {
+            write!(f, ",priority={p}")?;
+        }
+        Ok(())
     }
 }
 
-/// The arguments of `sip-dispatch run`.
-pub fn run_args(
-    iface: &str,
-    vip: SocketAddr,
-    backends: &[BackendArg],
-    mode: XdpMode,
-) -> Vec<String> {
-    let mut args = vec![
-        "run".to_owned(),
-        "--iface".to_owned(),
-        iface.to_owned(),
-        "--vip".to_owned(),
-        vip.to_string(),
-    ];
-    for b in backends {
-        args.push("--backend".to_owned());
-        args.push(b.to_string());
+/// What `sip-dispatch run` is started with.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub iface: String,
+    pub vip: SocketAddr,
+    pub mode: XdpMode,
+    /// Static backends (`--backend`).
+    pub backends: Vec<BackendArg>,
+    /// SRV names (`--srv`).
+    pub srv: Vec<String>,
+    /// `--dns-server ADDR:PORT`.
+    pub dns_server: Option<SocketAddr>,
+    /// `--dns-min-ttl SECS`.
+    pub dns_min_ttl: Option<u32>,
+    /// `--control PATH`: the daemon's control socket. Its default depends only on the
+    /// interface name (`/run/sip-dispatch/<iface>.sock`, outside the namespaces), so
+    /// daemons of concurrent test runs would share it; see [`control_socket`].
+    pub control: Option<PathBuf>,
+    /// Further arguments, appended as given (health-check settings and the like).
+    pub extra: Vec<String>,
+}
+
+impl RunConfig {
+    pub fn new(iface: &str, vip: SocketAddr, mode: XdpMode) -> Self {
+        RunConfig {
+            iface: iface.to_owned(),
+            vip,
+            mode,
+            backends: Vec::new(),
+            srv: Vec::new(),
+            dns_server: None,
+            dns_min_ttl: None,
+            control: None,
+            extra: Vec::new(),
+        }
     }
-    args.push("--xdp-mode".to_owned());
-    args.push(mode.to_string());
-    args
+
+    /// The arguments of `sip-dispatch run`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "run".to_owned(),
+            "--iface".to_owned(),
+            self.iface.clone(),
+            "--vip".to_owned(),
+            self.vip.to_string(),
+        ];
+        for b in &self.backends {
+            args.push("--backend".to_owned());
+            args.push(b.to_string());
+        }
+        for name in &self.srv {
+            args.push("--srv".to_owned());
+            args.push(name.clone());
+        }
+        if let Some(server) = self.dns_server {
+            args.push("--dns-server".to_owned());
+            args.push(server.to_string());
+        }
+        if let Some(ttl) = self.dns_min_ttl {
+            args.push("--dns-min-ttl".to_owned());
+            args.push(ttl.to_string());
+        }
+        if let Some(path) = &self.control {
+            args.push("--control".to_owned());
+            args.push(path.to_string_lossy().into_owned());
+        }
+        args.push("--xdp-mode".to_owned());
+        args.push(self.mode.to_string());
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+}
+
+/// Directory of the testbed's daemon control sockets (short: a socket path has at most
+/// 107 bytes).
+pub const CONTROL_DIR: &str = "/run/sip-dispatch-testbed";
+
+/// A control socket path of its own for the daemon of the topology tagged `tag`
+/// (creates [`CONTROL_DIR`]; the daemon removes the socket when it exits).
+pub fn control_socket(tag: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(CONTROL_DIR).with_context(|| format!("creating {CONTROL_DIR}"))?;
+    Ok(Path::new(CONTROL_DIR).join(format!("{tag}.sock")))
 }
 
 /// A running `sip-dispatch` (either subcommand).
@@ -126,6 +203,20 @@ pub struct Dispatcher {
     process: Process,
     /// The ready line it printed.
     pub ready_line: String,
+    /// Dropped after the process (declared after it).
+    _control: Option<ControlSocket>,
+}
+
+/// A control socket under [`CONTROL_DIR`]: removed on drop (after the daemon stopped,
+/// which removes it itself when it exits cleanly), with the directory once empty.
+#[derive(Debug)]
+struct ControlSocket(PathBuf);
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir(CONTROL_DIR);
+    }
 }
 
 impl Dispatcher {
@@ -143,26 +234,20 @@ impl Dispatcher {
         Ok(Dispatcher {
             process,
             ready_line,
+            _control: None,
         })
     }
 
     /// `sip-dispatch run ...` in `ns`.
-    pub fn run(
-        binary: &Path,
-        ns: &str,
-        iface: &str,
-        vip: SocketAddr,
-        backends: &[BackendArg],
-        mode: XdpMode,
-        dir: &Path,
-    ) -> Result<Self> {
-        Self::start(
-            binary,
-            ns,
-            &run_args(iface, vip, backends, mode),
-            dir,
-            "sip-dispatch-run",
-        )
+    pub fn run(binary: &Path, ns: &str, config: &RunConfig, dir: &Path) -> Result<Self> {
+        let control = config
+            .control
+            .as_ref()
+            .filter(|p| p.starts_with(CONTROL_DIR))
+            .map(|p| ControlSocket(p.clone()));
+        let mut daemon = Self::start(binary, ns, &config.args(), dir, "sip-dispatch-run")?;
+        daemon._control = control;
+        Ok(daemon)
     }
 
     /// `sip-dispatch xdp-pass --iface IF` in `ns`.
@@ -173,6 +258,11 @@ impl Dispatcher {
 
     pub fn pid(&self) -> i32 {
         self.process.pid()
+    }
+
+    /// Its log (stderr) as events, from the first line on.
+    pub fn log(&self) -> DaemonLog {
+        DaemonLog::new(self.process.stderr_lines(), self.process.stderr_path())
     }
 
     /// Whether it is still running (it should be, while it serves).
@@ -234,6 +324,17 @@ pub struct BackendStats {
     pub packets: u64,
     #[serde(default)]
     pub bytes: u64,
+    /// Health state (`up`, `down`), with health checks.
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub priority: Option<u32>,
+    /// `static` or the SRV name the backend came from.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Round-trip time of the last answered health check.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
 }
 
 impl ExitStats {
@@ -303,26 +404,34 @@ mod tests {
 
     #[test]
     fn run_arguments() {
-        let args = run_args(
+        let mut cfg = RunConfig::new(
             "v-disp",
             "[2001:db8::100]:5060".parse().unwrap(),
-            &[
-                BackendArg {
-                    address: "[2001:db8::21]:5060".parse().unwrap(),
-                    weight: 2,
-                },
-                BackendArg {
-                    address: "[2001:db8::22]:5060".parse().unwrap(),
-                    weight: 1,
-                },
-            ],
             XdpMode::Native,
         );
+        cfg.backends = vec![
+            BackendArg::new("[2001:db8::21]:5060".parse().unwrap(), 2),
+            BackendArg::new("[2001:db8::22]:5060".parse().unwrap(), 1),
+        ];
         assert_eq!(
-            args.join(" "),
+            cfg.args().join(" "),
             "run --iface v-disp --vip [2001:db8::100]:5060 \
              --backend [2001:db8::21]:5060,weight=2 --backend [2001:db8::22]:5060,weight=1 \
              --xdp-mode native"
+        );
+        cfg.backends[1].priority = Some(20);
+        cfg.srv.push("_sip._udp.example.net".to_owned());
+        cfg.dns_server = Some("198.18.0.53:53".parse().unwrap());
+        cfg.dns_min_ttl = Some(1);
+        cfg.control = Some("/run/x/c.sock".into());
+        cfg.extra = vec!["--down-after".to_owned(), "2".to_owned()];
+        assert_eq!(
+            cfg.args().join(" "),
+            "run --iface v-disp --vip [2001:db8::100]:5060 \
+             --backend [2001:db8::21]:5060,weight=2 \
+             --backend [2001:db8::22]:5060,weight=1,priority=20 \
+             --srv _sip._udp.example.net --dns-server 198.18.0.53:53 --dns-min-ttl 1 \
+             --control /run/x/c.sock --xdp-mode native --down-after 2"
         );
     }
 }

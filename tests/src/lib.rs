@@ -4,10 +4,13 @@
 //!
 //! Everything runs inside namespaces this crate creates (`sdt<pid>n<seq>-<role>`), using
 //! only 198.18.0.0/24 and 2001:db8::/64; nothing touches the root namespace's interfaces.
-//! Needs root, `ip`, `ethtool` and `sipp`.
+//! Needs root, `ip`, `ethtool` and `sipp`; the controller tests also `named` and `dig`.
 pub mod cancel;
 pub mod cmd;
+pub mod controller;
 pub mod dispatcher;
+pub mod dns;
+pub mod events;
 pub mod netns;
 pub mod preflight;
 pub mod process;

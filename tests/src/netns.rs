@@ -33,6 +33,15 @@ pub fn command(ns: &str, program: &str) -> Command {
     c
 }
 
+/// Runs `program args...` inside namespace `ns` to completion and returns its stdout.
+pub fn exec<I, S>(ns: &str, program: &str, args: I) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    cmd::stdout(command(ns, program).args(args))
+}
+
 /// A network namespace that is deleted (after killing whatever runs in it) on drop.
 #[derive(Debug)]
 pub struct Netns {
@@ -72,7 +81,7 @@ impl Netns {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        cmd::stdout(command(&self.name, program).args(args))
+        exec(&self.name, program, args)
     }
 
     /// Kills what still runs inside (SIGTERM, then SIGKILL after `grace`).

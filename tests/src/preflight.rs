@@ -31,9 +31,22 @@ pub fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Tools the controller tests add: a real DNS server and a client to query it.
+pub const DNS_TOOLS: &[(&str, &str)] = &[("named", "bind9"), ("dig", "bind9-dnsutils")];
+
 /// Fails with one message naming every missing tool and its package.
 pub fn require_tools() -> Result<()> {
-    let missing: Vec<String> = TOOLS
+    require(TOOLS)
+}
+
+/// [`require_all`] and the [`DNS_TOOLS`].
+pub fn require_dns() -> Result<()> {
+    require_all()?;
+    require(DNS_TOOLS)
+}
+
+fn require(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<String> = tools
         .iter()
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(tool, pkg)| format!("{tool} (Debian package {pkg})"))

@@ -1,16 +1,17 @@
 //! A child process started inside a namespace (`ip netns exec NS ...`, which execs the
-//! program, so the child's PID is the program's), with stdout and stderr captured to files,
-//! stdout lines also observable as they arrive (to wait for a "ready" line), and a stop
-//! (SIGTERM, bounded wait, SIGKILL) that also runs on drop.
+//! program, so the child's PID is the program's), with stdout and stderr captured to files
+//! and also observable line by line as they arrive (each line stamped with the time the
+//! harness read it: to wait for a "ready" line, or to watch a daemon's log as events), and
+//! a stop (SIGTERM, bounded wait, SIGKILL) that also runs on drop.
 use std::{
     fs::File,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read, Write as _},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, ExitStatus, Stdio},
     sync::{Arc, Condvar, Mutex},
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -21,9 +22,19 @@ use crate::{cancel, cmd, netns};
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(10);
 
+/// One line of a child's output, stamped when the harness read it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// For durations (monotonic).
+    pub at: Instant,
+    /// For comparing with the timestamps other programs write (SIPp's message logs).
+    pub wall: SystemTime,
+    pub text: String,
+}
+
 #[derive(Default)]
 struct Lines {
-    lines: Vec<String>,
+    lines: Vec<Line>,
     eof: bool,
 }
 
@@ -33,13 +44,148 @@ struct Shared {
     changed: Condvar,
 }
 
+/// What [`LineLog::wait_for`] found.
+#[derive(Debug)]
+pub enum Wait<T> {
+    /// The index of the matching line, the line, and what the matcher made of it.
+    Found(usize, Line, T),
+    /// The stream ended (the process exited) first.
+    Eof,
+    TimedOut,
+}
+
+/// The lines of one output stream of a child, as they arrive. Cloning gives another
+/// handle on the same lines.
+#[derive(Clone, Default)]
+pub struct LineLog {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LineLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineLog")
+            .field("lines", &self.len())
+            .finish()
+    }
+}
+
+impl LineLog {
+    /// Number of lines read so far: a cursor for [`wait_for`](Self::wait_for).
+    pub fn len(&self) -> usize {
+        self.shared.state.lock().expect("lines lock").lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the lines read so far.
+    pub fn lines(&self) -> Vec<Line> {
+        self.shared.state.lock().expect("lines lock").lines.clone()
+    }
+
+    fn push(&self, text: String) {
+        let line = Line {
+            at: Instant::now(),
+            wall: SystemTime::now(),
+            text,
+        };
+        self.shared
+            .state
+            .lock()
+            .expect("lines lock")
+            .lines
+            .push(line);
+        self.shared.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.shared.state.lock().expect("lines lock").eof = true;
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits until a line at index `from` or later makes `matcher` return `Some`, the
+    /// stream ends, or `timeout` passes (cancellable: errors out on [`cancel::request`]).
+    /// Lines that arrived before the call count too, so nothing is missed between two
+    /// waits that pass on the cursor.
+    pub fn wait_for<T>(
+        &self,
+        from: usize,
+        timeout: Duration,
+        mut matcher: impl FnMut(&str) -> Option<T>,
+    ) -> Result<Wait<T>> {
+        let deadline = Instant::now() + timeout;
+        let mut next = from;
+        let mut state = self.shared.state.lock().expect("lines lock");
+        loop {
+            while next < state.lines.len() {
+                let line = &state.lines[next];
+                if let Some(found) = matcher(&line.text) {
+                    return Ok(Wait::Found(next, line.clone(), found));
+                }
+                next += 1;
+            }
+            if state.eof {
+                return Ok(Wait::Eof);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Wait::TimedOut);
+            }
+            if cancel::requested() {
+                bail!("interrupted");
+            }
+            let slice = (deadline - now).min(Duration::from_millis(100));
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, slice)
+                .expect("lines lock")
+                .0;
+        }
+    }
+}
+
+/// Copies `pipe` to `file` and, line by line, to `log`; closes `log` at EOF.
+fn spawn_reader(
+    name: String,
+    pipe: impl Read + Send + 'static,
+    mut file: File,
+    log: LineLog,
+) -> Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let mut pipe = BufReader::new(pipe);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match pipe.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let _ = file.write_all(&buf);
+                        log.push(
+                            String::from_utf8_lossy(&buf)
+                                .trim_end_matches(['\n', '\r'])
+                                .to_owned(),
+                        );
+                    }
+                }
+            }
+            let _ = file.flush();
+            log.close();
+        })
+        .context("starting an output reader thread")
+}
+
 /// A running child process.
 pub struct Process {
     label: String,
     command_line: String,
     child: Child,
-    stdout: Arc<Shared>,
-    reader: Option<JoinHandle<()>>,
+    stdout: LineLog,
+    stderr: LineLog,
+    readers: Vec<JoinHandle<()>>,
     stdout_path: PathBuf,
     stderr_path: PathBuf,
     status: Option<ExitStatus>,
@@ -68,9 +214,9 @@ impl Process {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let stdout_path = dir.join(format!("{label}.stdout"));
         let stderr_path = dir.join(format!("{label}.stderr"));
-        let stderr = File::create(&stderr_path)
+        let stderr_file = File::create(&stderr_path)
             .with_context(|| format!("creating {}", stderr_path.display()))?;
-        let mut stdout_file = File::create(&stdout_path)
+        let stdout_file = File::create(&stdout_path)
             .with_context(|| format!("creating {}", stdout_path.display()))?;
 
         let mut command = netns::command(ns, program);
@@ -79,47 +225,44 @@ impl Process {
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(stderr)
+            .stderr(Stdio::piped())
             .process_group(0);
         let command_line = cmd::display(&command);
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start `{command_line}`"))?;
 
-        let pipe = child.stdout.take().expect("stdout is piped");
-        let shared = Arc::new(Shared::default());
-        let sink = Arc::clone(&shared);
-        let reader = thread::Builder::new()
-            .name(format!("{label}-stdout"))
-            .spawn(move || {
-                let mut pipe = BufReader::new(pipe);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match pipe.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            let _ = stdout_file.write_all(&buf);
-                            let line = String::from_utf8_lossy(&buf)
-                                .trim_end_matches(['\n', '\r'])
-                                .to_owned();
-                            sink.state.lock().expect("lines lock").lines.push(line);
-                            sink.changed.notify_all();
-                        }
-                    }
+        let stdout = LineLog::default();
+        let stderr = LineLog::default();
+        let mut readers = Vec::new();
+        let out_pipe = child.stdout.take().expect("stdout is piped");
+        let err_pipe = child.stderr.take().expect("stderr is piped");
+        for (pipe, file, log, stream) in [
+            (
+                Box::new(out_pipe) as Box<dyn Read + Send>,
+                stdout_file,
+                &stdout,
+                "stdout",
+            ),
+            (Box::new(err_pipe), stderr_file, &stderr, "stderr"),
+        ] {
+            match spawn_reader(format!("{label}-{stream}"), pipe, file, log.clone()) {
+                Ok(handle) => readers.push(handle),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
                 }
-                let _ = stdout_file.flush();
-                sink.state.lock().expect("lines lock").eof = true;
-                sink.changed.notify_all();
-            })
-            .context("starting the stdout reader thread")?;
+            }
+        }
 
         Ok(Process {
             label: label.to_owned(),
             command_line,
             child,
-            stdout: shared,
-            reader: Some(reader),
+            stdout,
+            stderr,
+            readers,
             stdout_path,
             stderr_path,
             status: None,
@@ -153,20 +296,25 @@ impl Process {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// Its stdout lines as they arrive.
+    pub fn stdout_lines(&self) -> LineLog {
+        self.stdout.clone()
+    }
+
+    /// Its stderr lines as they arrive (a daemon's log).
+    pub fn stderr_lines(&self) -> LineLog {
+        self.stderr.clone()
+    }
+
     /// Waits until a stdout line starts with `prefix` and returns it. Fails if the process
     /// closes stdout (exits) first, on timeout, or on cancellation.
     pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        let mut seen = 0;
-        let shared = Arc::clone(&self.stdout);
-        let mut state = shared.state.lock().expect("lines lock");
-        loop {
-            if let Some(line) = state.lines[seen..].iter().find(|l| l.starts_with(prefix)) {
-                return Ok(line.clone());
-            }
-            seen = state.lines.len();
-            if state.eof {
-                drop(state);
+        let found = self
+            .stdout
+            .wait_for(0, timeout, |l| l.starts_with(prefix).then(|| l.to_owned()));
+        match found {
+            Ok(Wait::Found(_, _, line)) => Ok(line),
+            Ok(Wait::Eof) => {
                 let status = self.wait_timeout(Duration::from_secs(2))?;
                 bail!(
                     "{} ended ({}) before printing {prefix:?}; `{}`; stderr:\n{}",
@@ -176,25 +324,13 @@ impl Process {
                     self.stderr_tail(30)
                 );
             }
-            let now = Instant::now();
-            if now >= deadline {
-                drop(state);
-                bail!(
-                    "{} did not print {prefix:?} within {timeout:?}; `{}`; stderr:\n{}",
-                    self.label,
-                    self.command_line,
-                    self.stderr_tail(30)
-                );
-            }
-            if cancel::requested() {
-                bail!("interrupted while waiting for {}", self.label);
-            }
-            let slice = (deadline - now).min(Duration::from_millis(100));
-            state = shared
-                .changed
-                .wait_timeout(state, slice)
-                .expect("lines lock")
-                .0;
+            Ok(Wait::TimedOut) => bail!(
+                "{} did not print {prefix:?} within {timeout:?}; `{}`; stderr:\n{}",
+                self.label,
+                self.command_line,
+                self.stderr_tail(30)
+            ),
+            Err(e) => Err(e).with_context(|| format!("waiting for {}", self.label)),
         }
     }
 
@@ -274,16 +410,13 @@ impl Process {
     }
 
     fn finish(&mut self, status: ExitStatus, killed: bool) -> Result<Stopped> {
-        if let Some(reader) = self.reader.take() {
-            // stdout reaches EOF once the process (and anything it forked) is gone.
-            let _ = reader.join();
-        }
+        self.join_readers();
         let stdout = self
             .stdout
-            .state
-            .lock()
-            .expect("lines lock")
-            .lines
+            .lines()
+            .into_iter()
+            .map(|l| l.text)
+            .collect::<Vec<_>>()
             .join("\n");
         Ok(Stopped {
             status,
@@ -292,14 +425,22 @@ impl Process {
             stderr_path: self.stderr_path.clone(),
         })
     }
+
+    /// Waits for the output readers: the pipes reach EOF once the process (and anything
+    /// it forked) is gone.
+    fn join_readers(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
         if matches!(self.try_wait(), Ok(None)) {
             let _ = self.stop_with(Duration::from_secs(3));
-        } else if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
+        } else {
+            self.join_readers();
         }
     }
 }

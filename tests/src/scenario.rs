@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
-    dispatcher::{BackendArg, Dispatcher, ExitStats, XdpMode},
+    dispatcher::{self, BackendArg, Dispatcher, ExitStats, RunConfig, XdpMode},
     netns, preflight,
     sipp::{self, Scenario, UacReport, UacSpec, Uas, UasReport},
     topology::{Family, Topology, TopologySpec},
@@ -232,7 +232,7 @@ impl ScenarioSummary {
     }
 }
 
-fn progress(verbose: bool, msg: impl AsRef<str>) {
+pub fn progress(verbose: bool, msg: impl AsRef<str>) {
     if verbose {
         eprintln!("testbed: {}", msg.as_ref());
     }
@@ -252,8 +252,8 @@ pub fn run_dir(parent: &Path, name: &str) -> Result<PathBuf> {
 /// Runs calls through the dispatcher (see the module documentation).
 pub fn run_scenario(cfg: &ScenarioConfig) -> Result<ScenarioSummary> {
     ensure!(
-        !cfg.weights.is_empty() && cfg.weights.len() <= 50,
-        "1 to 50 backends"
+        !cfg.weights.is_empty() && cfg.weights.len() <= 30,
+        "1 to 30 backends"
     );
     ensure!(
         cfg.calls > 0 && cfg.rate > 0,
@@ -277,51 +277,22 @@ pub fn run_scenario(cfg: &ScenarioConfig) -> Result<ScenarioSummary> {
     netns::cleanup_leftovers()?;
 
     progress(cfg.verbose, "building the topology");
-    let topo = Topology::build(TopologySpec {
-        dispatcher: true,
-        backends: cfg.weights.len() as u8,
-    })?;
+    let topo = Topology::build(TopologySpec::dispatcher(cfg.weights.len() as u8))?;
     let bound = cfg.time_bound();
 
     progress(cfg.verbose, "starting the SIPp UAS backends");
-    let mut servers = Vec::new();
-    for (i, b) in topo.backends().enumerate() {
-        servers.push(Uas::start(
-            b.ns_name(),
-            b.ip(cfg.family),
-            &dir,
-            &format!("uas-b{}", i + 1),
-            bound,
-        )?);
-    }
-    let backend_args: Vec<BackendArg> = servers
-        .iter()
-        .zip(&cfg.weights)
-        .map(|(s, &weight)| BackendArg {
-            address: s.address,
-            weight,
-        })
-        .collect();
-
+    let servers = start_backends(&topo, cfg.family, &dir, bound)?;
     let disp = topo.dispatcher()?;
     let vip = SocketAddr::new(topo.vip(cfg.family), sipp::SIP_PORT);
-    let xdp_pass = if cfg.mode == XdpMode::Skb {
-        None
-    } else {
-        progress(
-            cfg.verbose,
-            format!(
-                "attaching an XDP_PASS program to {} (the dispatcher's peer) for native XDP_TX on veth",
-                disp.switch_iface
-            ),
-        );
-        Some(Dispatcher::xdp_pass(
-            &cfg.binary,
-            topo.switch().name(),
-            &disp.switch_iface,
-            &dir,
-        )?)
-    };
+    let mut run = RunConfig::new(&disp.iface, vip, cfg.mode);
+    run.control = Some(dispatcher::control_socket(topo.tag())?);
+    run.backends = servers
+        .iter()
+        .zip(&cfg.weights)
+        .map(|(s, &weight)| BackendArg::new(s.address, weight))
+        .collect();
+
+    let xdp_pass = start_xdp_pass(&topo, &cfg.binary, cfg.mode, &dir, cfg.verbose)?;
     progress(
         cfg.verbose,
         format!(
@@ -329,15 +300,7 @@ pub fn run_scenario(cfg: &ScenarioConfig) -> Result<ScenarioSummary> {
             disp.iface, cfg.mode
         ),
     );
-    let mut daemon = Dispatcher::run(
-        &cfg.binary,
-        disp.ns_name(),
-        &disp.iface,
-        vip,
-        &backend_args,
-        cfg.mode,
-        &dir,
-    )?;
+    let mut daemon = Dispatcher::run(&cfg.binary, disp.ns_name(), &run, &dir)?;
     progress(cfg.verbose, format!("dispatcher: {}", daemon.ready_line));
     let ready_line = daemon.ready_line.clone();
 
@@ -368,6 +331,51 @@ pub fn run_scenario(cfg: &ScenarioConfig) -> Result<ScenarioSummary> {
     Ok(summarise(
         cfg, vip, reports, uac, exit_stats, ready_line, dir,
     ))
+}
+
+/// Starts a SIPp UAS on every backend host of `topo` (`uas-b1`, `uas-b2`, ...), each
+/// quitting by itself after `bound`.
+pub fn start_backends(
+    topo: &Topology,
+    family: Family,
+    dir: &Path,
+    bound: Duration,
+) -> Result<Vec<Uas>> {
+    topo.backends()
+        .enumerate()
+        .map(|(i, b)| {
+            Uas::start(
+                b.ns_name(),
+                b.ip(family),
+                dir,
+                &format!("uas-b{}", i + 1),
+                bound,
+            )
+        })
+        .collect()
+}
+
+/// For native (and auto) XDP mode on veth: an XDP_PASS program on the dispatcher's peer
+/// in the switch, without which the kernel drops XDP_TX frames. `None` in skb mode.
+pub fn start_xdp_pass(
+    topo: &Topology,
+    binary: &Path,
+    mode: XdpMode,
+    dir: &Path,
+    verbose: bool,
+) -> Result<Option<Dispatcher>> {
+    if mode == XdpMode::Skb {
+        return Ok(None);
+    }
+    let disp = topo.dispatcher()?;
+    progress(
+        verbose,
+        format!(
+            "attaching an XDP_PASS program to {} (the dispatcher's peer) for native XDP_TX on veth",
+            disp.switch_iface
+        ),
+    );
+    Dispatcher::xdp_pass(binary, topo.switch().name(), &disp.switch_iface, dir).map(Some)
 }
 
 fn summarise(
@@ -449,6 +457,7 @@ pub fn run_direct(
     let topo = Topology::build(TopologySpec {
         dispatcher: false,
         backends: 1,
+        dns: false,
     })?;
     let backend = topo.backends().next().context("one backend")?;
     let client = topo.client();

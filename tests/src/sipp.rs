@@ -117,6 +117,42 @@ pub fn parse_short_messages(text: &str) -> BTreeMap<String, CallMessages> {
     calls
 }
 
+/// One call as the UAC saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UacCall {
+    /// When the UAC first sent the INVITE, in seconds since the Unix epoch.
+    pub invite_at: f64,
+    /// Whether the BYE was answered 200 (the built-in `uac` scenario then succeeded).
+    pub ok: bool,
+}
+
+/// Parses the UAC's `-trace_shortmsg` log: per Call-ID, when the first INVITE went out
+/// and whether a 200 to the BYE came back.
+pub fn parse_uac_calls(text: &str) -> BTreeMap<String, UacCall> {
+    let mut calls: BTreeMap<String, UacCall> = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let Ok(at) = f[2].parse::<f64>() else {
+            continue;
+        };
+        let method = f[5].split_whitespace().last().unwrap_or_default();
+        let entry = calls.entry(f[4].to_owned()).or_insert(UacCall {
+            invite_at: f64::INFINITY,
+            ok: false,
+        });
+        match f[3] {
+            "S" if f[6].starts_with("INVITE ") => entry.invite_at = entry.invite_at.min(at),
+            "R" if method == "BYE" && f[6].starts_with("SIP/2.0 200") => entry.ok = true,
+            _ => {}
+        }
+    }
+    calls.retain(|_, c| c.invite_at.is_finite());
+    calls
+}
+
 /// What one UAS saw.
 #[derive(Debug, Clone)]
 pub struct UasReport {
@@ -218,6 +254,23 @@ impl Uas {
                 self.address
             );
         }
+        self.report(StatRow::read(&self.stat_path)?, stopped.status.code())
+    }
+
+    /// Kills the UAS with SIGKILL, like a crash: its socket closes at once (so probes
+    /// get ICMP port unreachable). SIPp writes its message log line by line, so the
+    /// report still counts what reached it before; its stat file may lack the last line.
+    pub fn kill(mut self) -> Result<UasReport> {
+        self.process.signal(libc::SIGKILL)?;
+        let status = self
+            .process
+            .wait_timeout(Duration::from_secs(5))?
+            .with_context(|| format!("UAS {} survived SIGKILL", self.address))?;
+        let stat = StatRow::read(&self.stat_path).unwrap_or_default();
+        self.report(stat, status.code())
+    }
+
+    fn report(&self, stat: StatRow, exit_code: Option<i32>) -> Result<UasReport> {
         let text = std::fs::read_to_string(&self.messages_path)
             .with_context(|| format!("reading {}", self.messages_path.display()))?;
         let mut report = UasReport {
@@ -225,8 +278,8 @@ impl Uas {
             calls: BTreeSet::new(),
             incomplete: BTreeMap::new(),
             health_checks: 0,
-            stat: StatRow::read(&self.stat_path)?,
-            exit_code: stopped.status.code(),
+            stat,
+            exit_code,
         };
         for (call_id, msgs) in parse_short_messages(&text) {
             if msgs.complete() {
@@ -256,6 +309,11 @@ pub struct UacSpec {
     /// SIPp's global timeout (`-timeout`, with `-timeout_error`); the harness kills it a
     /// little after that.
     pub bound: Duration,
+    /// How long a call waits for an expected message before it fails (`-recv_timeout`).
+    /// Without it a call whose backend died between its 180 and its 200 would wait for
+    /// the 200 until the global timeout (a provisional response stops the INVITE
+    /// retransmissions).
+    pub recv_timeout: Duration,
     /// Call-ID pattern (`-cid_str`; `%u` call number, `%s` local address, `%p` PID).
     /// The default has no PID, so every run places the same Call-IDs and the per-backend
     /// shares of a run are reproducible (no statistical flakiness in the tests).
@@ -283,6 +341,7 @@ impl UacSpec {
             calls,
             rate,
             bound: Duration::from_secs(u64::from(calls.div_ceil(rate)) + 20),
+            recv_timeout: Duration::from_secs(10),
             call_id: CALL_ID_PATTERN.to_owned(),
         }
     }
@@ -301,6 +360,17 @@ pub struct UacReport {
     pub elapsed: Duration,
     pub dir: PathBuf,
     pub label: String,
+    /// Its `-trace_shortmsg` log (see [`parse_uac_calls`]).
+    pub messages: PathBuf,
+}
+
+impl UacReport {
+    /// Every call, from the message log.
+    pub fn calls(&self) -> Result<BTreeMap<String, UacCall>> {
+        let text = std::fs::read_to_string(&self.messages)
+            .with_context(|| format!("reading {}", self.messages.display()))?;
+        Ok(parse_uac_calls(&text))
+    }
 }
 
 impl UacReport {
@@ -333,72 +403,135 @@ impl UacReport {
 /// Runs the UAC in namespace `ns` to completion (bounded by `spec.bound` plus a margin,
 /// after which it is stopped) and reads its counters.
 pub fn run_uac(ns: &str, spec: &UacSpec, dir: &Path, label: &str) -> Result<UacReport> {
-    crate::topology::check_test_address(spec.target.ip())?;
-    crate::topology::check_test_address(spec.local_ip)?;
-    let logs = TraceFiles::new(dir, label);
-    let mut args: Vec<String> = match &spec.scenario {
-        Scenario::BuiltIn(name) => vec!["-sn".into(), (*name).into()],
-        Scenario::File(path) => vec!["-sf".into(), path_arg(path)],
-    };
-    args.extend([
-        host_port(spec.target),
-        "-i".into(),
-        spec.local_ip.to_string(),
-        "-p".into(),
-        spec.local_port.to_string(),
-        "-bind_local".into(),
-        "-nostdin".into(),
-        "-cid_str".into(),
-        spec.call_id.clone(),
-        "-m".into(),
-        spec.calls.to_string(),
-        "-r".into(),
-        spec.rate.to_string(),
-        "-timeout".into(),
-        format!("{}s", spec.bound.as_secs().max(1)),
-        "-timeout_error".into(),
-    ]);
-    args.extend(logs.args());
-    let started = Instant::now();
-    let mut process = Process::spawn(ns, "sipp", &args, dir, label)?;
-    let limit = spec.bound + Duration::from_secs(10);
-    let stopped = match process.wait_timeout(limit) {
-        Ok(Some(_)) => process.collect()?,
-        Ok(None) => {
-            let _ = process.stop();
+    Uac::start(ns, spec, dir, label)?.finish()
+}
+
+/// A UAC running in the background (calls placed while the test changes things).
+pub struct Uac {
+    process: Process,
+    spec: UacSpec,
+    logs: TraceFiles,
+    started: Instant,
+    dir: PathBuf,
+    label: String,
+}
+
+impl Uac {
+    /// Starts the UAC in namespace `ns`; it places its calls while the caller goes on.
+    pub fn start(ns: &str, spec: &UacSpec, dir: &Path, label: &str) -> Result<Uac> {
+        crate::topology::check_test_address(spec.target.ip())?;
+        crate::topology::check_test_address(spec.local_ip)?;
+        let logs = TraceFiles::new(dir, label);
+        let mut args: Vec<String> = match &spec.scenario {
+            Scenario::BuiltIn(name) => vec!["-sn".into(), (*name).into()],
+            Scenario::File(path) => vec!["-sf".into(), path_arg(path)],
+        };
+        args.extend([
+            host_port(spec.target),
+            "-i".into(),
+            spec.local_ip.to_string(),
+            "-p".into(),
+            spec.local_port.to_string(),
+            "-bind_local".into(),
+            "-nostdin".into(),
+            "-cid_str".into(),
+            spec.call_id.clone(),
+            "-m".into(),
+            spec.calls.to_string(),
+            "-r".into(),
+            spec.rate.to_string(),
+            "-timeout".into(),
+            format!("{}s", spec.bound.as_secs().max(1)),
+            "-timeout_error".into(),
+            "-recv_timeout".into(),
+            spec.recv_timeout.as_millis().to_string(),
+        ]);
+        args.extend(logs.args());
+        let started = Instant::now();
+        let process = Process::spawn(ns, "sipp", &args, dir, label)?;
+        Ok(Uac {
+            process,
+            spec: spec.clone(),
+            logs,
+            started,
+            dir: dir.to_owned(),
+            label: label.to_owned(),
+        })
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Fails if the UAC has already ended (it should still be placing calls).
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.process.try_wait()? {
             bail!(
-                "UAC did not finish within {limit:?} (`{}`)",
-                process.command_line()
+                "the UAC ended early ({status}) after {:.1} s; stderr:\n{}",
+                self.started.elapsed().as_secs_f64(),
+                self.process.stderr_tail(20)
             );
         }
-        Err(e) => {
-            let _ = process.stop();
-            return Err(e);
-        }
-    };
-    let elapsed = started.elapsed();
-    let code = stopped.status.code();
-    if matches!(code, Some(254 | 255) | None) {
-        bail!(
-            "UAC failed to run ({}): `{}`; stderr:\n{}\nstdout tail:\n{}",
-            stopped.status,
-            process.command_line(),
-            process.stderr_tail(20),
-            tail(&stopped.stdout, 20)
-        );
+        Ok(())
     }
-    let stat = StatRow::read(&logs.stat)?;
-    Ok(UacReport {
-        exit_code: code,
-        successful: stat.require("SuccessfulCall(C)")?,
-        failed: stat.require("FailedCall(C)")?,
-        created: stat.require("OutgoingCall(C)")?,
-        retransmissions: stat.get("Retransmissions(C)").unwrap_or(0),
-        stat,
-        elapsed,
-        dir: dir.to_owned(),
-        label: label.to_owned(),
-    })
+
+    /// Lets calls flow for `d` (a load phase of the test, not a synchronisation), failing
+    /// early if the UAC ends or on cancellation.
+    pub fn run_for(&mut self, d: Duration) -> Result<()> {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.check_running()?;
+            cancel::check()?;
+            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+        }
+        self.check_running()
+    }
+
+    /// Waits for the UAC to finish (bounded by its `-timeout` plus a margin, after which
+    /// it is stopped) and reads its counters.
+    pub fn finish(mut self) -> Result<UacReport> {
+        let limit = self.spec.bound + Duration::from_secs(10);
+        let remaining = limit.saturating_sub(self.started.elapsed());
+        let stopped = match self.process.wait_timeout(remaining) {
+            Ok(Some(_)) => self.process.collect()?,
+            Ok(None) => {
+                let _ = self.process.stop();
+                bail!(
+                    "UAC did not finish within {limit:?} (`{}`)",
+                    self.process.command_line()
+                );
+            }
+            Err(e) => {
+                let _ = self.process.stop();
+                return Err(e);
+            }
+        };
+        let elapsed = self.started.elapsed();
+        let code = stopped.status.code();
+        if matches!(code, Some(254 | 255) | None) {
+            bail!(
+                "UAC failed to run ({}): `{}`; stderr:\n{}\nstdout tail:\n{}",
+                stopped.status,
+                self.process.command_line(),
+                self.process.stderr_tail(20),
+                tail(&stopped.stdout, 20)
+            );
+        }
+        let stat = StatRow::read(&self.logs.stat)?;
+        Ok(UacReport {
+            exit_code: code,
+            successful: stat.require("SuccessfulCall(C)")?,
+            failed: stat.require("FailedCall(C)")?,
+            created: stat.require("OutgoingCall(C)")?,
+            retransmissions: stat.get("Retransmissions(C)").unwrap_or(0),
+            stat,
+            elapsed,
+            dir: self.dir,
+            label: self.label,
+            messages: self.logs.messages,
+        })
+    }
 }
 
 /// A scenario that sends one OPTIONS per "call" and expects 200, like a dispatcher's health
@@ -476,6 +609,29 @@ mod tests {
         assert!(calls["hc-0@198.18.0.10"].health_check());
         let lone_bye = calls["2-5814@198.18.0.10"];
         assert!(!lone_bye.complete() && !lone_bye.health_check());
+    }
+
+    const UAC_SHORT: &str = "2026-11-22\t01:33:32.478398\t1795311212.478398\tS\t1-sdt@198.18.0.10\tCSeq:1 INVITE\tINVITE sip:service@198.18.0.21:5060 SIP/2.0
+2026-11-22\t01:33:32.478469\t1795311212.478469\tR\t1-sdt@198.18.0.10\tCSeq:1 INVITE\tSIP/2.0 180 Ringing
+2026-11-22\t01:33:32.479571\t1795311212.479571\tR\t1-sdt@198.18.0.10\tCSeq:1 INVITE\tSIP/2.0 200 OK
+2026-11-22\t01:33:32.479604\t1795311212.479604\tS\t1-sdt@198.18.0.10\tCSeq:1 ACK\tACK sip:service@198.18.0.21:5060 SIP/2.0
+2026-11-22\t01:33:32.486534\t1795311212.486534\tS\t1-sdt@198.18.0.10\tCSeq:2 BYE\tBYE sip:service@198.18.0.21:5060 SIP/2.0
+2026-11-22\t01:33:32.486567\t1795311212.486567\tS\t2-sdt@198.18.0.10\tCSeq:1 INVITE\tINVITE sip:service@198.18.0.21:5060 SIP/2.0
+2026-11-22\t01:33:32.486582\t1795311212.486582\tR\t1-sdt@198.18.0.10\tCSeq:2 BYE\tSIP/2.0 200 OK
+2026-11-22\t01:33:32.986567\t1795311212.986567\tS\t2-sdt@198.18.0.10\tCSeq:1 INVITE\tINVITE sip:service@198.18.0.21:5060 SIP/2.0
+";
+
+    #[test]
+    fn uac_calls_from_the_message_log() {
+        let calls = parse_uac_calls(UAC_SHORT);
+        assert_eq!(calls.len(), 2);
+        let one = calls["1-sdt@198.18.0.10"];
+        assert!(one.ok);
+        assert!((one.invite_at - 1795311212.478398).abs() < 1e-6);
+        // A retransmitted INVITE keeps the first send time; no 200 to a BYE: failed.
+        let two = calls["2-sdt@198.18.0.10"];
+        assert!(!two.ok);
+        assert!((two.invite_at - 1795311212.486567).abs() < 1e-6);
     }
 
     #[test]

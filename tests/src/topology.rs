@@ -6,8 +6,10 @@
 //!  v-client ─────── s-client    s-disp ─────────── v-disp (198.18.0.2 + VIP .100)
 //!                      s-b1  s-b2  ...
 //!                       │     │
-//!  backend ns:        v-b1  v-b2  (198.18.0.21, .22, ...)
+//!  backend ns:        v-b1  v-b2  (198.18.0.21, .22, ...)   s-dns ── v-dns (198.18.0.53)
 //! ```
+//!
+//! The DNS host (optional) is where the tests run a real DNS server for the dispatcher.
 //!
 //! Both ends of each veth are created directly inside their namespaces, so nothing ever
 //! appears in the root namespace; interface names only need to be unique per namespace.
@@ -57,6 +59,8 @@ pub enum Role {
     Dispatcher,
     /// Backend number `n`, counted from 1.
     Backend(u8),
+    /// The DNS server host.
+    Dns,
 }
 
 impl Role {
@@ -66,6 +70,7 @@ impl Role {
             Role::Client => "client".into(),
             Role::Dispatcher => "disp".into(),
             Role::Backend(n) => format!("b{n}"),
+            Role::Dns => "dns".into(),
         }
     }
 
@@ -76,6 +81,7 @@ impl Role {
             Role::Client => 10,
             Role::Dispatcher => 2,
             Role::Backend(n) => 20 + u16::from(*n),
+            Role::Dns => 53,
         }
     }
 }
@@ -127,8 +133,21 @@ impl Host {
 pub struct TopologySpec {
     /// Whether to add the dispatcher host (with the VIP).
     pub dispatcher: bool,
-    /// Number of backend hosts (1..=50).
+    /// Number of backend hosts (1..=30).
     pub backends: u8,
+    /// Whether to add the DNS server host (198.18.0.53, 2001:db8::53).
+    pub dns: bool,
+}
+
+impl TopologySpec {
+    /// A client, the dispatcher and `backends` backends.
+    pub fn dispatcher(backends: u8) -> Self {
+        TopologySpec {
+            dispatcher: true,
+            backends,
+            dns: false,
+        }
+    }
 }
 
 /// A built topology. Dropping it kills every process in its namespaces, then deletes them.
@@ -144,8 +163,8 @@ impl Topology {
     /// Builds the namespaces, the bridge, the veths and the addresses.
     pub fn build(spec: TopologySpec) -> Result<Self> {
         ensure!(
-            (1..=50).contains(&spec.backends),
-            "1 to 50 backends, not {}",
+            (1..=30).contains(&spec.backends),
+            "1 to 30 backends, not {}",
             spec.backends
         );
         let tag = netns::unique_tag();
@@ -173,6 +192,9 @@ impl Topology {
             roles.push(Role::Dispatcher);
         }
         roles.extend((1..=spec.backends).map(Role::Backend));
+        if spec.dns {
+            roles.push(Role::Dns);
+        }
         for role in roles {
             let host = topo.add_host(role)?;
             topo.hosts.push(host);
@@ -264,6 +286,10 @@ impl Topology {
         self.host(Role::Dispatcher)
     }
 
+    pub fn dns(&self) -> Result<&Host> {
+        self.host(Role::Dns)
+    }
+
     pub fn backends(&self) -> impl Iterator<Item = &Host> {
         self.hosts
             .iter()
@@ -347,11 +373,14 @@ mod tests {
         );
         assert_eq!(v6(VIP_NUMBER).to_string(), "2001:db8::100");
         assert_eq!(v4(VIP_NUMBER).to_string(), "198.18.0.100");
+        assert_eq!(v4(Role::Dns.host_number()).to_string(), "198.18.0.53");
+        assert_eq!(v6(Role::Dns.host_number()).to_string(), "2001:db8::53");
         for role in [
             Role::Client,
             Role::Dispatcher,
             Role::Backend(1),
-            Role::Backend(50),
+            Role::Backend(30),
+            Role::Dns,
         ] {
             check_test_address(v4(role.host_number()).into()).unwrap();
             check_test_address(v6(role.host_number()).into()).unwrap();

@@ -69,11 +69,7 @@ fn harness_direct_calls_ipv6() {
 fn topology_is_removed_on_drop() {
     preflight::require_all().expect("preflight");
     let names = {
-        let topo = Topology::build(TopologySpec {
-            dispatcher: true,
-            backends: 3,
-        })
-        .expect("topology");
+        let topo = Topology::build(TopologySpec::dispatcher(3)).expect("topology");
         let names = topo.namespaces();
         assert_eq!(names.len(), 6, "switch, client, dispatcher, 3 backends");
         let listed = netns::list().unwrap();

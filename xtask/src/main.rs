@@ -1,5 +1,8 @@
-//! Project tasks: `cargo xtask test`, `cargo xtask run [-- ARGS]`, `cargo xtask prereqs`.
+//! Project tasks: `cargo xtask test`, `cargo xtask run [-- ARGS]`, `cargo xtask bench`,
+//! `cargo xtask fuzz`, `cargo xtask prereqs`.
+mod bench;
 mod demo;
+mod fuzz;
 mod prereqs;
 mod privilege;
 mod shell;
@@ -53,6 +56,34 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Install prerequisites (plus Kamailio), build in release mode and
+    /// benchmark sip-dispatch against a MAC-swap XDP baseline and Kamailio (as root):
+    /// per-packet cost, forwarding throughput, SIPp response times, table rebuilds.
+    /// Writes a Markdown report, JSON and an SVG plot to target/bench/. Not a test.
+    Bench {
+        /// A shorter run (under 2 minutes) with fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// Do not check or install prerequisites.
+        #[arg(long)]
+        skip_install: bool,
+        /// Further arguments for the benchmark program (after `--`; `-- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build the libFuzzer targets in fuzz/ (`cargo +nightly fuzz build`) and run each
+    /// for a while, growing fuzz/corpus/TARGET; fails on a crash. No root needed.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+        /// Do not check or install cargo-fuzz.
+        #[arg(long)]
+        skip_install: bool,
+        /// Targets to run (default: all of fuzz/fuzz_targets).
+        targets: Vec<String>,
+    },
     /// Only check and install the prerequisites.
     Prereqs,
 }
@@ -75,6 +106,29 @@ fn run(task: Task) -> Result<()> {
         Task::Test { skip_install } => {
             privilege::ensure_root("test")?;
             test::run(skip_install)
+        }
+        Task::Bench {
+            quick,
+            skip_install,
+            args,
+        } => {
+            privilege::ensure_root("bench")?;
+            bench::run(bench::BenchOptions {
+                quick,
+                skip_install,
+                args,
+            })
+        }
+        Task::Fuzz {
+            seconds,
+            skip_install,
+            targets,
+        } => {
+            if !skip_install {
+                prereqs::ensure_cargo_fuzz()?;
+            }
+            shell::header(&format!("fuzz ({seconds} s per target)"));
+            fuzz::run(seconds, &targets, fuzz::Corpus::Grow)
         }
         Task::Prereqs => {
             privilege::ensure_root("prereqs")?;
@@ -138,6 +192,24 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fuzz_takes_seconds_and_targets() {
+        let cli = Cli::try_parse_from(["xtask", "fuzz", "--seconds", "5", "hash"]).unwrap();
+        match cli.command {
+            Task::Fuzz {
+                seconds, targets, ..
+            } => assert_eq!((seconds, targets), (5, vec!["hash".to_owned()])),
+            other => panic!("{other:?}"),
+        }
+        match Cli::try_parse_from(["xtask", "fuzz"]).unwrap().command {
+            Task::Fuzz {
+                seconds, targets, ..
+            } => assert_eq!((seconds, targets.len()), (fuzz::DEFAULT_SECONDS, 0)),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--seconds", "0"]).is_err());
     }
 
     #[test]

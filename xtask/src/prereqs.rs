@@ -1,8 +1,8 @@
 //! Installs what building and testing sip-dispatch needs and a fresh Debian machine lacks:
 //! the tools of the test bed (Debian packages), the nightly toolchain with `rust-src` (the
 //! eBPF crate is built with `-Z build-std=core`), and `bpf-linker` 0.13.0 linked against
-//! the LLVM of that nightly. Everything already present is reported in one line and left
-//! alone, so a second run is quick.
+//! the LLVM of that nightly, and `cargo-fuzz` for the fuzz targets in `fuzz/`. Everything
+//! already present is reported in one line and left alone, so a second run is quick.
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
@@ -31,6 +31,25 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "ethtool",
         "turns TX checksum offload off on the test veths",
     ),
+    (
+        "bind9",
+        "named",
+        "a real DNS server serving the SRV records of the controller tests",
+    ),
+    (
+        "bind9-dnsutils",
+        "dig",
+        "checks what the test DNS server answers after a zone reload",
+    ),
+];
+
+/// What `cargo xtask bench` adds to the test bed's packages (same columns).
+pub const BENCH_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "kamailio",
+        "kamailio",
+        "the stateless Kamailio dispatcher the benchmark compares against",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -40,13 +59,42 @@ pub fn ensure_all() -> Result<()> {
     ensure_packages()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
+    Ok(())
+}
+
+/// `cargo-fuzz` from crates.io: `cargo +nightly fuzz` builds and runs the libFuzzer
+/// targets in `fuzz/` (`cargo xtask fuzz`, and a short run in `cargo xtask test`).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if let Some(path) = shell::which("cargo-fuzz") {
+        note(format!(
+            "cargo-fuzz: already installed ({})",
+            path.display()
+        ));
+        return Ok(());
+    }
+    note("installing cargo-fuzz from crates.io: it builds and runs the fuzz targets in fuzz/");
+    shell::run(shell::cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    if shell::which("cargo-fuzz").is_none() {
+        bail!("cargo-fuzz was installed but is still not found");
+    }
     Ok(())
 }
 
 /// The Debian packages of the test bed.
 pub fn ensure_packages() -> Result<()> {
+    ensure_debian_packages(PACKAGES)
+}
+
+/// The Debian packages only the benchmark needs.
+pub fn ensure_bench_packages() -> Result<()> {
+    ensure_debian_packages(BENCH_PACKAGES)
+}
+
+/// Installs those of `packages` whose binary is missing, saying which and why.
+fn ensure_debian_packages(packages: &[(&str, &str, &str)]) -> Result<()> {
     let mut missing = Vec::new();
-    for &(pkg, binary, why) in PACKAGES {
+    for &(pkg, binary, why) in packages {
         match shell::which(binary) {
             Some(path) => note(format!("{pkg}: already installed ({})", path.display())),
             None => missing.push((pkg, binary, why)),

@@ -1,5 +1,6 @@
-//! `cargo xtask test`: prerequisites, build, unit tests of the host crates, then the
-//! namespace/XDP integration tests against the freshly built binary.
+//! `cargo xtask test`: prerequisites, build, unit tests of the host crates, a short run of
+//! the fuzz targets, then the namespace/XDP integration tests against the freshly built
+//! binary.
 use std::{
     process::Command,
     time::{Duration, Instant},
@@ -8,9 +9,12 @@ use std::{
 use anyhow::{Result, bail};
 
 use crate::{
-    prereqs,
+    fuzz, prereqs,
     shell::{self, header},
 };
+
+/// Seconds per fuzz target: a smoke run, with the committed corpus as the seeds.
+const FUZZ_SECONDS: u64 = 10;
 
 struct Outcome {
     name: String,
@@ -68,6 +72,11 @@ pub fn run(skip_install: bool) -> Result<()> {
         for (name, args) in unit {
             step(&mut outcomes, name, || shell::run(&mut cargo(args)));
         }
+        step(
+            &mut outcomes,
+            &format!("fuzz ({FUZZ_SECONDS} s per target)"),
+            || fuzz::run(FUZZ_SECONDS, &[], fuzz::Corpus::Scratch),
+        );
         let bin = shell::target_dir().join("debug").join("sip-dispatch");
         step(
             &mut outcomes,
