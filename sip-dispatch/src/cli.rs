@@ -24,6 +24,9 @@ pub enum Command {
     /// Attach an XDP program that passes everything (for the peer of a veth that runs the
     /// dispatcher in native mode) and hold it until SIGINT/SIGTERM.
     XdpPass(XdpPassArgs),
+    /// Detach what a daemon left attached (--keep-attached, or a crash) and remove its
+    /// pins.
+    Detach(DetachArgs),
     /// Show or change the backends of a running daemon.
     Backends {
         #[command(subcommand)]
@@ -176,6 +179,20 @@ pub struct RunArgs {
     /// Serve Prometheus metrics over HTTP on ADDR:PORT (e.g. 127.0.0.1:9464).
     #[arg(long, value_parser = parse_socket_addr)]
     pub metrics: Option<SocketAddr>,
+    /// On SIGINT/SIGTERM, leave the XDP program attached and the maps pinned:
+    /// forwarding goes on with the last tables until a new daemon takes over.
+    #[arg(long)]
+    pub keep_attached: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// The interface a daemon ran on.
+    #[arg(long)]
+    pub iface: String,
+    /// The pin directory it used. Default: /sys/fs/bpf/sip-dispatch/<iface>
+    #[arg(long)]
+    pub pin_path: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

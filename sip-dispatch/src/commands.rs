@@ -33,7 +33,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let v = request(&client, &Request::Reload)?;
             print(&client, &v, |_| "re-resolving SRV names now".into())
         }
-        Command::Run(_) | Command::XdpPass(_) => bail!("not a client command"),
+        Command::Run(_) | Command::XdpPass(_) | Command::Detach(_) => bail!("not a client command"),
     }
 }
 

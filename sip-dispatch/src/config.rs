@@ -76,6 +76,7 @@ pub struct Settings {
     pub hash_key: HashKey,
     pub pin_path: PathBuf,
     pub reset: bool,
+    pub keep_attached: bool,
     pub control: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub dns: DnsConfig,
@@ -292,6 +293,7 @@ impl Settings {
                 .or(file.control)
                 .unwrap_or_else(|| crate::control::default_socket(&iface)),
             reset: args.reset,
+            keep_attached: args.keep_attached,
             iface,
             xdp_mode,
             hash_key,

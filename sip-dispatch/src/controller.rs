@@ -387,6 +387,22 @@ impl Controller {
         }
     }
 
+    /// Drops what adopted maps hold that this configuration does not: services of other
+    /// VIPs, and the ids of backends no service lists.
+    pub fn forget_unconfigured(&mut self) -> anyhow::Result<()> {
+        let vips: Vec<SocketAddr> = self.services.iter().map(|s| s.vip).collect();
+        self.dp.retain_services(&vips)?;
+        let gone: Vec<SocketAddr> = self
+            .dp
+            .backend_addrs()
+            .filter(|a| !self.backends.contains_key(a))
+            .collect();
+        for addr in gone {
+            self.dp.release_backend(addr);
+        }
+        Ok(())
+    }
+
     /// Carries out one control request.
     fn handle(&mut self, request: control::Request) -> anyhow::Result<serde_json::Value> {
         use control::Request::*;

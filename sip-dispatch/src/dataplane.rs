@@ -4,13 +4,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, xdp::DevMapHash},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{
+        Array, ArrayOfMaps, HashMap, MapData, MapType, PerCpuArray, PerCpuValues, xdp::DevMapHash,
+    },
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use sip_dispatch_common::{
     ALL_MAPS, Backend, BackendStats, Config, Counter, HashKey, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_CONFIG, MAP_COUNTERS, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, NO_BACKEND,
-    PROG_DISPATCH, PROG_PASS, SLOTS, ServiceInfo, ServiceKey,
+    MAP_CONFIG, MAP_COUNTERS, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS,
+    MAX_SERVICES, NO_BACKEND, PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -37,6 +43,8 @@ pub struct Dataplane {
     iface: String,
     link: Option<XdpLinkId>,
     ids: BackendIds,
+    /// Set by `keep_attached`.
+    keep: bool,
 }
 
 /// Backend ids: one per backend address for as long as the address is configured, so
@@ -49,35 +57,65 @@ struct BackendIds {
 }
 
 impl Dataplane {
-    /// Loads the object with its maps pinned in `pin_dir` (which must be empty unless
-    /// `reset` is given), sets the hash key and loads the program into the kernel.
+    /// Loads the object with its maps pinned in `pin_dir`, sets the hash key and loads
+    /// the program into the kernel. Maps a previous daemon left pinned (with
+    /// `--keep-attached`, or by crashing) are adopted once their layout is checked, so
+    /// forwarding goes on across the restart; `reset` removes them instead.
     pub fn load(pin_dir: &Path, iface: &str, reset: bool, key: HashKey) -> anyhow::Result<Self> {
         crate::bpffs::prepare_pin_dir(pin_dir)?;
-        let stale: Vec<PathBuf> = ALL_MAPS
+        let pinned: Vec<PathBuf> = ALL_MAPS
             .iter()
             .map(|m| pin_dir.join(m))
+            .chain([pin_dir.join(LINK_PIN)])
             .filter(|p| p.exists())
             .collect();
-        if !stale.is_empty() {
-            if !reset {
-                bail!(
-                    "maps are already pinned in {} (another sip-dispatch on {iface}, or one that \
-                     did not exit cleanly): stop it, or start with --reset",
-                    pin_dir.display()
-                );
-            }
-            for p in stale {
-                std::fs::remove_file(&p)
+        if reset {
+            for p in &pinned {
+                std::fs::remove_file(p)
                     .with_context(|| format!("removing stale pin {}", p.display()))?;
             }
+        } else {
+            check_pinned_layout(pin_dir)?;
         }
+        let adopting = !reset && !pinned.is_empty();
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
-        Self::init(ebpf, Some(pin_dir.to_path_buf()), iface, key)
+        let mut dp = Self::init(ebpf, Some(pin_dir.to_path_buf()), iface, key)?;
+        if adopting {
+            dp.adopt_backend_ids()?;
+            log::info!("adopted the maps pinned in {}", pin_dir.display());
+        }
+        Ok(dp)
+    }
+
+    /// Takes over the backend ids a previous daemon wrote, so that its tables (still in
+    /// force until ours replace them) keep pointing at the right backends.
+    fn adopt_backend_ids(&mut self) -> anyhow::Result<()> {
+        let backends: Array<&MapData, Backend> = Array::try_from(self.map(MAP_BACKENDS)?)?;
+        let mut found = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let b = backends.get(&id, 0)?;
+            if b.family != 0 {
+                found.push((b.to_socket_addr(), id));
+            }
+        }
+        for (addr, id) in found {
+            self.ids.by_addr.insert(addr, id);
+            self.ids.next = id + 1;
+        }
+        let used: std::collections::HashSet<u32> = self.ids.by_addr.values().copied().collect();
+        self.ids.free = (0..self.ids.next).filter(|i| !used.contains(i)).collect();
+        Ok(())
+    }
+
+    /// Leaves the program attached and everything pinned when this value is dropped:
+    /// forwarding goes on with the last tables until a new daemon adopts them.
+    pub fn keep_attached(&mut self) {
+        self.keep = true;
     }
 
     /// Loads the object with private, unpinned maps (kernel tests, benchmarks).
@@ -100,6 +138,7 @@ impl Dataplane {
             iface: iface.to_string(),
             link: None,
             ids: BackendIds::default(),
+            keep: false,
         };
         dp.dispatch_program()?
             .load()
@@ -138,8 +177,53 @@ impl Dataplane {
             .try_into()?)
     }
 
-    /// Attaches the dispatcher. `Auto` tries native first, then skb.
+    /// Attaches the dispatcher and pins the link. If a previous daemon left its link
+    /// pinned, this program replaces the old one in it atomically instead (and the mode
+    /// stays what it was). `Auto` tries native first, then skb.
     pub fn attach(&mut self, mode: crate::cli::XdpModeArg) -> anyhow::Result<AttachMode> {
+        if let Some(dir) = self.pin_dir.clone()
+            && dir.join(LINK_PIN).exists()
+        {
+            return self.replace_pinned(&dir.join(LINK_PIN));
+        }
+        let got = self.attach_new(mode)?;
+        if let Some(dir) = self.pin_dir.clone()
+            && let Some(id) = self.link.take()
+        {
+            let prog = self.dispatch_program()?;
+            let link = prog.take_link(id)?;
+            let fd_link = FdLink::try_from(link).context("the kernel gave no bpf_link for XDP")?;
+            let pinned = fd_link
+                .pin(dir.join(LINK_PIN))
+                .with_context(|| format!("pinning the XDP link in {}", dir.display()))?;
+            self.link = Some(
+                self.dispatch_program()?
+                    .attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?,
+            );
+        }
+        Ok(got)
+    }
+
+    fn replace_pinned(&mut self, pin: &Path) -> anyhow::Result<AttachMode> {
+        let pinned = PinnedLink::from_pin(pin)
+            .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .context("the pinned link is not an XDP link")?;
+        let id = self
+            .dispatch_program()?
+            .attach_to_link(link)
+            .context("replacing the program in the pinned XDP link")?;
+        self.link = Some(id);
+        let mode = attached_mode(&self.iface);
+        log::info!(
+            "took over the XDP link pinned at {} ({} mode)",
+            pin.display(),
+            mode.name()
+        );
+        Ok(mode)
+    }
+
+    fn attach_new(&mut self, mode: crate::cli::XdpModeArg) -> anyhow::Result<AttachMode> {
         use crate::cli::XdpModeArg;
         let iface = self.iface.clone();
         let prog = self.dispatch_program()?;
@@ -295,6 +379,22 @@ impl Dataplane {
         Ok(members)
     }
 
+    /// Removes the service entries of VIPs not in `vips`.
+    pub fn retain_services(&mut self, vips: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
+        let stale: Vec<ServiceKey> = services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !vips.contains(&k.to_socket_addr()))
+            .collect();
+        for k in stale {
+            log::info!("removing the adopted service {}", k.to_socket_addr());
+            services.remove(&k)?;
+        }
+        Ok(())
+    }
+
     /// Fast-path counters summed over CPUs, in `Counter` order.
     pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
         let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_COUNTERS)?)?;
@@ -319,6 +419,10 @@ impl Dataplane {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
+        if self.keep {
+            // The pinned link keeps the program attached; dropping our fds is enough.
+            return;
+        }
         if let Some(link) = self.link.take()
             && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
             && let Ok(prog) = <&mut Xdp>::try_from(p)
@@ -326,16 +430,108 @@ impl Drop for Dataplane {
         {
             log::warn!("detaching XDP from {}: {e}", self.iface);
         }
-        let Some(dir) = &self.pin_dir else { return };
-        for m in ALL_MAPS {
-            let p = dir.join(m);
-            if let Err(e) = std::fs::remove_file(&p)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                log::warn!("removing pin {}: {e}", p.display());
-            }
+        if let Some(dir) = &self.pin_dir {
+            remove_pins(dir);
         }
-        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// The pin of the XDP link, next to the maps.
+pub const LINK_PIN: &str = "link_v1";
+
+/// Removes the link pin (which detaches the program once nothing else holds the link)
+/// and the map pins in `dir`.
+pub fn remove_pins(dir: &Path) -> usize {
+    let mut removed = 0;
+    for name in ALL_MAPS.iter().chain([&LINK_PIN]) {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("removing pin {}: {e}", p.display()),
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    removed
+}
+
+/// The layout each map must have: (name, type, key size, value size, max entries).
+fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 8] {
+    use std::mem::size_of;
+    [
+        (
+            MAP_SERVICES,
+            MapType::Hash,
+            size_of::<ServiceKey>() as u32,
+            size_of::<ServiceInfo>() as u32,
+            MAX_SERVICES,
+        ),
+        (MAP_TABLES, MapType::ArrayOfMaps, 4, 4, MAX_SERVICES),
+        (
+            MAP_BACKENDS,
+            MapType::Array,
+            4,
+            size_of::<Backend>() as u32,
+            MAX_BACKENDS,
+        ),
+        (
+            MAP_BACKEND_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<BackendStats>() as u32,
+            MAX_BACKENDS,
+        ),
+        (MAP_COUNTERS, MapType::PerCpuArray, 4, 8, Counter::COUNT),
+        (MAP_CONFIG, MapType::Array, 4, size_of::<Config>() as u32, 1),
+        (MAP_TX_PORTS, MapType::DevMapHash, 4, 8, 64),
+        (
+            MAP_SCRATCH,
+            MapType::PerCpuArray,
+            4,
+            size_of::<Scratch>() as u32,
+            1,
+        ),
+    ]
+}
+
+/// Refuses pinned maps whose type or sizes differ from this build's.
+fn check_pinned_layout(dir: &Path) -> anyhow::Result<()> {
+    for (name, kind, key, value, max) in expected_layout() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .with_context(|| format!("reading the pinned map {}", path.display()))?;
+        let found = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        if found != (Some(kind), key, value, max) {
+            bail!(
+                "the map pinned at {} is {:?} with key {} B, value {} B, {} entries; this build needs                  {kind:?} with key {key} B, value {value} B, {max} entries: stop the old daemon and start                  with --reset (or sip-dispatch detach)",
+                path.display(),
+                found.0,
+                found.1,
+                found.2,
+                found.3
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The mode the XDP program on `iface` runs in, as `ip link` reports it.
+fn attached_mode(iface: &str) -> AttachMode {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "link", "show", "dev", iface])
+        .output();
+    match out {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("xdpgeneric") => AttachMode::Skb,
+        _ => AttachMode::Native,
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cli::{RunArgs, XdpPassArgs},
+    cli::{DetachArgs, RunArgs, XdpPassArgs},
     config::Settings,
     control,
     controller::{self, Controller, Service},
@@ -150,6 +150,8 @@ async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
     let mut ctl = Controller::new(dp, key, health, services);
     ctl.initial_probe().await;
     ctl.republish();
+    // What an adopted set of maps holds beyond the configuration goes now.
+    ctl.forget_unconfigured()?;
     let slow: Vec<_> = ctl
         .services()
         .iter()
@@ -210,10 +212,19 @@ async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
     }
 
     let snap = ctl.snapshot()?;
+    if settings.keep_attached {
+        ctl.dataplane().keep_attached();
+        forwarding.iter_mut().for_each(Forwarding::keep);
+        log::info!(
+            "leaving XDP attached on {iface} with the last tables (sip-dispatch detach --iface {iface} removes it)"
+        );
+    }
     drop(ctl);
     drop(forwarding);
     println!("sip-dispatch: exit-stats {}", serde_json::to_string(&snap)?);
-    log::info!("detached from {iface}");
+    if !settings.keep_attached {
+        log::info!("detached from {iface}");
+    }
     Ok(())
 }
 
@@ -233,6 +244,23 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 fn ready(details: &str) {
     println!("sip-dispatch: ready {details}");
     let _ = std::io::stdout().flush();
+}
+
+/// `sip-dispatch detach`: removes the pinned link (detaching the program) and the maps.
+pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
+    let dir = args.pin_path.unwrap_or_else(|| {
+        std::path::PathBuf::from(format!("/sys/fs/bpf/sip-dispatch/{}", args.iface))
+    });
+    crate::bpffs::prepare_pin_dir(&dir)?;
+    match crate::dataplane::remove_pins(&dir) {
+        0 => bail!("nothing is pinned in {}", dir.display()),
+        n => println!(
+            "removed {n} pins from {}; XDP is detached from {}",
+            dir.display(),
+            args.iface
+        ),
+    }
+    Ok(())
 }
 
 pub fn xdp_pass(args: XdpPassArgs) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 pub struct Forwarding {
     path: PathBuf,
     old: String,
+    keep: bool,
 }
 
 impl Forwarding {
@@ -24,13 +25,23 @@ impl Forwarding {
                 "enabled {family} forwarding on {iface} (needed by bpf_fib_lookup); restored at exit"
             );
         }
-        Ok(Forwarding { path, old })
+        Ok(Forwarding {
+            path,
+            old,
+            keep: false,
+        })
+    }
+
+    /// Leaves forwarding on at drop: a program left attached still needs it.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 }
 
 impl Drop for Forwarding {
     fn drop(&mut self) {
-        if self.old != "1"
+        if !self.keep
+            && self.old != "1"
             && let Err(e) = std::fs::write(&self.path, &self.old)
         {
             log::warn!("could not restore {}: {e}", self.path.display());

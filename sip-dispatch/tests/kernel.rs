@@ -144,7 +144,8 @@ impl Harness {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or_else(|| if_index(VETH));
 
-        let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT).expect("load the XDP program");
+        let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT)
+            .unwrap_or_else(|e| panic!("loading the XDP program: {e:#}"));
         let v4 = build_table(
             &weighted(&[
                 ("198.18.1.21:5060", 2),
