@@ -44,13 +44,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
 ];
 
 /// What `cargo xtask bench` adds to the test bed's packages (same columns).
-pub const BENCH_PACKAGES: &[(&str, &str, &str)] = &[
-    (
-        "kamailio",
-        "kamailio",
-        "the stateless Kamailio dispatcher the benchmark compares against",
-    ),
-];
+pub const BENCH_PACKAGES: &[(&str, &str, &str)] = &[(
+    "kamailio",
+    "kamailio",
+    "the stateless Kamailio dispatcher the benchmark compares against",
+)];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
