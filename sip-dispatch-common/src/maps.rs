@@ -111,7 +111,8 @@ pub struct Config {
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct Scratch {
-    pub bytes: [u8; SCAN_WINDOW],
+    /// The window, plus 8 bytes so that a word read at any offset stays inside.
+    pub bytes: [u8; SCAN_WINDOW + 8],
     /// Where the XDP program launders loop state (see `parse::ByteWindow::opaque`).
     pub opaque: u64,
 }

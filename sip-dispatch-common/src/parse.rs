@@ -22,6 +22,19 @@ use crate::hash::{CallIdHasher, HashKey};
 pub trait ByteWindow {
     fn byte_at(&self, i: usize) -> u8;
 
+    /// The 8 bytes from `i` on as a little-endian word (byte `i` in the low bits).
+    /// Bytes past the end of the data may hold anything: callers ignore them.
+    #[inline(always)]
+    fn word_at(&self, i: usize) -> u64 {
+        let mut w = 0u64;
+        let mut k = 0;
+        while k < 8 {
+            w |= (self.byte_at(i + k) as u64) << (8 * k);
+            k += 1;
+        }
+        w
+    }
+
     /// Returns `x`. The eBPF implementation passes it through map memory, so that the
     /// verifier sees an unknown value instead of a constant.
     ///
@@ -50,6 +63,35 @@ impl ByteWindow for [u8] {
     fn byte_at(&self, i: usize) -> u8 {
         self[i]
     }
+
+    #[inline(always)]
+    fn word_at(&self, i: usize) -> u64 {
+        let mut b = [0u8; 8];
+        let tail = self.get(i..).unwrap_or_default();
+        let n = tail.len().min(8);
+        b[..n].copy_from_slice(&tail[..n]);
+        u64::from_le_bytes(b)
+    }
+}
+
+/// What a scanner step found: the answer, or where to go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Done(Scan),
+    /// Continue at this offset.
+    Next(usize),
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// High bit set in each byte of `w` that is CR or LF. Exact up to and including the
+/// lowest such byte (higher bytes may be flagged falsely), which is all the scanner uses.
+#[inline(always)]
+fn eol_mask(w: u64) -> u64 {
+    let lf = w ^ (ONES * b'\n' as u64);
+    let cr = w ^ (ONES * b'\r' as u64);
+    (lf.wrapping_sub(ONES) & !lf & HIGHS) | (cr.wrapping_sub(ONES) & !cr & HIGHS)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,9 +192,33 @@ impl Scanner {
         }
     }
 
+    /// Takes the bytes of `buf[..len]` from `i` on: one byte, or in the rest of a line
+    /// that is not a Call-ID header, up to 8 at once (the line end is searched a word at
+    /// a time).
+    #[inline(always)]
+    pub fn step<W: ByteWindow + ?Sized>(&mut self, buf: &W, i: usize, len: usize) -> Step {
+        match self.byte_step(buf, i) {
+            Some(scan) => Step::Done(scan),
+            None if self.state == SKIP_LINE => {
+                let m = eol_mask(buf.word_at(i + 1));
+                if m == 0 {
+                    return Step::Next((i + 9).min(len));
+                }
+                let k = (m.trailing_zeros() / 8) as usize;
+                let at = i + 1 + k;
+                if at >= len {
+                    return Step::Next(len);
+                }
+                self.state = line_end(buf.byte_at(at));
+                Step::Next(at + 1)
+            }
+            None => Step::Next(i + 1),
+        }
+    }
+
     /// Consumes byte `i` of `buf`. `Some` once the answer is known.
     #[inline(always)]
-    pub fn step<W: ByteWindow + ?Sized>(&mut self, buf: &W, i: usize) -> Option<Scan> {
+    fn byte_step<W: ByteWindow + ?Sized>(&mut self, buf: &W, i: usize) -> Option<Scan> {
         let c = buf.byte_at(i);
         let state = buf.opaque(self.state as u64) as u8;
         self.hasher.set_len(buf.opaque(self.hasher.len()));
@@ -293,10 +359,10 @@ pub fn scan_call_id<W: ByteWindow + ?Sized>(
     let mut scanner = Scanner::new(key);
     let mut i = 0usize;
     while i < len {
-        if let Some(scan) = scanner.step(buf, i) {
-            return scan;
+        match scanner.step(buf, i, len) {
+            Step::Done(scan) => return scan,
+            Step::Next(next) => i = next,
         }
-        i += 1;
     }
     scanner.finish(complete)
 }

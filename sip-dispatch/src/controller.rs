@@ -60,14 +60,14 @@ impl Service {
     }
 
     /// Takes an SRV answer for one of this service's names; false when nothing changed.
-    /// Targets of the other address family than the VIP's, and the VIP itself, are left
-    /// out.
+    /// Addresses of the other family than the VIP's, and the VIP itself, are left out
+    /// (and take no part of their target's weight).
     pub fn set_srv(&mut self, name: &str, answer: &SrvAnswer) -> bool {
         let Some(current) = self.srv.get_mut(name) else {
             return false;
         };
-        let mut cands = answer.candidates();
-        cands.retain(|c| c.addr.is_ipv6() == self.vip.is_ipv6() && c.addr != self.vip);
+        let mut cands = answer.candidates(self.vip.is_ipv6());
+        cands.retain(|c| c.addr != self.vip);
         if *current == cands {
             return false;
         }

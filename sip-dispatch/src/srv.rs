@@ -44,16 +44,18 @@ pub struct SrvAnswer {
 }
 
 impl SrvAnswer {
-    /// The backends: each address of each target, sharing the target's weight.
-    pub fn candidates(&self) -> Vec<Candidate> {
+    /// The backends of one address family: each address of each target, sharing the
+    /// target's weight with the other addresses of that family.
+    pub fn candidates(&self, ipv6: bool) -> Vec<Candidate> {
         let mut out = Vec::new();
         for t in &self.targets {
-            for ip in &t.addrs {
+            let addrs: Vec<&IpAddr> = t.addrs.iter().filter(|ip| ip.is_ipv6() == ipv6).collect();
+            for ip in &addrs {
                 out.push(Candidate {
-                    addr: SocketAddr::new(*ip, t.port),
+                    addr: SocketAddr::new(**ip, t.port),
                     priority: t.priority,
                     weight: t.weight as u32,
-                    sharing: t.addrs.len() as u32,
+                    sharing: addrs.len() as u32,
                     healthy: true,
                 });
             }
@@ -274,11 +276,17 @@ mod tests {
             ],
             ttl: Duration::from_secs(30),
         };
-        let c = answer.candidates();
-        assert_eq!(c.len(), 3);
-        assert_eq!(c[0].addr, "198.18.0.21:5060".parse().unwrap());
-        assert_eq!((c[0].weight, c[0].sharing), (60, 1));
-        assert_eq!(c[2].addr, "[2001:db8::22]:5062".parse().unwrap());
-        assert_eq!((c[2].weight, c[2].sharing, c[2].priority), (20, 2, 10));
+        // Only addresses of the VIP's family take part, and share the weight among
+        // themselves.
+        let v4 = answer.candidates(false);
+        assert_eq!(v4.len(), 2);
+        assert_eq!(v4[0].addr, "198.18.0.21:5060".parse().unwrap());
+        assert_eq!((v4[0].weight, v4[0].sharing), (60, 1));
+        assert_eq!(v4[1].addr, "198.18.0.22:5062".parse().unwrap());
+        assert_eq!((v4[1].weight, v4[1].sharing, v4[1].priority), (20, 1, 10));
+        let v6 = answer.candidates(true);
+        assert_eq!(v6.len(), 1);
+        assert_eq!(v6[0].addr, "[2001:db8::22]:5062".parse().unwrap());
+        assert_eq!((v6[0].weight, v6[0].sharing), (20, 1));
     }
 }
