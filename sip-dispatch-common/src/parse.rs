@@ -82,8 +82,25 @@ pub enum Step {
     Next(usize),
 }
 
+/// Words a skip step searches before it yields. Verifier constraint: the bpf_loop
+/// callback must converge; with 3 or more words it exceeds the 1M-instruction budget,
+/// with 2 it passes but doubles the load time, so one word per step.
+const SKIP_WORDS: usize = 1;
+
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The index of the lowest byte whose high bit is set in `m` (which is not 0).
+///
+/// Verifier constraint: BPF has no count-trailing-zeros instruction and LLVM expands
+/// `trailing_zeros` into a tree of branches; this multiply is branch-free. The lowest set
+/// bit is bit 8k+7; shifted down it is 1 << 8k, and multiplying spreads the constant's
+/// bytes (7 - j at byte j) so that byte k of it lands in the top byte.
+#[inline(always)]
+fn first_flagged_byte(m: u64) -> usize {
+    let lowest = m & m.wrapping_neg();
+    ((lowest >> 7).wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
+}
 
 /// High bit set in each byte of `w` that is CR or LF. Exact up to and including the
 /// lowest such byte (higher bytes may be flagged falsely), which is all the scanner uses.
@@ -193,24 +210,33 @@ impl Scanner {
     }
 
     /// Takes the bytes of `buf[..len]` from `i` on: one byte, or in the rest of a line
-    /// that is not a Call-ID header, up to 8 at once (the line end is searched a word at
-    /// a time).
+    /// that is not a Call-ID header, up to [`SKIP_WORDS`] words at once (the line end is
+    /// searched a word at a time).
     #[inline(always)]
     pub fn step<W: ByteWindow + ?Sized>(&mut self, buf: &W, i: usize, len: usize) -> Step {
         match self.byte_step(buf, i) {
             Some(scan) => Step::Done(scan),
             None if self.state == SKIP_LINE => {
-                let m = eol_mask(buf.word_at(i + 1));
-                if m == 0 {
-                    return Step::Next((i + 9).min(len));
+                let mut at = i + 1;
+                // A fixed, small bound: the verifier sees straight-line code.
+                let mut w = 0;
+                while w < SKIP_WORDS {
+                    if at >= len {
+                        return Step::Next(len);
+                    }
+                    let m = eol_mask(buf.word_at(at));
+                    if m != 0 {
+                        let eol = at + first_flagged_byte(m);
+                        if eol >= len {
+                            return Step::Next(len);
+                        }
+                        self.state = line_end(buf.byte_at(eol));
+                        return Step::Next(eol + 1);
+                    }
+                    at += 8;
+                    w += 1;
                 }
-                let k = (m.trailing_zeros() / 8) as usize;
-                let at = i + 1 + k;
-                if at >= len {
-                    return Step::Next(len);
-                }
-                self.state = line_end(buf.byte_at(at));
-                Step::Next(at + 1)
+                Step::Next(at.min(len))
             }
             None => Step::Next(i + 1),
         }

@@ -868,3 +868,13 @@ fn torture_corpus() {
         );
     }
 }
+
+#[test]
+fn first_flagged_byte_finds_the_lowest_high_bit() {
+    for k in 0..8 {
+        let m = 0x80u64 << (8 * k);
+        assert_eq!(super::first_flagged_byte(m), k);
+        // Higher flagged bytes do not matter.
+        assert_eq!(super::first_flagged_byte(m | 0x8000_0000_0000_0000), k);
+    }
+}
