@@ -1,0 +1,53 @@
+//! The controller's SIP helpers on arbitrary bytes: `parse_response` (health-check
+//! answers) and `service_unavailable` (the slow path's stateless 503).
+//!
+//! Checked: neither panics; a parsed response has a status in 100..=999 and started
+//! with `SIP/2.0 `; a 503 is well-formed and reads back through `parse_response` as
+//! status 503 with the Call-ID value it copied and the Retry-After it was given.
+#![no_main]
+
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use sip_dispatch_common::sip::{parse_response, service_unavailable};
+
+const RETRY_AFTER: u32 = 5;
+
+fuzz_target!(|msg: &[u8]| {
+    if let Some(r) = parse_response(msg) {
+        assert!((100..=999).contains(&r.status), "status {}", r.status);
+        assert!(msg.starts_with(b"SIP/2.0 "));
+    }
+
+    let Some(resp) = service_unavailable(msg, RETRY_AFTER) else {
+        return;
+    };
+    let text = std::str::from_utf8(&resp).expect("the 503 is UTF-8");
+    assert!(text.starts_with("SIP/2.0 503 Service Unavailable\r\n"));
+    // One header per CRLF-terminated line, then the blank line that ends the message.
+    let head = text
+        .strip_suffix("\r\n\r\n")
+        .expect("the 503 ends with a blank line");
+    assert!(
+        head.split("\r\n")
+            .all(|l| !l.is_empty() && !l.contains('\n')),
+        "an empty line or a bare LF inside the 503"
+    );
+    // The Call-ID value it copied: exactly one Call-ID header, written by name.
+    let copied: Vec<&str> = head
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix("Call-ID: "))
+        .collect();
+    let [call_id] = copied[..] else {
+        panic!("{} Call-ID headers in the 503", copied.len());
+    };
+    assert!(!call_id.is_empty());
+
+    let parsed = parse_response(&resp).expect("the 503 parses");
+    assert_eq!(parsed.status, 503);
+    assert_eq!(parsed.call_id, call_id);
+    assert_eq!(
+        parsed.retry_after,
+        Some(Duration::from_secs(RETRY_AFTER.into()))
+    );
+});
