@@ -21,9 +21,15 @@ pub struct Response {
 }
 
 /// Parses a SIP response (status line and headers; compact forms understood).
+/// CRLF, LF and a lone CR all end a line, as they do for the Call-ID scanner: one view
+/// of where headers start, so that nothing read here hides inside another line.
+fn normalize_line_ends(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
+}
+
 pub fn parse_response(msg: &[u8]) -> Option<Response> {
-    let text = std::str::from_utf8(msg).ok()?;
-    let mut lines = text.split('\n').map(|l| l.trim_end_matches('\r'));
+    let text = normalize_line_ends(std::str::from_utf8(msg).ok()?);
+    let mut lines = text.split('\n');
     let status_line = lines.next()?;
     let status = status_line
         .strip_prefix("SIP/2.0 ")?
@@ -74,12 +80,11 @@ pub fn parse_response(msg: &[u8]) -> Option<Response> {
 /// headers in order, From, To (with a tag added when it has none), Call-ID and CSeq.
 /// None when the request lacks one of them.
 pub fn service_unavailable(request: &[u8], retry_after: u32) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(request).ok()?;
-    let head = text.split("\r\n\r\n").next()?.split("\n\n").next()?;
+    let text = normalize_line_ends(std::str::from_utf8(request).ok()?);
+    let head = text.split("\n\n").next()?;
     // Unfold continuation lines first (RFC 3261 7.3.1).
     let mut headers: Vec<String> = Vec::new();
-    for line in head.lines().skip(1) {
-        let line = line.trim_end_matches('\r');
+    for line in head.split('\n').skip(1) {
         if line.starts_with([' ', '\t']) {
             if let Some(last) = headers.last_mut() {
                 last.push(' ');
@@ -134,6 +139,24 @@ mod tests {
         v: SIP/2.0/UDP 198.18.0.9:5060;branch=z9hG4bK-0\r\n\
         From: <sip:a@x>;tag=1\r\nTo: <sip:svc@198.18.0.100>\r\nCall-ID: abc@x\r\n\
         CSeq: 1 INVITE\r\nSubject: a\r\n folded\r\nContent-Length: 0\r\n\r\n";
+
+    #[test]
+    fn a_lone_cr_ends_a_line_here_as_it_does_for_the_scanner() {
+        let req = "INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\rCall-ID: injected\r\n\
+                   From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: real@x\r\nCSeq: 1 INVITE\r\n\r\n";
+        let scan = crate::parse::scan_message(req.as_bytes(), HashKey::DEFAULT);
+        assert_eq!(
+            &req.as_bytes()[scan.start as usize..scan.end as usize],
+            b"injected"
+        );
+        let resp = String::from_utf8(service_unavailable(req.as_bytes(), 5).unwrap()).unwrap();
+        assert!(resp.contains("\r\nCall-ID: injected\r\n"), "{resp}");
+        assert!(
+            !resp.contains('\r') || !resp.replace("\r\n", "").contains('\r'),
+            "no lone CR copied"
+        );
+        assert_eq!(parse_response(resp.as_bytes()).unwrap().call_id, "injected");
+    }
 
     #[test]
     fn responses_are_parsed_with_compact_forms_and_retry_after() {
