@@ -1,0 +1,788 @@
+//! Operating a running daemon (README "Operating a running daemon", "Restarts and
+//! upgrades without a dropped call", "The slow path", "Inspecting with bpftool"): the CLI
+//! against a live daemon while SIPp calls flow, bpftool on the pinned maps, a restart with
+//! `--keep-attached` under load, and large (fragmented) INVITEs through the slow path.
+//!
+//! Each test builds its own namespaces (client, dispatcher, SIPp UAS backends). The
+//! daemon runs in native XDP mode (with an XDP_PASS program on the dispatcher's veth
+//! peer). Pins go to a bpf filesystem the test mounts on a directory of its own in the
+//! root namespace (visible to every `ip netns exec`) and unmounts on drop.
+//!
+//! Needs root, SIPp, bpftool and the sip-dispatch binary (`$SIP_DISPATCH_BIN`, else
+//! `target/debug/sip-dispatch`): without them the tests fail, they never skip.
+//! Run with `--test-threads=1`.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use sip_dispatch_testbed::{
+    Family, XdpMode,
+    dispatcher::{self, BackendArg, Dispatcher, ExitStats, RunConfig},
+    netns, preflight, scenario,
+    sipp::{self, Scenario, UacCall, UacReport, UacSpec, Uas, UasReport},
+    topology::{Topology, TopologySpec},
+};
+
+fn workdir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-operations")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A test network with SIPp backends b1..bN (IPv4) and the XDP_PASS peer program.
+/// Fields drop in order: the daemon slot is the caller's; here backends, then the pass
+/// program, then the namespaces.
+struct Bed {
+    binary: PathBuf,
+    dir: PathBuf,
+    uas: Vec<Option<Uas>>,
+    xdp_pass: Option<Dispatcher>,
+    vip: SocketAddr,
+    control: PathBuf,
+    topo: Topology,
+}
+
+impl Bed {
+    fn build(name: &str, backends: u8, bound: Duration) -> Bed {
+        preflight::require_all().expect("preflight");
+        let binary = dispatcher::binary_path().expect("sip-dispatch binary");
+        let dir = scenario::run_dir(&workdir(), name).expect("run dir");
+        netns::cleanup_leftovers().expect("cleaning up leftovers");
+        let topo = Topology::build(TopologySpec::dispatcher(backends)).expect("topology");
+        let uas = scenario::start_backends(&topo, Family::V4, &dir, bound)
+            .expect("UAS backends")
+            .into_iter()
+            .map(Some)
+            .collect();
+        let xdp_pass = scenario::start_xdp_pass(&topo, &binary, XdpMode::Native, &dir, true)
+            .expect("xdp-pass on the peer");
+        let vip = SocketAddr::new(topo.vip(Family::V4), sipp::SIP_PORT);
+        let control = dispatcher::control_socket(topo.tag()).expect("control socket path");
+        Bed {
+            binary,
+            dir,
+            uas,
+            xdp_pass,
+            vip,
+            control,
+            topo,
+        }
+    }
+
+    /// Backend `n` (from 1).
+    fn backend(&self, n: usize) -> SocketAddr {
+        self.uas[n - 1].as_ref().expect("backend running").address
+    }
+
+    fn disp_ns(&self) -> String {
+        self.topo.dispatcher().unwrap().ns_name().to_owned()
+    }
+
+    fn iface(&self) -> String {
+        self.topo.dispatcher().unwrap().iface.clone()
+    }
+
+    /// A run configuration with backends `1..=n`, weight 1 each, and the control socket.
+    fn run_config(&self, n: usize) -> RunConfig {
+        let mut run = RunConfig::new(&self.iface(), self.vip, XdpMode::Native);
+        run.control = Some(self.control.clone());
+        run.backends = (1..=n)
+            .map(|i| BackendArg::new(self.backend(i), 1))
+            .collect();
+        run
+    }
+
+    fn start_daemon(&self, run: &RunConfig) -> Dispatcher {
+        Dispatcher::run(&self.binary, &self.disp_ns(), run, &self.dir)
+            .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"))
+    }
+
+    fn uac_spec(&self, calls: u32, rate: u32) -> UacSpec {
+        UacSpec::calls(self.topo.client().ip(Family::V4), self.vip, calls, rate)
+    }
+
+    fn start_uac(&self, spec: &UacSpec, label: &str) -> sipp::Uac {
+        sipp::Uac::start(self.topo.client().ns_name(), spec, &self.dir, label).expect("UAC")
+    }
+
+    /// Stops every backend and returns what each saw.
+    fn stop_backends(&mut self) -> Vec<UasReport> {
+        self.uas
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|u| u.stop().expect("stopping a UAS"))
+            .collect()
+    }
+
+    /// The CLI (from the root namespace: the control socket is a file path).
+    fn cli(&self, args: &[&str]) -> Output {
+        cli_at(&self.binary, &self.control, args)
+    }
+
+    /// The CLI, expecting success and JSON on stdout.
+    fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`sip-dispatch {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`sip-dispatch {}` printed no JSON ({e}): {}",
+                args.join(" "),
+                text(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for u in self.uas.iter_mut().filter_map(Option::take) {
+            let _ = u.stop();
+        }
+        if let Some(p) = self.xdp_pass.take() {
+            let _ = p.stop();
+        }
+    }
+}
+
+/// `sip-dispatch GROUP --control PATH REST...` (`--control` is an option of the command
+/// groups `backends`, `stats`, `which`).
+fn cli_at(binary: &Path, control: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    all.insert(1, format!("--control={}", control.display()));
+    Command::new(binary)
+        .args(&all)
+        .output()
+        .expect("running the CLI")
+}
+
+/// A bpf filesystem mounted on a fresh directory of the root namespace; unmounted (and
+/// the directory removed) on drop.
+struct BpfFs(PathBuf);
+
+impl BpfFs {
+    fn mount(tag: &str) -> BpfFs {
+        let dir = PathBuf::from(format!("/run/sdt-bpffs-{tag}"));
+        std::fs::create_dir_all(&dir).expect("creating the bpffs mount point");
+        let fs = BpfFs(dir);
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&fs.0)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "mount -t bpf bpf {}: {}",
+            fs.0.display(),
+            text(&out.stderr)
+        );
+        fs
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The backends of the first service in `backends list --json`: address → entry.
+fn listed(list: &Value) -> BTreeMap<SocketAddr, Value> {
+    list["services"][0]["backends"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no services[0].backends in {list}"))
+        .iter()
+        .map(|b| {
+            let a = b["address"].as_str().expect("address").parse().unwrap();
+            (a, b.clone())
+        })
+        .collect()
+}
+
+fn share_sum(list: &BTreeMap<SocketAddr, Value>) -> f64 {
+    list.values()
+        .map(|b| b["share"].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+/// Polls `backends list --json` until `accept` likes it (bounded).
+fn wait_list(
+    bed: &Bed,
+    timeout: Duration,
+    what: &str,
+    accept: impl Fn(&BTreeMap<SocketAddr, Value>) -> bool,
+) -> BTreeMap<SocketAddr, Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
+        if accept(&list) {
+            return list;
+        }
+        if Instant::now() >= deadline {
+            panic!("backends list never showed {what} within {timeout:?}: {list:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn state(list: &BTreeMap<SocketAddr, Value>, a: SocketAddr) -> Option<&str> {
+    list.get(&a).and_then(|b| b["state"].as_str())
+}
+
+/// Per Call-ID: the backends whose UAS logged any request of it (its INVITE, ACK or BYE).
+fn backends_by_call(reports: &[UasReport]) -> BTreeMap<String, BTreeSet<SocketAddr>> {
+    let mut by: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
+    for r in reports {
+        for id in r.calls.iter().chain(r.incomplete.keys()) {
+            by.entry(id.clone()).or_default().insert(r.address);
+        }
+    }
+    by
+}
+
+/// Every call of the UAC completed at exactly one backend (INVITE, ACK and BYE there)
+/// and nowhere else; returns the problems.
+fn exactly_one_backend(uac: &BTreeMap<String, UacCall>, reports: &[UasReport]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut complete: BTreeMap<&str, u32> = BTreeMap::new();
+    for r in reports {
+        for id in &r.calls {
+            *complete.entry(id).or_default() += 1;
+        }
+    }
+    let by = backends_by_call(reports);
+    let mut bad = Vec::new();
+    for id in uac.keys() {
+        let ok = complete.get(id.as_str()) == Some(&1) && by.get(id).is_some_and(|s| s.len() == 1);
+        if !ok {
+            bad.push((id.clone(), by.get(id).cloned().unwrap_or_default()));
+        }
+    }
+    if !bad.is_empty() {
+        problems.push(format!(
+            "{} of {} calls did not complete at exactly one backend, e.g. {:?}",
+            bad.len(),
+            uac.len(),
+            &bad[..bad.len().min(3)]
+        ));
+    }
+    problems
+}
+
+fn uac_problems(uac: &UacReport, calls: u32) -> Vec<String> {
+    let mut p = Vec::new();
+    if uac.failed != 0 || uac.exit_code != Some(0) || uac.successful != u64::from(calls) {
+        p.push(format!("UAC: {}", uac.failure_summary()));
+    }
+    p
+}
+
+fn verdict(name: &str, dir: &Path, problems: Vec<String>) {
+    assert!(
+        problems.is_empty(),
+        "{name}:\n  - {}\nlogs: {}",
+        problems.join("\n  - "),
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The CLI against a live daemon: list, add, drain, enable, set-weight, remove, which,
+/// stats, and its one-line errors; then a burst of 50 changes while SIPp calls flow.
+#[test]
+fn cli_round_trips_against_a_live_daemon() {
+    const NAME: &str = "cli";
+    let mut bed = Bed::build(NAME, 4, Duration::from_secs(60));
+    let (b1, b2, b3, b4) = (
+        bed.backend(1),
+        bed.backend(2),
+        bed.backend(3),
+        bed.backend(4),
+    );
+    let daemon = bed.start_daemon(&bed.run_config(3));
+
+    // list: three backends, up (after their first probe), shares summing to 1.
+    let list = wait_list(&bed, Duration::from_secs(10), "three backends up", |l| {
+        l.len() == 3 && [b1, b2, b3].iter().all(|&a| state(l, a) == Some("up"))
+    });
+    let sum = share_sum(&list);
+    assert!((sum - 1.0).abs() < 0.001, "shares sum to {sum}: {list:#?}");
+
+    // add a fourth with weight 2: listed, up after its first probe, share ~ 2/5.
+    let added = bed.cli_json(&[
+        "backends",
+        "add",
+        &b4.to_string(),
+        "--weight",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(added["added"], b4.to_string(), "{added}");
+    let list = wait_list(
+        &bed,
+        Duration::from_secs(10),
+        "the fourth backend up",
+        |l| l.len() == 4 && state(l, b4) == Some("up"),
+    );
+    assert_eq!(list[&b4]["weight"], 2, "{:#?}", list[&b4]);
+    let s4 = list[&b4]["share"].as_f64().unwrap();
+    assert!(
+        (s4 - 0.4).abs() < 0.01,
+        "share of the weight-2 backend {s4}"
+    );
+    assert!((share_sum(&list) - 1.0).abs() < 0.001);
+
+    // drain: state drained, share 0; enable: back up with its share.
+    let drained = bed.cli_json(&["backends", "drain", &b1.to_string(), "--json"]);
+    assert_eq!(drained["state"], "drained", "{drained}");
+    let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
+    assert_eq!(state(&list, b1), Some("drained"));
+    assert_eq!(list[&b1]["share"].as_f64(), Some(0.0), "{:#?}", list[&b1]);
+    assert!((share_sum(&list) - 1.0).abs() < 0.001);
+    let out = bed.cli(&["backends", "enable", &b1.to_string(), "--json"]);
+    assert!(out.status.success(), "enable: {}", text(&out.stderr));
+    let list = wait_list(&bed, Duration::from_secs(10), "b1 up again", |l| {
+        state(l, b1) == Some("up") && l[&b1]["share"].as_f64().unwrap_or(0.0) > 0.15
+    });
+    assert!((share_sum(&list) - 1.0).abs() < 0.001);
+
+    // set-weight: the weight changes and the shares follow (weights 1,5,1,2 of 9).
+    let set = bed.cli_json(&["backends", "set-weight", &b2.to_string(), "5", "--json"]);
+    assert_eq!(set["weight"], 5, "{set}");
+    let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
+    assert_eq!(list[&b2]["weight"], 5);
+    for (a, w) in [(b1, 1.0), (b2, 5.0), (b3, 1.0), (b4, 2.0)] {
+        let s = list[&a]["share"].as_f64().unwrap();
+        assert!(
+            (s - w / 9.0).abs() < 0.01,
+            "share of {a} (weight {w} of 9) is {s}"
+        );
+    }
+
+    // remove: gone.
+    let out = bed.cli(&["backends", "remove", &b4.to_string(), "--json"]);
+    assert!(out.status.success(), "remove: {}", text(&out.stderr));
+    let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
+    assert!(!list.contains_key(&b4), "{b4} still listed: {list:#?}");
+    assert!((share_sum(&list) - 1.0).abs() < 0.001);
+    bed.cli_json(&["backends", "set-weight", &b2.to_string(), "1", "--json"]);
+
+    // which: one of the backends, the same answer twice.
+    let w1 = bed.cli_json(&["which", "a84b4c76e66710@pc33.atlanta.com", "--json"]);
+    let w2 = bed.cli_json(&["which", "a84b4c76e66710@pc33.atlanta.com", "--json"]);
+    let chosen: SocketAddr = w1["backend"].as_str().expect("backend").parse().unwrap();
+    assert!([b1, b2, b3].contains(&chosen), "which chose {chosen}");
+    assert_eq!(w1, w2, "which answered differently twice");
+
+    // stats: the fast-path counters.
+    let stats = bed.cli_json(&["stats", "--json"]);
+    for c in ["seen", "xdp_tx"] {
+        assert!(stats["counters"][c].is_u64(), "no counter {c} in {stats}");
+    }
+    assert!(stats["slow_path"].is_object(), "no slow_path in {stats}");
+
+    // Errors: one line each.
+    let nowhere = "198.18.0.29:5060";
+    let out = bed.cli(&["backends", "drain", nowhere]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "drain of an unknown backend succeeded"
+    );
+    assert_eq!(
+        err.trim_end(),
+        format!("sip-dispatch: error: unknown backend {nowhere}"),
+        "stderr: {err:?}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1);
+    let dead = bed.control.with_extension("nobody.sock");
+    let out = cli_at(&bed.binary, &dead, &["backends", "list", "--json"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.starts_with("sip-dispatch: error: the daemon is not running")
+            && err.trim_end().lines().count() == 1,
+        "stderr: {err:?}"
+    );
+
+    // Changes while calls flow: 50 in a burst (drain/enable b1, set-weight b2).
+    let calls = 1500;
+    let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
+    uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+    let burst = Instant::now();
+    for i in 0..50 {
+        let out = match i % 2 {
+            0 => {
+                let verb = if i % 4 == 0 { "drain" } else { "enable" };
+                bed.cli(&["backends", verb, &b1.to_string()])
+            }
+            _ => bed.cli(&[
+                "backends",
+                "set-weight",
+                &b2.to_string(),
+                &(1 + i % 3).to_string(),
+            ]),
+        };
+        assert!(out.status.success(), "change {i}: {}", text(&out.stderr));
+    }
+    let burst = burst.elapsed();
+    let uac = uac.finish().expect("UAC");
+    let per_call = uac.calls().expect("UAC calls");
+    let log = daemon.log();
+    let exit = daemon.stop_with_stats().expect("exit stats");
+    let reports = bed.stop_backends();
+
+    // Failed calls, by the backends that saw them.
+    let by = backends_by_call(&reports);
+    let mut failed_at: BTreeMap<String, u64> = BTreeMap::new();
+    let mut stayed_failures = Vec::new();
+    for (id, c) in per_call.iter().filter(|(_, c)| !c.ok) {
+        let at = by.get(id).cloned().unwrap_or_default();
+        let key = format!("{at:?}");
+        *failed_at.entry(key).or_default() += 1;
+        // Calls that touched b1 or b2 were in flight while their backend changed: a
+        // stateless dispatcher moves them. Calls only ever at b3 must not fail.
+        if !at.contains(&b1) && !at.contains(&b2) {
+            stayed_failures.push((id.clone(), at, c.invite_at));
+        }
+    }
+    let split = by.values().filter(|s| s.len() > 1).count();
+    let tables = log.tables().len();
+    eprintln!(
+        "[{NAME}] 50 changes in {:.2} s, {tables} tables; UAC {} ok / {} failed of {calls}; \
+         failed by backend {failed_at:?}; {split} calls split across backends (a SIPp UAS \
+         answers an unknown BYE with 200); xdp_tx={}",
+        burst.as_secs_f64(),
+        uac.successful,
+        uac.failed,
+        exit.counter("xdp_tx")
+    );
+    let mut problems = Vec::new();
+    if !stayed_failures.is_empty() {
+        problems.push(format!(
+            "{} failed calls on the backend that stayed unchanged ({b3}), e.g. {:?}",
+            stayed_failures.len(),
+            &stayed_failures[..stayed_failures.len().min(3)]
+        ));
+    }
+    if uac.created != u64::from(calls) {
+        problems.push(format!("UAC: {}", uac.failure_summary()));
+    }
+    if exit.counter("xdp_tx") == 0 {
+        problems.push("xdp_tx is 0".into());
+    }
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// `bpftool -j map dump pinned` of the daemon's pinned maps prints field names (BTF).
+#[test]
+fn bpftool_dumps_pinned_maps_with_field_names() {
+    const NAME: &str = "bpftool";
+    let bed = Bed::build(NAME, 2, Duration::from_secs(60));
+    let bpffs = BpfFs::mount(bed.topo.tag());
+    let pins = bpffs.path().join(bed.iface());
+    let mut run = bed.run_config(2);
+    run.extra = vec!["--pin-path".into(), pins.to_string_lossy().into_owned()];
+    let daemon = bed.start_daemon(&run);
+    let dump = |map: &str| -> Value {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pins.join(map))
+            .output()
+            .expect("running bpftool");
+        assert!(out.status.success(), "bpftool {map}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("bpftool {map}: not JSON ({e}): {}", text(&out.stdout)))
+    };
+    let backends = dump("sd_backends_v1");
+    let services = dump("sd_services_v1");
+    let counters = dump("sd_counters_v1");
+    eprintln!(
+        "[{NAME}] sd_backends_v1[0]: {}\nsd_services_v1[0]: {}\nsd_counters_v1[0]: {}",
+        backends[0], services[0], counters[0]
+    );
+    let stopped = daemon.stop();
+
+    // Addresses and ports are in network byte order: the first u32 word and the u16 as
+    // bpftool prints them (host order on this little-endian machine) hold the wire bytes.
+    let addr_of = |v: &Value| -> SocketAddr {
+        let w = v["addr"][0].as_u64().expect("addr[0]") as u32;
+        let port = u16::from_be(v["port"].as_u64().expect("port") as u16);
+        SocketAddr::from((std::net::Ipv4Addr::from(w.to_ne_bytes()), port))
+    };
+    let mut problems = Vec::new();
+    let mut seen = BTreeSet::new();
+    for e in backends.as_array().expect("backends dump is an array") {
+        let v = &e["formatted"]["value"];
+        for f in ["addr", "port", "family"] {
+            if v.get(f).is_none() {
+                problems.push(format!("sd_backends_v1 entry without field {f}: {e}"));
+            }
+        }
+        if v["family"] == 4 {
+            seen.insert(addr_of(v));
+        }
+    }
+    let want: BTreeSet<SocketAddr> = [bed.backend(1), bed.backend(2)].into();
+    if !want.is_subset(&seen) {
+        problems.push(format!("sd_backends_v1 shows {seen:?}, expected {want:?}"));
+    }
+    let svc = services.as_array().expect("services dump is an array");
+    if svc.len() != 1
+        || addr_of(&svc[0]["formatted"]["key"]) != bed.vip
+        || svc[0]["formatted"]["key"]["family"] != 4
+        || svc[0]["formatted"]["value"].get("id").is_none()
+        || svc[0]["formatted"]["value"].get("flags").is_none()
+    {
+        problems.push(format!(
+            "sd_services_v1: expected one key {{addr, port, family}} = {} with value {{id, flags}}: {services}",
+            bed.vip
+        ));
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    for e in counters.as_array().expect("counters dump is an array") {
+        let values = e["formatted"]["values"].as_array();
+        let ok = values.is_some_and(|v| {
+            v.len() == cpus && v.iter().all(|c| c["cpu"].is_u64() && c["value"].is_u64())
+        });
+        if !ok {
+            problems.push(format!(
+                "sd_counters_v1 entry without {cpus} per-cpu {{cpu, value}}: {e}"
+            ));
+            break;
+        }
+    }
+    if counters.as_array().map_or(0, Vec::len) < 4 {
+        problems.push(format!("sd_counters_v1 has too few counters: {counters}"));
+    }
+    if let Err(e) = stopped {
+        problems.push(format!("daemon: {e:#}"));
+    }
+    drop(bpffs);
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// `--keep-attached`: SIGTERM daemon A under load, start daemon B on the same pins; it
+/// takes over the XDP link and no call is lost. Then `detach` removes the program.
+#[test]
+fn restart_with_keep_attached_drops_no_call() {
+    const NAME: &str = "restart";
+    let calls = 2000;
+    let mut bed = Bed::build(NAME, 3, Duration::from_secs(90));
+    let bpffs = BpfFs::mount(bed.topo.tag());
+    let pins = bpffs.path().join(bed.iface());
+    let mut run = bed.run_config(3);
+    run.extra = vec![
+        "--keep-attached".into(),
+        "--pin-path".into(),
+        pins.to_string_lossy().into_owned(),
+    ];
+    let a = bed.start_daemon(&run);
+    let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
+    uac.run_for(Duration::from_secs(6)).expect("calls flowing");
+    let stop_at = Instant::now();
+    let a_out = a.stop().expect("daemon A exits cleanly on SIGTERM");
+    let gap_from = stop_at.elapsed();
+    uac.run_for(Duration::from_secs(2))
+        .expect("calls flowing without a daemon");
+    let b = bed.start_daemon(&run);
+    let took_over_at = Instant::now();
+    let log = b.log();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.tail(400).contains("took over the XDP link") {
+        assert!(
+            Instant::now() < deadline,
+            "daemon B never logged `took over the XDP link`:\n{}",
+            log.tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gap = took_over_at - stop_at;
+    let uac = uac.finish().expect("UAC");
+    let per_call = uac.calls().expect("UAC calls");
+    let b_out = b.stop().expect("daemon B exits cleanly");
+    let reports = bed.stop_backends();
+
+    let mut problems = uac_problems(&uac, calls);
+    problems.extend(exactly_one_backend(&per_call, &reports));
+    if per_call.len() != calls as usize {
+        problems.push(format!("UAC log has {} calls of {calls}", per_call.len()));
+    }
+    for (who, out) in [("A", &a_out), ("B", &b_out)] {
+        if !out.contains(dispatcher::EXIT_STATS_PREFIX) {
+            problems.push(format!("daemon {who} printed no exit-stats: {out}"));
+        }
+    }
+
+    // detach: the program is gone from the interface.
+    let disp_ns = bed.disp_ns();
+    let detach = netns::command(&disp_ns, &bed.binary.to_string_lossy())
+        .args(["detach", "--iface", &bed.iface(), "--pin-path"])
+        .arg(&pins)
+        .output()
+        .expect("running detach");
+    if !detach.status.success() {
+        problems.push(format!("detach failed: {}", text(&detach.stderr)));
+    }
+    let link = netns::exec(&disp_ns, "ip", ["-d", "link", "show", "dev", &bed.iface()])
+        .expect("ip link show");
+    if link.contains("prog/xdp") {
+        problems.push(format!(
+            "an XDP program is still attached after detach:\n{link}"
+        ));
+    }
+    eprintln!(
+        "[{NAME}] A stopped in {:.2} s, B took over {:.2} s after the SIGTERM; UAC {} ok / {} \
+         failed of {calls}, {} retransmissions",
+        gap_from.as_secs_f64(),
+        gap.as_secs_f64(),
+        uac.successful,
+        uac.failed,
+        uac.retransmissions
+    );
+    drop(bpffs);
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// A SIPp scenario like the built-in `uac` whose INVITE carries an SDP body of about
+/// `sdp_bytes` bytes (padding attributes), so it leaves the client fragmented.
+fn big_invite_scenario(dir: &Path, sdp_bytes: usize) -> PathBuf {
+    let mut pad = String::new();
+    let mut i = 0;
+    while pad.len() < sdp_bytes {
+        let _ = writeln!(pad, "a=x-pad-{i:04}:{}", "0123456789abcdef".repeat(4));
+        i += 1;
+    }
+    let xml = format!(
+        r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="large INVITE">
+  <send retrans="500">
+    <![CDATA[
+
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: [service] <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Subject: Large INVITE
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+{pad}
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+  <recv response="200" rtd="true"/>
+  <send>
+    <![CDATA[
+
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: [service] <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <pause/>
+  <send retrans="500">
+    <![CDATA[
+
+      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: [service] <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+"#
+    );
+    let path = dir.join("large-invite.xml");
+    std::fs::write(&path, xml).expect("writing the scenario");
+    path
+}
+
+/// INVITEs of ~3 kB leave the client in fragments: the fast path passes them, the stack
+/// reassembles, the slow path forwards each to the backend of its Call-ID.
+#[test]
+fn large_invite_goes_through_the_slow_path() {
+    const NAME: &str = "slow-path";
+    let calls = 200;
+    let mut bed = Bed::build(NAME, 2, Duration::from_secs(60));
+    let daemon = bed.start_daemon(&bed.run_config(2));
+    let mut spec = bed.uac_spec(calls, 50);
+    spec.scenario = Scenario::File(big_invite_scenario(&bed.dir, 3000));
+    let uac = bed.start_uac(&spec, "uac").finish().expect("UAC");
+    let per_call = uac.calls().expect("UAC calls");
+    let exit: ExitStats = daemon.stop_with_stats().expect("exit stats");
+    let reports = bed.stop_backends();
+
+    let forwarded = exit.raw["slow_path"]["forwarded"].as_u64().unwrap_or(0);
+    let fragments = exit.counter("pass_fragment");
+    eprintln!(
+        "[{NAME}] UAC {} ok / {} failed of {calls}; slow_path {}; pass_fragment={fragments} \
+         xdp_tx={}; calls per backend {:?}",
+        uac.successful,
+        uac.failed,
+        exit.raw["slow_path"],
+        exit.counter("xdp_tx"),
+        reports
+            .iter()
+            .map(|r| (r.address.to_string(), r.calls.len()))
+            .collect::<Vec<_>>()
+    );
+    let mut problems = uac_problems(&uac, calls);
+    problems.extend(exactly_one_backend(&per_call, &reports));
+    if forwarded < u64::from(calls) {
+        problems.push(format!(
+            "slow_path.forwarded = {forwarded}, expected at least {calls}: {}",
+            exit.raw["slow_path"]
+        ));
+    }
+    if fragments == 0 {
+        problems.push(format!("pass_fragment is 0: {:?}", exit.counters));
+    }
+    verdict(NAME, &bed.dir.clone(), problems);
+}
