@@ -1,0 +1,360 @@
+//! Part 1: the per-packet cost of the XDP program, measured by the kernel itself through
+//! BPF_PROG_TEST_RUN with a large repeat count, next to the minimal MAC-swap program on
+//! the same packets.
+//!
+//! The run happens on a thread with a private network namespace (`unshare`) holding a
+//! veth with permanent neighbour entries and forwarding on, so that `bpf_fib_lookup`
+//! answers and every repetition goes the whole way (parse, service lookup, payload copy,
+//! Call-ID scan and hash, slot and backend lookups, FIB lookup, rewrite, XDP_TX).
+//!
+//! A repeated test run feeds the program the frame as the previous repetition left it.
+//! So that every repetition dispatches (instead of seeing an already rewritten frame
+//! that is no longer for the service), the backends of the service are themselves
+//! services whose only backend is the first service: the frame bounces between the VIP
+//! and one backend address, and each repetition does the full work. The counters check it:
+//! `xdp_tx` must grow by exactly the number of repetitions.
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use serde::Serialize;
+use sip_dispatch::{
+    dataplane::{Dataplane, load_program},
+    frames,
+};
+use sip_dispatch_common::{
+    Backend, Counter, HashKey, PROG_MAC_SWAP,
+    table::{Weighted, build_table},
+};
+use sip_dispatch_testbed::{cancel, cmd};
+
+use crate::{
+    Plan,
+    messages::{self, Packet},
+    note,
+};
+
+/// The private namespace: the VIP, its backends and the client behind one veth.
+const VIP: &str = "198.18.1.100:5060";
+const BACKENDS: [&str; 3] = ["198.18.1.21:5060", "198.18.1.22:5060", "198.18.1.23:5060"];
+const CLIENT: &str = "198.18.1.10:5070";
+const VETH: (&str, [u8; 6]) = ("sdb0", [0x02, 0, 0, 0, 0, 0xaa]);
+
+/// XDP verdicts (`enum xdp_action`).
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PacketCost {
+    #[serde(flatten)]
+    pub packet: Packet,
+    /// What sip_dispatch answered (XDP_TX or XDP_PASS).
+    pub verdict: &'static str,
+    /// Repetitions per trial (sip_dispatch, mac_swap).
+    pub repeat: [u32; 2],
+    pub trials: usize,
+    /// ns/packet as the kernel measures it (median of the trials). The kernel stops its
+    /// clock while the test thread is rescheduled, so other load on the machine does
+    /// not count; it reports whole nanoseconds.
+    pub dispatch_ns: f64,
+    pub mac_swap_ns: f64,
+    /// The wall clock around the syscall divided by the repeat count (best trial):
+    /// includes time the thread was preempted.
+    pub dispatch_wall_ns: f64,
+    pub mac_swap_wall_ns: f64,
+    /// dispatch_ns / mac_swap_ns.
+    pub ratio: f64,
+    /// The fast-path counters grew by exactly the repetitions (every one dispatched, or
+    /// passed for the non-SIP packet).
+    pub every_repeat_counted: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TestRunResults {
+    pub packets: Vec<PacketCost>,
+}
+
+impl TestRunResults {
+    pub fn get(&self, key: &str) -> Option<&PacketCost> {
+        self.packets.iter().find(|p| p.packet.key == key)
+    }
+}
+
+pub fn run(plan: &Plan) -> Result<TestRunResults> {
+    let plan = plan.clone();
+    thread::Builder::new()
+        .name("testrun".into())
+        .spawn(move || measure(&plan))
+        .context("starting the test-run thread")?
+        .join()
+        .map_err(|_| anyhow!("the test-run thread panicked"))?
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// This thread's own network namespace with a veth, neighbours and forwarding.
+fn private_netns() -> Result<u32> {
+    // SAFETY: unshare affects this thread (and what it spawns) only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    cmd::run("ip", ["link", "set", "lo", "up"])?;
+    cmd::run(
+        "ip",
+        [
+            "link", "add", VETH.0, "type", "veth", "peer", "name", "sdb1",
+        ],
+    )?;
+    cmd::run(
+        "ip",
+        ["link", "set", VETH.0, "address", &mac_text(VETH.1), "up"],
+    )?;
+    cmd::run("ip", ["link", "set", "sdb1", "up"])?;
+    cmd::run("ip", ["addr", "add", "198.18.1.1/24", "dev", VETH.0])?;
+    for (i, addr) in std::iter::once(VIP).chain(BACKENDS).enumerate() {
+        let ip = addr.parse::<SocketAddr>()?.ip().to_string();
+        let mac = mac_text([0x02, 0, 0, 0, 0x01, i as u8 + 1]);
+        cmd::run(
+            "ip",
+            [
+                "neigh",
+                "add",
+                &ip,
+                "lladdr",
+                &mac,
+                "dev",
+                VETH.0,
+                "nud",
+                "permanent",
+            ],
+        )?;
+    }
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+        .context("turning forwarding on in the private namespace")?;
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", VETH.0))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    match ifindex {
+        Some(i) => Ok(i),
+        None => {
+            let name = std::ffi::CString::new(VETH.0)?;
+            // SAFETY: a valid C string.
+            Ok(unsafe { libc::if_nametoindex(name.as_ptr()) })
+        }
+    }
+}
+
+fn weighted(addrs: &[&str]) -> Result<Vec<Weighted>> {
+    addrs
+        .iter()
+        .map(|a| {
+            Ok(Weighted {
+                backend: Backend::from_socket_addr(a.parse()?),
+                weight: 1,
+            })
+        })
+        .collect()
+}
+
+/// The VIP's backends are services that send everything back to the VIP.
+fn load_dispatcher(ifindex: u32) -> Result<Dataplane> {
+    let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT)?;
+    let table = build_table(&weighted(&BACKENDS)?, HashKey::DEFAULT)?;
+    dp.install_service(0, VIP.parse()?, &table)?;
+    let back = build_table(&weighted(&[VIP])?, HashKey::DEFAULT)?;
+    for (i, b) in BACKENDS.iter().enumerate() {
+        dp.install_service(i as u32 + 1, b.parse()?, &back)?;
+    }
+    dp.add_tx_port(ifindex)?;
+    Ok(dp)
+}
+
+struct Runner {
+    ctx: Vec<u8>,
+}
+
+impl Runner {
+    fn new(ifindex: u32, frame_len: usize) -> Runner {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, ...
+        let mut ctx = [0u32; 6];
+        ctx[1] = frame_len as u32;
+        ctx[3] = ifindex;
+        Runner {
+            ctx: ctx.iter().flat_map(|w| w.to_ne_bytes()).collect(),
+        }
+    }
+
+    /// One run, returning the verdict and the frame it leaves.
+    fn once(&self, prog: &Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&self.ctx),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+
+    /// `repeat` runs in the kernel: (wall-clock ns per run, kernel ns per run).
+    fn timed(&self, prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, u64, u32)> {
+        cancel::check()?;
+        let started = Instant::now();
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&self.ctx),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        let wall = started.elapsed().as_nanos() as f64 / f64::from(repeat);
+        Ok((wall, res.duration.as_nanos() as u64, res.return_value))
+    }
+
+    /// The repeat count that makes one trial last about `target`.
+    fn repeat_for(&self, prog: &Xdp, frame: &[u8], target: Duration) -> Result<u32> {
+        let probe = 20_000;
+        let (ns, _, _) = self.timed(prog, frame, probe)?;
+        let want = target.as_nanos() as f64 / ns.max(0.1);
+        Ok(want.clamp(f64::from(probe), 200_000_000.0) as u32)
+    }
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn counter(dp: &Dataplane, c: Counter) -> Result<u64> {
+    Ok(dp
+        .counters()?
+        .into_iter()
+        .find(|(k, _)| *k == c)
+        .map_or(0, |(_, v)| v))
+}
+
+/// Checks the packet does what the measurement assumes, before timing it.
+fn check_path(run: &Runner, prog: &Xdp, p: &Packet) -> Result<&'static str> {
+    let (verdict, out) = run.once(prog, &p.frame)?;
+    if !p.dispatched {
+        ensure!(
+            verdict == XDP_PASS,
+            "{}: expected XDP_PASS, got {verdict}",
+            p.key
+        );
+        return Ok("XDP_PASS");
+    }
+    ensure!(
+        verdict == XDP_TX,
+        "{}: expected XDP_TX, got {verdict}",
+        p.key
+    );
+    let first = frames::parse(&out).context("the dispatched frame does not parse")?;
+    let backends: Vec<SocketAddr> = BACKENDS
+        .iter()
+        .map(|b| b.parse())
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        backends.contains(&first.dst) && first.udp_checksum_ok && first.ip_checksum_ok,
+        "{}: dispatched to {} (checksums ok: {}/{})",
+        p.key,
+        first.dst,
+        first.ip_checksum_ok,
+        first.udp_checksum_ok
+    );
+    let (verdict, back) = run.once(prog, &out)?;
+    let back = frames::parse(&back).context("the bounced frame does not parse")?;
+    ensure!(
+        verdict == XDP_TX && back.dst == VIP.parse()?,
+        "{}: the second repetition did not come back to the VIP ({verdict}, {})",
+        p.key,
+        back.dst
+    );
+    Ok("XDP_TX")
+}
+
+fn measure(plan: &Plan) -> Result<TestRunResults> {
+    let ifindex = private_netns()?;
+    let mut dp = load_dispatcher(ifindex)?;
+    let mac_obj = load_program(PROG_MAC_SWAP)?;
+    let packets = messages::packets(
+        CLIENT.parse()?,
+        VIP.parse()?,
+        [0x02, 0, 0, 0, 0, 0x10],
+        VETH.1,
+    );
+    let mut results = Vec::new();
+    for p in packets {
+        let run = Runner::new(ifindex, p.frame.len());
+        let verdict = check_path(&run, dp.dispatch_program()?, &p)?;
+        let mac: &Xdp = mac_obj
+            .program(PROG_MAC_SWAP)
+            .context("mac_swap missing")?
+            .try_into()?;
+        let (v, _) = run.once(mac, &p.frame)?;
+        ensure!(v == XDP_TX, "mac_swap answered {v}, not XDP_TX");
+        let repeat_mac = run.repeat_for(mac, &p.frame, plan.testrun_trial)?;
+        let repeat_dp = run.repeat_for(dp.dispatch_program()?, &p.frame, plan.testrun_trial)?;
+
+        let watched = if p.dispatched {
+            Counter::Tx
+        } else {
+            Counter::NotService
+        };
+        let mut dp_wall = Vec::new();
+        let mut dp_kernel = Vec::new();
+        let mut mac_wall = Vec::new();
+        let mut mac_kernel = Vec::new();
+        let mut every = true;
+        for _ in 0..plan.testrun_trials {
+            let before = counter(&dp, watched)?;
+            let (w, k, _) = run.timed(dp.dispatch_program()?, &p.frame, repeat_dp)?;
+            every &= counter(&dp, watched)? - before == u64::from(repeat_dp);
+            dp_wall.push(w);
+            dp_kernel.push(k);
+            let (w, k, _) = run.timed(mac, &p.frame, repeat_mac)?;
+            mac_wall.push(w);
+            mac_kernel.push(k);
+        }
+        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let (dispatch_ns, mac_swap_ns) = (median(dp_kernel) as f64, median(mac_kernel) as f64);
+        let cost = PacketCost {
+            verdict,
+            repeat: [repeat_dp, repeat_mac],
+            trials: plan.testrun_trials,
+            dispatch_ns,
+            mac_swap_ns,
+            dispatch_wall_ns: best(&dp_wall),
+            mac_swap_wall_ns: best(&mac_wall),
+            ratio: dispatch_ns / mac_swap_ns.max(1.0),
+            every_repeat_counted: every,
+            packet: p,
+        };
+        note(format!(
+            "{:<30} {:>5} B  sip_dispatch {:>7.0} ns  mac_swap {:>4.0} ns  ratio {:>6.1}x  ({}; wall clock {:.0} / {:.0} ns)",
+            cost.packet.label,
+            cost.packet.frame_bytes,
+            cost.dispatch_ns,
+            cost.mac_swap_ns,
+            cost.ratio,
+            cost.verdict,
+            cost.dispatch_wall_ns,
+            cost.mac_swap_wall_ns
+        ));
+        results.push(cost);
+    }
+    Ok(TestRunResults { packets: results })
+}
