@@ -411,6 +411,8 @@ pub fn scan_message(msg: &[u8], key: HashKey) -> Scan {
 #[cfg(any(test, feature = "user"))]
 pub mod golden;
 #[cfg(any(test, feature = "user"))]
+pub mod reference;
+#[cfg(any(test, feature = "user"))]
 pub mod torture;
 
 #[cfg(test)]

@@ -4,141 +4,11 @@ use crate::hash::siphash13;
 use crate::maps::{FAST_PATH_PROMISE, SCAN_WINDOW};
 use std::{format, string::String, vec::Vec};
 
+use super::reference::{expected_scan, reference, split_lines, strip_blanks};
 use ScanOutcome::{BeyondWindow, Empty, Found, NoCallId};
 
 const KEY: HashKey = HashKey::DEFAULT;
 const START: &str = "INVITE sip:bob@biloxi.com SIP/2.0\r\n";
-
-// ---------------------------------------------------------------------------------------
-// The reference locator: slow and line-based, written from the rules in the module docs
-// rather than from the state machine.
-
-/// One line: its text is `msg[start..end]`; the next line starts at `next`.
-#[derive(Clone, Copy, Debug)]
-struct Line {
-    start: usize,
-    end: usize,
-    next: usize,
-}
-
-/// Splits at CRLF, LF or a lone CR. A final line without a line end is still a line.
-fn split_lines(msg: &[u8]) -> Vec<Line> {
-    let mut lines = Vec::new();
-    let mut start = 0;
-    while start < msg.len() {
-        let end = msg[start..]
-            .iter()
-            .position(|&c| is_eol(c))
-            .map_or(msg.len(), |p| start + p);
-        let next = if msg[end..].starts_with(b"\r\n") {
-            end + 2
-        } else {
-            end + 1
-        };
-        lines.push(Line { start, end, next });
-        start = next;
-    }
-    lines
-}
-
-/// The answer for a whole message, and `decided_at`: the offset of the byte that settles
-/// it (`msg.len()` when only the end of the message does). A window that ends at or
-/// before that byte cannot know the answer yet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Expect {
-    outcome: ScanOutcome,
-    start: usize,
-    end: usize,
-    decided_at: usize,
-}
-
-impl Expect {
-    fn miss(outcome: ScanOutcome, decided_at: usize) -> Expect {
-        Expect {
-            outcome,
-            start: 0,
-            end: 0,
-            decided_at,
-        }
-    }
-}
-
-fn trim_end_blanks(mut s: &[u8]) -> &[u8] {
-    while let [rest @ .., last] = s {
-        if !is_blank(*last) {
-            break;
-        }
-        s = rest;
-    }
-    s
-}
-
-/// The non-blank stretch of `msg[start..end]`, as a Found answer settled by the line end.
-fn value_in(msg: &[u8], start: usize, end: usize) -> Option<Expect> {
-    let first = (start..end).find(|&i| !is_blank(msg[i]))?;
-    let last = (start..end).rfind(|&i| !is_blank(msg[i]))?;
-    Some(Expect {
-        outcome: Found,
-        start: first,
-        end: last + 1,
-        decided_at: end,
-    })
-}
-
-fn reference(msg: &[u8]) -> Expect {
-    let lines = split_lines(msg);
-    for (n, line) in lines.iter().enumerate() {
-        let text = &msg[line.start..line.end];
-        let Some(&first) = text.first() else {
-            // The empty line ends the headers.
-            return Expect::miss(NoCallId, line.start);
-        };
-        if is_blank(first) {
-            // A continuation of the previous header.
-            continue;
-        }
-        let Some(colon) = text.iter().position(|&c| c == b':') else {
-            continue;
-        };
-        let name = trim_end_blanks(&text[..colon]);
-        if !name.eq_ignore_ascii_case(b"call-id") && !name.eq_ignore_ascii_case(b"i") {
-            continue;
-        }
-        if let Some(found) = value_in(msg, line.start + colon + 1, line.end) {
-            return found;
-        }
-        // Nothing after the colon: the value may sit on continuation lines.
-        for cont in &lines[n + 1..] {
-            let text = &msg[cont.start..cont.end];
-            if text.first().is_none_or(|&c| !is_blank(c)) {
-                return Expect::miss(Empty, cont.start);
-            }
-            if let Some(found) = value_in(msg, cont.start, cont.end) {
-                return found;
-            }
-        }
-        return Expect::miss(Empty, msg.len());
-    }
-    Expect::miss(NoCallId, msg.len())
-}
-
-fn strip_blanks(v: &[u8]) -> Vec<u8> {
-    v.iter().copied().filter(|&c| !is_blank(c)).collect()
-}
-
-/// The `Scan` that `want` stands for.
-fn expected_scan(msg: &[u8], want: Expect) -> Scan {
-    if want.outcome != Found {
-        return miss(want.outcome);
-    }
-    let hash = siphash13(KEY, &strip_blanks(&msg[want.start..want.end]));
-    Scan {
-        outcome: Found,
-        hash,
-        start: want.start as u32,
-        end: want.end as u32,
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Running the scanner.
@@ -184,7 +54,7 @@ fn check(msg: &[u8]) -> Scan {
     assert_eq!(scan_message(msg, KEY), got);
     assert_eq!(
         got,
-        expected_scan(msg, reference(msg)),
+        expected_scan(msg, reference(msg), KEY),
         "reference disagrees on {:?}",
         lossy(msg)
     );
@@ -587,7 +457,7 @@ fn check_prefixes(msg: &[u8]) {
     let full = reference(msg);
     for w in 0..=msg.len() {
         let want = if full.decided_at < w {
-            expected_scan(msg, full)
+            expected_scan(msg, full, KEY)
         } else {
             miss(BeyondWindow)
         };
@@ -598,7 +468,7 @@ fn check_prefixes(msg: &[u8]) {
             lossy(msg)
         );
         let prefix = &msg[..w];
-        let want = expected_scan(prefix, reference(prefix));
+        let want = expected_scan(prefix, reference(prefix), KEY);
         assert_eq!(
             scan_both(msg, w, true),
             want,
