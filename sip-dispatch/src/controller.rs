@@ -276,6 +276,12 @@ impl Controller {
         self.sync_backends();
         self.sync_probers();
         self.republish();
+        self.release_unused_ids();
+    }
+
+    /// Frees the ids of addresses no service lists any more (once the tables that used
+    /// them are replaced).
+    fn release_unused_ids(&mut self) {
         let gone: Vec<SocketAddr> = self
             .dp
             .backend_addrs()
@@ -392,14 +398,7 @@ impl Controller {
     pub fn forget_unconfigured(&mut self) -> anyhow::Result<()> {
         let vips: Vec<SocketAddr> = self.services.iter().map(|s| s.vip).collect();
         self.dp.retain_services(&vips)?;
-        let gone: Vec<SocketAddr> = self
-            .dp
-            .backend_addrs()
-            .filter(|a| !self.backends.contains_key(a))
-            .collect();
-        for addr in gone {
-            self.dp.release_backend(addr);
-        }
+        self.release_unused_ids();
         Ok(())
     }
 
