@@ -13,26 +13,13 @@ use sip_dispatch_common::{
     HashKey, SCAN_WINDOW, Scan, ScanOutcome,
     hash::siphash13,
     parse::{
-        reference::{expected_scan, reference, strip_blanks},
+        reference::{DECOYS, expected_scan, reference, strip_blanks},
         scan_message,
     },
     scan_call_id,
 };
 
 const KEY: HashKey = HashKey::DEFAULT;
-
-/// The window's bytes past the message: Call-ID headers, which show if the scanner reads
-/// past `len`.
-const DECOYS: [u8; SCAN_WINDOW] = {
-    let decoy = b"\r\nCall-ID: decoy\r\n";
-    let mut w = [0u8; SCAN_WINDOW];
-    let mut i = 0;
-    while i < SCAN_WINDOW {
-        w[i] = decoy[i % decoy.len()];
-        i += 1;
-    }
-    w
-};
 
 fuzz_target!(|msg: &[u8]| {
     let len = msg.len();
@@ -61,7 +48,7 @@ fuzz_target!(|msg: &[u8]| {
     } else {
         assert_eq!(
             by_window,
-            miss(ScanOutcome::BeyondWindow),
+            Scan::miss(ScanOutcome::BeyondWindow),
             "cut by the window"
         );
         // The window taken as a whole message is a message of its own.
@@ -81,7 +68,7 @@ fuzz_target!(|msg: &[u8]| {
         assert!(!is_blank(value[0]) && !is_blank(value[value.len() - 1]));
         assert_eq!(by_slice.hash, siphash13(KEY, &strip_blanks(value)));
     } else {
-        assert_eq!(by_slice, miss(by_slice.outcome));
+        assert_eq!(by_slice, Scan::miss(by_slice.outcome));
         assert_ne!(by_slice.outcome, ScanOutcome::BeyondWindow);
     }
 });
@@ -92,13 +79,4 @@ fn is_blank(c: u8) -> bool {
 
 fn is_eol(c: u8) -> bool {
     c == b'\r' || c == b'\n'
-}
-
-fn miss(outcome: ScanOutcome) -> Scan {
-    Scan {
-        outcome,
-        hash: 0,
-        start: 0,
-        end: 0,
-    }
 }

@@ -251,7 +251,7 @@ impl Scanner {
         self.state = match state {
             LINE_START => match line_start(c) {
                 Some(s) => s,
-                None => return Some(miss(ScanOutcome::NoCallId)),
+                None => return Some(Scan::miss(ScanOutcome::NoCallId)),
             },
             AFTER_CR => {
                 if c == b'\n' {
@@ -259,7 +259,7 @@ impl Scanner {
                 } else {
                     match line_start(c) {
                         Some(s) => s,
-                        None => return Some(miss(ScanOutcome::NoCallId)),
+                        None => return Some(Scan::miss(ScanOutcome::NoCallId)),
                     }
                 }
             }
@@ -301,14 +301,14 @@ impl Scanner {
                 } else if is_blank(c) {
                     VALUE_LEADING
                 } else {
-                    return Some(miss(ScanOutcome::Empty));
+                    return Some(Scan::miss(ScanOutcome::Empty));
                 }
             }
             VALUE_LEADING_EOL => {
                 if is_blank(c) {
                     VALUE_LEADING
                 } else {
-                    return Some(miss(ScanOutcome::Empty));
+                    return Some(Scan::miss(ScanOutcome::Empty));
                 }
             }
             VALUE => {
@@ -350,13 +350,13 @@ impl Scanner {
     #[inline(always)]
     pub fn finish(self, complete: bool) -> Scan {
         if !complete {
-            return miss(ScanOutcome::BeyondWindow);
+            return Scan::miss(ScanOutcome::BeyondWindow);
         }
         match self.state {
             // The message ends right after the value, with no line end.
             VALUE => self.found(),
-            VALUE_LEADING | VALUE_LEADING_CR | VALUE_LEADING_EOL => miss(ScanOutcome::Empty),
-            _ => miss(ScanOutcome::NoCallId),
+            VALUE_LEADING | VALUE_LEADING_CR | VALUE_LEADING_EOL => Scan::miss(ScanOutcome::Empty),
+            _ => Scan::miss(ScanOutcome::NoCallId),
         }
     }
 
@@ -393,13 +393,16 @@ pub fn scan_call_id<W: ByteWindow + ?Sized>(
     scanner.finish(complete)
 }
 
-#[inline(always)]
-fn miss(outcome: ScanOutcome) -> Scan {
-    Scan {
-        outcome,
-        hash: 0,
-        start: 0,
-        end: 0,
+impl Scan {
+    /// An answer without a Call-ID: hash and span are zero.
+    #[inline(always)]
+    pub const fn miss(outcome: ScanOutcome) -> Scan {
+        Scan {
+            outcome,
+            hash: 0,
+            start: 0,
+            end: 0,
+        }
     }
 }
 

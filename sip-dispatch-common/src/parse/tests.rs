@@ -4,7 +4,7 @@ use crate::hash::siphash13;
 use crate::maps::{FAST_PATH_PROMISE, SCAN_WINDOW};
 use std::{format, string::String, vec::Vec};
 
-use super::reference::{expected_scan, reference, split_lines, strip_blanks};
+use super::reference::{DECOYS, expected_scan, reference, split_lines, strip_blanks};
 use ScanOutcome::{BeyondWindow, Empty, Found, NoCallId};
 
 const KEY: HashKey = HashKey::DEFAULT;
@@ -16,18 +16,6 @@ const START: &str = "INVITE sip:bob@biloxi.com SIP/2.0\r\n";
 fn lossy(msg: &[u8]) -> String {
     String::from_utf8_lossy(msg).into_owned()
 }
-
-/// A window full of Call-ID headers: whatever the scanner reads past `len` shows.
-const DECOYS: [u8; SCAN_WINDOW] = {
-    let decoy = b"\r\nCall-ID: decoy\r\n";
-    let mut w = [0u8; SCAN_WINDOW];
-    let mut i = 0;
-    while i < SCAN_WINDOW {
-        w[i] = decoy[i % decoy.len()];
-        i += 1;
-    }
-    w
-};
 
 /// Scans `msg[..len]` through the slice and the fixed-size array windows, checks that they
 /// agree, and returns the result.
@@ -459,7 +447,7 @@ fn check_prefixes(msg: &[u8]) {
         let want = if full.decided_at < w {
             expected_scan(msg, full, KEY)
         } else {
-            miss(BeyondWindow)
+            Scan::miss(BeyondWindow)
         };
         assert_eq!(
             scan_both(msg, w, false),
