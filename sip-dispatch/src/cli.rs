@@ -52,7 +52,8 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Resolve the SRV names again now.
+    /// Read the flags and the config file again and resolve the SRV names now (SIGHUP
+    /// to the daemon does the same).
     Reload {
         #[command(flatten)]
         client: ClientArgs,
@@ -113,7 +114,7 @@ pub enum BackendsCommand {
     },
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// TOML config file: every flag below as a key (same names), plus [[service]]
     /// tables with `vip`, `backends` and `srv`. Flags override the file.

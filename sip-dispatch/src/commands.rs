@@ -31,7 +31,18 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Reload { client } => {
             let v = request(&client, &Request::Reload)?;
-            print(&client, &v, |_| "re-resolving SRV names now".into())
+            print(&client, &v, |v| {
+                let mut lines: Vec<String> = v["changes"]
+                    .as_array()
+                    .map(|c| c.iter().map(text).collect())
+                    .unwrap_or_default();
+                if lines.is_empty() {
+                    lines.push("no configuration change".into());
+                }
+                let names = v["reloaded"].as_array().map_or(0, Vec::len);
+                lines.push(format!("resolving {names} SRV name(s) now"));
+                lines.join("\n")
+            })
         }
         Command::Run(_) | Command::XdpPass(_) | Command::Detach(_) => bail!("not a client command"),
     }

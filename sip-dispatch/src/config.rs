@@ -26,6 +26,7 @@ use toml::Spanned;
 use crate::{
     cli::{BackendSpec, RunArgs, XdpModeArg, parse_duration, parse_socket_addr},
     health::{AliveCodes, HealthConfig},
+    select::Candidate,
     srv::DnsConfig,
 };
 
@@ -66,6 +67,19 @@ pub struct ServiceSpec {
     pub vip: SocketAddr,
     pub backends: Vec<BackendSpec>,
     pub srv: Vec<String>,
+}
+
+/// A static backend as the table builder takes it (healthy until checked).
+impl From<&BackendSpec> for Candidate {
+    fn from(b: &BackendSpec) -> Candidate {
+        Candidate {
+            addr: b.addr,
+            priority: b.priority,
+            weight: b.weight,
+            sharing: 1,
+            healthy: true,
+        }
+    }
 }
 
 /// Everything `run` needs, flags and file merged, defaults applied.

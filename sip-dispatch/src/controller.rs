@@ -4,7 +4,7 @@
 //! builds a new table and swaps it in atomically; a table is only rebuilt when the
 //! selection really changed, so calls on surviving backends are never moved.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     sync::Arc,
     time::Instant,
@@ -16,17 +16,20 @@ use sip_dispatch_common::{
     table::{SlotTable, build_table},
 };
 use tokio::{
+    signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
 
 use crate::{
+    config::{ServiceSpec, Settings},
     control,
     dataplane::Dataplane,
     health::{self, Admin, Health, HealthConfig, ProbeOutcome},
+    reload::Reloader,
     select::{Candidate, Selection, select},
     slowpath,
-    srv::{SrvAnswer, SrvEvent},
+    srv::{SrvAnswer, SrvEvent, Watchers},
     stats::BackendInfo,
 };
 
@@ -91,6 +94,47 @@ impl Service {
         out
     }
 
+    /// Takes the static backends and SRV names of a reloaded configuration; returns
+    /// what changed. SRV names kept keep their last answer.
+    fn reconfigure(&mut self, spec: &ServiceSpec) -> Vec<String> {
+        let vip = self.vip;
+        let statics: Vec<Candidate> = spec.backends.iter().map(Candidate::from).collect();
+        let mut changes = Vec::new();
+        for c in &statics {
+            match self.statics.iter().find(|o| o.addr == c.addr) {
+                None => changes.push(format!("{vip}: backend {} added", c.addr)),
+                Some(o) if (o.weight, o.priority) != (c.weight, c.priority) => {
+                    changes.push(format!(
+                        "{vip}: backend {} now weight {} priority {}",
+                        c.addr, c.weight, c.priority
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        for o in &self.statics {
+            if !statics.iter().any(|c| c.addr == o.addr) {
+                changes.push(format!("{vip}: backend {} removed", o.addr));
+            }
+        }
+        self.statics = statics;
+        let names: BTreeSet<&String> = spec.srv.iter().collect();
+        self.srv.retain(|name, _| {
+            let keep = names.contains(name);
+            if !keep {
+                changes.push(format!("{vip}: srv {name} removed"));
+            }
+            keep
+        });
+        for name in names {
+            if !self.srv.contains_key(name) {
+                changes.push(format!("{vip}: srv {name} added"));
+                self.srv.insert(name.clone(), Vec::new());
+            }
+        }
+        changes
+    }
+
     pub fn has_backends(&self) -> bool {
         !self.statics.is_empty() || self.srv.values().any(|v| !v.is_empty())
     }
@@ -130,8 +174,9 @@ pub struct Controller {
     probe_tx: mpsc::Sender<(SocketAddr, ProbeOutcome)>,
     probe_rx: mpsc::Receiver<(SocketAddr, ProbeOutcome)>,
     pub slow_path: Arc<slowpath::Counters>,
-    /// Wakes the SRV watchers for an immediate re-resolution.
-    pub reload: Arc<tokio::sync::Notify>,
+    srv: Watchers,
+    /// Reads the settings again for `reload` (and SIGHUP).
+    reloader: Option<Reloader>,
     pub dns_failures: u64,
 }
 
@@ -141,6 +186,8 @@ impl Controller {
         key: HashKey,
         health_cfg: HealthConfig,
         services: Vec<Service>,
+        srv: Watchers,
+        reloader: Option<Reloader>,
     ) -> Controller {
         let (probe_tx, probe_rx) = mpsc::channel(1024);
         let mut c = Controller {
@@ -153,11 +200,25 @@ impl Controller {
             probe_tx,
             probe_rx,
             slow_path: Arc::default(),
-            reload: Arc::default(),
+            srv,
+            reloader,
             dns_failures: 0,
         };
         c.sync_backends();
         c
+    }
+
+    /// Starts a watcher for every SRV name of the services (`first`: the answers in hand).
+    pub fn watch_srv(&mut self, first: &BTreeMap<String, SrvAnswer>) -> anyhow::Result<()> {
+        let names = self.srv_names();
+        self.srv.sync(&names, first)
+    }
+
+    fn srv_names(&self) -> BTreeSet<String> {
+        self.services
+            .iter()
+            .flat_map(|s| s.srv.keys().cloned())
+            .collect()
     }
 
     pub fn services(&self) -> &[Service] {
@@ -368,16 +429,28 @@ impl Controller {
     /// commands change the tables.
     pub async fn run(
         &mut self,
-        mut srv_rx: mpsc::Receiver<SrvEvent>,
         mut commands: mpsc::Receiver<control::Command>,
         stop: impl std::future::Future<Output = ()>,
     ) {
         self.sync_probers();
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::warn!("no reload on SIGHUP: {e}");
+                None
+            }
+        };
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 Some((addr, outcome)) = self.probe_rx.recv() => self.on_probe(addr, outcome, true),
-                Some(event) = srv_rx.recv() => self.on_srv(event),
+                Some(event) = self.srv.rx.recv() => self.on_srv(event),
+                Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    match self.reload() {
+                        Ok(done) => log::info!("reload (SIGHUP): {done}"),
+                        Err(e) => log::error!("reload (SIGHUP): {e:#}"),
+                    }
+                }
                 Some((request, reply)) = commands.recv() => {
                     let response = match self.handle(request) {
                         Ok(result) => control::Response::ok(result),
@@ -391,6 +464,7 @@ impl Controller {
         for (_, handle) in self.probers.drain() {
             handle.abort();
         }
+        self.srv.stop();
     }
 
     /// Drops what adopted maps hold that this configuration does not: services of other
@@ -409,12 +483,7 @@ impl Controller {
             BackendsList => self.backends_json(),
             Stats => Ok(serde_json::to_value(self.snapshot()?)?),
             Which { call_id, service } => self.which(&call_id, service),
-            Reload => {
-                self.reload.notify_waiters();
-                let names: std::collections::BTreeSet<&String> =
-                    self.services.iter().flat_map(|s| s.srv.keys()).collect();
-                Ok(serde_json::json!({ "reloaded": names }))
-            }
+            Reload => self.reload(),
             BackendAdd {
                 address,
                 weight,
@@ -492,6 +561,73 @@ impl Controller {
                 Ok(serde_json::json!({"address": address, "weight": weight}))
             }
         }
+    }
+
+    /// Reads the settings again and applies them (all or nothing), then resolves every
+    /// SRV name now.
+    fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+        let mut changes = Vec::new();
+        let mut config = None;
+        if let Some(mut reloader) = self.reloader.take() {
+            let applied = reloader.reread().and_then(|next| {
+                changes = self.apply(&next)?;
+                reloader.accept(next);
+                Ok(())
+            });
+            config = reloader.config_path().map(|p| p.display().to_string());
+            self.reloader = Some(reloader);
+            applied?;
+        }
+        self.srv.resolve_now();
+        for change in &changes {
+            log::info!("reload: {change}");
+        }
+        Ok(serde_json::json!({
+            "reloaded": self.srv_names(),
+            "config": config,
+            "changes": changes,
+        }))
+    }
+
+    /// Takes reloaded settings (the same VIPs: [`Reloader::reread`] checked that):
+    /// backends, SRV names, health checks and DNS. Operator states (drained, disabled)
+    /// of backends still listed are kept; `set-weight` overrides are not, since the
+    /// file says what the weights are. Returns what changed, for the log and the CLI.
+    fn apply(&mut self, next: &Settings) -> anyhow::Result<Vec<String>> {
+        // The only step that can fail comes first, so a failure changes nothing.
+        let dns_changed = self.srv.reconfigure(next.dns)?;
+        let mut changes = Vec::new();
+        if dns_changed {
+            changes.push("dns settings changed: SRV names are resolved again".to_string());
+        }
+        for spec in &next.services {
+            let Some(service) = self.services.iter_mut().find(|s| s.vip == spec.vip) else {
+                continue;
+            };
+            changes.extend(service.reconfigure(spec));
+        }
+        let overridden = self
+            .backends
+            .values_mut()
+            .filter_map(|k| k.weight_override.take())
+            .count();
+        if overridden > 0 {
+            changes.push(format!(
+                "{overridden} set-weight override(s) replaced by the configured weights"
+            ));
+        }
+        if next.health != self.health_cfg {
+            self.health_cfg = next.health.clone();
+            // Every prober restarts with the new settings; the states so far stay.
+            for (_, handle) in self.probers.drain() {
+                handle.abort();
+            }
+            changes.push("health-check settings changed".to_string());
+        }
+        let names = self.srv_names();
+        self.srv.sync(&names, &BTreeMap::new())?;
+        self.changed_backends();
+        Ok(changes)
     }
 
     /// The service a command names, or the only one.

@@ -95,7 +95,7 @@ impl FromStr for AliveCodes {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthConfig {
     pub interval: Duration,
     pub timeout: Duration,

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod frames;
 pub mod health;
 pub mod metrics;
+pub mod reload;
 pub mod run;
 pub mod select;
 pub mod slowpath;

@@ -15,6 +15,7 @@ use crate::{
     controller::{self, Controller, Service},
     dataplane::{Dataplane, attach_pass},
     metrics,
+    reload::Reloader,
     select::Candidate,
     slowpath, srv,
     sysctl::Forwarding,
@@ -42,6 +43,7 @@ fn tx_ports() -> Vec<(String, u32)> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(&args)?;
+    let reloader = Reloader::new(args, settings.clone());
     if settings.iface == "lo" {
         bail!("refusing to attach to lo: XDP dispatch needs a real or veth interface");
     }
@@ -50,10 +52,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_daemon(settings))
+    runtime.block_on(run_daemon(settings, reloader))
 }
 
-async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
+async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()> {
     let Settings {
         iface,
         xdp_mode,
@@ -71,17 +73,7 @@ async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .map(|(id, s)| {
-            let statics = s
-                .backends
-                .iter()
-                .map(|b| Candidate {
-                    addr: b.addr,
-                    priority: b.priority,
-                    weight: b.weight,
-                    sharing: 1,
-                    healthy: true,
-                })
-                .collect();
+            let statics = s.backends.iter().map(Candidate::from).collect();
             Service::new(id as u32, s.vip, statics, &s.srv)
         })
         .collect();
@@ -147,7 +139,8 @@ async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let mut ctl = Controller::new(dp, key, health, services);
+    let srv_watchers = srv::Watchers::new(dns, resolver);
+    let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
     ctl.initial_probe().await;
     ctl.republish();
     // What an adopted set of maps holds beyond the configuration goes now.
@@ -179,35 +172,17 @@ async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         vips.len()
     ));
 
-    let (srv_tx, srv_rx) = tokio::sync::mpsc::channel(64);
-    let watchers: Vec<_> = match resolver {
-        Some(resolver) => names
-            .iter()
-            .map(|name| {
-                let first = first_answers.get(name).cloned();
-                let task = srv::watch(
-                    resolver.clone(),
-                    name.clone(),
-                    dns,
-                    first,
-                    srv_tx.clone(),
-                    ctl.reload.clone(),
-                );
-                tokio::spawn(task)
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    ctl.watch_srv(&first_answers)?;
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, cmd_tx.clone())));
     let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
-    ctl.run(srv_rx, cmd_rx, stop_signal()?).await;
+    ctl.run(cmd_rx, stop_signal()?).await;
     control_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
     let _ = std::fs::remove_file(&control_path);
-    for task in watchers.into_iter().chain(slow) {
+    for task in slow {
         task.abort();
     }
 

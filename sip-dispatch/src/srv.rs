@@ -3,7 +3,9 @@
 //! the name is resolved again when its TTL runs out. A failed lookup keeps the last
 //! known set: the table is never emptied because DNS blinked.
 use std::{
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,11 +16,14 @@ use hickory_resolver::{
     net::runtime::TokioRuntimeProvider,
     proto::rr::{RData, RecordType},
 };
-use tokio::sync::mpsc;
+use tokio::{
+    sync::{Notify, mpsc},
+    task::JoinHandle,
+};
 
 use crate::select::Candidate;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DnsConfig {
     pub server: Option<SocketAddr>,
     pub min_ttl: Duration,
@@ -189,7 +194,7 @@ pub async fn watch(
     cfg: DnsConfig,
     first: Option<SrvAnswer>,
     tx: mpsc::Sender<SrvEvent>,
-    reload: std::sync::Arc<tokio::sync::Notify>,
+    reload: Arc<Notify>,
 ) {
     let mut wait = match &first {
         Some(a) => a.ttl.clamp(cfg.min_ttl, cfg.max_ttl),
@@ -232,6 +237,99 @@ pub async fn watch(
         if tx.send(event).await.is_err() {
             return;
         }
+    }
+}
+
+/// One [`watch`] task per SRV name, all answering on one channel.
+pub struct Watchers {
+    cfg: DnsConfig,
+    resolver: Option<TokioResolver>,
+    tasks: BTreeMap<String, JoinHandle<()>>,
+    tx: mpsc::Sender<SrvEvent>,
+    /// Where the answers arrive.
+    pub rx: mpsc::Receiver<SrvEvent>,
+    wake: Arc<Notify>,
+}
+
+impl Watchers {
+    /// `resolver` may be given when one was built already (for the start-up lookups).
+    pub fn new(cfg: DnsConfig, resolver: Option<TokioResolver>) -> Watchers {
+        let (tx, rx) = mpsc::channel(64);
+        Watchers {
+            cfg,
+            resolver,
+            tasks: BTreeMap::new(),
+            tx,
+            rx,
+            wake: Arc::default(),
+        }
+    }
+
+    /// Watches exactly `names`: watchers of names no longer wanted stop, new names get
+    /// one (resolving at once unless `first` holds an answer already in hand).
+    pub fn sync(
+        &mut self,
+        names: &BTreeSet<String>,
+        first: &BTreeMap<String, SrvAnswer>,
+    ) -> anyhow::Result<()> {
+        self.tasks.retain(|name, task| {
+            let keep = names.contains(name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        if names.is_empty() {
+            return Ok(());
+        }
+        let resolver = match &self.resolver {
+            Some(r) => r.clone(),
+            None => self.resolver.insert(resolver(&self.cfg)?).clone(),
+        };
+        for name in names {
+            if !self.tasks.contains_key(name) {
+                let task = watch(
+                    resolver.clone(),
+                    name.clone(),
+                    self.cfg,
+                    first.get(name).cloned(),
+                    self.tx.clone(),
+                    self.wake.clone(),
+                );
+                self.tasks.insert(name.clone(), tokio::spawn(task));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a new DNS configuration: a new resolver, and every watcher stopped (the
+    /// next [`Watchers::sync`] starts them again). Nothing changes when it fails.
+    pub fn reconfigure(&mut self, cfg: DnsConfig) -> anyhow::Result<bool> {
+        if cfg == self.cfg {
+            return Ok(false);
+        }
+        let resolver = resolver(&cfg)?;
+        self.stop();
+        self.cfg = cfg;
+        self.resolver = Some(resolver);
+        Ok(true)
+    }
+
+    /// Every waiting watcher resolves its name now.
+    pub fn resolve_now(&self) {
+        self.wake.notify_waiters();
+    }
+
+    pub fn stop(&mut self) {
+        for (_, task) in std::mem::take(&mut self.tasks) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -492,6 +492,163 @@ fn cli_round_trips_against_a_live_daemon() {
     verdict(NAME, &bed.dir.clone(), problems);
 }
 
+/// A config file for the bed's VIP with `backends` (each `ADDR:PORT[,weight=N]`) and
+/// `extra` top-level lines.
+fn write_config(bed: &Bed, path: &Path, backends: &[String], extra: &str) {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    let text = format!(
+        "iface = \"{}\"\nxdp-mode = \"native\"\n{extra}\n[[service]]\nvip = \"{}\"\nbackends = [{}]\n",
+        bed.iface(),
+        bed.vip,
+        list.join(", ")
+    );
+    std::fs::write(path, text).expect("writing the config file");
+}
+
+/// `reload` (and SIGHUP) read the config file again: backends added, removed and
+/// re-weighted take effect, a broken file or a restart-only change is refused with a
+/// one-line error and changes nothing, and calls then go to the reloaded set only.
+#[test]
+fn reload_rereads_the_config_file() {
+    const NAME: &str = "reload";
+    let mut bed = Bed::build(NAME, 3, Duration::from_secs(60));
+    let (b1, b2, b3) = (bed.backend(1), bed.backend(2), bed.backend(3));
+    let config = bed.dir.join("sip-dispatch.toml");
+    write_config(&bed, &config, &[b1.to_string(), b2.to_string()], "");
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--config".into(),
+        config.to_string_lossy().into_owned(),
+        "--control".into(),
+        bed.control.to_string_lossy().into_owned(),
+    ];
+    let daemon = Dispatcher::start(&bed.binary, &bed.disp_ns(), &args, &bed.dir, "daemon")
+        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
+    wait_list(&bed, Duration::from_secs(10), "b1 and b2 up", |l| {
+        l.len() == 2 && [b1, b2].iter().all(|&a| state(l, a) == Some("up"))
+    });
+    bed.cli_json(&["backends", "set-weight", &b1.to_string(), "5", "--json"]);
+
+    // b1 re-weighted, b2 removed, b3 added.
+    write_config(
+        &bed,
+        &config,
+        &[format!("{b1},weight=2"), b3.to_string()],
+        "",
+    );
+    let reloaded = bed.cli_json(&["reload", "--json"]);
+    let changes: Vec<&str> = reloaded["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no changes in {reloaded}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let vip = bed.vip;
+    for want in [
+        format!("{vip}: backend {b1} now weight 2 priority 0"),
+        format!("{vip}: backend {b3} added"),
+        format!("{vip}: backend {b2} removed"),
+        "1 set-weight override(s) replaced by the configured weights".to_string(),
+    ] {
+        assert!(
+            changes.contains(&want.as_str()),
+            "no {want:?} in {changes:#?}"
+        );
+    }
+    assert_eq!(reloaded["config"], config.to_string_lossy().as_ref());
+    let list = wait_list(
+        &bed,
+        Duration::from_secs(10),
+        "b1 (weight 2) and b3 up",
+        |l| l.len() == 2 && [b1, b3].iter().all(|&a| state(l, a) == Some("up")),
+    );
+    assert_eq!(list[&b1]["weight"], 2, "{:#?}", list[&b1]);
+    let s1 = list[&b1]["share"].as_f64().unwrap_or(0.0);
+    assert!(
+        (s1 - 2.0 / 3.0).abs() < 0.01,
+        "share of b1 (2 of 3) is {s1}"
+    );
+
+    // Refused, one line each, nothing changed: a broken file, then a restart-only key.
+    let refused = |what: &str, expect: &str| {
+        let out = bed.cli(&["reload"]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "reload of {what} succeeded");
+        assert!(
+            err.starts_with("sip-dispatch: error: ")
+                && err.contains(expect)
+                && err.trim_end().lines().count() == 1,
+            "reload of {what}: stderr {err:?} (expected one line with {expect:?})"
+        );
+        let now = listed(&bed.cli_json(&["backends", "list", "--json"]));
+        assert_eq!(
+            now.keys().collect::<Vec<_>>(),
+            [&b1, &b3].into_iter().collect::<Vec<_>>(),
+            "reload of {what} changed the backends"
+        );
+    };
+    write_config(&bed, &config, &["198.18.0.23".to_string()], "");
+    refused(
+        "a bad address",
+        &format!("{}:6: key `backends`: invalid address", config.display()),
+    );
+    write_config(
+        &bed,
+        &config,
+        &[b2.to_string()],
+        "hash-key = \"000102030405060708090a0b0c0d0e0f\"",
+    );
+    refused(
+        "a new hash key",
+        "`hash-key` changed: that needs a restart (nothing was reloaded)",
+    );
+
+    // SIGHUP: b1 removed, b2 back.
+    write_config(&bed, &config, &[b2.to_string(), b3.to_string()], "");
+    let hup = Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(hup.success(), "kill -HUP failed");
+    wait_list(
+        &bed,
+        Duration::from_secs(10),
+        "b2 and b3 up after SIGHUP",
+        |l| l.len() == 2 && [b2, b3].iter().all(|&a| state(l, a) == Some("up")),
+    );
+
+    // Calls go to the reloaded set only.
+    let calls = 300;
+    let uac = bed
+        .start_uac(&bed.uac_spec(calls, 100), "uac")
+        .finish()
+        .expect("UAC");
+    let log = daemon.log();
+    let stopped = daemon.stop();
+    let reports = bed.stop_backends();
+    let mut problems = uac_problems(&uac, calls);
+    let per_backend: BTreeMap<SocketAddr, usize> =
+        reports.iter().map(|r| (r.address, r.calls.len())).collect();
+    if per_backend.get(&b1) != Some(&0) || per_backend.values().sum::<usize>() != calls as usize {
+        problems.push(format!(
+            "calls per backend {per_backend:?}: expected all {calls} at {b2} and {b3}"
+        ));
+    }
+    if [b2, b3].iter().any(|a| per_backend.get(a) == Some(&0)) {
+        problems.push(format!(
+            "a backend of the reloaded set took no call: {per_backend:?}"
+        ));
+    }
+    if !log.tail(400).contains("reload (SIGHUP):") {
+        problems.push("no `reload (SIGHUP):` line in the daemon log".into());
+    }
+    if let Err(e) = stopped {
+        problems.push(format!("daemon: {e:#}"));
+    }
+    eprintln!("[{NAME}] calls per backend after the reloads: {per_backend:?}");
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
 /// `bpftool -j map dump pinned` of the daemon's pinned maps prints field names (BTF).
 #[test]
 fn bpftool_dumps_pinned_maps_with_field_names() {

@@ -1,0 +1,147 @@
+//! `sip-dispatch reload` (and SIGHUP): the flags and the config file are read again, and
+//! what they say about backends, SRV names, health checks and DNS takes effect without a
+//! restart. Settings that only a restart can change (interface, XDP mode, hash key, pin
+//! directory, control socket, metrics address, the set of VIPs) must be unchanged, or
+//! nothing at all is applied.
+use std::{collections::BTreeSet, net::SocketAddr, path::Path};
+
+use anyhow::bail;
+
+use crate::{cli::RunArgs, config::Settings};
+
+/// Re-reads the settings the daemon was started with.
+pub struct Reloader {
+    args: RunArgs,
+    running: Settings,
+}
+
+impl Reloader {
+    pub fn new(args: RunArgs, running: Settings) -> Reloader {
+        Reloader { args, running }
+    }
+
+    /// The config file, if the daemon was started with one.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.args.config.as_deref()
+    }
+
+    /// Reads flags and file again; an error (nothing applied) when the file is invalid or
+    /// a restart-only setting changed.
+    pub fn reread(&self) -> anyhow::Result<Settings> {
+        let next = Settings::resolve(&self.args)?;
+        let changed = restart_only_changes(&self.running, &next);
+        if !changed.is_empty() {
+            bail!(
+                "{} changed: that needs a restart (nothing was reloaded)",
+                changed.join(", ")
+            );
+        }
+        Ok(next)
+    }
+
+    /// Records the settings now in force.
+    pub fn accept(&mut self, settings: Settings) {
+        self.running = settings;
+    }
+}
+
+/// The settings that differ between `running` and `next` but cannot change while the
+/// daemon runs, by their config-file key.
+pub fn restart_only_changes(running: &Settings, next: &Settings) -> Vec<String> {
+    let mut changed: Vec<String> = [
+        ("iface", running.iface != next.iface),
+        ("xdp-mode", running.xdp_mode != next.xdp_mode),
+        ("hash-key", running.hash_key != next.hash_key),
+        ("pin-path", running.pin_path != next.pin_path),
+        ("control", running.control != next.control),
+        ("metrics", running.metrics != next.metrics),
+    ]
+    .into_iter()
+    .filter(|(_, differs)| *differs)
+    .map(|(key, _)| format!("`{key}`"))
+    .collect();
+    let vips =
+        |s: &Settings| -> BTreeSet<SocketAddr> { s.services.iter().map(|s| s.vip).collect() };
+    let (before, after) = (vips(running), vips(next));
+    let added: Vec<String> = after.difference(&before).map(|v| v.to_string()).collect();
+    let removed: Vec<String> = before.difference(&after).map(|v| v.to_string()).collect();
+    if !added.is_empty() {
+        changed.push(format!("services added ({})", added.join(", ")));
+    }
+    if !removed.is_empty() {
+        changed.push(format!("services removed ({})", removed.join(", ")));
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut all = vec!["sip-dispatch", "run", "--iface", "eth1"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all).expect("valid flags").command {
+            Command::Run(run) => Settings::resolve(&run).expect("valid settings"),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn backends_srv_and_health_may_change() {
+        let a = settings(&[
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ]);
+        let b = settings(&[
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.22:5060,weight=3",
+            "--srv",
+            "_sip._udp.example.net",
+            "--health-interval",
+            "2s",
+            "--dns-max-ttl",
+            "60",
+        ]);
+        assert_eq!(restart_only_changes(&a, &b), Vec::<String>::new());
+    }
+
+    #[test]
+    fn restart_only_settings_are_named() {
+        let a = settings(&[
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ]);
+        let b = settings(&[
+            "--vip",
+            "198.18.0.101:5060",
+            "--backend",
+            "198.18.0.21:5060",
+            "--hash-key",
+            "000102030405060708090a0b0c0d0e0f",
+            "--xdp-mode",
+            "skb",
+            "--metrics",
+            "127.0.0.1:9464",
+        ]);
+        assert_eq!(
+            restart_only_changes(&a, &b),
+            [
+                "`xdp-mode`",
+                "`hash-key`",
+                "`metrics`",
+                "services added (198.18.0.101:5060)",
+                "services removed (198.18.0.100:5060)"
+            ]
+        );
+    }
+}
