@@ -594,8 +594,11 @@ impl Controller {
     /// of backends still listed are kept; `set-weight` overrides are not, since the
     /// file says what the weights are. Returns what changed, for the log and the CLI.
     fn apply(&mut self, next: &Settings) -> anyhow::Result<Vec<String>> {
-        // The only step that can fail comes first, so a failure changes nothing.
+        // The only steps that can fail come first, so a failure changes nothing.
         let dns_changed = self.srv.reconfigure(next.dns)?;
+        if next.services.iter().any(|s| !s.srv.is_empty()) {
+            self.srv.resolver()?;
+        }
         let mut changes = Vec::new();
         if dns_changed {
             changes.push("dns settings changed: SRV names are resolved again".to_string());

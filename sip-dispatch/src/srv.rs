@@ -282,10 +282,7 @@ impl Watchers {
         if names.is_empty() {
             return Ok(());
         }
-        let resolver = match &self.resolver {
-            Some(r) => r.clone(),
-            None => self.resolver.insert(resolver(&self.cfg)?).clone(),
-        };
+        let resolver = self.resolver()?;
         for name in names {
             if !self.tasks.contains_key(name) {
                 let task = watch(
@@ -300,6 +297,14 @@ impl Watchers {
             }
         }
         Ok(())
+    }
+
+    /// The resolver, built on first use.
+    pub fn resolver(&mut self) -> anyhow::Result<TokioResolver> {
+        Ok(match &self.resolver {
+            Some(r) => r.clone(),
+            None => self.resolver.insert(resolver(&self.cfg)?).clone(),
+        })
     }
 
     /// Takes a new DNS configuration: a new resolver, and every watcher stopped (the
