@@ -168,7 +168,7 @@ impl ControllerBed {
         netns::cleanup_leftovers()?;
         progress(cfg.verbose, format!("{}: building the topology", cfg.name));
         let topo = Topology::build(TopologySpec {
-            dispatcher: true,
+            dispatchers: 1,
             backends: cfg.hosts,
             dns: true,
         })?;

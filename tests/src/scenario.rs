@@ -455,7 +455,7 @@ pub fn run_direct(
     let dir = run_dir(workdir, &format!("direct-{family}").to_lowercase())?;
     netns::cleanup_leftovers()?;
     let topo = Topology::build(TopologySpec {
-        dispatcher: false,
+        dispatchers: 0,
         backends: 1,
         dns: false,
     })?;

@@ -168,6 +168,46 @@ pub struct UasReport {
     pub exit_code: Option<i32>,
 }
 
+/// Per Call-ID: the backends whose UAS logged any request of it (its INVITE, ACK or BYE).
+pub fn backends_by_call(reports: &[UasReport]) -> BTreeMap<String, BTreeSet<SocketAddr>> {
+    let mut by: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
+    for r in reports {
+        for id in r.calls.iter().chain(r.incomplete.keys()) {
+            by.entry(id.clone()).or_default().insert(r.address);
+        }
+    }
+    by
+}
+
+/// Every call of the UAC completed at exactly one backend (INVITE, ACK and BYE there)
+/// and nowhere else; returns the problems.
+pub fn exactly_one_backend(uac: &BTreeMap<String, UacCall>, reports: &[UasReport]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut complete: BTreeMap<&str, u32> = BTreeMap::new();
+    for r in reports {
+        for id in &r.calls {
+            *complete.entry(id).or_default() += 1;
+        }
+    }
+    let by = backends_by_call(reports);
+    let mut bad = Vec::new();
+    for id in uac.keys() {
+        let ok = complete.get(id.as_str()) == Some(&1) && by.get(id).is_some_and(|s| s.len() == 1);
+        if !ok {
+            bad.push((id.clone(), by.get(id).cloned().unwrap_or_default()));
+        }
+    }
+    if !bad.is_empty() {
+        problems.push(format!(
+            "{} of {} calls did not complete at exactly one backend, e.g. {:?}",
+            bad.len(),
+            uac.len(),
+            &bad[..bad.len().min(3)]
+        ));
+    }
+    problems
+}
+
 /// The files a SIPp run writes: statistics (a CSV line a second and one at exit), one
 /// line per SIP message, and errors.
 struct TraceFiles {
@@ -318,6 +358,8 @@ pub struct UacSpec {
     /// The default has no PID, so every run places the same Call-IDs and the per-backend
     /// shares of a run are reproducible (no statistical flakiness in the tests).
     pub call_id: String,
+    /// Further SIPp arguments, appended as given (e.g. `-d` call length, `-t un`).
+    pub extra: Vec<String>,
 }
 
 /// Call-IDs `<n>-sdt@<client address>`: reproducible from run to run.
@@ -343,6 +385,7 @@ impl UacSpec {
             bound: Duration::from_secs(u64::from(calls.div_ceil(rate)) + 20),
             recv_timeout: Duration::from_secs(10),
             call_id: CALL_ID_PATTERN.to_owned(),
+            extra: Vec::new(),
         }
     }
 }
@@ -446,6 +489,7 @@ impl Uac {
             "-recv_timeout".into(),
             spec.recv_timeout.as_millis().to_string(),
         ]);
+        args.extend(spec.extra.iter().cloned());
         args.extend(logs.args());
         let started = Instant::now();
         let process = Process::spawn(ns, "sipp", &args, dir, label)?;

@@ -10,6 +10,8 @@
 //! ```
 //!
 //! The DNS host (optional) is where the tests run a real DNS server for the dispatcher.
+//! A second dispatcher (optional, `v-disp2`, 198.18.0.3, with the same VIP) is for the
+//! scale-out tests, where the client reaches the VIP through an ECMP route.
 //!
 //! Both ends of each veth are created directly inside their namespaces, so nothing ever
 //! appears in the root namespace; interface names only need to be unique per namespace.
@@ -57,6 +59,8 @@ impl FromStr for Family {
 pub enum Role {
     Client,
     Dispatcher,
+    /// A second dispatcher with the same VIP (scale-out).
+    SecondDispatcher,
     /// Backend number `n`, counted from 1.
     Backend(u8),
     /// The DNS server host.
@@ -69,6 +73,7 @@ impl Role {
         match self {
             Role::Client => "client".into(),
             Role::Dispatcher => "disp".into(),
+            Role::SecondDispatcher => "disp2".into(),
             Role::Backend(n) => format!("b{n}"),
             Role::Dns => "dns".into(),
         }
@@ -80,6 +85,7 @@ impl Role {
         match self {
             Role::Client => 10,
             Role::Dispatcher => 2,
+            Role::SecondDispatcher => 3,
             Role::Backend(n) => 20 + u16::from(*n),
             Role::Dns => 53,
         }
@@ -131,8 +137,8 @@ impl Host {
 /// What to build.
 #[derive(Clone, Copy, Debug)]
 pub struct TopologySpec {
-    /// Whether to add the dispatcher host (with the VIP).
-    pub dispatcher: bool,
+    /// How many dispatcher hosts to add (0, 1 or 2), each with the VIP.
+    pub dispatchers: u8,
     /// Number of backend hosts (1..=30).
     pub backends: u8,
     /// Whether to add the DNS server host (198.18.0.53, 2001:db8::53).
@@ -143,7 +149,7 @@ impl TopologySpec {
     /// A client, the dispatcher and `backends` backends.
     pub fn dispatcher(backends: u8) -> Self {
         TopologySpec {
-            dispatcher: true,
+            dispatchers: 1,
             backends,
             dns: false,
         }
@@ -187,10 +193,13 @@ impl Topology {
         ])?;
         topo.switch.ip(["link", "set", BRIDGE, "up"])?;
 
+        ensure!(spec.dispatchers <= 2, "at most 2 dispatchers");
         let mut roles = vec![Role::Client];
-        if spec.dispatcher {
-            roles.push(Role::Dispatcher);
-        }
+        roles.extend(
+            [Role::Dispatcher, Role::SecondDispatcher]
+                .into_iter()
+                .take(spec.dispatchers.into()),
+        );
         roles.extend((1..=spec.backends).map(Role::Backend));
         if spec.dns {
             roles.push(Role::Dns);
@@ -240,7 +249,7 @@ impl Topology {
             ipv6: v6(n),
         };
         let mut addrs = vec![(IpAddr::from(host.ipv4), 24), (IpAddr::from(host.ipv6), 64)];
-        if role == Role::Dispatcher {
+        if matches!(role, Role::Dispatcher | Role::SecondDispatcher) {
             addrs.push((v4(VIP_NUMBER).into(), 24));
             addrs.push((v6(VIP_NUMBER).into(), 64));
         }
@@ -284,6 +293,10 @@ impl Topology {
 
     pub fn dispatcher(&self) -> Result<&Host> {
         self.host(Role::Dispatcher)
+    }
+
+    pub fn second_dispatcher(&self) -> Result<&Host> {
+        self.host(Role::SecondDispatcher)
     }
 
     pub fn dns(&self) -> Result<&Host> {

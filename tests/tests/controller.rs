@@ -126,7 +126,7 @@ fn dns_harness_serves_reloads_and_stops() {
     preflight::require_dns().expect("preflight");
     let dir = sip_dispatch_testbed::scenario::run_dir(&workdir(), "dns-harness").unwrap();
     let topo = Topology::build(TopologySpec {
-        dispatcher: true,
+        dispatchers: 1,
         backends: 5,
         dns: true,
     })

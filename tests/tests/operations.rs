@@ -25,7 +25,9 @@ use sip_dispatch_testbed::{
     Family, XdpMode,
     dispatcher::{self, BackendArg, Dispatcher, ExitStats, RunConfig},
     netns, preflight, scenario,
-    sipp::{self, Scenario, UacCall, UacReport, UacSpec, Uas, UasReport},
+    sipp::{
+        self, Scenario, UacReport, UacSpec, Uas, UasReport, backends_by_call, exactly_one_backend,
+    },
     topology::{Topology, TopologySpec},
 };
 
@@ -245,46 +247,6 @@ fn wait_list(
 
 fn state(list: &BTreeMap<SocketAddr, Value>, a: SocketAddr) -> Option<&str> {
     list.get(&a).and_then(|b| b["state"].as_str())
-}
-
-/// Per Call-ID: the backends whose UAS logged any request of it (its INVITE, ACK or BYE).
-fn backends_by_call(reports: &[UasReport]) -> BTreeMap<String, BTreeSet<SocketAddr>> {
-    let mut by: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
-    for r in reports {
-        for id in r.calls.iter().chain(r.incomplete.keys()) {
-            by.entry(id.clone()).or_default().insert(r.address);
-        }
-    }
-    by
-}
-
-/// Every call of the UAC completed at exactly one backend (INVITE, ACK and BYE there)
-/// and nowhere else; returns the problems.
-fn exactly_one_backend(uac: &BTreeMap<String, UacCall>, reports: &[UasReport]) -> Vec<String> {
-    let mut problems = Vec::new();
-    let mut complete: BTreeMap<&str, u32> = BTreeMap::new();
-    for r in reports {
-        for id in &r.calls {
-            *complete.entry(id).or_default() += 1;
-        }
-    }
-    let by = backends_by_call(reports);
-    let mut bad = Vec::new();
-    for id in uac.keys() {
-        let ok = complete.get(id.as_str()) == Some(&1) && by.get(id).is_some_and(|s| s.len() == 1);
-        if !ok {
-            bad.push((id.clone(), by.get(id).cloned().unwrap_or_default()));
-        }
-    }
-    if !bad.is_empty() {
-        problems.push(format!(
-            "{} of {} calls did not complete at exactly one backend, e.g. {:?}",
-            bad.len(),
-            uac.len(),
-            &bad[..bad.len().min(3)]
-        ));
-    }
-    problems
 }
 
 fn uac_problems(uac: &UacReport, calls: u32) -> Vec<String> {

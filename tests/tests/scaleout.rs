@@ -1,0 +1,268 @@
+//! Scale-out past one machine (README "Scale-out"): two dispatchers with the same
+//! backends and hash key behind a Linux ECMP multipath route on the client.
+//!
+//! The client hashes on L4 (`fib_multipath_hash_policy=1`) and SIPp opens one socket per
+//! call (`-t un`), so calls spread over both dispatchers; every 250 ms the route's next
+//! hops are swapped, which moves every flow to the other dispatcher, so the INVITE and
+//! the BYE of one call (750 ms apart) mostly cross dispatchers. Every call must still complete at
+//! exactly one backend, with zero failed calls. A control run with a different hash key
+//! on the second dispatcher shows that the messages did cross (calls then split across
+//! backends), so the first check can fail.
+//!
+//! Needs root, SIPp and the sip-dispatch binary (`$SIP_DISPATCH_BIN`, else
+//! `target/debug/sip-dispatch`): without them the test fails, it never skips.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::Value;
+use sip_dispatch_testbed::{
+    Family, XdpMode,
+    dispatcher::{self, BackendArg, Dispatcher, RunConfig},
+    netns, preflight, scenario,
+    sipp::{self, UacCall, UacReport, UacSpec, Uas, backends_by_call, exactly_one_backend},
+    topology::{Host, Topology, TopologySpec},
+};
+
+/// How often the client's ECMP route swaps its next hops.
+const FLIP_EVERY: Duration = Duration::from_millis(250);
+/// SIPp's pause between ACK and BYE (`-d`, ms): about three swaps, an odd number, so
+/// the BYE of most calls takes the other dispatcher than their INVITE.
+const CALL_MS: &str = "750";
+const OTHER_KEY: &str = "000102030405060708090a0b0c0d0e0f";
+
+fn workdir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-scaleout")
+}
+
+/// Client, two dispatchers (each with the VIP and an XDP_PASS program on its veth peer)
+/// and SIPp backends. Drops backends and peers, then the namespaces.
+struct Farm {
+    binary: PathBuf,
+    dir: PathBuf,
+    uas: Vec<Option<Uas>>,
+    _peers: Vec<Dispatcher>,
+    vip: SocketAddr,
+    topo: Topology,
+}
+
+impl Farm {
+    fn build(backends: u8) -> Farm {
+        preflight::require_all().expect("preflight");
+        let binary = dispatcher::binary_path().expect("sip-dispatch binary");
+        let dir = scenario::run_dir(&workdir(), "ecmp").expect("run dir");
+        netns::cleanup_leftovers().expect("cleaning up leftovers");
+        let topo = Topology::build(TopologySpec {
+            dispatchers: 2,
+            backends,
+            dns: false,
+        })
+        .expect("topology");
+        let uas = scenario::start_backends(&topo, Family::V4, &dir, Duration::from_secs(120))
+            .expect("UAS backends")
+            .into_iter()
+            .map(Some)
+            .collect();
+        let peers = [topo.dispatcher(), topo.second_dispatcher()]
+            .map(|h| h.expect("dispatcher host").switch_iface.clone())
+            .iter()
+            .map(|peer| {
+                Dispatcher::xdp_pass(&binary, topo.switch().name(), peer, &dir)
+                    .unwrap_or_else(|e| panic!("xdp-pass on {peer}: {e:#}"))
+            })
+            .collect();
+        let client = topo.client().ns_name().to_owned();
+        netns::exec(
+            &client,
+            "sysctl",
+            ["-qw", "net.ipv4.fib_multipath_hash_policy=1"],
+        )
+        .expect("L4 multipath hashing on the client");
+        let vip = SocketAddr::new(topo.vip(Family::V4), sipp::SIP_PORT);
+        let farm = Farm {
+            binary,
+            dir,
+            uas,
+            _peers: peers,
+            vip,
+            topo,
+        };
+        farm.route(false).expect("the ECMP route to the VIP");
+        farm
+    }
+
+    fn dispatchers(&self) -> [&Host; 2] {
+        [self.topo.dispatcher(), self.topo.second_dispatcher()].map(|h| h.expect("dispatcher"))
+    }
+
+    /// The client's route to the VIP: one ECMP route over both dispatchers, in the
+    /// given order of next hops (which decides which flows take which one).
+    fn route(&self, swapped: bool) -> anyhow::Result<()> {
+        let mut hops = self.dispatchers().map(|h| h.ipv4.to_string());
+        if swapped {
+            hops.reverse();
+        }
+        let vip = format!("{}/32", self.vip.ip());
+        let args = [
+            "route", "replace", &vip, "nexthop", "via", &hops[0], "nexthop", "via", &hops[1],
+        ];
+        netns::exec(self.topo.client().ns_name(), "ip", args).map(drop)
+    }
+
+    /// Starts the daemon of dispatcher `i` (0 or 1) with every backend, weight 1.
+    fn start(&self, i: usize, extra: &[&str]) -> (Dispatcher, PathBuf) {
+        let host = self.dispatchers()[i];
+        let control = dispatcher::control_socket(&format!("{}-{i}", self.topo.tag()))
+            .expect("control socket path");
+        let mut run = RunConfig::new(&host.iface, self.vip, XdpMode::Native);
+        run.control = Some(control.clone());
+        run.backends = self
+            .uas
+            .iter()
+            .flatten()
+            .map(|u| BackendArg::new(u.address, 1))
+            .collect();
+        run.extra = extra.iter().map(|s| (*s).to_owned()).collect();
+        let label = format!("disp{}-{}", i + 1, if extra.is_empty() { "a" } else { "b" });
+        let daemon =
+            Dispatcher::start(&self.binary, host.ns_name(), &run.args(), &self.dir, &label)
+                .unwrap_or_else(|e| panic!("starting dispatcher {}: {e:#}", i + 1));
+        (daemon, control)
+    }
+
+    /// Places `calls` calls (Call-IDs `<n>-<tag>@...`) while the route flips; returns
+    /// the UAC's report, its calls and the number of flips.
+    fn calls_while_flipping(
+        &self,
+        calls: u32,
+        tag: &str,
+    ) -> (UacReport, BTreeMap<String, UacCall>, u32) {
+        let mut spec = UacSpec::calls(self.topo.client().ip(Family::V4), self.vip, calls, 100);
+        spec.call_id = format!("%u-{tag}@%s");
+        spec.extra = ["-d", CALL_MS, "-t", "un", "-max_socket", "1000"]
+            .map(str::to_owned)
+            .to_vec();
+        let max_flips = (spec.bound.as_millis() / FLIP_EVERY.as_millis()) as u32;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let (report, flips) = std::thread::scope(|s| {
+            let flipper = s.spawn(move || -> anyhow::Result<u32> {
+                let mut flips = 0;
+                // The wait paces the flips; a message (or a hang-up) ends them.
+                while flips < max_flips
+                    && stopped.recv_timeout(FLIP_EVERY) == Err(mpsc::RecvTimeoutError::Timeout)
+                {
+                    flips += 1;
+                    self.route(flips % 2 == 1)?;
+                }
+                Ok(flips)
+            });
+            let report = sipp::Uac::start(self.topo.client().ns_name(), &spec, &self.dir, tag)
+                .and_then(sipp::Uac::finish);
+            drop(stop);
+            let flips = flipper.join().expect("flipper thread");
+            (report, flips)
+        });
+        let report = report.unwrap_or_else(|e| panic!("UAC {tag}: {e:#}"));
+        let flips = flips.unwrap_or_else(|e| panic!("flipping the route: {e:#}"));
+        let per_call = report.calls().expect("UAC calls");
+        (report, per_call, flips)
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        for u in self.uas.iter_mut().filter_map(Option::take) {
+            let _ = u.stop();
+        }
+    }
+}
+
+fn xdp_tx(binary: &Path, control: &Path) -> u64 {
+    let out = Command::new(binary)
+        .arg("stats")
+        .arg(format!("--control={}", control.display()))
+        .arg("--json")
+        .output()
+        .expect("running sip-dispatch stats");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stats printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["counters"]["xdp_tx"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counters.xdp_tx in {v}"))
+}
+
+#[test]
+fn two_dispatchers_behind_ecmp_agree_on_every_call() {
+    let mut farm = Farm::build(3);
+    let (d1, c1) = farm.start(0, &[]);
+    let (d2, c2) = farm.start(1, &[]);
+    let calls = 600;
+    let (same, same_calls, same_flips) = farm.calls_while_flipping(calls, "same");
+    let tx = [xdp_tx(&farm.binary, &c1), xdp_tx(&farm.binary, &c2)];
+
+    // Control: the second dispatcher with another hash key.
+    d2.stop().expect("dispatcher 2 exits cleanly");
+    let (d2, _) = farm.start(1, &["--hash-key", OTHER_KEY]);
+    let control_calls = 300;
+    let (_, other_calls, _) = farm.calls_while_flipping(control_calls, "otherkey");
+    let stopped = [d1.stop(), d2.stop()];
+    let reports: Vec<_> = farm
+        .uas
+        .iter_mut()
+        .filter_map(Option::take)
+        .map(|u| u.stop().expect("stopping a UAS"))
+        .collect();
+
+    let mut problems = Vec::new();
+    if same.failed != 0 || same.successful != u64::from(calls) || same_calls.len() != calls as usize
+    {
+        problems.push(format!("UAC: {}", same.failure_summary()));
+    }
+    problems.extend(exactly_one_backend(&same_calls, &reports));
+    if tx.iter().any(|&t| t < u64::from(calls) / 2) {
+        problems.push(format!(
+            "both dispatchers should have forwarded a good part of the {} messages, xdp_tx: {tx:?}",
+            3 * calls
+        ));
+    }
+    let by = backends_by_call(&reports);
+    let split = other_calls
+        .keys()
+        .filter(|id| by.get(*id).is_some_and(|b| b.len() > 1))
+        .count();
+    // Most calls see three swaps between INVITE and BYE (some two); two in three of
+    // those that cross then reach another backend through the other key.
+    if split < control_calls as usize / 4 {
+        problems.push(format!(
+            "control run: only {split} of {control_calls} calls split across backends with \
+             different hash keys: the messages of a call did not cross dispatchers"
+        ));
+    }
+    for (i, s) in stopped.iter().enumerate() {
+        if let Err(e) = s {
+            problems.push(format!("dispatcher {}: {e:#}", i + 1));
+        }
+    }
+    eprintln!(
+        "[ecmp] {calls} calls, {same_flips} route swaps: {} ok / {} failed; xdp_tx per \
+         dispatcher {tx:?}; control run with another key: {split} of {control_calls} calls \
+         split across backends",
+        same.successful, same.failed
+    );
+    assert!(
+        problems.is_empty(),
+        "ecmp:\n  - {}\nlogs: {}",
+        problems.join("\n  - "),
+        farm.dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&farm.dir);
+}
