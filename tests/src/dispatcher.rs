@@ -38,6 +38,27 @@ pub fn binary_path() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Where `cargo xtask test` puts the binary the upgrade test starts from.
+pub const UPGRADE_FROM_DIR: &str = "upgrade-from";
+
+/// The binary an upgrade starts from: `$SIP_DISPATCH_PREVIOUS_BIN`, else
+/// `<target>/upgrade-from/sip-dispatch`, which `cargo xtask test` builds (the same source
+/// rebuilt with other code generation, so a different executable).
+pub fn previous_binary_path() -> Result<PathBuf> {
+    let path = match std::env::var_os("SIP_DISPATCH_PREVIOUS_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_dir().join(UPGRADE_FROM_DIR).join("sip-dispatch"),
+    };
+    if !path.is_file() {
+        bail!(
+            "the binary to upgrade from is missing at {} (`cargo xtask test` builds it, or \
+             point SIP_DISPATCH_PREVIOUS_BIN at an earlier build)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The workspace root (the parent of this crate).
 pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

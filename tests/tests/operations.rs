@@ -699,13 +699,23 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     verdict(NAME, &bed.dir.clone(), problems);
 }
 
-/// `--keep-attached`: SIGTERM daemon A under load, start daemon B on the same pins; it
-/// takes over the XDP link and no call is lost. Then `detach` removes the program.
+/// The id of the XDP program attached to `iface` in `ns`, if any.
+fn attached_prog(ns: &str, iface: &str) -> Option<u64> {
+    let out = netns::exec(ns, "ip", ["-j", "-d", "link", "show", "dev", iface]).ok()?;
+    let v: Value = serde_json::from_str(&out).ok()?;
+    v[0]["xdp"]["prog"]["id"].as_u64()
+}
+
+/// `--keep-attached` under load: daemon A, started from the binary of an earlier build,
+/// gets SIGTERM; after a gap with no daemon, B (the build under test) takes over the
+/// pinned link and maps: an upgrade. B is then restarted the same way as C: a restart.
+/// No call may fail. Then `detach` removes the program.
 #[test]
-fn restart_with_keep_attached_drops_no_call() {
+fn upgrade_and_restart_with_keep_attached_drop_no_call() {
     const NAME: &str = "restart";
     let calls = 2000;
     let mut bed = Bed::build(NAME, 3, Duration::from_secs(90));
+    let previous = dispatcher::previous_binary_path().expect("the binary to upgrade from");
     let bpffs = BpfFs::mount(bed.topo.tag());
     let pins = bpffs.path().join(bed.iface());
     let mut run = bed.run_config(3);
@@ -714,65 +724,93 @@ fn restart_with_keep_attached_drops_no_call() {
         "--pin-path".into(),
         pins.to_string_lossy().into_owned(),
     ];
-    let a = bed.start_daemon(&run);
-    let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
-    uac.run_for(Duration::from_secs(6)).expect("calls flowing");
-    let stop_at = Instant::now();
-    let a_out = a.stop().expect("daemon A exits cleanly on SIGTERM");
-    let gap_from = stop_at.elapsed();
-    uac.run_for(Duration::from_secs(2))
-        .expect("calls flowing without a daemon");
-    let b = bed.start_daemon(&run);
-    let took_over_at = Instant::now();
-    let log = b.log();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !log.tail(400).contains("took over the XDP link") {
-        assert!(
-            Instant::now() < deadline,
-            "daemon B never logged `took over the XDP link`:\n{}",
-            log.tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    let (disp_ns, iface) = (bed.disp_ns(), bed.iface());
+    let start = |binary: &Path, label: &str| {
+        Dispatcher::start(binary, &disp_ns, &run.args(), &bed.dir, label)
+            .unwrap_or_else(|e| panic!("starting daemon {label}: {e:#}"))
+    };
+    let mut problems = Vec::new();
+    if std::fs::read(&previous).ok() == std::fs::read(&bed.binary).ok() {
+        problems.push(format!(
+            "{} is the same executable as {}: no upgrade",
+            previous.display(),
+            bed.binary.display()
+        ));
     }
-    let gap = took_over_at - stop_at;
+
+    let a = start(&previous, "daemon-a-previous");
+    let mut programs = vec![attached_prog(&disp_ns, &iface)];
+    let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
+    uac.run_for(Duration::from_secs(5)).expect("calls flowing");
+    let mut outputs = Vec::new();
+    let mut gaps = Vec::new();
+    let mut running = a;
+    for (binary, label) in [
+        (&bed.binary, "daemon-b-upgrade"),
+        (&bed.binary, "daemon-c-restart"),
+    ] {
+        let stop_at = Instant::now();
+        outputs.push(running.stop().expect("the daemon exits cleanly on SIGTERM"));
+        uac.run_for(Duration::from_secs(2))
+            .expect("calls flowing without a daemon");
+        let next = start(binary, label);
+        let log = next.log();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.tail(400).contains("took over the XDP link") {
+            assert!(
+                Instant::now() < deadline,
+                "{label} never logged `took over the XDP link`:\n{}",
+                log.tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gaps.push(stop_at.elapsed());
+        programs.push(attached_prog(&disp_ns, &iface));
+        uac.run_for(Duration::from_secs(4)).expect("calls flowing");
+        running = next;
+    }
     let uac = uac.finish().expect("UAC");
     let per_call = uac.calls().expect("UAC calls");
-    let b_out = b.stop().expect("daemon B exits cleanly");
+    outputs.push(running.stop().expect("daemon C exits cleanly"));
     let reports = bed.stop_backends();
 
-    let mut problems = uac_problems(&uac, calls);
+    problems.extend(uac_problems(&uac, calls));
     problems.extend(exactly_one_backend(&per_call, &reports));
     if per_call.len() != calls as usize {
         problems.push(format!("UAC log has {} calls of {calls}", per_call.len()));
     }
-    for (who, out) in [("A", &a_out), ("B", &b_out)] {
+    for (who, out) in ["A", "B", "C"].iter().zip(&outputs) {
         if !out.contains(dispatcher::EXIT_STATS_PREFIX) {
             problems.push(format!("daemon {who} printed no exit-stats: {out}"));
         }
     }
+    // Each takeover put its own program into the link.
+    let distinct: BTreeSet<_> = programs.iter().flatten().collect();
+    if programs.iter().any(Option::is_none) || distinct.len() != 3 {
+        problems.push(format!(
+            "XDP program ids on {iface} under A, B, C: {programs:?} (expected three different)"
+        ));
+    }
 
     // detach: the program is gone from the interface.
-    let disp_ns = bed.disp_ns();
     let detach = netns::command(&disp_ns, &bed.binary.to_string_lossy())
-        .args(["detach", "--iface", &bed.iface(), "--pin-path"])
+        .args(["detach", "--iface", &iface, "--pin-path"])
         .arg(&pins)
         .output()
         .expect("running detach");
     if !detach.status.success() {
         problems.push(format!("detach failed: {}", text(&detach.stderr)));
     }
-    let link = netns::exec(&disp_ns, "ip", ["-d", "link", "show", "dev", &bed.iface()])
-        .expect("ip link show");
-    if link.contains("prog/xdp") {
-        problems.push(format!(
-            "an XDP program is still attached after detach:\n{link}"
-        ));
+    if let Some(id) = attached_prog(&disp_ns, &iface) {
+        problems.push(format!("XDP program {id} is still attached after detach"));
     }
     eprintln!(
-        "[{NAME}] A stopped in {:.2} s, B took over {:.2} s after the SIGTERM; UAC {} ok / {} \
-         failed of {calls}, {} retransmissions",
-        gap_from.as_secs_f64(),
-        gap.as_secs_f64(),
+        "[{NAME}] A ({}) -> B (upgrade) took over {:.2} s after A's SIGTERM, B -> C \
+         (restart) {:.2} s; programs {programs:?}; UAC {} ok / {} failed of {calls}, {} \
+         retransmissions",
+        previous.display(),
+        gaps[0].as_secs_f64(),
+        gaps[1].as_secs_f64(),
         uac.successful,
         uac.failed,
         uac.retransmissions

@@ -6,12 +6,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{
     fuzz, prereqs,
     shell::{self, header},
 };
+
+/// Under the target directory: the binary the upgrade test starts from (the testbed
+/// looks there too).
+const UPGRADE_FROM_DIR: &str = "upgrade-from";
 
 /// Seconds per fuzz target: a smoke run, with the committed corpus as the seeds.
 const FUZZ_SECONDS: u64 = 10;
@@ -47,6 +51,22 @@ fn cargo(args: &[&str]) -> Command {
     c
 }
 
+fn build_upgrade_from() -> Result<()> {
+    shell::run(&mut cargo(&[
+        "build",
+        "-p",
+        "sip-dispatch",
+        "--config",
+        "profile.dev.package.sip-dispatch.opt-level=1",
+    ]))?;
+    let dir = shell::target_dir().join(UPGRADE_FROM_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let from = shell::target_dir().join("debug").join("sip-dispatch");
+    std::fs::copy(&from, dir.join("sip-dispatch"))
+        .with_context(|| format!("copying {} to {}", from.display(), dir.display()))?;
+    Ok(())
+}
+
 pub fn run(skip_install: bool) -> Result<()> {
     let mut outcomes = Vec::new();
     let total = Instant::now();
@@ -56,7 +76,15 @@ pub fn run(skip_install: bool) -> Result<()> {
     } else {
         step(&mut outcomes, "prerequisites", prereqs::ensure_all)
     };
+    // The upgrade test needs a second, different executable to upgrade from: the same
+    // source with the daemon crate at another optimisation level (only that crate is
+    // rebuilt). It is built first and copied away; the build under test comes next.
     let built = prepared
+        && step(
+            &mut outcomes,
+            "build: the binary the upgrade test starts from",
+            build_upgrade_from,
+        )
         && step(&mut outcomes, "build: cargo build -p sip-dispatch", || {
             shell::run(&mut cargo(&["build", "-p", "sip-dispatch"]))
         });
