@@ -3,7 +3,8 @@
 //! scenario runner shared by the integration tests (`tests/`) and `cargo xtask run`.
 //!
 //! Everything runs inside namespaces this crate creates (`sdt<pid>n<seq>-<role>`), using
-//! only 198.18.0.0/24 and 2001:db8::/64; nothing touches the root namespace's interfaces.
+//! only 198.18.0.0/24 and 2001:db8::/64 (and 198.19.0.0/16 for the flood generator's
+//! spoofed sources); nothing touches the root namespace's interfaces.
 //! Needs root, `ip`, `ethtool` and `sipp`; the controller tests also `named` and `dig`.
 pub mod cancel;
 pub mod cmd;
@@ -11,9 +12,11 @@ pub mod controller;
 pub mod dispatcher;
 pub mod dns;
 pub mod events;
+pub mod flood;
 pub mod netns;
 pub mod preflight;
 pub mod process;
+pub mod rawnet;
 pub mod scenario;
 pub mod sipp;
 pub mod topology;

@@ -10,15 +10,17 @@
 //! `net.core.wmem_default`. A blocking socket simply waits instead: full speed, with the
 //! receiver's backpressure.
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
 
+use sip_dispatch_testbed::rawnet::packet_socket;
+
 use crate::{
     messages,
-    nsthread::{MsgBatch, NsThread, gettid, pin_to_cpu, set_option},
+    nsthread::{MsgBatch, NsThread, gettid, pin_to_cpu},
 };
 
 const BATCH: usize = 64;
@@ -29,50 +31,6 @@ fn call_id_letters(mut n: u64, out: &mut [u8]) {
         *b = b'a' + (n % 26) as u8;
         n /= 26;
     }
-}
-
-fn packet_socket(dev: &str) -> Result<(OwnedFd, libc::sockaddr_ll)> {
-    // Protocol 0: the socket sends only and never receives a copy of the traffic.
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(dev)?;
-    // SAFETY: a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("interface {dev} not found");
-    }
-    let one: libc::c_int = 1;
-    set_option(
-        &fd,
-        libc::SOL_PACKET,
-        libc::PACKET_QDISC_BYPASS,
-        &one,
-        "PACKET_QDISC_BYPASS",
-    )?;
-    // Blocked sends give up after 100 ms, so that a stop request is seen.
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    set_option(
-        &fd,
-        libc::SOL_SOCKET,
-        libc::SO_SNDTIMEO,
-        &timeout,
-        "SO_SNDTIMEO",
-    )?;
-    // SAFETY: sockaddr_ll is plain data.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-    addr.sll_ifindex = ifindex as i32;
-    addr.sll_halen = 6;
-    Ok((fd, addr))
 }
 
 /// Starts the generator in `ns` on `dev`, pinned to `cpu`. It stops when told, after

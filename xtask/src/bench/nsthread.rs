@@ -6,7 +6,6 @@
 //! Every thread is stopped (and joined) by its handle, also on drop, so nothing outlives
 //! the namespace it was started in.
 use std::{
-    fs::File,
     io::ErrorKind,
     net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
@@ -20,59 +19,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-
-/// Moves the calling thread into the named network namespace (`/run/netns/NAME`).
-pub fn enter(ns: &str) -> Result<()> {
-    let path = format!("/run/netns/{ns}");
-    let f = File::open(&path).with_context(|| format!("opening {path}"))?;
-    // SAFETY: setns on an open namespace file; it affects the calling thread only.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns({path}): {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Pins the calling thread to one CPU.
-pub fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity(0) is this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
+pub use sip_dispatch_testbed::rawnet::{enter_netns as enter, pin_to_cpu, set_option};
 
 /// The kernel's id of the calling thread.
 pub fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() }
-}
-
-/// `setsockopt(fd, level, name, value)` for a plain-data option value.
-pub fn set_option<T>(
-    fd: &impl AsRawFd,
-    level: i32,
-    name: i32,
-    value: &T,
-    what: &str,
-) -> Result<()> {
-    // SAFETY: `value` points at a live `T` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!("setsockopt {what}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Datagram buffers with the iovecs and headers `recvmmsg`/`sendmmsg` take. The headers
