@@ -6,8 +6,9 @@ use bytemuck::{Pod, Zeroable};
 
 /// Service address (VIP, UDP port) -> [`ServiceInfo`].
 pub const MAP_SERVICES: &str = "sd_services_v1";
-/// Array of maps, indexed by service id; each inner map is a slot table (see [`SLOTS`]).
-pub const MAP_TABLES: &str = "sd_tables_v1";
+/// Array of maps, indexed by service id; each inner map is a slot table (see [`SLOTS`]),
+/// created with [`TABLE_MAP_FLAGS`]. (v2: the inner maps became mmap-able.)
+pub const MAP_TABLES: &str = "sd_tables_v2";
 /// Array of [`Backend`], indexed by backend id.
 pub const MAP_BACKENDS: &str = "sd_backends_v1";
 /// Per-CPU array of [`BackendStats`], indexed by backend id.
@@ -45,6 +46,10 @@ pub const PROG_MAC_SWAP: &str = "mac_swap";
 /// 65536 slots keep every backend's share within 0.02 of its weight share even for
 /// thousands of backends, and a table is 256 KiB.
 pub const SLOTS: usize = 1 << 16;
+/// Flags of every slot-table map: `BPF_F_MMAPABLE`, so that userspace fills a new table
+/// with one copy instead of 65536 map updates. The kernel requires the inner maps of
+/// [`MAP_TABLES`] to have exactly the flags of the template the program declares.
+pub const TABLE_MAP_FLAGS: u32 = 1 << 10;
 /// Slot value meaning "no backend": the packet is passed to the stack (counted).
 pub const NO_BACKEND: u32 = u32::MAX;
 /// Services one dispatcher can serve.

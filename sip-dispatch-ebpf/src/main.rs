@@ -30,7 +30,7 @@ use network_types::{
 use sip_dispatch_common::{
     Backend, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
     MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo,
-    ServiceKey,
+    ServiceKey, TABLE_MAP_FLAGS,
     csum::CsumDelta,
     parse::{ByteWindow, Step},
     slot_of,
@@ -44,8 +44,11 @@ const AF_INET6: u8 = 10;
 #[btf_map(name = "sd_services_v1")]
 static SERVICES: HashMap<ServiceKey, ServiceInfo, { MAX_SERVICES as usize }, BPF_F_NO_PREALLOC> =
     HashMap::new();
-#[btf_map(name = "sd_tables_v1")]
-static TABLES: ArrayOfMaps<Array<u32, SLOTS>, { MAX_SERVICES as usize }> = ArrayOfMaps::new();
+#[btf_map(name = "sd_tables_v2")]
+static TABLES: ArrayOfMaps<
+    Array<u32, SLOTS, { TABLE_MAP_FLAGS as usize }>,
+    { MAX_SERVICES as usize },
+> = ArrayOfMaps::new();
 #[btf_map(name = "sd_backends_v1")]
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map(name = "sd_bstats_v1")]

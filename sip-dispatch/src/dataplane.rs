@@ -5,7 +5,8 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, ArrayOfMaps, HashMap, MapData, MapType, PerCpuArray, PerCpuValues, xdp::DevMapHash,
+        Array, ArrayOfMaps, HashMap, IterableMap as _, MapData, MapType, PerCpuArray, PerCpuValues,
+        xdp::DevMapHash,
     },
     programs::{
         Xdp, XdpMode,
@@ -17,6 +18,7 @@ use sip_dispatch_common::{
     ALL_MAPS, Backend, BackendStats, Config, Counter, HashKey, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_CONFIG, MAP_COUNTERS, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS,
     MAX_SERVICES, NO_BACKEND, PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey,
+    TABLE_MAP_FLAGS,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -281,11 +283,9 @@ impl Dataplane {
         if slots.len() != SLOTS {
             bail!("slot table has {} entries, expected {SLOTS}", slots.len());
         }
-        let mut inner: Array<MapData, u32> =
-            Array::create(SLOTS as u32, 0).context("creating a slot table map")?;
-        for (i, b) in slots.iter().enumerate() {
-            inner.set(i as u32, *b, 0).context("filling a slot table")?;
-        }
+        let inner: Array<MapData, u32> =
+            Array::create(SLOTS as u32, TABLE_MAP_FLAGS).context("creating a slot table map")?;
+        fill_mmapable(inner.map(), slots).context("filling a slot table")?;
         let mut tables: ArrayOfMaps<&mut MapData, Array<MapData, u32>> =
             ArrayOfMaps::try_from(self.map_mut(MAP_TABLES)?)?;
         tables
@@ -442,7 +442,7 @@ pub const LINK_PIN: &str = "link_v1";
 /// Removes the link pin (which detaches the program once nothing else holds the link)
 /// and the map pins in `dir`.
 pub fn remove_pins(dir: &Path) -> usize {
-    let mut removed = 0;
+    let mut removed = remove_outdated_pins(dir);
     for name in ALL_MAPS.iter().chain([&LINK_PIN]) {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
@@ -452,6 +452,37 @@ pub fn remove_pins(dir: &Path) -> usize {
         }
     }
     let _ = std::fs::remove_dir(dir);
+    removed
+}
+
+/// Whether `name` is the pin of a map of another layout version than this build's
+/// (`sd_<what>_v<N>` not in [`ALL_MAPS`]).
+fn is_outdated_map_pin(name: &str) -> bool {
+    let versioned = name.starts_with("sd_")
+        && name
+            .rsplit_once("_v")
+            .is_some_and(|(_, v)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+    versioned && !ALL_MAPS.contains(&name)
+}
+
+/// Removes the map pins an earlier version left in `dir` (once its program is gone from
+/// the link, nothing uses them); returns how many.
+pub fn remove_outdated_pins(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for name in entries.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+        if is_outdated_map_pin(&name) {
+            match std::fs::remove_file(dir.join(&name)) {
+                Ok(()) => {
+                    log::info!("removed {name}, a map pin of another version");
+                    removed += 1;
+                }
+                Err(e) => log::warn!("removing the outdated pin {name}: {e}"),
+            }
+        }
+    }
     removed
 }
 
@@ -565,4 +596,61 @@ pub fn load_program(name: &str) -> anyhow::Result<Ebpf> {
         .try_into()?;
     prog.load().with_context(|| format!("loading {name}"))?;
     Ok(ebpf)
+}
+
+/// Writes `values` into an mmap-able array map of as many u32 entries: one copy through
+/// a shared mapping of the map's memory instead of one syscall per entry. The kernel
+/// lays array elements out 8-byte aligned, so each u32 takes 8 bytes there.
+fn fill_mmapable(map: &MapData, values: &[u32]) -> anyhow::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const ELEM: usize = 8;
+    let len = values.len() * ELEM;
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: a fresh shared mapping of the map's memory (the kernel checks the length
+    // against the map's size); nothing else aliases it in this process.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        bail!("mmap of the map: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `mem` is a writable, page-aligned mapping of `len` bytes: room for one
+    // aligned u32 every ELEM bytes.
+    unsafe {
+        let base = mem.cast::<u8>();
+        for (i, v) in values.iter().enumerate() {
+            base.add(i * ELEM).cast::<u32>().write(*v);
+        }
+        libc::munmap(mem, len);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outdated_pins_are_other_versions_of_our_maps() {
+        assert!(is_outdated_map_pin("sd_tables_v1"));
+        assert!(is_outdated_map_pin("sd_backends_v7"));
+        assert!(!is_outdated_map_pin(MAP_TABLES));
+        assert!(!is_outdated_map_pin(LINK_PIN));
+        for other in [
+            "sd_tables_v",
+            "sd_tables_vx",
+            "tables_v1",
+            "sd_notes",
+            "link_v1",
+        ] {
+            assert!(!is_outdated_map_pin(other), "{other}");
+        }
+    }
 }

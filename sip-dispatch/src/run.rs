@@ -159,6 +159,7 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
         })
         .collect();
     let mode = ctl.dataplane().attach(xdp_mode)?;
+    crate::dataplane::remove_outdated_pins(&pin_path);
     let backends = ctl.backend_infos().len();
     let vips: Vec<String> = ctl.services().iter().map(|s| s.vip.to_string()).collect();
     log::info!(
