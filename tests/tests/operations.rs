@@ -713,7 +713,9 @@ fn attached_prog(ns: &str, iface: &str) -> Option<u64> {
 #[test]
 fn upgrade_and_restart_with_keep_attached_drop_no_call() {
     const NAME: &str = "restart";
-    let calls = 2000;
+    // 30 s of calls: A runs 5 s, then each handover (stop, 2 s gap, start, takeover) and
+    // 4 s under the new daemon, twice, with room to spare.
+    let calls = 3000;
     let mut bed = Bed::build(NAME, 3, Duration::from_secs(90));
     let previous = dispatcher::previous_binary_path().expect("the binary to upgrade from");
     let bpffs = BpfFs::mount(bed.topo.tag());
