@@ -29,8 +29,8 @@ use network_types::{
 };
 use sip_dispatch_common::{
     Backend, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
-    MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo,
-    ServiceKey,
+    MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SCRATCH_JOB_WORDS, SLOTS, Scan, ScanOutcome, Scanner,
+    Scratch, ServiceInfo, ServiceKey,
     csum::CsumDelta,
     parse::{ByteWindow, Step},
     slot_of,
@@ -56,7 +56,7 @@ static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::ne
 static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "sd_txports_v1")]
 static TX_PORTS: DevMapHash<64> = DevMapHash::new();
-#[btf_map(name = "sd_scratch_v1")]
+#[btf_map(name = "sd_scratch_v2")]
 static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 #[xdp]
@@ -325,26 +325,30 @@ fn call_id_hash(ctx: &XdpContext, dg: &Datagram) -> Result<u64, Counter> {
     if rc != 0 {
         return Err(Counter::PassTruncated);
     }
-    let mut job = ScanJob {
-        scanner: Scanner::new(key),
-        at: 0,
-        len,
-        done: None,
+    let job = job_of(scratch);
+    unsafe {
+        job.write(ScanJob {
+            scanner: Scanner::new(key),
+            at: 0,
+            len,
+            done: None,
+        })
     };
     // Verifier constraint: a plain loop over up to 2048 bytes with a branchy body
     // exceeds the verifier's limits (8192 pending branches); bpf_loop's callback is
-    // verified once, and the kernel inlines the loop.
+    // verified once, and the kernel inlines the loop. A step takes at least one byte but
+    // for one (`Scanner::step`): `len + 1` steps reach every answer.
     unsafe {
         bpf_loop(
-            len as u32,
+            len as u32 + 1,
             scan_step as *mut c_void,
-            (&raw mut job).cast(),
+            core::ptr::null_mut(),
             0,
         )
     };
-    let scan = match job.done {
+    let scan = match unsafe { (*job).done } {
         Some(scan) => scan,
-        None => job.scanner.finish(complete),
+        None => unsafe { (*job).scanner }.finish(complete),
     };
     match scan.outcome {
         ScanOutcome::Found => Ok(scan.hash),
@@ -363,27 +367,27 @@ impl ByteWindow for Window {
         unsafe { (*self.0).bytes[i & (SCAN_WINDOW - 1)] }
     }
 
-    /// An unaligned 8-byte load; scratch is padded so that it stays inside the value.
+    /// Two aligned loads, shifted together: LLVM splits an unaligned 8-byte load into
+    /// eight byte loads. Scratch is padded so that the second stays inside the value.
     #[inline(always)]
     fn word_at(&self, i: usize) -> u64 {
-        unsafe {
-            let p = (*self.0).bytes.as_ptr().add(i & (SCAN_WINDOW - 1));
-            core::ptr::read_unaligned(p.cast::<u64>())
-        }
+        let lo = self.aligned_word_at(i);
+        let hi = self.aligned_word_at(i + 8);
+        let shift = (i & 7) * 8;
+        (lo >> shift) | ((hi << (63 - shift)) << 1)
     }
 
-    /// A store and a load through map memory: the verifier cannot know what comes back.
+    /// The word at `i & !7`. The map value, and so `bytes` at its start, is 8-aligned.
     #[inline(always)]
-    fn opaque(&self, x: u64) -> u64 {
+    fn aligned_word_at(&self, i: usize) -> u64 {
         unsafe {
-            let p = &raw mut (*self.0).opaque;
-            core::ptr::write_volatile(p, x);
-            core::ptr::read_volatile(p)
+            let p = (*self.0).bytes.as_ptr().add(i & (SCAN_WINDOW - 8));
+            core::ptr::read(p.cast::<u64>())
         }
     }
 }
 
-/// The state `bpf_loop` hands to `scan_step`.
+/// The state of one scan, kept in scratch (see `Scratch::job`).
 struct ScanJob {
     scanner: Scanner,
     /// Next offset to scan, and the bytes in scratch.
@@ -392,21 +396,29 @@ struct ScanJob {
     done: Option<Scan>,
 }
 
-/// One step of the Call-ID scan (a byte, or up to 8 bytes of a line being skipped):
-/// 0 continues the loop, 1 stops it. The loop count is only an upper bound.
+#[inline(always)]
+fn job_of(scratch: *mut Scratch) -> *mut ScanJob {
+    const { assert!(size_of::<ScanJob>() <= size_of::<[u64; SCRATCH_JOB_WORDS]>()) };
+    unsafe { (&raw mut (*scratch).job).cast() }
+}
+
+/// One step of the Call-ID scan (a line, a few words of the value, or a byte between
+/// name and value): 0 continues the loop, 1 stops it. The loop count is only an upper
+/// bound.
+///
+/// Verifier constraint: this callback's stack counts on top of `sip_dispatch`'s, and
+/// the two must stay within 512 bytes; see `bpftool prog load` with `-d` ("stack depth").
 #[inline(never)]
-extern "C" fn scan_step(_index: u64, job: *mut c_void) -> i64 {
-    let job = unsafe { &mut *(job as *mut ScanJob) };
+extern "C" fn scan_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
-    let window = Window(scratch);
-    // Laundered like the scanner's own state, so the verifier checks this callback once.
-    let at = window.opaque(job.at as u64) as usize;
-    if at >= job.len {
+    let job = unsafe { &mut *job_of(scratch) };
+    let (at, len) = (job.at, job.len);
+    if at >= len {
         return 1;
     }
-    match job.scanner.step(&window, at, job.len) {
+    match job.scanner.step(&Window(scratch), at, len) {
         Step::Done(scan) => {
             job.done = Some(scan);
             1
