@@ -62,7 +62,8 @@ fn hex_digit(c: u8) -> Option<u8> {
     }
 }
 
-/// SipHash-1-3 state, fed byte by byte.
+/// SipHash-1-3 state, fed in pieces. `repr(C)` without padding: see [`crate::Scanner`].
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct CallIdHasher {
     v0: u64,

@@ -108,21 +108,23 @@ pub struct Config {
     pub hash_key: [u64; 2],
 }
 
-/// Size of [`Scratch::job`] in words.
-pub const SCRATCH_JOB_WORDS: usize = 16;
+/// Size of [`Scratch::xdp`] in words.
+pub const SCRATCH_XDP_WORDS: usize = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct Scratch {
     /// The window, plus 8 bytes so that a word read at any offset stays inside.
     pub bytes: [u8; SCAN_WINDOW + 8],
-    /// Room for the XDP program's Call-ID scan state between `bpf_loop` steps.
+    /// Room for the XDP program's own per-packet state: the Call-ID scan between
+    /// `bpf_loop` steps, and the FIB lookup's parameters.
     ///
-    /// Verifier constraint: the verifier does not track what map memory holds, so state
-    /// kept here is an unknown value at every step. Kept on the stack, the small
+    /// Verifier constraints: the verifier does not track what map memory holds, so scan
+    /// state kept here is an unknown value at every step. Kept on the stack, the small
     /// constants the scanner stores (its state, counts) would be tracked exactly, and the
-    /// verifier would walk the loop body once per combination of them.
-    pub job: [u64; SCRATCH_JOB_WORDS],
+    /// verifier would walk the loop body once per combination of them. And the program's
+    /// stack and the bpf_loop callback's must fit 512 bytes together.
+    pub xdp: [u64; SCRATCH_XDP_WORDS],
 }
 
 /// Per-CPU counters of the fast path, indexed by the enum value.

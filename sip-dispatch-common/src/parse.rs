@@ -164,18 +164,18 @@ pub struct Scan {
 // Scanner states. Plain integers: a `match` on them compiles to a short chain of
 // compares that the verifier handles well.
 /// At the first byte of a line.
-const LINE_START: u8 = 0;
+const LINE_START: u64 = 0;
 /// Inside a line that is not a Call-ID header: search its end.
-const SKIP_LINE: u8 = 1;
+const SKIP_LINE: u64 = 1;
 /// A complete header name (`call-id` or `i`) matched: spaces/tabs, then ':'.
-const NAME_END: u8 = 2;
+const NAME_END: u64 = 2;
 /// After the colon: spaces/tabs, or a line end that may be a fold.
-const VALUE_LEADING: u8 = 3;
+const VALUE_LEADING: u64 = 3;
 /// A CR inside the leading whitespace of the value.
-const VALUE_LEADING_CR: u8 = 4;
+const VALUE_LEADING_CR: u64 = 4;
 /// A line end inside the leading whitespace: a space or tab continues (folding).
-const VALUE_LEADING_EOL: u8 = 5;
-const VALUE: u8 = 6;
+const VALUE_LEADING_EOL: u64 = 5;
+const VALUE: u64 = 6;
 
 /// `call-id` as a little-endian word, its length, and the bits that fold the case of its
 /// letters (not of the `-`: CR | 0x20 is `-`).
@@ -199,13 +199,20 @@ fn is_eol(c: u8) -> bool {
 /// steps from `bpf_loop` (whose callback the verifier checks once), userspace in a plain
 /// loop ([`scan_call_id`]). Every step but one moves on by at least one byte: `len + 1`
 /// steps always suffice.
+///
+/// `repr(C)` without padding, whole words: the XDP program stores a new scanner into
+/// map memory a word at a time (LLVM would merge its zero fields into a `memset` call,
+/// which BPF runs byte by byte).
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Scanner {
-    state: u8,
+    hasher: CallIdHasher,
     start: u32,
     end: u32,
-    hasher: CallIdHasher,
+    state: u64,
 }
+
+const _: () = assert!(size_of::<Scanner>() == 8 * 8, "Scanner has padding");
 
 impl Scanner {
     #[inline(always)]
