@@ -88,8 +88,8 @@ macro_rules! unroll {
         $body
         $body
     }};
-    (16, $body:block) => {
-        unroll!(4, { unroll!(4, $body) })
+    (8, $body:block) => {
+        unroll!(4, { unroll!(2, $body) })
     };
 }
 
@@ -123,6 +123,14 @@ fn eol_mask(w: u64) -> u64 {
     let lf = w ^ (ONES * b'\n' as u64);
     let cr = w ^ (ONES * b'\r' as u64);
     (lf.wrapping_sub(ONES) & !lf & HIGHS) | (cr.wrapping_sub(ONES) & !cr & HIGHS)
+}
+
+/// High bit set in each byte of `w` below `n` (at most 0x80). Exact up to and including
+/// the lowest such byte. Cheaper than `eol_mask` and `blank_mask`, so the scanner
+/// filters words with it: below 0x0e are CR, LF and tab, up to 0x20 the blanks too.
+#[inline(always)]
+fn below_mask(w: u64, n: u8) -> u64 {
+    w.wrapping_sub(ONES * n as u64) & !w & HIGHS
 }
 
 /// High bit set in each byte of `w` that is a space or a tab, exactly.
@@ -282,7 +290,7 @@ impl Scanner {
     }
 
     /// Searches the end of the line in the word at `at` (`w`), then in up to 16 aligned
-    /// words.
+    /// words, two at a time.
     #[inline(always)]
     fn skip_line<W: ByteWindow + ?Sized>(
         &mut self,
@@ -296,15 +304,24 @@ impl Scanner {
             return self.line_end(buf, at + first_flagged_byte(m), len);
         }
         let mut p = (at & !7) + 8;
-        unroll!(16, {
+        unroll!(8, {
             if p >= len {
                 return Step::Next(len);
             }
-            let m = eol_mask(buf.aligned_word_at(p));
-            if m != 0 {
-                return self.line_end(buf, p + first_flagged_byte(m), len);
+            // Bytes past `len` may be searched: a line end there is ignored.
+            let a = buf.aligned_word_at(p);
+            let b = buf.aligned_word_at(p + 8);
+            if below_mask(a, 0x0e) | below_mask(b, 0x0e) != 0 {
+                let m = eol_mask(a);
+                if m != 0 {
+                    return self.line_end(buf, p + first_flagged_byte(m), len);
+                }
+                let m = eol_mask(b);
+                if m != 0 {
+                    return self.line_end(buf, p + 8 + first_flagged_byte(m), len);
+                }
             }
-            p += 8;
+            p += 16;
         });
         self.state = SKIP_LINE;
         Step::Next(p)
@@ -358,7 +375,7 @@ impl Scanner {
         'partial: {
             unroll!(2, {
                 w = buf.word_at(p);
-                if p + 8 > len || (eol_mask(w) | blank_mask(w)) != 0 {
+                if p + 8 > len || below_mask(w, 0x21) != 0 {
                     break 'partial;
                 }
                 self.hasher.write_full_word(w);
@@ -376,10 +393,10 @@ impl Scanner {
         let n = (len - p).min(8);
         let special = (eol_mask(w) | blank_mask(w)) & low_bytes(n);
         if special == 0 {
-            // The data ends inside this word.
+            // The data ends inside this word, or `below_mask` flagged another byte.
             self.hasher.write_word(w & low_bytes(n), n);
             self.end = (p + n) as u32;
-            return Step::Next(len);
+            return Step::Next(p + n);
         }
         let i = first_flagged_byte(special);
         if i > 0 {

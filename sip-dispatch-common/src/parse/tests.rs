@@ -770,3 +770,20 @@ fn byte_masks_are_exact() {
         assert_eq!(super::low_bytes(n).count_ones() as usize, 8 * n);
     }
 }
+
+#[test]
+fn control_bytes_are_ordinary_bytes() {
+    // Bytes below 0x21 other than blanks and line ends, in skipped lines and in values,
+    // at every offset within a word.
+    for pad in 0..16 {
+        let p = "p".repeat(pad);
+        for ctl in ["\x00", "\x01", "\x08", "\x0b", "\x0c", "\x0e", "\x1f"] {
+            let value = format!("{p}a{ctl}b{ctl}{ctl}cdefghijklmnopqrstu{ctl}");
+            found(
+                &format!("{START}X-{p}: {ctl}{p}{ctl}x\r\nVia: {ctl}\r\nCall-ID: {value}\r\n\r\n"),
+                &value,
+            );
+            found(&format!("{START}i:{value}"), &value);
+        }
+    }
+}
