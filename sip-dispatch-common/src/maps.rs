@@ -20,7 +20,7 @@ pub const MAP_CONFIG: &str = "sd_config_v1";
 /// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
 pub const MAP_TX_PORTS: &str = "sd_txports_v1";
 /// Per-CPU scratch space the XDP program copies the UDP payload into.
-pub const MAP_SCRATCH: &str = "sd_scratch_v1";
+pub const MAP_SCRATCH: &str = "sd_scratch_v2";
 
 /// Every map of the object, all pinned under the pin directory.
 pub const ALL_MAPS: [&str; 8] = [
@@ -113,13 +113,23 @@ pub struct Config {
     pub hash_key: [u64; 2],
 }
 
+/// Size of [`Scratch::xdp`] in words.
+pub const SCRATCH_XDP_WORDS: usize = 32;
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct Scratch {
     /// The window, plus 8 bytes so that a word read at any offset stays inside.
     pub bytes: [u8; SCAN_WINDOW + 8],
-    /// Where the XDP program launders loop state (see `parse::ByteWindow::opaque`).
-    pub opaque: u64,
+    /// Room for the XDP program's own per-packet state: the Call-ID scan between
+    /// `bpf_loop` steps, and the FIB lookup's parameters.
+    ///
+    /// Verifier constraints: the verifier does not track what map memory holds, so scan
+    /// state kept here is an unknown value at every step. Kept on the stack, the small
+    /// constants the scanner stores (its state, counts) would be tracked exactly, and the
+    /// verifier would walk the loop body once per combination of them. And the program's
+    /// stack and the bpf_loop callback's must fit 512 bytes together.
+    pub xdp: [u64; SCRATCH_XDP_WORDS],
 }
 
 /// Per-CPU counters of the fast path, indexed by the enum value.

@@ -35,18 +35,10 @@ pub trait ByteWindow {
         w
     }
 
-    /// Returns `x`. The eBPF implementation passes it through map memory, so that the
-    /// verifier sees an unknown value instead of a constant.
-    ///
-    /// Verifier constraint: the scan loop carries small integers (the scanner state, the
-    /// hasher's byte count) that are constants on every path the verifier walks. A
-    /// constant that decides a branch becomes "precise", and states that differ in a
-    /// precise value are never merged, so the verifier would walk the loop once per
-    /// distinct (position, state, length) and exceed its 1M-instruction limit. Laundered
-    /// once per byte, these values stay imprecise and the loop verifies in one pass.
+    /// The word at `i`, a multiple of 8: the eBPF implementation loads it in one piece.
     #[inline(always)]
-    fn opaque(&self, x: u64) -> u64 {
-        x
+    fn aligned_word_at(&self, i: usize) -> u64 {
+        self.word_at(i)
     }
 }
 
@@ -82,12 +74,27 @@ pub enum Step {
     Next(usize),
 }
 
-/// Words a skip step searches before it yields. Verifier constraint: the bpf_loop
-/// callback must converge; with 3 or more words it exceeds the 1M-instruction budget,
-/// with 2 it passes but doubles the load time, so one word per step.
-const SKIP_WORDS: usize = 1;
+/// `$body` `$n` times in a row. Verifier constraint: in a loop with a counter, the
+/// verifier tracks the counter exactly and walks what follows the loop once per
+/// iteration; LLVM unrolls some loops but not others (it did not unroll the value loop).
+macro_rules! unroll {
+    (2, $body:block) => {{
+        $body
+        $body
+    }};
+    (4, $body:block) => {{
+        $body
+        $body
+        $body
+        $body
+    }};
+    (8, $body:block) => {
+        unroll!(4, { unroll!(2, $body) })
+    };
+}
 
 const ONES: u64 = 0x0101_0101_0101_0101;
+const LOWS: u64 = 0x7f7f_7f7f_7f7f_7f7f;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
 /// The index of the lowest byte whose high bit is set in `m` (which is not 0).
@@ -102,6 +109,13 @@ fn first_flagged_byte(m: u64) -> usize {
     ((lowest >> 7).wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
 }
 
+/// High bit set in each byte of `w` that equals `c`, exactly (no borrow crosses bytes).
+#[inline(always)]
+fn eq_mask(w: u64, c: u8) -> u64 {
+    let x = w ^ (ONES * c as u64);
+    !(((x & LOWS).wrapping_add(LOWS)) | x) & HIGHS
+}
+
 /// High bit set in each byte of `w` that is CR or LF. Exact up to and including the
 /// lowest such byte (higher bytes may be flagged falsely), which is all the scanner uses.
 #[inline(always)]
@@ -109,6 +123,26 @@ fn eol_mask(w: u64) -> u64 {
     let lf = w ^ (ONES * b'\n' as u64);
     let cr = w ^ (ONES * b'\r' as u64);
     (lf.wrapping_sub(ONES) & !lf & HIGHS) | (cr.wrapping_sub(ONES) & !cr & HIGHS)
+}
+
+/// High bit set in each byte of `w` below `n` (at most 0x80). Exact up to and including
+/// the lowest such byte. Cheaper than `eol_mask` and `blank_mask`, so the scanner
+/// filters words with it: below 0x0e are CR, LF and tab, up to 0x20 the blanks too.
+#[inline(always)]
+fn below_mask(w: u64, n: u8) -> u64 {
+    w.wrapping_sub(ONES * n as u64) & !w & HIGHS
+}
+
+/// High bit set in each byte of `w` that is a space or a tab, exactly.
+#[inline(always)]
+fn blank_mask(w: u64) -> u64 {
+    eq_mask(w, b' ') | eq_mask(w, b'\t')
+}
+
+/// The low `n` bytes of a word set (`n` is 1..=8).
+#[inline(always)]
+fn low_bytes(n: usize) -> u64 {
+    u64::MAX >> (64 - 8 * n)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,25 +171,25 @@ pub struct Scan {
 
 // Scanner states. Plain integers: a `match` on them compiles to a short chain of
 // compares that the verifier handles well.
-const LINE_START: u8 = 0;
-const SKIP_LINE: u8 = 1;
-/// After a CR that ended a line: an LF here belongs to the same line end.
-const AFTER_CR: u8 = 2;
-/// `NAME_CALL_ID + k`: the first k bytes of `call-id` matched at a line start.
-const NAME_CALL_ID: u8 = 10;
+/// At the first byte of a line.
+const LINE_START: u64 = 0;
+/// Inside a line that is not a Call-ID header: search its end.
+const SKIP_LINE: u64 = 1;
 /// A complete header name (`call-id` or `i`) matched: spaces/tabs, then ':'.
-const NAME_END: u8 = 20;
+const NAME_END: u64 = 2;
 /// After the colon: spaces/tabs, or a line end that may be a fold.
-const VALUE_LEADING: u8 = 21;
+const VALUE_LEADING: u64 = 3;
 /// A CR inside the leading whitespace of the value.
-const VALUE_LEADING_CR: u8 = 22;
+const VALUE_LEADING_CR: u64 = 4;
 /// A line end inside the leading whitespace: a space or tab continues (folding).
-const VALUE_LEADING_EOL: u8 = 23;
-const VALUE: u8 = 24;
+const VALUE_LEADING_EOL: u64 = 5;
+const VALUE: u64 = 6;
 
-/// `call-id`, padded to 8 bytes so that a masked index is provably in bounds.
-const CALL_ID: &[u8; 8] = b"call-id\0";
+/// `call-id` as a little-endian word, its length, and the bits that fold the case of its
+/// letters (not of the `-`: CR | 0x20 is `-`).
+const CALL_ID_WORD: u64 = u64::from_le_bytes(*b"call-id\0");
 const CALL_ID_LEN: usize = 7;
+const CALL_ID_FOLD: u64 = 0x0020_2000_2020_2020;
 
 #[inline(always)]
 fn is_blank(c: u8) -> bool {
@@ -167,36 +201,26 @@ fn is_eol(c: u8) -> bool {
     c == b'\r' || c == b'\n'
 }
 
-/// State after the first byte of a line. `None`: the line is empty, the headers end.
-#[inline(always)]
-fn line_start(c: u8) -> Option<u8> {
-    if is_eol(c) {
-        None
-    } else if c | 0x20 == b'c' {
-        Some(NAME_CALL_ID + 1)
-    } else if c | 0x20 == b'i' {
-        Some(NAME_END)
-    } else {
-        Some(SKIP_LINE)
-    }
-}
-
-/// State after a byte that ends a line in any state but the value.
-#[inline(always)]
-fn line_end(c: u8) -> u8 {
-    if c == b'\r' { AFTER_CR } else { LINE_START }
-}
-
-/// The scanner between two bytes: one step per byte, so that the XDP program can run
-/// the steps from `bpf_loop` (whose callback the verifier checks once) while userspace
-/// runs them in a plain loop ([`scan_call_id`]).
+/// The scanner between two steps. A step takes a line that is not a Call-ID header (up
+/// to 136 bytes of it: most lines are shorter), two words of the Call-ID value, or what
+/// lies between name and value up to the next non-blank byte. The XDP program runs the
+/// steps from `bpf_loop` (whose callback the verifier checks once), userspace in a plain
+/// loop ([`scan_call_id`]). Every step but one moves on by at least one byte: `len + 1`
+/// steps always suffice.
+///
+/// `repr(C)` without padding, whole words: the XDP program stores a new scanner into
+/// map memory a word at a time (LLVM would merge its zero fields into a `memset` call,
+/// which BPF runs byte by byte).
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Scanner {
-    state: u8,
+    hasher: CallIdHasher,
     start: u32,
     end: u32,
-    hasher: CallIdHasher,
+    state: u64,
 }
+
+const _: () = assert!(size_of::<Scanner>() == 8 * 8, "Scanner has padding");
 
 impl Scanner {
     #[inline(always)]
@@ -209,141 +233,180 @@ impl Scanner {
         }
     }
 
-    /// Takes the bytes of `buf[..len]` from `i` on: one byte, or in the rest of a line
-    /// that is not a Call-ID header, up to [`SKIP_WORDS`] words at once (the line end is
-    /// searched a word at a time).
+    /// Takes bytes of `buf[..len]` from `at` on (`at < len`).
     #[inline(always)]
-    pub fn step<W: ByteWindow + ?Sized>(&mut self, buf: &W, i: usize, len: usize) -> Step {
-        match self.byte_step(buf, i) {
-            Some(scan) => Step::Done(scan),
-            None if self.state == SKIP_LINE => {
-                let mut at = i + 1;
-                // A fixed, small bound: the verifier sees straight-line code.
-                let mut w = 0;
-                while w < SKIP_WORDS {
-                    if at >= len {
-                        return Step::Next(len);
-                    }
-                    let m = eol_mask(buf.word_at(at));
-                    if m != 0 {
-                        let eol = at + first_flagged_byte(m);
-                        if eol >= len {
-                            return Step::Next(len);
-                        }
-                        self.state = line_end(buf.byte_at(eol));
-                        return Step::Next(eol + 1);
-                    }
-                    at += 8;
-                    w += 1;
+    pub fn step<W: ByteWindow + ?Sized>(&mut self, buf: &W, at: usize, len: usize) -> Step {
+        let state = self.state;
+        match state {
+            LINE_START => self.line_start(buf, at, len),
+            SKIP_LINE => self.skip_line(buf, at, buf.word_at(at), len),
+            NAME_END => {
+                let c = buf.byte_at(at);
+                if c == b':' {
+                    self.state = VALUE_LEADING;
+                } else if is_eol(c) {
+                    return self.line_end(buf, at, len);
+                } else if !is_blank(c) {
+                    self.state = SKIP_LINE;
                 }
-                Step::Next(at.min(len))
+                Step::Next(at + 1)
             }
-            None => Step::Next(i + 1),
+            VALUE_LEADING => self.value_leading(buf, at, len),
+            VALUE => self.value(buf, at, len),
+            // VALUE_LEADING_CR, VALUE_LEADING_EOL
+            _ => {
+                let c = buf.byte_at(at);
+                if is_blank(c) {
+                    self.state = VALUE_LEADING;
+                } else if !(c == b'\n' && state == VALUE_LEADING_CR) {
+                    return Step::Done(Scan::miss(ScanOutcome::Empty));
+                } else {
+                    self.state = VALUE_LEADING_EOL;
+                }
+                Step::Next(at + 1)
+            }
         }
     }
 
-    /// Consumes byte `i` of `buf`. `Some` once the answer is known.
+    /// At the first byte of a line: the end of the headers, a Call-ID name, or a line to
+    /// skip.
     #[inline(always)]
-    fn byte_step<W: ByteWindow + ?Sized>(&mut self, buf: &W, i: usize) -> Option<Scan> {
-        let c = buf.byte_at(i);
-        let state = buf.opaque(self.state as u64) as u8;
-        self.hasher.set_len(buf.opaque(self.hasher.len()));
-        self.state = match state {
-            LINE_START => match line_start(c) {
-                Some(s) => s,
-                None => return Some(Scan::miss(ScanOutcome::NoCallId)),
-            },
-            AFTER_CR => {
-                if c == b'\n' {
-                    LINE_START
-                } else {
-                    match line_start(c) {
-                        Some(s) => s,
-                        None => return Some(Scan::miss(ScanOutcome::NoCallId)),
-                    }
+    fn line_start<W: ByteWindow + ?Sized>(&mut self, buf: &W, at: usize, len: usize) -> Step {
+        let w = buf.word_at(at);
+        let c = w as u8;
+        if is_eol(c) {
+            return Step::Done(Scan::miss(ScanOutcome::NoCallId));
+        }
+        if at + CALL_ID_LEN <= len && (w | CALL_ID_FOLD) << 8 == CALL_ID_WORD << 8 {
+            self.state = NAME_END;
+            return Step::Next(at + CALL_ID_LEN);
+        }
+        if c | 0x20 == b'i' {
+            self.state = NAME_END;
+            return Step::Next(at + 1);
+        }
+        // The first byte is no line end, so the search may start with it.
+        self.skip_line(buf, at, w, len)
+    }
+
+    /// Searches the end of the line in the word at `at` (`w`), then in up to 16 aligned
+    /// words, two at a time.
+    #[inline(always)]
+    fn skip_line<W: ByteWindow + ?Sized>(
+        &mut self,
+        buf: &W,
+        at: usize,
+        w: u64,
+        len: usize,
+    ) -> Step {
+        let m = eol_mask(w);
+        if m != 0 {
+            return self.line_end(buf, at + first_flagged_byte(m), len);
+        }
+        let mut p = (at & !7) + 8;
+        unroll!(8, {
+            if p >= len {
+                return Step::Next(len);
+            }
+            // Bytes past `len` may be searched: a line end there is ignored.
+            let a = buf.aligned_word_at(p);
+            let b = buf.aligned_word_at(p + 8);
+            if below_mask(a, 0x0e) | below_mask(b, 0x0e) != 0 {
+                let m = eol_mask(a);
+                if m != 0 {
+                    return self.line_end(buf, p + first_flagged_byte(m), len);
+                }
+                let m = eol_mask(b);
+                if m != 0 {
+                    return self.line_end(buf, p + 8 + first_flagged_byte(m), len);
                 }
             }
-            SKIP_LINE => {
-                if is_eol(c) {
-                    line_end(c)
-                } else {
-                    SKIP_LINE
+            p += 16;
+        });
+        self.state = SKIP_LINE;
+        Step::Next(p)
+    }
+
+    /// After the CR or LF at `e` (which may lie past the data): the next line starts
+    /// after it, or after the LF of a CRLF.
+    #[inline(always)]
+    fn line_end<W: ByteWindow + ?Sized>(&mut self, buf: &W, e: usize, len: usize) -> Step {
+        if e >= len {
+            return Step::Next(len);
+        }
+        self.state = LINE_START;
+        let crlf = buf.byte_at(e) == b'\r' && e + 1 < len && buf.byte_at(e + 1) == b'\n';
+        Step::Next(e + 1 + crlf as usize)
+    }
+
+    /// Blanks before the value, a word at a time; then a line end (a fold, or an empty
+    /// value) or the first byte of the value.
+    #[inline(always)]
+    fn value_leading<W: ByteWindow + ?Sized>(&mut self, buf: &W, at: usize, len: usize) -> Step {
+        let w = buf.word_at(at);
+        let n = (len - at).min(8);
+        let other = !blank_mask(w) & HIGHS & low_bytes(n);
+        if other == 0 {
+            return Step::Next(at + n);
+        }
+        let i = first_flagged_byte(other);
+        let c = (w >> (8 * i)) as u8;
+        let p = at + i;
+        if c == b'\r' {
+            self.state = VALUE_LEADING_CR;
+        } else if c == b'\n' {
+            self.state = VALUE_LEADING_EOL;
+        } else {
+            // The one step that may not move on.
+            self.state = VALUE;
+            self.start = p as u32;
+            return Step::Next(p);
+        }
+        Step::Next(p + 1)
+    }
+
+    /// Hashes the value up to a blank, the line end or two words.
+    #[inline(always)]
+    fn value<W: ByteWindow + ?Sized>(&mut self, buf: &W, at: usize, len: usize) -> Step {
+        let mut p = at;
+        let mut w;
+        // Whole words without a blank or line end; the first other word goes on below
+        // (one copy of that code, so the verifier walks it once).
+        'partial: {
+            unroll!(2, {
+                w = buf.word_at(p);
+                if p + 8 > len || below_mask(w, 0x21) != 0 {
+                    break 'partial;
                 }
-            }
-            NAME_END => {
-                if c == b':' {
-                    VALUE_LEADING
-                } else if is_blank(c) {
-                    NAME_END
-                } else if is_eol(c) {
-                    line_end(c)
-                } else {
-                    SKIP_LINE
+                self.hasher.write_full_word(w);
+                p += 8;
+                self.end = p as u32;
+                if p >= len {
+                    break 'partial;
                 }
-            }
-            VALUE_LEADING => {
-                if is_blank(c) {
-                    VALUE_LEADING
-                } else if c == b'\r' {
-                    VALUE_LEADING_CR
-                } else if c == b'\n' {
-                    VALUE_LEADING_EOL
-                } else {
-                    self.start = i as u32;
-                    self.end = i as u32 + 1;
-                    self.hasher.write_byte(c);
-                    VALUE
-                }
-            }
-            VALUE_LEADING_CR => {
-                if c == b'\n' {
-                    VALUE_LEADING_EOL
-                } else if is_blank(c) {
-                    VALUE_LEADING
-                } else {
-                    return Some(Scan::miss(ScanOutcome::Empty));
-                }
-            }
-            VALUE_LEADING_EOL => {
-                if is_blank(c) {
-                    VALUE_LEADING
-                } else {
-                    return Some(Scan::miss(ScanOutcome::Empty));
-                }
-            }
-            VALUE => {
-                if is_eol(c) {
-                    return Some(self.found());
-                }
-                if !is_blank(c) {
-                    self.hasher.write_byte(c);
-                    self.end = i as u32 + 1;
-                }
-                VALUE
-            }
-            // NAME_CALL_ID + 1 ..= NAME_CALL_ID + 6
-            s => {
-                let k = s.wrapping_sub(NAME_CALL_ID) as usize;
-                let want = CALL_ID[k & 7];
-                let matched = if want == b'-' {
-                    c == b'-'
-                } else {
-                    c | 0x20 == want
-                };
-                if matched {
-                    if k + 1 == CALL_ID_LEN {
-                        NAME_END
-                    } else {
-                        s.wrapping_add(1)
-                    }
-                } else if is_eol(c) {
-                    line_end(c)
-                } else {
-                    SKIP_LINE
-                }
-            }
-        };
-        None
+            });
+            return Step::Next(p);
+        }
+        if p >= len {
+            return Step::Next(p);
+        }
+        let n = (len - p).min(8);
+        let special = (eol_mask(w) | blank_mask(w)) & low_bytes(n);
+        if special == 0 {
+            // The data ends inside this word, or `below_mask` flagged another byte.
+            self.hasher.write_word(w & low_bytes(n), n);
+            self.end = (p + n) as u32;
+            return Step::Next(p + n);
+        }
+        let i = first_flagged_byte(special);
+        if i > 0 {
+            self.hasher.write_word(w & low_bytes(i), i);
+            self.end = (p + i) as u32;
+        }
+        if is_eol((w >> (8 * i)) as u8) {
+            return Step::Done(self.found());
+        }
+        Step::Next(p + i + 1)
     }
 
     /// The answer when the bytes ran out. `complete`: they were the whole message.

@@ -29,8 +29,8 @@ use network_types::{
 };
 use sip_dispatch_common::{
     Backend, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
-    MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo,
-    ServiceKey, TABLE_MAP_FLAGS,
+    MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SCRATCH_XDP_WORDS, SLOTS, Scan, ScanOutcome, Scanner,
+    Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
     csum::CsumDelta,
     parse::{ByteWindow, Step},
     slot_of,
@@ -59,7 +59,7 @@ static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::ne
 static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "sd_txports_v1")]
 static TX_PORTS: DevMapHash<64> = DevMapHash::new();
-#[btf_map(name = "sd_scratch_v1")]
+#[btf_map(name = "sd_scratch_v2")]
 static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 #[xdp]
@@ -131,7 +131,8 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
         return Err(reason);
     }
 
-    let hash = call_id_hash(ctx, &dg)?;
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Counter::PassNoCallId)?;
+    let hash = call_id_hash(ctx, scratch, &dg)?;
     let backend_id = *TABLES
         .get_value(service_id, &slot_of(hash))
         .ok_or(Counter::PassNoBackend)?;
@@ -143,14 +144,14 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
         return Err(Counter::PassNoBackend);
     }
 
-    let fib = fib_lookup(ctx, &dg, &backend)?;
+    let fib = fib_lookup(ctx, scratch, &dg, &backend)?;
     let ingress = ctx.ingress_ifindex() as u32;
-    let egress = fib.ifindex;
+    let egress = unsafe { (*fib).ifindex };
     if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {
         return Err(Counter::PassNoTxPort);
     }
 
-    rewrite(ctx, &dg, &backend, &fib)?;
+    rewrite(ctx, &dg, &backend, fib)?;
 
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
         let len = (ctx.data_end() - ctx.data()) as u64;
@@ -299,8 +300,7 @@ fn words(b: &[u8; 16]) -> [u32; 4] {
 
 /// Copies the start of the UDP payload into per-CPU scratch and hashes the Call-ID.
 #[inline(always)]
-fn call_id_hash(ctx: &XdpContext, dg: &Datagram) -> Result<u64, Counter> {
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Counter::PassNoCallId)?;
+fn call_id_hash(ctx: &XdpContext, scratch: *mut Scratch, dg: &Datagram) -> Result<u64, Counter> {
     let config = CONFIG.get(0).ok_or(Counter::PassNoBackend)?;
     let key = HashKey {
         k0: config.hash_key[0],
@@ -328,26 +328,28 @@ fn call_id_hash(ctx: &XdpContext, dg: &Datagram) -> Result<u64, Counter> {
     if rc != 0 {
         return Err(Counter::PassTruncated);
     }
-    let mut job = ScanJob {
-        scanner: Scanner::new(key),
-        at: 0,
-        len,
-        done: None,
-    };
+    let job = job_of(scratch);
+    unsafe {
+        store_words(&raw mut (*job).scanner, Scanner::new(key));
+        (*job).at = 0;
+        (*job).len = len;
+        (*job).done = None;
+    }
     // Verifier constraint: a plain loop over up to 2048 bytes with a branchy body
     // exceeds the verifier's limits (8192 pending branches); bpf_loop's callback is
-    // verified once, and the kernel inlines the loop.
+    // verified once, and the kernel inlines the loop. A step takes at least one byte but
+    // for one (`Scanner::step`): `len + 1` steps reach every answer.
     unsafe {
         bpf_loop(
-            len as u32,
+            len as u32 + 1,
             scan_step as *mut c_void,
-            (&raw mut job).cast(),
+            core::ptr::null_mut(),
             0,
         )
     };
-    let scan = match job.done {
+    let scan = match unsafe { (*job).done } {
         Some(scan) => scan,
-        None => job.scanner.finish(complete),
+        None => unsafe { (*job).scanner }.finish(complete),
     };
     match scan.outcome {
         ScanOutcome::Found => Ok(scan.hash),
@@ -366,27 +368,27 @@ impl ByteWindow for Window {
         unsafe { (*self.0).bytes[i & (SCAN_WINDOW - 1)] }
     }
 
-    /// An unaligned 8-byte load; scratch is padded so that it stays inside the value.
+    /// Two aligned loads, shifted together: LLVM splits an unaligned 8-byte load into
+    /// eight byte loads. Scratch is padded so that the second stays inside the value.
     #[inline(always)]
     fn word_at(&self, i: usize) -> u64 {
-        unsafe {
-            let p = (*self.0).bytes.as_ptr().add(i & (SCAN_WINDOW - 1));
-            core::ptr::read_unaligned(p.cast::<u64>())
-        }
+        let lo = self.aligned_word_at(i);
+        let hi = self.aligned_word_at(i + 8);
+        let shift = (i & 7) * 8;
+        (lo >> shift) | ((hi << (63 - shift)) << 1)
     }
 
-    /// A store and a load through map memory: the verifier cannot know what comes back.
+    /// The word at `i & !7`. The map value, and so `bytes` at its start, is 8-aligned.
     #[inline(always)]
-    fn opaque(&self, x: u64) -> u64 {
+    fn aligned_word_at(&self, i: usize) -> u64 {
         unsafe {
-            let p = &raw mut (*self.0).opaque;
-            core::ptr::write_volatile(p, x);
-            core::ptr::read_volatile(p)
+            let p = (*self.0).bytes.as_ptr().add(i & (SCAN_WINDOW - 8));
+            core::ptr::read(p.cast::<u64>())
         }
     }
 }
 
-/// The state `bpf_loop` hands to `scan_step`.
+/// The state of one scan, kept in scratch (see `Scratch::job`).
 struct ScanJob {
     scanner: Scanner,
     /// Next offset to scan, and the bytes in scratch.
@@ -395,21 +397,40 @@ struct ScanJob {
     done: Option<Scan>,
 }
 
-/// One step of the Call-ID scan (a byte, or up to 8 bytes of a line being skipped):
-/// 0 continues the loop, 1 stops it. The loop count is only an upper bound.
+/// What the program keeps in `Scratch::xdp`.
+struct Private {
+    job: ScanJob,
+    fib: FibLookup,
+}
+
+#[inline(always)]
+fn private(scratch: *mut Scratch) -> *mut Private {
+    const { assert!(size_of::<Private>() <= size_of::<[u64; SCRATCH_XDP_WORDS]>()) };
+    unsafe { (&raw mut (*scratch).xdp).cast() }
+}
+
+#[inline(always)]
+fn job_of(scratch: *mut Scratch) -> *mut ScanJob {
+    unsafe { &raw mut (*private(scratch)).job }
+}
+
+/// One step of the Call-ID scan (a line, a few words of the value, or a byte between
+/// name and value): 0 continues the loop, 1 stops it. The loop count is only an upper
+/// bound.
+///
+/// Verifier constraint: this callback's stack counts on top of `sip_dispatch`'s, and
+/// the two must stay within 512 bytes; see `bpftool prog load` with `-d` ("stack depth").
 #[inline(never)]
-extern "C" fn scan_step(_index: u64, job: *mut c_void) -> i64 {
-    let job = unsafe { &mut *(job as *mut ScanJob) };
+extern "C" fn scan_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
-    let window = Window(scratch);
-    // Laundered like the scanner's own state, so the verifier checks this callback once.
-    let at = window.opaque(job.at as u64) as usize;
-    if at >= job.len {
+    let job = unsafe { &mut *job_of(scratch) };
+    let (at, len) = (job.at, job.len);
+    if at >= len {
         return 1;
     }
-    match job.scanner.step(&window, at, job.len) {
+    match job.scanner.step(&Window(scratch), at, len) {
         Step::Done(scan) => {
             job.done = Some(scan);
             1
@@ -421,24 +442,56 @@ extern "C" fn scan_step(_index: u64, job: *mut c_void) -> i64 {
     }
 }
 
-/// Route and next hop for the backend, seen from the ingress interface.
+/// `*dst = v` a word at a time, for a `T` of whole words without padding (`Scanner`).
+/// Volatile, because LLVM turns runs of zero stores into a call of a `memset` that BPF
+/// runs byte by byte.
 #[inline(always)]
-fn fib_lookup(ctx: &XdpContext, dg: &Datagram, backend: &Backend) -> Result<FibLookup, Counter> {
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.dport = backend.port;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_1.tot_len = (dg.l4 - dg.l3 + UdpHdr::LEN + dg.payload_len) as u16;
-    if dg.family == FAMILY_V4 {
-        fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = dg.src[0];
-        fib.__bindgen_anon_4.ipv4_dst = backend.addr[0];
-    } else {
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = dg.src;
-        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+fn store_words<T: Copy>(dst: *mut T, v: T) {
+    const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() == 8) };
+    let src = (&raw const v).cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
+        unsafe { core::ptr::write_volatile(dst.cast::<u64>().add(i), *src.add(i)) };
     }
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibLookup>() as i32, 0) };
+}
+
+/// Zeroes `*p` (a multiple of 8 bytes) a word at a time. Volatile, because LLVM turns
+/// the zeroing of a struct into a call of a `memset` that BPF runs byte by byte.
+#[inline(always)]
+fn zero<T>(p: *mut T) {
+    const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() <= 8) };
+    let words = p.cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
+/// Route and next hop for the backend, seen from the ingress interface. The parameters
+/// and the answer live in scratch (they would take 64 bytes of stack).
+#[inline(always)]
+fn fib_lookup(
+    ctx: &XdpContext,
+    scratch: *mut Scratch,
+    dg: &Datagram,
+    backend: &Backend,
+) -> Result<*const FibLookup, Counter> {
+    let fib = unsafe { &raw mut (*private(scratch)).fib };
+    zero(fib);
+    // SAFETY: scratch is this CPU's, and all zeroes is a valid FibLookup.
+    let f = unsafe { &mut *fib };
+    f.l4_protocol = IPPROTO_UDP;
+    f.dport = backend.port;
+    f.ifindex = ctx.ingress_ifindex() as u32;
+    f.__bindgen_anon_1.tot_len = (dg.l4 - dg.l3 + UdpHdr::LEN + dg.payload_len) as u16;
+    if dg.family == FAMILY_V4 {
+        f.family = AF_INET;
+        f.__bindgen_anon_3.ipv4_src = dg.src[0];
+        f.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    } else {
+        f.family = AF_INET6;
+        f.__bindgen_anon_3.ipv6_src = dg.src;
+        f.__bindgen_anon_4.ipv6_dst = backend.addr;
+    }
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibLookup>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(Counter::PassFibMiss);
     }
@@ -451,7 +504,7 @@ fn rewrite(
     ctx: &XdpContext,
     dg: &Datagram,
     backend: &Backend,
-    fib: &FibLookup,
+    fib: *const FibLookup,
 ) -> Result<(), Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
     let udp: *mut UdpHdr = ptr_at(ctx, dg.l4).ok_or(Counter::PassTruncated)?;
@@ -489,8 +542,10 @@ fn rewrite(
         // A zero field stays zero: "no checksum" in IPv4, invalid (and dropped by the
         // receiver, as it would have been) in IPv6.
         (*udp).check = udp_delta.apply_udp(check).to_ne_bytes();
-        (*eth).dst_addr = fib.dmac;
-        (*eth).src_addr = fib.smac;
+        // Volatile reads: a plain copy between two pointers that may alias becomes a
+        // call of a byte-by-byte `memmove`.
+        (*eth).dst_addr = core::ptr::read_volatile(&raw const (*fib).dmac);
+        (*eth).src_addr = core::ptr::read_volatile(&raw const (*fib).smac);
     }
     Ok(())
 }

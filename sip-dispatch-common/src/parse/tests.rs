@@ -736,3 +736,54 @@ fn first_flagged_byte_finds_the_lowest_high_bit() {
         assert_eq!(super::first_flagged_byte(m | 0x8000_0000_0000_0000), k);
     }
 }
+
+#[test]
+fn byte_masks_are_exact() {
+    let mut rng = Rng(0x5eed);
+    let interesting = [
+        b' ', b'\t', b'\r', b'\n', b'!', 0x08, 0x0c, 0x0b, 0, 0x80, 0xa0, 0xff,
+    ];
+    for _ in 0..20_000 {
+        let mut b = [0u8; 8];
+        for x in &mut b {
+            *x = if rng.percent(70) {
+                *rng.pick(&interesting)
+            } else {
+                rng.next() as u8
+            };
+        }
+        let w = u64::from_le_bytes(b);
+        let want = |f: fn(u8) -> bool| {
+            (0..8)
+                .filter(|&k| f(b[k]))
+                .fold(0u64, |m, k| m | 0x80 << (8 * k))
+        };
+        assert_eq!(super::blank_mask(w), want(is_blank), "{b:?}");
+        let eol = super::eol_mask(w);
+        if let Some(k) = b.iter().position(|&c| is_eol(c)) {
+            assert_eq!(super::first_flagged_byte(eol), k, "{b:?}");
+        } else {
+            assert_eq!(eol, 0, "{b:?}");
+        }
+    }
+    for n in 1..=8 {
+        assert_eq!(super::low_bytes(n).count_ones() as usize, 8 * n);
+    }
+}
+
+#[test]
+fn control_bytes_are_ordinary_bytes() {
+    // Bytes below 0x21 other than blanks and line ends, in skipped lines and in values,
+    // at every offset within a word.
+    for pad in 0..16 {
+        let p = "p".repeat(pad);
+        for ctl in ["\x00", "\x01", "\x08", "\x0b", "\x0c", "\x0e", "\x1f"] {
+            let value = format!("{p}a{ctl}b{ctl}{ctl}cdefghijklmnopqrstu{ctl}");
+            found(
+                &format!("{START}X-{p}: {ctl}{p}{ctl}x\r\nVia: {ctl}\r\nCall-ID: {value}\r\n\r\n"),
+                &value,
+            );
+            found(&format!("{START}i:{value}"), &value);
+        }
+    }
+}
