@@ -216,6 +216,17 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
     for (name, value) in v["slow_path"].as_object().into_iter().flatten() {
         out += &format!("  {name:<28} {:>14}\n", value.as_u64().unwrap_or(0));
     }
-    out += &format!("dns failures {}", v["dns_failures"]);
+    out += &format!("dns failures {}\n", v["dns_failures"]);
+    let r = &v["reloads"];
+    out += &format!(
+        "reloads ok {} failed {}{}",
+        r["ok"],
+        r["failed"],
+        if r["last_failed"] == true {
+            " (the last one failed)"
+        } else {
+            ""
+        }
+    );
     out
 }

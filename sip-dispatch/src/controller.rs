@@ -30,7 +30,7 @@ use crate::{
     select::{Candidate, Selection, select},
     slowpath,
     srv::{SrvAnswer, SrvEvent, Watchers},
-    stats::BackendInfo,
+    stats::{BackendInfo, Reloads},
 };
 
 /// Where a backend came from.
@@ -177,6 +177,7 @@ pub struct Controller {
     srv: Watchers,
     /// Reads the settings again for `reload` (and SIGHUP).
     reloader: Option<Reloader>,
+    reloads: Reloads,
     pub dns_failures: u64,
 }
 
@@ -202,6 +203,7 @@ impl Controller {
             slow_path: Arc::default(),
             srv,
             reloader,
+            reloads: Reloads::default(),
             dns_failures: 0,
         };
         c.sync_backends();
@@ -564,8 +566,20 @@ impl Controller {
     }
 
     /// Reads the settings again and applies them (all or nothing), then resolves every
-    /// SRV name now.
+    /// SRV name now. Counted for `stats` and the metrics.
     fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+        let result = self.try_reload();
+        let failed = result.is_err();
+        self.reloads.last_failed = failed;
+        if failed {
+            self.reloads.failed += 1;
+        } else {
+            self.reloads.ok += 1;
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<serde_json::Value> {
         let mut changes = Vec::new();
         let mut config = None;
         if let Some(mut reloader) = self.reloader.take() {
@@ -772,6 +786,7 @@ impl Controller {
             &self.dp,
             &self.backend_infos(),
             self.dns_failures,
+            self.reloads,
             self.slow_path.snapshot(),
         )
     }

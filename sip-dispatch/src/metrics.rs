@@ -162,6 +162,19 @@ pub fn render(s: &Snapshot) -> String {
          # TYPE sip_dispatch_dns_failures_total counter\nsip_dispatch_dns_failures_total {}",
         s.dns_failures
     );
+    let _ = writeln!(
+        out,
+        "# HELP sip_dispatch_config_reloads_total Reloads (sip-dispatch reload, SIGHUP), by result.\n\
+         # TYPE sip_dispatch_config_reloads_total counter\n\
+         sip_dispatch_config_reloads_total{{result=\"ok\"}} {}\n\
+         sip_dispatch_config_reloads_total{{result=\"failed\"}} {}\n\
+         # HELP sip_dispatch_config_last_reload_successful 0 when the last reload was refused.\n\
+         # TYPE sip_dispatch_config_last_reload_successful gauge\n\
+         sip_dispatch_config_last_reload_successful {}",
+        s.reloads.ok,
+        s.reloads.failed,
+        u8::from(!s.reloads.last_failed)
+    );
     out
 }
 
@@ -192,6 +205,11 @@ mod tests {
                 bytes: 700,
             }],
             dns_failures: 3,
+            reloads: crate::stats::Reloads {
+                ok: 2,
+                failed: 1,
+                last_failed: true,
+            },
             slow_path: Default::default(),
         };
         let text = render(&s);
@@ -204,6 +222,8 @@ mod tests {
             format!("sip_dispatch_health_check_failures_total{labels} 1"),
             "sip_dispatch_slowpath_datagrams_total{outcome=\"forwarded\"} 0".to_string(),
             "sip_dispatch_dns_failures_total 3".to_string(),
+            "sip_dispatch_config_reloads_total{result=\"failed\"} 1".to_string(),
+            "sip_dispatch_config_last_reload_successful 0".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

@@ -45,11 +45,22 @@ pub struct BackendSnapshot {
     pub bytes: u64,
 }
 
+/// Outcomes of `reload` (and SIGHUP) since the daemon started.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reloads {
+    pub ok: u64,
+    pub failed: u64,
+    /// Whether the last one failed (false before any).
+    pub last_failed: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 pub struct Snapshot {
     pub counters: serde_json::Map<String, serde_json::Value>,
     pub backends: Vec<BackendSnapshot>,
     pub dns_failures: u64,
+    #[serde(default)]
+    pub reloads: Reloads,
     pub slow_path: crate::slowpath::CountersSnapshot,
 }
 
@@ -57,6 +68,7 @@ pub fn snapshot(
     dp: &Dataplane,
     backends: &[BackendInfo],
     dns_failures: u64,
+    reloads: Reloads,
     slow_path: crate::slowpath::CountersSnapshot,
 ) -> anyhow::Result<Snapshot> {
     let counters = dp
@@ -93,6 +105,7 @@ pub fn snapshot(
         counters,
         backends,
         dns_failures,
+        reloads,
         slow_path,
     })
 }

@@ -578,6 +578,12 @@ fn reload_rereads_the_config_file() {
         "b2 and b3 up after SIGHUP",
         |l| l.len() == 2 && [b2, b3].iter().all(|&a| state(l, a) == Some("up")),
     );
+    let reloads = &bed.cli_json(&["stats", "--json"])["reloads"];
+    assert_eq!(
+        (&reloads["ok"], &reloads["failed"], &reloads["last_failed"]),
+        (&Value::from(2), &Value::from(2), &Value::from(false)),
+        "stats: reloads {reloads} (expected 2 applied, 2 refused, the last applied)"
+    );
 
     // Calls go to the reloaded set only.
     let calls = 300;
