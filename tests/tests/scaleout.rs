@@ -77,10 +77,14 @@ impl Farm {
             })
             .collect();
         let client = topo.client().ns_name().to_owned();
+        // L4 multipath hashing on the client (written to /proc: no sysctl binary needed).
         netns::exec(
             &client,
-            "sysctl",
-            ["-qw", "net.ipv4.fib_multipath_hash_policy=1"],
+            "sh",
+            [
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy",
+            ],
         )
         .expect("L4 multipath hashing on the client");
         let vip = SocketAddr::new(topo.vip(Family::V4), sipp::SIP_PORT);
