@@ -641,8 +641,7 @@ impl Controller {
             }
             changes.push("health-check settings changed".to_string());
         }
-        let names = self.srv_names();
-        self.srv.sync(&names, &BTreeMap::new())?;
+        self.watch_srv(&BTreeMap::new())?;
         self.changed_backends();
         Ok(changes)
     }

@@ -59,6 +59,17 @@ pub fn previous_binary_path() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `sip-dispatch GROUP --control PATH REST...` run from here (`--control` is an option
+/// of the command groups `backends`, `stats`, `which`, `reload`).
+pub fn cli(binary: &Path, control: &Path, args: &[&str]) -> Result<std::process::Output> {
+    let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    all.insert(1, format!("--control={}", control.display()));
+    std::process::Command::new(binary)
+        .args(&all)
+        .output()
+        .with_context(|| format!("running {}", binary.display()))
+}
+
 /// The workspace root (the parent of this crate).
 pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -25,7 +25,6 @@ use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, OwnedFd},
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -35,11 +34,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use sip_dispatch_common::{HashKey, ScanOutcome, parse::scan_message};
 
 use crate::{
-    cmd,
+    link::mac_address,
     rawnet::{enter_netns, packet_socket, pin_to_cpu},
     topology::{Family, Topology, check_test_address},
 };
@@ -163,27 +162,6 @@ impl Target {
             other: disp.ipv4,
         })
     }
-}
-
-/// The MAC address of `iface` in namespace `ns` (`ip -j link show`).
-pub fn mac_address(ns: &str, iface: &str) -> Result<[u8; 6]> {
-    let out = cmd::stdout(Command::new("ip").args(["-j", "-n", ns, "link", "show", "dev", iface]))?;
-    let links: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("`ip -j link show` printed {out}"))?;
-    let text = links[0]["address"]
-        .as_str()
-        .with_context(|| format!("no address for {iface} in {ns}: {out}"))?;
-    parse_mac(text).with_context(|| format!("MAC address {text:?} of {iface} in {ns}"))
-}
-
-fn parse_mac(text: &str) -> Result<[u8; 6]> {
-    let bytes = text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<Vec<u8>, _>>()?;
-    bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| anyhow!("{} bytes, not 6", b.len()))
 }
 
 /// What the generator is asked to do.
@@ -1103,15 +1081,5 @@ mod tests {
             assert!(o[0] == 198 && o[1] == 19 && o[3] != 0 && o[3] != 255, "{s}");
             assert!(s.port() >= 1024);
         }
-    }
-
-    #[test]
-    fn mac_addresses_parse() {
-        assert_eq!(
-            parse_mac("02:00:0a:ff:00:01").unwrap(),
-            [2, 0, 10, 255, 0, 1]
-        );
-        assert!(parse_mac("02:00").is_err());
-        assert!(parse_mac("zz:00:00:00:00:00").is_err());
     }
 }

@@ -13,6 +13,7 @@ pub mod dispatcher;
 pub mod dns;
 pub mod events;
 pub mod flood;
+pub mod link;
 pub mod netns;
 pub mod preflight;
 pub mod process;

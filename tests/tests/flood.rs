@@ -53,7 +53,7 @@ use sip_dispatch_testbed::{
     events::{Event, epoch_secs},
     flood::{FLOOD_CALL_ID, Flood, FloodReport, FloodSpec, Outcome, Target, check_source_range},
     netns, preflight, scenario,
-    sipp::{self, SIP_PORT, UacCall, UacReport, UacSpec, Uas, UasReport},
+    sipp::{self, SIP_PORT, UacCall, UacReport, UacSpec, Uas, UasReport, backends_by_call},
     topology::{Topology, TopologySpec},
 };
 
@@ -419,16 +419,10 @@ fn is_flood_call_id(id: &str) -> bool {
 /// UAC calls that did not stay on one backend: a successful call must have completed
 /// (INVITE, ACK and BYE) at exactly one backend, and no call may reach two.
 fn split_calls(uac: &BTreeMap<String, UacCall>, reports: &[UasReport]) -> Vec<String> {
-    let mut seen_at: BTreeMap<&str, BTreeSet<SocketAddr>> = BTreeMap::new();
+    let seen_at = backends_by_call(reports);
     let mut complete: BTreeMap<&str, u32> = BTreeMap::new();
-    for r in reports {
-        for id in &r.calls {
-            *complete.entry(id).or_default() += 1;
-            seen_at.entry(id).or_default().insert(r.address);
-        }
-        for id in r.incomplete.keys() {
-            seen_at.entry(id).or_default().insert(r.address);
-        }
+    for id in reports.iter().flat_map(|r| &r.calls) {
+        *complete.entry(id).or_default() += 1;
     }
     uac.iter()
         .filter(|(id, c)| {

@@ -24,7 +24,7 @@ use serde_json::Value;
 use sip_dispatch_testbed::{
     Family, XdpMode,
     dispatcher::{self, BackendArg, Dispatcher, ExitStats, RunConfig},
-    netns, preflight, scenario,
+    link, netns, preflight, scenario,
     sipp::{
         self, Scenario, UacReport, UacSpec, Uas, UasReport, backends_by_call, exactly_one_backend,
     },
@@ -126,7 +126,7 @@ impl Bed {
 
     /// The CLI (from the root namespace: the control socket is a file path).
     fn cli(&self, args: &[&str]) -> Output {
-        cli_at(&self.binary, &self.control, args)
+        dispatcher::cli(&self.binary, &self.control, args).expect("running the CLI")
     }
 
     /// The CLI, expecting success and JSON on stdout.
@@ -158,17 +158,6 @@ impl Drop for Bed {
             let _ = p.stop();
         }
     }
-}
-
-/// `sip-dispatch GROUP --control PATH REST...` (`--control` is an option of the command
-/// groups `backends`, `stats`, `which`).
-fn cli_at(binary: &Path, control: &Path, args: &[&str]) -> Output {
-    let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    all.insert(1, format!("--control={}", control.display()));
-    Command::new(binary)
-        .args(&all)
-        .output()
-        .expect("running the CLI")
 }
 
 /// A bpf filesystem mounted on a fresh directory of the root namespace; unmounted (and
@@ -376,7 +365,8 @@ fn cli_round_trips_against_a_live_daemon() {
     );
     assert_eq!(err.trim_end().lines().count(), 1);
     let dead = bed.control.with_extension("nobody.sock");
-    let out = cli_at(&bed.binary, &dead, &["backends", "list", "--json"]);
+    let out = dispatcher::cli(&bed.binary, &dead, &["backends", "list", "--json"])
+        .expect("running the CLI");
     let err = text(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -703,13 +693,6 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     verdict(NAME, &bed.dir.clone(), problems);
 }
 
-/// The id of the XDP program attached to `iface` in `ns`, if any.
-fn attached_prog(ns: &str, iface: &str) -> Option<u64> {
-    let out = netns::exec(ns, "ip", ["-j", "-d", "link", "show", "dev", iface]).ok()?;
-    let v: Value = serde_json::from_str(&out).ok()?;
-    v[0]["xdp"]["prog"]["id"].as_u64()
-}
-
 /// `--keep-attached` under load: daemon A, started from the binary of an earlier build,
 /// gets SIGTERM; after a gap with no daemon, B (the build under test) takes over the
 /// pinned link and maps: an upgrade. B is then restarted the same way as C: a restart.
@@ -745,7 +728,7 @@ fn upgrade_and_restart_with_keep_attached_drop_no_call() {
     }
 
     let a = start(&previous, "daemon-a-previous");
-    let mut programs = vec![attached_prog(&disp_ns, &iface)];
+    let mut programs = vec![link::xdp_prog_id(&disp_ns, &iface).ok().flatten()];
     let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
     uac.run_for(Duration::from_secs(5)).expect("calls flowing");
     let mut outputs = Vec::new();
@@ -771,7 +754,7 @@ fn upgrade_and_restart_with_keep_attached_drop_no_call() {
             std::thread::sleep(Duration::from_millis(50));
         }
         gaps.push(stop_at.elapsed());
-        programs.push(attached_prog(&disp_ns, &iface));
+        programs.push(link::xdp_prog_id(&disp_ns, &iface).ok().flatten());
         uac.run_for(Duration::from_secs(4)).expect("calls flowing");
         running = next;
     }
@@ -807,7 +790,7 @@ fn upgrade_and_restart_with_keep_attached_drop_no_call() {
     if !detach.status.success() {
         problems.push(format!("detach failed: {}", text(&detach.stderr)));
     }
-    if let Some(id) = attached_prog(&disp_ns, &iface) {
+    if let Some(id) = link::xdp_prog_id(&disp_ns, &iface).ok().flatten() {
         problems.push(format!("XDP program {id} is still attached after detach"));
     }
     eprintln!(

@@ -15,7 +15,6 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::mpsc,
     time::Duration,
 };
@@ -187,12 +186,7 @@ impl Drop for Farm {
 }
 
 fn xdp_tx(binary: &Path, control: &Path) -> u64 {
-    let out = Command::new(binary)
-        .arg("stats")
-        .arg(format!("--control={}", control.display()))
-        .arg("--json")
-        .output()
-        .expect("running sip-dispatch stats");
+    let out = dispatcher::cli(binary, control, &["stats", "--json"]).expect("running the CLI");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "stats printed no JSON ({e}): {}",

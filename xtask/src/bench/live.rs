@@ -53,6 +53,7 @@ use sip_dispatch_common::PROG_MAC_SWAP;
 use sip_dispatch_testbed::{
     cmd,
     dispatcher::{BackendArg, Dispatcher, RunConfig, XdpMode as DaemonMode},
+    link::{link_json, mac_address, xdp_prog_id},
     netns,
     process::Process,
     sipp::SIP_PORT,
@@ -92,29 +93,6 @@ pub struct Bed {
     pub backends: Vec<BackendHost>,
 }
 
-fn link_json(ns: &str, iface: &str) -> Result<Value> {
-    let out =
-        cmd::stdout(Command::new("ip").args(["-n", ns, "-s", "-j", "link", "show", "dev", iface]))?;
-    let v: Value = serde_json::from_str(&out).context("parsing `ip -j link`")?;
-    v.get(0).cloned().context("`ip -j link` returned nothing")
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad MAC {s:?}"))?;
-    bytes
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("bad MAC {s:?}"))
-}
-
-fn link_mac(ns: &str, iface: &str) -> Result<[u8; 6]> {
-    let v = link_json(ns, iface)?;
-    parse_mac(v["address"].as_str().context("no address")?)
-}
-
 fn mac_text(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -135,14 +113,17 @@ impl Bed {
                 ns: b.ns_name().to_owned(),
                 iface: b.iface.clone(),
                 addr: SocketAddr::new(b.ip(Family::V4), SIP_PORT),
-                mac: link_mac(b.ns_name(), &b.iface)?,
+                mac: mac_address(b.ns_name(), &b.iface)?,
             });
         }
         // Static entries: the bridge never floods a unicast frame to every port.
         let mut ports: Vec<([u8; 6], &str)> = vec![
-            (link_mac(disp.ns_name(), &disp.iface)?, &disp.switch_iface),
             (
-                link_mac(client.ns_name(), &client.iface)?,
+                mac_address(disp.ns_name(), &disp.iface)?,
+                &disp.switch_iface,
+            ),
+            (
+                mac_address(client.ns_name(), &client.iface)?,
                 &client.switch_iface,
             ),
         ];
@@ -171,7 +152,7 @@ impl Bed {
             client_ns: client.ns_name().to_owned(),
             disp_ns: disp.ns_name().to_owned(),
             disp_if: disp.iface.clone(),
-            disp_mac: link_mac(disp.ns_name(), &disp.iface)?,
+            disp_mac: mac_address(disp.ns_name(), &disp.iface)?,
             switch_disp_if: disp.switch_iface.clone(),
             switch_ns,
             backends,
@@ -242,15 +223,6 @@ fn hold_mac_swap(ns: &str, iface: &str) -> Result<NsThread<()>> {
         prog.detach(link)?;
         Ok(())
     })
-}
-
-/// The id of the XDP program attached to `iface` in `ns`.
-fn xdp_prog_id(ns: &str, iface: &str) -> Result<u32> {
-    let v = link_json(ns, iface)?;
-    v["xdp"]["prog"]["id"]
-        .as_u64()
-        .map(|id| id as u32)
-        .with_context(|| format!("no XDP program on {iface}"))
 }
 
 struct LinkCounters {
@@ -456,7 +428,10 @@ impl Running {
                     DaemonMode::Skb
                 };
                 r.daemon = Some(bed.start_daemon(mode, &format!("sip-dispatch-{}", sut.key()))?);
-                r.prog_id = Some(xdp_prog_id(&bed.disp_ns, &bed.disp_if)?);
+                r.prog_id = Some(
+                    xdp_prog_id(&bed.disp_ns, &bed.disp_if)?
+                        .context("no XDP program on the dispatcher's interface")?,
+                );
             }
             Sut::Stack => {
                 let sink =
