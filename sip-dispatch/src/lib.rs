@@ -1,5 +1,6 @@
 //! sip-dispatch's controller, as a library: the binary (`main.rs`) is its CLI, and the
 //! kernel tests drive the same [`dataplane::Dataplane`] the daemon uses.
+pub mod addrs;
 pub mod bpffs;
 pub mod cli;
 pub mod commands;
