@@ -451,8 +451,12 @@ pub async fn resolve_with(
                 .map(|a| a.addrs_of(target, v6))
                 .unwrap_or_default();
             let (addrs, kept) = with_last_known(&lookup, &last_known);
-            if let Lookup::Failed(e) = &lookup {
-                errors.push(format!("{}: {e}", family_name(v6)));
+            let error = match &lookup {
+                Lookup::Failed(e) => e.as_str(),
+                Lookup::Found(_) => "",
+            };
+            if !error.is_empty() {
+                errors.push(format!("{}: {error}", family_name(v6)));
             }
             let key = (target.clone(), v6);
             if kept {
@@ -461,7 +465,7 @@ pub async fn resolve_with(
                     log::warn!(
                         "dns {name}: target {target} {} lookup failed: {} (keeping its last known address(es) {})",
                         family_name(v6),
-                        errors.last().map_or("", String::as_str),
+                        error,
                         list.join(",")
                     );
                 }

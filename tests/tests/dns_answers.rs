@@ -276,13 +276,13 @@ fn failed_address_lookup_keeps_the_last_known_addresses() {
         format!(
             "b2's addresses gone {:.1} s into the run for {:.1} s; stale notice {:.3} s after \
              the zone was served: {:?}; {} resolution(s) in the outage (records, backends): \
-             {during:?}; `answers again` {:.3} s after the records came back; tables: {}",
+             {during:?}; `answers again` {:.3} s after the zone reload was signalled; tables: {}",
             started.secs_to(removed.served.at),
             removed.served.secs_to(restored.served.at),
             removed.served.secs_to(stale.at),
             stale.event,
             during.len(),
-            restored.served.secs_to(again.at),
+            restored.signalled.secs_to(again.at),
             out.tables.len()
         ),
     );
