@@ -857,6 +857,7 @@ mod dns_answer_tests {
                 })
                 .collect(),
             ttl: Duration::from_secs(60),
+            reported: Default::default(),
         }
     }
 

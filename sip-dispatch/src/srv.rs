@@ -74,6 +74,9 @@ pub struct SrvAnswer {
     pub targets: Vec<SrvTarget>,
     /// The smallest TTL of the records used, before clamping.
     pub ttl: Duration,
+    /// What was logged while resolving it (a watcher taking this answer over does not
+    /// log it again).
+    pub reported: Reported,
 }
 
 impl SrvAnswer {
@@ -244,13 +247,10 @@ fn family_name(ipv6: bool) -> &'static str {
     if ipv6 { "AAAA" } else { "A" }
 }
 
-/// What a watcher remembers about its name between resolutions: the last good answer
-/// (for the last known addresses) and what it already logged, so that each episode is
-/// logged once.
-#[derive(Debug, Default)]
-pub struct NameState {
-    last: Option<SrvAnswer>,
-    /// Target (lowercase) and family kept on their last known addresses.
+/// What was logged about a name's answers, so that each episode is logged once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// Target (lowercase) and family (true: IPv6) kept on their last known addresses.
     stale: BTreeSet<(String, bool)>,
     /// Targets without any address.
     unresolved: BTreeSet<String>,
@@ -260,12 +260,23 @@ pub struct NameState {
     capped: bool,
 }
 
+/// What a watcher remembers about its name between resolutions: the last good answer
+/// (for the last known addresses) and what it already logged.
+#[derive(Debug, Default)]
+pub struct NameState {
+    last: Option<SrvAnswer>,
+    reported: Reported,
+}
+
 impl NameState {
+    /// Goes on from `last` (e.g. the start-up answer): what was logged with it is not
+    /// logged again.
     pub fn new(last: Option<SrvAnswer>) -> NameState {
-        NameState {
-            last,
-            ..NameState::default()
-        }
+        let reported = last
+            .as_ref()
+            .map(|a| a.reported.clone())
+            .unwrap_or_default();
+        NameState { last, reported }
     }
 }
 
@@ -341,35 +352,36 @@ pub async fn resolve_with(
     }
     let mut targets = match plan(name, records)? {
         Plan::NoService => {
-            if !state.no_service {
+            if !state.reported.no_service {
                 log::warn!(
                     "dns {name}: its only target is \".\": no service here (RFC 2782); \
                      the name has no backends now"
                 );
             }
+            state.reported = Reported {
+                no_service: true,
+                ..Reported::default()
+            };
             let answer = SrvAnswer {
                 targets: Vec::new(),
                 ttl: Duration::from_secs(u64::from(ttl)),
+                reported: state.reported.clone(),
             };
-            *state = NameState {
-                last: Some(answer.clone()),
-                no_service: true,
-                ..NameState::default()
-            };
+            state.last = Some(answer.clone());
             return Ok(answer);
         }
         Plan::Targets(targets, capped) => {
-            if capped > 0 && !state.capped {
+            if capped > 0 && !state.reported.capped {
                 log::warn!(
                     "dns {name}: {} SRV records; only the {MAX_TARGETS} of lowest priority are used",
                     capped.saturating_add(MAX_TARGETS)
                 );
             }
-            state.capped = capped > 0;
+            state.reported.capped = capped > 0;
             targets
         }
     };
-    if state.no_service {
+    if state.reported.no_service {
         log::info!("dns {name}: has targets again");
     }
 
@@ -460,7 +472,7 @@ pub async fn resolve_with(
             }
             let key = (target.clone(), v6);
             if kept {
-                if !state.stale.contains(&key) {
+                if !state.reported.stale.contains(&key) {
                     let list: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
                     log::warn!(
                         "dns {name}: target {target} {} lookup failed: {} (keeping its last known address(es) {})",
@@ -470,7 +482,7 @@ pub async fn resolve_with(
                     );
                 }
                 stale.insert(key);
-            } else if state.stale.contains(&key) {
+            } else if state.reported.stale.contains(&key) {
                 log::info!(
                     "dns {name}: target {target} {} lookup answers again",
                     family_name(v6)
@@ -480,13 +492,13 @@ pub async fn resolve_with(
         }
         let (kept, refusals) = admit(&addrs_found, &local);
         for (ip, why) in refusals {
-            if !state.refused.contains(&(target.clone(), ip)) {
+            if !state.reported.refused.contains(&(target.clone(), ip)) {
                 log::warn!("dns {name}: target {target} address {ip} refused: {why}");
             }
             refused.insert((target.clone(), ip));
         }
         if addrs_found.is_empty() {
-            if !state.unresolved.contains(target) {
+            if !state.reported.unresolved.contains(target) {
                 log::warn!(
                     "dns {name}: target {target} has no address: {}",
                     errors.join("; ")
@@ -502,16 +514,17 @@ pub async fn resolve_with(
         }
     }
     targets.retain(|t| !t.addrs.is_empty());
-    state.stale = stale;
-    state.unresolved = unresolved;
-    state.refused = refused;
-    state.no_service = false;
+    state.reported.stale = stale;
+    state.reported.unresolved = unresolved;
+    state.reported.refused = refused;
+    state.reported.no_service = false;
     if targets.is_empty() {
         bail!("SRV lookup of {name}: no target has a usable address");
     }
     let answer = SrvAnswer {
         targets,
         ttl: Duration::from_secs(u64::from(ttl)),
+        reported: state.reported.clone(),
     };
     state.last = Some(answer.clone());
     Ok(answer)
@@ -736,6 +749,7 @@ mod tests {
                 },
             ],
             ttl: Duration::from_secs(30),
+            reported: Reported::default(),
         };
         // Only addresses of the VIP's family take part, and share the weight among
         // themselves.
@@ -869,6 +883,7 @@ mod tests {
                 },
             ],
             ttl: Duration::from_secs(2),
+            reported: Reported::default(),
         };
         let v4 = last.addrs_of("b2.example.net.", false);
         assert_eq!(v4, [ip("198.18.0.22")]);
