@@ -326,16 +326,26 @@ pub async fn resolve_with(
     name: &str,
     state: &mut NameState,
 ) -> anyhow::Result<SrvAnswer> {
+    resolve_within(resolver, name, state, RESOLVE_TIMEOUT).await
+}
+
+/// [`resolve_with`] within `limit`.
+async fn resolve_within(
+    resolver: &TokioResolver,
+    name: &str,
+    state: &mut NameState,
+    limit: Duration,
+) -> anyhow::Result<SrvAnswer> {
     if name.len() > MAX_NAME_LEN {
         bail!(
             "SRV name of {} characters is longer than {MAX_NAME_LEN}",
             name.len()
         );
     }
-    let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + limit;
     let lookup = tokio::time::timeout_at(deadline, resolver.lookup(name, RecordType::SRV))
         .await
-        .map_err(|_| anyhow!("SRV lookup of {name}: no answer within {RESOLVE_TIMEOUT:?}"))?
+        .map_err(|_| anyhow!("SRV lookup of {name}: no answer within {limit:?}"))?
         .with_context(|| format!("SRV lookup of {name}"))?;
     let mut ttl = u32::MAX;
     let mut records = Vec::new();
@@ -456,7 +466,7 @@ pub async fn resolve_with(
         for v6 in [false, true] {
             let lookup = lookups
                 .remove(&(target.clone(), v6))
-                .unwrap_or_else(|| Lookup::Failed(format!("no answer within {RESOLVE_TIMEOUT:?}")));
+                .unwrap_or_else(|| Lookup::Failed(format!("no answer within {limit:?}")));
             let last_known = state
                 .last
                 .as_ref()
@@ -922,5 +932,158 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(backoff(Some(Duration::MAX), Duration::MAX), Duration::MAX);
+    }
+
+    /// A DNS responder on 127.0.0.1 for the resolution tests: `targets` SRV records for
+    /// any SRV query (no additional section), and address queries answered after
+    /// `delay` (never, for `None`) with one A record (and no AAAA records), counting how
+    /// many address queries it holds at once.
+    struct SlowDns {
+        addr: SocketAddr,
+        max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+        task: JoinHandle<()>,
+    }
+
+    impl SlowDns {
+        async fn start(targets: u8, delay: Option<Duration>) -> SlowDns {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+
+            use hickory_resolver::proto::{
+                op::{Message, OpCode},
+                rr::{Name, Record, rdata},
+            };
+            let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            let addr = sock.local_addr().unwrap();
+            let max_in_flight = Arc::new(AtomicUsize::new(0));
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let max = max_in_flight.clone();
+            let task = tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    let Ok(query) = Message::from_vec(&buf[..n]) else {
+                        continue;
+                    };
+                    let Some(q) = query.queries.first().cloned() else {
+                        continue;
+                    };
+                    let mut reply = Message::response(query.metadata.id, OpCode::Query);
+                    reply.metadata.authoritative = true;
+                    reply.add_query(q.clone());
+                    if q.query_type() == RecordType::SRV {
+                        for i in 0..targets {
+                            let target = Name::from_ascii(format!("t{i}.test.")).unwrap();
+                            let srv = rdata::SRV::new(10, 1, 5060, target);
+                            reply.add_answer(Record::from_rdata(
+                                q.name().clone(),
+                                60,
+                                RData::SRV(srv),
+                            ));
+                        }
+                        let _ = sock.send_to(&reply.to_vec().unwrap(), from).await;
+                        continue;
+                    }
+                    let Some(delay) = delay else { continue };
+                    if q.query_type() == RecordType::A {
+                        let i: u8 = q.name().to_ascii()[1..]
+                            .split('.')
+                            .next()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        let a = rdata::A::new(198, 18, 1, i);
+                        reply.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(a)));
+                    }
+                    let (sock, in_flight, max) = (sock.clone(), in_flight.clone(), max.clone());
+                    tokio::spawn(async move {
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        max.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        let _ = sock.send_to(&reply.to_vec().unwrap(), from).await;
+                    });
+                }
+            });
+            SlowDns {
+                addr,
+                max_in_flight,
+                task,
+            }
+        }
+
+        fn resolver(&self) -> TokioResolver {
+            resolver(&DnsConfig {
+                server: Some(self.addr),
+                min_ttl: Duration::from_secs(1),
+                max_ttl: Duration::from_secs(60),
+            })
+            .unwrap()
+        }
+    }
+
+    impl Drop for SlowDns {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn address_lookups_run_concurrently_within_the_bound() {
+        let dns = SlowDns::start(20, Some(Duration::from_millis(200))).await;
+        let started = std::time::Instant::now();
+        let answer = resolve(&dns.resolver(), "_sip._udp.test.").await.unwrap();
+        let took = started.elapsed();
+        let most = dns.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(answer.targets.len(), 20);
+        assert!(
+            answer
+                .targets
+                .iter()
+                .all(|t| t.addrs.len() == 1 && t.addrs[0].is_ipv4())
+        );
+        // 40 lookups (A and AAAA of 20 targets) of 200 ms each: one by one 8 s, eight at
+        // a time about 1 s.
+        assert!(
+            (LOOKUP_CONCURRENCY / 2..=LOOKUP_CONCURRENCY).contains(&most),
+            "{most} at once"
+        );
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+        eprintln!("20 targets resolved in {took:?}, at most {most} lookups at once");
+    }
+
+    #[tokio::test]
+    async fn a_resolution_ends_in_time_and_unanswered_targets_keep_their_addresses() {
+        let dns = SlowDns::start(3, None).await;
+        let last = SrvAnswer {
+            targets: vec![SrvTarget {
+                priority: 10,
+                weight: 1,
+                port: 5060,
+                target: "t1.test.".into(),
+                addrs: vec![ip("198.18.1.1")],
+            }],
+            ttl: Duration::from_secs(60),
+            reported: Reported::default(),
+        };
+        let mut state = NameState::new(Some(last));
+        let started = std::time::Instant::now();
+        let limit = Duration::from_millis(700);
+        let answer = resolve_within(&dns.resolver(), "_sip._udp.test.", &mut state, limit)
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(took < limit + Duration::from_millis(300), "took {took:?}");
+        // t0 and t2 never answered and were not known: left out; t1 keeps its address.
+        assert_eq!(answer.targets.len(), 1);
+        assert_eq!(answer.targets[0].target, "t1.test.");
+        assert_eq!(answer.targets[0].addrs, [ip("198.18.1.1")]);
+        assert!(
+            state
+                .reported
+                .stale
+                .contains(&("t1.test.".to_string(), false))
+        );
     }
 }
