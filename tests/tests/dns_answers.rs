@@ -1,7 +1,8 @@
 //! DNS answers that must not hurt the daemon (issue 10, "Input from peers"), served by a
 //! real BIND 9 while SIPp calls flow through the XDP fast path:
 //! - a record set whose only target is "." (RFC 2782: no service here) empties the
-//!   name's backends without an error; the static backend takes the calls;
+//!   name's backends without an error; the static backend takes the calls, and without
+//!   one every INVITE gets a 503 from the slow path;
 //! - a target whose address records disappear (its A/AAAA lookups fail) keeps its last
 //!   known addresses: calls keep reaching it, and the table never changes;
 //! - targets at 127.0.0.1, a multicast, a link-local address and the dispatcher's own
@@ -441,5 +442,83 @@ fn special_and_own_addresses_in_an_answer_are_refused() {
     }
     problems.extend(all.problems(&[(b1, 50), (b2, 50)], tolerance_pp(all.total)));
     problems.extend(out.routing_problems(&[], 0.0));
+    verdict(name, &out, &started, problems);
+}
+
+/// Without a static backend, a lone "." leaves the service with nothing: an empty table
+/// (priority none), and every INVITE gets a 503 from the slow path (at 4 calls/s, under
+/// the per-source 503 rate limit of 5/s). The name keeps being resolved at its TTL, with
+/// no `dns ... failed` line.
+#[test]
+fn dot_target_without_statics_answers_503() {
+    let name = "dot-target-503";
+    let mut bed = bed(name, |cfg| {
+        cfg.hosts = 2;
+        cfg.targets = vec![Target::new(1, 10, 50), Target::new(2, 10, 50)];
+    });
+    let (b1, b2) = (bed.backend(1), bed.backend(2));
+    let run = bed.run_config().expect("run config");
+    let log = bed
+        .start_daemon(&run)
+        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
+    wait_for_set(&log, 0, 10, &[b1, b2]);
+    let cursor = log.cursor();
+    let mut zone = bed.dns.zone().clone();
+    zone.records.retain(|r| !matches!(r, Record::Srv { .. }));
+    zone.srv(SRV_OWNER, 0, 0, 0, ".");
+    let reload = bed.dns.reload(zone).expect("reload");
+    let empty = log
+        .wait_table(cursor, EVENT_TIMEOUT, "an empty table", |t| {
+            t.priority.is_none() && t.backends.is_empty()
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    let calls = 24;
+    let uac = bed.start_calls(calls, 4, "uac-503").expect("UAC");
+    let started = Moment::now();
+    let out = bed.finish(uac).unwrap_or_else(|e| panic!("{e:#}"));
+    let answered_503 = out.exit_stats.raw["slow_path"]["answered_503"]
+        .as_u64()
+        .unwrap_or(0);
+    let rate_limited = out.exit_stats.raw["slow_path"]["rate_limited_503"]
+        .as_u64()
+        .unwrap_or(0);
+    let at_backends = Shares::of(&out.calls).total;
+    let after_dot = resolutions(&log, empty.index);
+    let failures = dns_failures(&out, cursor);
+    report(
+        name,
+        format!(
+            "empty table {:.3} s after the zone was served; {calls} calls: {}; 503s sent {answered_503}, \
+             rate-limited {rate_limited}; calls completed at a backend: {at_backends}; \
+             resolutions after \".\": {after_dot:?}; `dns ... failed` lines: {failures}",
+            reload.served.secs_to(empty.at),
+            out.uac.failure_summary()
+        ),
+    );
+    let mut problems = Vec::new();
+    if out.uac.created != u64::from(calls) || out.uac.successful != 0 {
+        problems.push(format!(
+            "every call should fail: {}",
+            out.uac.failure_summary()
+        ));
+    }
+    if answered_503 < u64::from(calls) {
+        problems.push(format!(
+            "{answered_503} 503s for {calls} INVITEs (slow path: {})",
+            out.exit_stats.raw["slow_path"]
+        ));
+    }
+    if at_backends != 0 {
+        problems.push(format!("{at_backends} calls completed at a backend"));
+    }
+    if failures != 0 {
+        problems.push(format!("{failures} `dns {SRV_NAME} failed` line(s)"));
+    }
+    if after_dot.len() < 2 || after_dot.iter().any(|&r| r != (0, 0)) {
+        problems.push(format!(
+            "resolutions after \".\" should be several, each records=0 backends=0: {after_dot:?}"
+        ));
+    }
     verdict(name, &out, &started, problems);
 }
