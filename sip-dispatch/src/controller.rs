@@ -170,6 +170,9 @@ pub fn log_answer(name: &str, answer: &SrvAnswer) {
     );
 }
 
+/// The most backends all services may list together (`MAX_BACKENDS`: ids of the maps).
+pub const MAX_BACKENDS_IN_ALL: usize = MAX_BACKENDS as usize;
+
 /// How many distinct backend addresses all `services` would list with `answer` as
 /// the answer for SRV name `name` (backend ids are per address, shared by services).
 pub fn backends_with(services: &[Service], name: &str, answer: &SrvAnswer) -> usize {
@@ -353,7 +356,7 @@ impl Controller {
     /// refused (counted as a DNS failure): the name keeps its last good set.
     fn apply_srv(&mut self, name: &str, answer: &SrvAnswer) {
         let total = backends_with(&self.services, name, answer);
-        if total > MAX_BACKENDS as usize {
+        if total > MAX_BACKENDS_IN_ALL {
             self.dns_failures += 1;
             if self.dns_refused.insert(name.to_string()) {
                 log::warn!(

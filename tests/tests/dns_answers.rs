@@ -522,3 +522,32 @@ fn dot_target_without_statics_answers_503() {
     }
     verdict(name, &out, &started, problems);
 }
+
+/// At start, a name whose only target is "." and no static backend: the daemon has
+/// nothing to serve and refuses to start, saying why.
+#[test]
+fn start_with_only_a_dot_target_and_no_static_fails_saying_why() {
+    let name = "dot-at-start";
+    let mut bed = bed(name, |cfg| {
+        cfg.hosts = 1;
+        cfg.targets = vec![];
+    });
+    let mut zone = bed.dns.zone().clone();
+    zone.srv(SRV_OWNER, 0, 0, 0, ".");
+    bed.dns.reload(zone).expect("reload");
+    let run = bed.run_config().expect("run config");
+    let (status, stderr) = bed
+        .run_daemon_expecting_exit(&run, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let last = stderr.lines().last().unwrap_or_default().to_owned();
+    report(name, format!("exited {status}; last line: {last}"));
+    assert!(
+        !status.success(),
+        "the daemon must not start without any backend"
+    );
+    assert!(
+        last.contains("no backend known") && last.contains(SRV_NAME) && last.contains("\".\""),
+        "the error names the SRV name and its \".\" target: {last}"
+    );
+    remove_logs(&bed.dir);
+}
