@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use sip_dispatch_common::{
-    HashKey,
+    HashKey, MAX_BACKENDS,
     table::{SlotTable, build_table},
 };
 use tokio::{
@@ -66,16 +66,22 @@ impl Service {
     /// Addresses of the other family than the VIP's, and the VIP itself, are left out
     /// (and take no part of their target's weight).
     pub fn set_srv(&mut self, name: &str, answer: &SrvAnswer) -> bool {
+        let cands = self.srv_candidates(answer);
         let Some(current) = self.srv.get_mut(name) else {
             return false;
         };
-        let mut cands = answer.candidates(self.vip.is_ipv6());
-        cands.retain(|c| c.addr != self.vip);
         if *current == cands {
             return false;
         }
         *current = cands;
         true
+    }
+
+    /// The SRV backends `answer` gives this service.
+    fn srv_candidates(&self, answer: &SrvAnswer) -> Vec<Candidate> {
+        let mut cands = answer.candidates(self.vip.is_ipv6());
+        cands.retain(|c| c.addr != self.vip);
+        cands
     }
 
     /// Static backends first, then SRV ones; an address listed twice keeps its first
@@ -164,6 +170,26 @@ pub fn log_answer(name: &str, answer: &SrvAnswer) {
     );
 }
 
+/// The most backends all services may list together (`MAX_BACKENDS`: ids of the maps).
+pub const MAX_BACKENDS_IN_ALL: usize = MAX_BACKENDS as usize;
+
+/// How many distinct backend addresses all `services` would list with `answer` as
+/// the answer for SRV name `name` (backend ids are per address, shared by services).
+pub fn backends_with(services: &[Service], name: &str, answer: &SrvAnswer) -> usize {
+    let mut all = std::collections::HashSet::new();
+    for s in services {
+        all.extend(s.statics.iter().map(|c| c.addr));
+        for (n, cands) in &s.srv {
+            if n == name {
+                all.extend(s.srv_candidates(answer).iter().map(|c| c.addr));
+            } else {
+                all.extend(cands.iter().map(|c| c.addr));
+            }
+        }
+    }
+    all.len()
+}
+
 pub struct Controller {
     dp: Dataplane,
     key: HashKey,
@@ -179,6 +205,8 @@ pub struct Controller {
     reloader: Option<Reloader>,
     reloads: Reloads,
     pub dns_failures: u64,
+    /// SRV names whose last answer was refused (too many backends in all).
+    dns_refused: BTreeSet<String>,
 }
 
 impl Controller {
@@ -205,6 +233,7 @@ impl Controller {
             reloader,
             reloads: Reloads::default(),
             dns_failures: 0,
+            dns_refused: BTreeSet::new(),
         };
         c.sync_backends();
         c
@@ -323,7 +352,23 @@ impl Controller {
     }
 
     /// Takes a new answer for an SRV name (for every service that uses the name).
+    /// An answer that would take the backends of all services past `MAX_BACKENDS` is
+    /// refused (counted as a DNS failure): the name keeps its last good set.
     fn apply_srv(&mut self, name: &str, answer: &SrvAnswer) {
+        let total = backends_with(&self.services, name, answer);
+        if total > MAX_BACKENDS_IN_ALL {
+            self.dns_failures += 1;
+            if self.dns_refused.insert(name.to_string()) {
+                log::warn!(
+                    "dns {name} refused: the answer would make {total} backends in all, more than \
+                     {MAX_BACKENDS}; keeping its last good set"
+                );
+            }
+            return;
+        }
+        if self.dns_refused.remove(name) {
+            log::info!("dns {name}: answer accepted again ({total} backends in all)");
+        }
         log_answer(name, answer);
         let mut changed = false;
         for s in &mut self.services {
@@ -788,5 +833,53 @@ impl Controller {
             self.reloads,
             self.slow_path.snapshot(),
         )
+    }
+}
+
+#[cfg(test)]
+mod dns_answer_tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use super::*;
+    use crate::srv::SrvTarget;
+
+    fn answer(first: u32, n: u32) -> SrvAnswer {
+        let addrs: Vec<IpAddr> = (first..first + n)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 + i)))
+            .collect();
+        SrvAnswer {
+            targets: addrs
+                .chunks(16)
+                .enumerate()
+                .map(|(i, a)| SrvTarget {
+                    priority: 10,
+                    weight: 1,
+                    port: 5060,
+                    target: format!("t{i}.example.net."),
+                    addrs: a.to_vec(),
+                })
+                .collect(),
+            ttl: Duration::from_secs(60),
+            reported: Default::default(),
+        }
+    }
+
+    #[test]
+    fn backends_in_all_counts_every_service_and_shared_addresses_once() {
+        let vip_a: SocketAddr = "198.18.0.100:5060".parse().unwrap();
+        let vip_b: SocketAddr = "198.18.0.101:5060".parse().unwrap();
+        let mut a = Service::new(0, vip_a, vec![], &["a.".to_string()]);
+        let b = Service::new(1, vip_b, vec![], &["b.".to_string()]);
+        a.set_srv("a.", &answer(1000, 2000));
+        let mut services = vec![a, b];
+        // b's answer overlaps a's by 1000 addresses: counted once.
+        assert_eq!(backends_with(&services, "b.", &answer(2000, 2000)), 3000);
+        // 2000 + 2097 new ones pass MAX_BACKENDS.
+        let big = answer(4000, 2097);
+        assert!(backends_with(&services, "b.", &big) > MAX_BACKENDS as usize);
+        // Replacing a's own answer does not count its old set.
+        assert_eq!(backends_with(&services, "a.", &big), 2097);
+        services[1].set_srv("b.", &answer(3000, 100));
+        assert_eq!(backends_with(&services, "a.", &answer(0, 0)), 100);
     }
 }

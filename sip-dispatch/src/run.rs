@@ -94,7 +94,23 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     if let Some(resolver) = &resolver {
         for name in &names {
             match srv::resolve(resolver, name).await {
+                Ok(answer)
+                    if controller::backends_with(&services, name, &answer)
+                        > controller::MAX_BACKENDS_IN_ALL =>
+                {
+                    log::warn!(
+                        "dns {name} refused: more than {} backends in all",
+                        controller::MAX_BACKENDS_IN_ALL
+                    );
+                    dns_errors.push(format!(
+                        "{name}: refused, more than {} backends in all",
+                        controller::MAX_BACKENDS_IN_ALL
+                    ));
+                }
                 Ok(answer) => {
+                    if answer.targets.is_empty() {
+                        dns_errors.push(format!("{name}: its only target is \".\" (no service)"));
+                    }
                     controller::log_answer(name, &answer);
                     for s in &mut services {
                         s.set_srv(name, &answer);

@@ -276,6 +276,47 @@ impl DaemonLog {
             .collect()
     }
 
+    /// The messages (without the log prefix) of the lines that contain every one of
+    /// `needles`, for lines that are no events (e.g. the DNS warnings).
+    pub fn messages_with(&self, needles: &[&str]) -> Vec<String> {
+        self.lines
+            .lines()
+            .iter()
+            .map(|l| message(&l.text).to_owned())
+            .filter(|m| needles.iter().all(|n| m.contains(n)))
+            .collect()
+    }
+
+    /// Waits for a line at `from` or later containing every one of `needles`.
+    pub fn wait_message(
+        &self,
+        from: usize,
+        timeout: Duration,
+        needles: &[&str],
+    ) -> Result<Timed<String>> {
+        match self.lines.wait_for(from, timeout, |text| {
+            let m = message(text);
+            needles.iter().all(|n| m.contains(n)).then(|| m.to_owned())
+        })? {
+            Wait::Found(index, line, text) => Ok(Timed {
+                index,
+                at: line.at,
+                wall: line.wall,
+                event: text,
+            }),
+            Wait::Eof => bail!(
+                "the daemon exited before logging {needles:?}; its log ({}) ends:\n{}",
+                self.path.display(),
+                self.tail(40)
+            ),
+            Wait::TimedOut => bail!(
+                "the daemon did not log {needles:?} within {timeout:?}; its log ({}) ends:\n{}",
+                self.path.display(),
+                self.tail(40)
+            ),
+        }
+    }
+
     /// The last `n` lines (for error messages).
     pub fn tail(&self, n: usize) -> String {
         let lines = self.lines.lines();
