@@ -118,27 +118,46 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
         );
     }
 
-    let mut forwarding = Vec::new();
-    for v6 in [false, true] {
-        if services.iter().any(|s| s.vip.is_ipv6() == v6) {
-            forwarding.push(Forwarding::enable(&iface, v6)?);
-        }
-    }
+    // A link a previous daemon left pinned is forwarding now. Until this daemon is sure
+    // to take over, nothing it uses is changed: first the pin lock, the verifier and
+    // every socket (each can fail), then the hash key, the tables and the link.
     let mut dp = Dataplane::load(&pin_path, &iface, reset, key)?;
+    let mut forwarding = Vec::new();
+    let endpoints = async {
+        for v6 in [false, true] {
+            if services.iter().any(|s| s.vip.is_ipv6() == v6) {
+                forwarding.push(Forwarding::enable(&iface, v6)?);
+            }
+        }
+        let mut slow_sockets = Vec::new();
+        for s in &services {
+            slow_sockets.push(slowpath::bind(s.vip).await?);
+        }
+        let control_listener = control::bind(&control_path)?;
+        let metrics_listener = match metrics {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
+        anyhow::Ok((slow_sockets, control_listener, metrics_listener))
+    }
+    .await;
+    let (slow_sockets, control_listener, metrics_listener) = match endpoints {
+        Ok(bound) => bound,
+        Err(e) => {
+            // Whatever is pinned stays as it was; only our own sysctl changes go.
+            forwarding.into_iter().for_each(Forwarding::restore);
+            return Err(e);
+        }
+    };
+
+    // Taking over.
+    assign_service_ids(&mut dp, &mut services)?;
+    dp.write_hash_key()?;
     for (name, i) in tx_ports() {
         if let Err(e) = dp.add_tx_port(i) {
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
         }
     }
-    let mut slow_sockets = Vec::new();
-    for s in &services {
-        slow_sockets.push(slowpath::bind(s.vip).await?);
-    }
-    let control_listener = control::bind(&control_path)?;
-    let metrics_listener = match metrics {
-        Some(addr) => Some(metrics::bind(addr).await?),
-        None => None,
-    };
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
     ctl.initial_probe().await;
@@ -187,19 +206,45 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
         task.abort();
     }
 
-    let snap = ctl.snapshot()?;
+    // A clean stop: the only place that detaches (a crash or a failed start never does).
+    let snap = ctl.snapshot();
     if settings.keep_attached {
-        ctl.dataplane().keep_attached();
-        forwarding.iter_mut().for_each(Forwarding::keep);
         log::info!(
             "leaving XDP attached on {iface} with the last tables (sip-dispatch detach --iface {iface} removes it)"
         );
+    } else {
+        ctl.dataplane().detach();
+        forwarding.into_iter().for_each(Forwarding::restore);
+        log::info!("detached from {iface}");
     }
     drop(ctl);
-    drop(forwarding);
-    println!("sip-dispatch: exit-stats {}", serde_json::to_string(&snap)?);
-    if !settings.keep_attached {
-        log::info!("detached from {iface}");
+    println!(
+        "sip-dispatch: exit-stats {}",
+        serde_json::to_string(&snap?)?
+    );
+    Ok(())
+}
+
+/// Gives each service the id the adopted services map has for its VIP (new VIPs: ids
+/// no adopted VIP uses), so that a reordered configuration keeps every VIP on its table.
+fn assign_service_ids(dp: &mut Dataplane, services: &mut [Service]) -> anyhow::Result<()> {
+    let adopted = dp.service_ids()?;
+    let vips: Vec<std::net::SocketAddr> = services.iter().map(|s| s.vip).collect();
+    let assignment =
+        crate::service_ids::assign(&vips, &adopted, sip_dispatch_common::MAX_SERVICES)?;
+    for (s, id) in services.iter_mut().zip(&assignment.ids) {
+        if adopted.get(&s.vip) == Some(id) {
+            log::info!("service {} keeps its id {id}", s.vip);
+        }
+        s.id = *id;
+    }
+    if !assignment.reclaimed.is_empty() {
+        // Their ids go to new VIPs: their entries must not point at the new tables.
+        log::info!(
+            "dropping the adopted services {:?} now: their ids go to new VIPs",
+            assignment.reclaimed
+        );
+        dp.retain_services(&vips)?;
     }
     Ok(())
 }
@@ -228,6 +273,8 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         std::path::PathBuf::from(format!("/sys/fs/bpf/sip-dispatch/{}", args.iface))
     });
     crate::bpffs::prepare_pin_dir(&dir)?;
+    // Not from under a running daemon: its link fd would keep the program attached.
+    let _lock = crate::bpffs::lock_pin_dir(&dir)?;
     match crate::dataplane::remove_pins(&dir) {
         0 => bail!("nothing is pinned in {}", dir.display()),
         n => println!(
