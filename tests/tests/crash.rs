@@ -196,15 +196,18 @@ fn crash_under_load(name: &str, signal: i32) {
     if !left.is_empty() {
         problems.push(format!("pins left after B's clean stop: {left:?}"));
     }
+    // B restores what it found at its start: the 1 A's crash left (what A found before
+    // is lost with A; README "A daemon that crashes").
     let forwarding_end = forwarding(&bed);
-    if forwarding_end != forwarding_before {
+    if forwarding_end != forwarding_after_crash {
         problems.push(format!(
-            "forwarding {forwarding_end} after the clean stop, {forwarding_before} before the first start"
+            "forwarding {forwarding_end} after B's clean stop, {forwarding_after_crash} when B started"
         ));
     }
     eprintln!(
         "[{name}] signal {signal}: program {prog_a:?} kept after the crash, B ({prog_b:?}) \
-         took over {:.2} s after it; UAC {} ok / {} failed of {calls}, {} retransmissions; \
+         took over {:.2} s after it; forwarding {forwarding_before} before A, \
+         {forwarding_after_crash} after the crash, {forwarding_end} at the end; UAC {} ok / {} failed of {calls}, {} retransmissions; \
          calls per backend {:?}",
         adopted_after.as_secs_f64(),
         uac.successful,
