@@ -196,7 +196,14 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, cmd_tx.clone())));
     let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
-    ctl.run(cmd_rx, stop_signal()?).await;
+    let stop = stop_signal()?;
+    ctl.run(cmd_rx, async move {
+        tokio::select! {
+            () = stop => {}
+            () = injected_panic() => {}
+        }
+    })
+    .await;
     control_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
@@ -259,6 +266,22 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
+}
+
+/// Debug builds only (tests): with `SIP_DISPATCH_TEST_PANIC_AFTER_MS=N` in the
+/// environment, the daemon panics in its controller task N ms after it is ready, so a
+/// test can check that a panic at run time leaves forwarding running. Release builds
+/// have no such switch: this never resolves there.
+async fn injected_panic() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("SIP_DISPATCH_TEST_PANIC_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        panic!("injected by SIP_DISPATCH_TEST_PANIC_AFTER_MS={ms}");
+    }
+    std::future::pending::<()>().await
 }
 
 /// The one line on stdout that scripts and tests wait for.

@@ -346,6 +346,17 @@ impl Dispatcher {
         }
     }
 
+    /// Waits (bounded) for it to end by itself, e.g. by aborting; returns how it ended.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        match self.process.wait_timeout(timeout)? {
+            Some(status) => Ok(status),
+            None => {
+                let _ = self.process.stop();
+                bail!("{} still ran after {timeout:?}", self.process.label())
+            }
+        }
+    }
+
     /// Stops `sip-dispatch run` and parses its exit statistics.
     pub fn stop_with_stats(self) -> Result<ExitStats> {
         let stderr = self.process.stderr_path().to_owned();

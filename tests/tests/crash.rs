@@ -118,11 +118,21 @@ fn pinned_args(bed: &Bed, pins: &Path) -> Vec<String> {
     run.args()
 }
 
-/// SIGKILL or SIGABRT of a daemon under load: forwarding goes on with the last table
-/// (no failed call, each at exactly one backend), the link, its program, the pins and
-/// the forwarding sysctl stay; the next daemon takes the link over with its own
-/// program, and its clean stop (SIGTERM, no --keep-attached) detaches and restores.
-fn crash_under_load(name: &str, signal: i32) {
+/// How daemon A ends.
+#[derive(Clone, Copy, Debug)]
+enum Crash {
+    /// The test sends this signal.
+    Signal(i32),
+    /// A panic in the controller task, injected (debug builds only) through
+    /// `SIP_DISPATCH_TEST_PANIC_AFTER_MS`.
+    Panic,
+}
+
+/// A crash of a daemon under load: forwarding goes on with the last table (no failed
+/// call, each at exactly one backend), the link, its program, the pins and the
+/// forwarding sysctl stay; the next daemon takes the link over with its own program,
+/// and its clean stop (SIGTERM, no --keep-attached) detaches.
+fn crash_under_load(name: &str, crash: Crash) {
     let calls = 1500;
     let mut bed = Bed::build(&workdir(), name, 3, Duration::from_secs(60));
     let bpffs = BpfFs::mount(bed.topo.tag());
@@ -136,12 +146,55 @@ fn crash_under_load(name: &str, signal: i32) {
     let forwarding_before = forwarding(&bed);
     let mut problems = Vec::new();
 
-    let a = start("daemon-a");
+    let a = match crash {
+        Crash::Signal(_) => start("daemon-a"),
+        Crash::Panic => {
+            let mut with_env = vec![
+                "SIP_DISPATCH_TEST_PANIC_AFTER_MS=3000".to_owned(),
+                bed.binary.to_string_lossy().into_owned(),
+            ];
+            with_env.extend(args.iter().cloned());
+            Dispatcher::start(Path::new("env"), &ns, &with_env, &dir, "daemon-a")
+                .expect("starting daemon A")
+        }
+    };
     let prog_a = prog_id(&bed);
     let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
-    uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+    match crash {
+        Crash::Signal(signal) => {
+            uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+            a.kill(signal).expect("the daemon ends by the signal");
+        }
+        Crash::Panic => {
+            let log = a.log();
+            let status = a
+                .wait_exit(Duration::from_secs(15))
+                .expect("the daemon ends after its panic");
+            use std::os::unix::process::ExitStatusExt as _;
+            if status.signal() != Some(libc::SIGABRT) {
+                problems.push(format!(
+                    "after the panic the daemon ended with {status}, not by SIGABRT"
+                ));
+            }
+            let tail = log.tail(400);
+            let panics: Vec<&str> = tail
+                .lines()
+                .filter(|l| l.contains("panic in thread"))
+                .collect();
+            match panics.as_slice() {
+                [line]
+                    if line.contains("injected by SIP_DISPATCH_TEST_PANIC_AFTER_MS")
+                        && line.contains("aborting") => {}
+                other => problems.push(format!(
+                    "expected one panic line that names the panic and says aborting, got {other:?}"
+                )),
+            }
+            if tail.contains("detached from") {
+                problems.push("the panicking daemon logged `detached from`".to_owned());
+            }
+        }
+    }
     let killed_at = Instant::now();
-    a.kill(signal).expect("the daemon ends by the signal");
 
     let prog_after_crash = prog_id(&bed);
     if prog_after_crash.is_none() || prog_after_crash != prog_a {
@@ -205,7 +258,7 @@ fn crash_under_load(name: &str, signal: i32) {
         ));
     }
     eprintln!(
-        "[{name}] signal {signal}: program {prog_a:?} kept after the crash, B ({prog_b:?}) \
+        "[{name}] {crash:?}: program {prog_a:?} kept after the crash, B ({prog_b:?}) \
          took over {:.2} s after it; forwarding {forwarding_before} before A, \
          {forwarding_after_crash} after the crash, {forwarding_end} at the end; UAC {} ok / {} failed of {calls}, {} retransmissions; \
          calls per backend {:?}",
@@ -224,12 +277,19 @@ fn crash_under_load(name: &str, signal: i32) {
 
 #[test]
 fn sigkill_under_load_leaves_forwarding_and_the_next_daemon_adopts() {
-    crash_under_load("sigkill", libc::SIGKILL);
+    crash_under_load("sigkill", Crash::Signal(libc::SIGKILL));
 }
 
 #[test]
 fn sigabrt_under_load_leaves_forwarding_and_the_next_daemon_adopts() {
-    crash_under_load("sigabrt", libc::SIGABRT);
+    crash_under_load("sigabrt", Crash::Signal(libc::SIGABRT));
+}
+
+/// A panic at run time (in the controller task, where the issue's health-check panic
+/// happened) aborts with one log line and does not run the detaching cleanup.
+#[test]
+fn a_panic_under_load_leaves_forwarding_and_the_next_daemon_adopts() {
+    crash_under_load("panic", Crash::Panic);
 }
 
 /// `args` with the value after `flag` replaced.
