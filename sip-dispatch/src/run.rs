@@ -122,6 +122,8 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     // to take over, nothing it uses is changed: first the pin lock, the verifier and
     // every socket (each can fail), then the hash key, the tables and the link.
     let mut dp = Dataplane::load(&pin_path, &iface, reset, key)?;
+    // (Read under the pin lock: no other daemon changes it now.)
+    let adopted_link = pin_path.join(crate::dataplane::LINK_PIN).exists();
     let mut forwarding = Vec::new();
     let endpoints = async {
         for v6 in [false, true] {
@@ -144,26 +146,27 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let (slow_sockets, control_listener, metrics_listener) = match endpoints {
         Ok(bound) => bound,
         Err(e) => {
-            // Whatever is pinned stays as it was; only our own sysctl changes go.
-            forwarding.into_iter().for_each(Forwarding::restore);
+            abandon_start(&mut dp, adopted_link, forwarding);
             return Err(e);
         }
     };
 
-    // Taking over.
-    assign_service_ids(&mut dp, &mut services)?;
-    dp.write_hash_key()?;
-    for (name, i) in tx_ports() {
-        if let Err(e) = dp.add_tx_port(i) {
-            log::warn!("interface {name} cannot be a redirect target: {e:#}");
-        }
+    // Taking over. The maps the running program reads change from here on, right
+    // before our own tables go in (after the first probes).
+    if let Err(e) = assign_service_ids(&mut dp, &mut services) {
+        abandon_start(&mut dp, adopted_link, forwarding);
+        return Err(e);
     }
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
-    ctl.initial_probe().await;
-    ctl.republish();
-    // What an adopted set of maps holds beyond the configuration goes now.
-    ctl.forget_unconfigured()?;
+    let mode = match take_over(&mut ctl, xdp_mode).await {
+        Ok(mode) => mode,
+        Err(e) => {
+            abandon_start(ctl.dataplane(), adopted_link, forwarding);
+            return Err(e);
+        }
+    };
+    crate::dataplane::remove_outdated_pins(&pin_path);
     let slow: Vec<_> = ctl
         .services()
         .iter()
@@ -177,8 +180,6 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
             ))
         })
         .collect();
-    let mode = ctl.dataplane().attach(xdp_mode)?;
-    crate::dataplane::remove_outdated_pins(&pin_path);
     let backends = ctl.backend_infos().len();
     let vips: Vec<String> = ctl.services().iter().map(|s| s.vip.to_string()).collect();
     log::info!(
@@ -230,6 +231,38 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
         serde_json::to_string(&snap?)?
     );
     Ok(())
+}
+
+/// The first probes, the hash key and redirect ports, our tables, then the link: a new
+/// attachment, or our program swapped into the adopted link.
+async fn take_over(
+    ctl: &mut Controller,
+    xdp_mode: crate::cli::XdpModeArg,
+) -> anyhow::Result<crate::dataplane::AttachMode> {
+    ctl.initial_probe().await;
+    let dp = ctl.dataplane();
+    dp.write_hash_key()?;
+    for (name, i) in tx_ports() {
+        if let Err(e) = dp.add_tx_port(i) {
+            log::warn!("interface {name} cannot be a redirect target: {e:#}");
+        }
+    }
+    ctl.republish();
+    // What an adopted set of maps holds beyond the configuration goes now.
+    ctl.forget_unconfigured()?;
+    ctl.dataplane().attach(xdp_mode)
+}
+
+/// A start that failed: an adopted link (and what it uses) stays as it is, forwarding
+/// included; otherwise what this daemon made goes (its map pins, the sysctl it changed),
+/// as nothing of ours forwards.
+fn abandon_start(dp: &mut Dataplane, adopted_link: bool, forwarding: Vec<Forwarding>) {
+    if adopted_link {
+        log::warn!("start failed: the pinned XDP link is left as it was");
+        return;
+    }
+    dp.detach();
+    forwarding.into_iter().for_each(Forwarding::restore);
 }
 
 /// Gives each service the id the adopted services map has for its VIP (new VIPs: ids
