@@ -420,6 +420,32 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
             "XDP program under B: {prog_b:?}, under A: {prog_a:?} (expected a new one)"
         ));
     }
+    // A fresh start (no pins in its directory) that fails after loading removes the
+    // map pins it made and leaves B's link alone.
+    let fresh = bpffs.path().join("fresh");
+    let fresh_args = with_value(
+        &with_value(&args, "--pin-path", &fresh.to_string_lossy()),
+        "--control",
+        "/proc/sdt-no-such-dir/ctl.sock",
+    );
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &fresh_args, &dir, "fresh-failure")
+        .expect("the fresh daemon failing late");
+    if failed.status.success() || failed.errors.len() != 1 {
+        problems.push(format!(
+            "fresh failure: expected one error line and a failure, got {:?} ({})",
+            failed.errors, failed.status
+        ));
+    }
+    let fresh_left = pins_in(&fresh);
+    if !fresh_left.is_empty() {
+        problems.push(format!("a failed fresh start left pins: {fresh_left:?}"));
+    }
+    if prog_id(&bed) != prog_b {
+        problems.push(format!(
+            "the failed fresh start changed the program in B's link: {:?}, B's {prog_b:?}",
+            prog_id(&bed)
+        ));
+    }
     let uac = uac.finish().expect("UAC");
     let per_call = uac.calls().expect("UAC calls");
     if let Err(e) = b.stop() {
