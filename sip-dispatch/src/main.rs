@@ -56,10 +56,15 @@ fn abort_on_panic() {
             .unwrap_or_else(|| "(no message)".to_string());
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("unnamed");
-        log::error!(
+        let line = format!(
             "panic in thread {name}{location}: {}; aborting, XDP stays attached with the last tables",
             message.replace('\n', " ")
         );
+        if log::log_enabled!(log::Level::Error) {
+            log::error!("{line}");
+        } else {
+            eprintln!("sip-dispatch: {line}");
+        }
         std::process::abort();
     }));
 }
