@@ -13,8 +13,8 @@ pub const MAP_TABLES: &str = "sd_tables_v2";
 pub const MAP_BACKENDS: &str = "sd_backends_v1";
 /// Per-CPU array of [`BackendStats`], indexed by backend id.
 pub const MAP_BACKEND_STATS: &str = "sd_bstats_v1";
-/// Per-CPU array of u64, indexed by [`Counter`].
-pub const MAP_COUNTERS: &str = "sd_counters_v1";
+/// Per-CPU array of u64, indexed by [`Counter`]. (v2: `drop_redirect_failed` added.)
+pub const MAP_COUNTERS: &str = "sd_counters_v2";
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "sd_config_v1";
 /// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
@@ -160,10 +160,13 @@ pub enum Counter {
     PassCallIdBeyondWindow,
     /// Passed: the egress interface is not in the tx ports map.
     PassNoTxPort,
+    /// Dropped: XDP_REDIRECT failed after the frame was rewritten for its backend (the
+    /// port left the redirect map between the check and the redirect).
+    DropRedirectFailed,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
         Counter::NotService,
@@ -177,6 +180,7 @@ impl Counter {
         Counter::PassTruncated,
         Counter::PassCallIdBeyondWindow,
         Counter::PassNoTxPort,
+        Counter::DropRedirectFailed,
     ];
 
     /// Stable snake_case name, used in logs, JSON and metrics.
@@ -194,6 +198,7 @@ impl Counter {
             Counter::PassTruncated => "pass_truncated",
             Counter::PassCallIdBeyondWindow => "pass_call_id_beyond_window",
             Counter::PassNoTxPort => "pass_no_tx_port",
+            Counter::DropRedirectFailed => "drop_redirect_failed",
         }
     }
 }

@@ -14,7 +14,7 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
-        xdp_action::{XDP_PASS, XDP_TX},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, PerCpuArray},
     helpers::generated::{bpf_fib_lookup, bpf_loop, bpf_xdp_load_bytes},
@@ -53,7 +53,7 @@ static TABLES: ArrayOfMaps<
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map(name = "sd_bstats_v1")]
 static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
-#[btf_map(name = "sd_counters_v1")]
+#[btf_map(name = "sd_counters_v2")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 #[btf_map(name = "sd_config_v1")]
 static CONFIG: Array<Config, 1> = Array::new();
@@ -170,8 +170,11 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
             Ok(action)
         }
         // The port vanished between the check and now; the frame is already rewritten,
-        // so passing it would deliver it to the stack with the backend's address.
-        Err(_) => Err(Counter::PassNoTxPort),
+        // so passing it would deliver it to the stack with the backend's address: drop.
+        Err(_) => {
+            count(Counter::DropRedirectFailed);
+            Ok(XDP_DROP)
+        }
     }
 }
 

@@ -1,5 +1,8 @@
 //! The loaded XDP object: its maps (pinned under the pin directory) and its attachment.
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -39,14 +42,18 @@ impl AttachMode {
     }
 }
 
+/// Dropping it never detaches: a pinned link (and its maps) outlives the daemon, however
+/// it ends. Only `detach`, on a clean stop, removes the pins; an unpinned link (kernel
+/// tests, benchmarks) goes with its last fd.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     iface: String,
     link: Option<XdpLinkId>,
     ids: BackendIds,
-    /// Set by `keep_attached`.
-    keep: bool,
+    key: HashKey,
+    /// Held while this daemon owns the pins (see `bpffs::lock_pin_dir`).
+    _pin_lock: Option<crate::bpffs::PinDirLock>,
 }
 
 /// Backend ids: one per backend address for as long as the address is configured, so
@@ -59,12 +66,17 @@ struct BackendIds {
 }
 
 impl Dataplane {
-    /// Loads the object with its maps pinned in `pin_dir`, sets the hash key and loads
-    /// the program into the kernel. Maps a previous daemon left pinned (with
+    /// Locks `pin_dir`, loads the object with its maps pinned there and loads the
+    /// program into the kernel. Maps a previous daemon left pinned (with
     /// `--keep-attached`, or by crashing) are adopted once their layout is checked, so
-    /// forwarding goes on across the restart; `reset` removes them instead.
+    /// forwarding goes on across the restart; `reset` removes them instead. Nothing a
+    /// running program uses is written here (missing maps are created and pinned): the
+    /// hash key waits for `write_hash_key`, so a daemon that fails to start after this
+    /// leaves a pinned, forwarding link as it was.
     pub fn load(pin_dir: &Path, iface: &str, reset: bool, key: HashKey) -> anyhow::Result<Self> {
         crate::bpffs::prepare_pin_dir(pin_dir)?;
+        // Before anything in the directory is read or removed (also by --reset).
+        let lock = crate::bpffs::lock_pin_dir(pin_dir)?;
         let pinned: Vec<PathBuf> = ALL_MAPS
             .iter()
             .map(|m| pin_dir.join(m))
@@ -87,6 +99,7 @@ impl Dataplane {
         }
         let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
         let mut dp = Self::init(ebpf, Some(pin_dir.to_path_buf()), iface, key)?;
+        dp._pin_lock = Some(lock);
         if adopting {
             dp.adopt_backend_ids()?;
             log::info!("adopted the maps pinned in {}", pin_dir.display());
@@ -114,18 +127,60 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Leaves the program attached and everything pinned when this value is dropped:
-    /// forwarding goes on with the last tables until a new daemon adopts them.
-    pub fn keep_attached(&mut self) {
-        self.keep = true;
+    /// The service id each VIP has in the services map (those of adopted maps).
+    pub fn service_ids(&self) -> anyhow::Result<BTreeMap<std::net::SocketAddr, u32>> {
+        let services: HashMap<&MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map(MAP_SERVICES)?)?;
+        let mut ids = BTreeMap::new();
+        for entry in services.iter() {
+            let (key, info) = entry.context("reading the services map")?;
+            ids.insert(key.to_socket_addr(), info.id);
+        }
+        Ok(ids)
     }
 
-    /// Loads the object with private, unpinned maps (kernel tests, benchmarks).
+    /// Detaches on purpose (a clean stop without --keep-attached, or a failed start
+    /// that attached nothing before): closes our link fd and removes the pins, the link
+    /// pin last of all holders, which detaches the program.
+    pub fn detach(&mut self) {
+        if let Some(link) = self.link.take()
+            && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
+            && let Ok(prog) = <&mut Xdp>::try_from(p)
+            && let Err(e) = prog.detach(link)
+        {
+            log::warn!("detaching XDP from {}: {e}", self.iface);
+        }
+        if let Some(dir) = &self.pin_dir {
+            remove_pins(dir);
+        }
+    }
+
+    /// Loads the object with private, unpinned maps (kernel tests, benchmarks). Its
+    /// link, once attached, goes when the value is dropped.
     pub fn load_unpinned(key: HashKey) -> anyhow::Result<Self> {
         let ebpf = EbpfLoader::new()
             .load(OBJECT)
             .context("loading the XDP object")?;
-        Self::init(ebpf, None, "", key)
+        let mut dp = Self::init(ebpf, None, "", key)?;
+        dp.write_hash_key()?;
+        Ok(dp)
+    }
+
+    /// Writes the hash key into the config map the program reads (shared with the
+    /// program in an adopted link: call it once this daemon is sure to take over).
+    pub fn write_hash_key(&mut self) -> anyhow::Result<()> {
+        let key = self.key;
+        let mut config: Array<&mut MapData, Config> = Array::try_from(self.map_mut(MAP_CONFIG)?)?;
+        config
+            .set(
+                0,
+                Config {
+                    hash_key: [key.k0, key.k1],
+                },
+                0,
+            )
+            .context("writing the hash key")?;
+        Ok(())
     }
 
     fn init(
@@ -140,21 +195,12 @@ impl Dataplane {
             iface: iface.to_string(),
             link: None,
             ids: BackendIds::default(),
-            keep: false,
+            key,
+            _pin_lock: None,
         };
         dp.dispatch_program()?
             .load()
             .context("the kernel verifier rejected the XDP program")?;
-        let mut config: Array<&mut MapData, Config> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
-        config
-            .set(
-                0,
-                Config {
-                    hash_key: [key.k0, key.k1],
-                },
-                0,
-            )
-            .context("writing the hash key")?;
         Ok(dp)
     }
 
@@ -414,25 +460,6 @@ impl Dataplane {
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
             }))
-    }
-}
-
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        if self.keep {
-            // The pinned link keeps the program attached; dropping our fds is enough.
-            return;
-        }
-        if let Some(link) = self.link.take()
-            && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
-            && let Ok(prog) = <&mut Xdp>::try_from(p)
-            && let Err(e) = prog.detach(link)
-        {
-            log::warn!("detaching XDP from {}: {e}", self.iface);
-        }
-        if let Some(dir) = &self.pin_dir {
-            remove_pins(dir);
-        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod reload;
 pub mod run;
 pub mod select;
+pub mod service_ids;
 pub mod slowpath;
 pub mod srv;
 pub mod stats;

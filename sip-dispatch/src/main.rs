@@ -7,6 +7,7 @@ fn main() -> std::process::ExitCode {
         .format_target(false)
         .format_timestamp_millis()
         .init();
+    abort_on_panic();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
@@ -37,4 +38,33 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A panic logs one line and aborts, whatever the profile: unwinding would run drops
+/// and cleanup of a daemon in an unknown state, and forwarding must outlive a crash
+/// (the pinned link and maps stay; the next daemon adopts them).
+fn abort_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let line = format!(
+            "panic in thread {name}{location}: {}; aborting, XDP stays attached with the last tables",
+            message.replace('\n', " ")
+        );
+        if log::log_enabled!(log::Level::Error) {
+            log::error!("{line}");
+        } else {
+            eprintln!("sip-dispatch: {line}");
+        }
+        std::process::abort();
+    }));
 }

@@ -134,33 +134,55 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
         );
     }
 
-    let mut forwarding = Vec::new();
-    for v6 in [false, true] {
-        if services.iter().any(|s| s.vip.is_ipv6() == v6) {
-            forwarding.push(Forwarding::enable(&iface, v6)?);
-        }
-    }
+    // A link a previous daemon left pinned is forwarding now. Until this daemon is sure
+    // to take over, nothing it uses is changed: first the pin lock, the verifier and
+    // every socket (each can fail), then the hash key, the tables and the link.
     let mut dp = Dataplane::load(&pin_path, &iface, reset, key)?;
-    for (name, i) in tx_ports() {
-        if let Err(e) = dp.add_tx_port(i) {
-            log::warn!("interface {name} cannot be a redirect target: {e:#}");
+    // (Read under the pin lock: no other daemon changes it now.)
+    let adopted_link = pin_path.join(crate::dataplane::LINK_PIN).exists();
+    let mut forwarding = Vec::new();
+    let endpoints = async {
+        for v6 in [false, true] {
+            if services.iter().any(|s| s.vip.is_ipv6() == v6) {
+                forwarding.push(Forwarding::enable(&iface, v6)?);
+            }
         }
+        let mut slow_sockets = Vec::new();
+        for s in &services {
+            slow_sockets.push(slowpath::bind(s.vip).await?);
+        }
+        let control_listener = control::bind(&control_path)?;
+        let metrics_listener = match metrics {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
+        anyhow::Ok((slow_sockets, control_listener, metrics_listener))
     }
-    let mut slow_sockets = Vec::new();
-    for s in &services {
-        slow_sockets.push(slowpath::bind(s.vip).await?);
-    }
-    let control_listener = control::bind(&control_path)?;
-    let metrics_listener = match metrics {
-        Some(addr) => Some(metrics::bind(addr).await?),
-        None => None,
+    .await;
+    let (slow_sockets, control_listener, metrics_listener) = match endpoints {
+        Ok(bound) => bound,
+        Err(e) => {
+            abandon_start(&mut dp, adopted_link, forwarding);
+            return Err(e);
+        }
     };
+
+    // Taking over. The maps the running program reads change from here on, right
+    // before our own tables go in (after the first probes).
+    if let Err(e) = assign_service_ids(&mut dp, &mut services) {
+        abandon_start(&mut dp, adopted_link, forwarding);
+        return Err(e);
+    }
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
-    ctl.initial_probe().await;
-    ctl.republish();
-    // What an adopted set of maps holds beyond the configuration goes now.
-    ctl.forget_unconfigured()?;
+    let mode = match take_over(&mut ctl, xdp_mode).await {
+        Ok(mode) => mode,
+        Err(e) => {
+            abandon_start(ctl.dataplane(), adopted_link, forwarding);
+            return Err(e);
+        }
+    };
+    crate::dataplane::remove_outdated_pins(&pin_path);
     let slow: Vec<_> = ctl
         .services()
         .iter()
@@ -174,8 +196,6 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
             ))
         })
         .collect();
-    let mode = ctl.dataplane().attach(xdp_mode)?;
-    crate::dataplane::remove_outdated_pins(&pin_path);
     let backends = ctl.backend_infos().len();
     let vips: Vec<String> = ctl.services().iter().map(|s| s.vip.to_string()).collect();
     log::info!(
@@ -193,7 +213,14 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, cmd_tx.clone())));
     let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
-    ctl.run(cmd_rx, stop_signal()?).await;
+    let stop = stop_signal()?;
+    ctl.run(cmd_rx, async move {
+        tokio::select! {
+            () = stop => {}
+            () = injected_panic() => {}
+        }
+    })
+    .await;
     control_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
@@ -203,19 +230,77 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
         task.abort();
     }
 
-    let snap = ctl.snapshot()?;
+    // A clean stop: the only place that detaches (a crash or a failed start never does).
+    let snap = ctl.snapshot();
     if settings.keep_attached {
-        ctl.dataplane().keep_attached();
-        forwarding.iter_mut().for_each(Forwarding::keep);
         log::info!(
             "leaving XDP attached on {iface} with the last tables (sip-dispatch detach --iface {iface} removes it)"
         );
+    } else {
+        ctl.dataplane().detach();
+        forwarding.into_iter().for_each(Forwarding::restore);
+        log::info!("detached from {iface}");
     }
     drop(ctl);
-    drop(forwarding);
-    println!("sip-dispatch: exit-stats {}", serde_json::to_string(&snap)?);
-    if !settings.keep_attached {
-        log::info!("detached from {iface}");
+    println!(
+        "sip-dispatch: exit-stats {}",
+        serde_json::to_string(&snap?)?
+    );
+    Ok(())
+}
+
+/// The first probes, the hash key and redirect ports, our tables, then the link: a new
+/// attachment, or our program swapped into the adopted link.
+async fn take_over(
+    ctl: &mut Controller,
+    xdp_mode: crate::cli::XdpModeArg,
+) -> anyhow::Result<crate::dataplane::AttachMode> {
+    ctl.initial_probe().await;
+    let dp = ctl.dataplane();
+    dp.write_hash_key()?;
+    for (name, i) in tx_ports() {
+        if let Err(e) = dp.add_tx_port(i) {
+            log::warn!("interface {name} cannot be a redirect target: {e:#}");
+        }
+    }
+    ctl.republish();
+    // What an adopted set of maps holds beyond the configuration goes now.
+    ctl.forget_unconfigured()?;
+    ctl.dataplane().attach(xdp_mode)
+}
+
+/// A start that failed: an adopted link (and what it uses) stays as it is, forwarding
+/// included; otherwise what this daemon made goes (its map pins, the sysctl it changed),
+/// as nothing of ours forwards.
+fn abandon_start(dp: &mut Dataplane, adopted_link: bool, forwarding: Vec<Forwarding>) {
+    if adopted_link {
+        log::warn!("start failed: the pinned XDP link is left as it was");
+        return;
+    }
+    dp.detach();
+    forwarding.into_iter().for_each(Forwarding::restore);
+}
+
+/// Gives each service the id the adopted services map has for its VIP (new VIPs: ids
+/// no adopted VIP uses), so that a reordered configuration keeps every VIP on its table.
+fn assign_service_ids(dp: &mut Dataplane, services: &mut [Service]) -> anyhow::Result<()> {
+    let adopted = dp.service_ids()?;
+    let vips: Vec<std::net::SocketAddr> = services.iter().map(|s| s.vip).collect();
+    let assignment =
+        crate::service_ids::assign(&vips, &adopted, sip_dispatch_common::MAX_SERVICES)?;
+    for (s, id) in services.iter_mut().zip(&assignment.ids) {
+        if adopted.get(&s.vip) == Some(id) {
+            log::info!("service {} keeps its id {id}", s.vip);
+        }
+        s.id = *id;
+    }
+    if !assignment.reclaimed.is_empty() {
+        // Their ids go to new VIPs: their entries must not point at the new tables.
+        log::info!(
+            "dropping the adopted services {:?} now: their ids go to new VIPs",
+            assignment.reclaimed
+        );
+        dp.retain_services(&vips)?;
     }
     Ok(())
 }
@@ -232,6 +317,22 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// Debug builds only (tests): with `SIP_DISPATCH_TEST_PANIC_AFTER_MS=N` in the
+/// environment, the daemon panics in its controller task N ms after it is ready, so a
+/// test can check that a panic at run time leaves forwarding running. Release builds
+/// have no such switch: this never resolves there.
+async fn injected_panic() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("SIP_DISPATCH_TEST_PANIC_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        panic!("injected by SIP_DISPATCH_TEST_PANIC_AFTER_MS={ms}");
+    }
+    std::future::pending::<()>().await
+}
+
 /// The one line on stdout that scripts and tests wait for.
 fn ready(details: &str) {
     println!("sip-dispatch: ready {details}");
@@ -244,6 +345,8 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         std::path::PathBuf::from(format!("/sys/fs/bpf/sip-dispatch/{}", args.iface))
     });
     crate::bpffs::prepare_pin_dir(&dir)?;
+    // Not from under a running daemon: its link fd would keep the program attached.
+    let _lock = crate::bpffs::lock_pin_dir(&dir)?;
     match crate::dataplane::remove_pins(&dir) {
         0 => bail!("nothing is pinned in {}", dir.display()),
         n => println!(

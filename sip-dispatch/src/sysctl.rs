@@ -3,11 +3,12 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-/// Turns forwarding on for one interface and family, and restores the old value on drop.
+/// Turns forwarding on for one interface and family. Nothing is undone on drop (a
+/// daemon that crashes leaves its program forwarding, and that needs the sysctl): only
+/// an explicit `restore`, on a clean stop that detaches, puts the old value back.
 pub struct Forwarding {
     path: PathBuf,
     old: String,
-    keep: bool,
 }
 
 impl Forwarding {
@@ -22,26 +23,15 @@ impl Forwarding {
             std::fs::write(&path, "1")
                 .with_context(|| format!("writing 1 to {}", path.display()))?;
             log::info!(
-                "enabled {family} forwarding on {iface} (needed by bpf_fib_lookup); restored at exit"
+                "enabled {family} forwarding on {iface} (needed by bpf_fib_lookup); restored when the daemon stops and detaches"
             );
         }
-        Ok(Forwarding {
-            path,
-            old,
-            keep: false,
-        })
+        Ok(Forwarding { path, old })
     }
 
-    /// Leaves forwarding on at drop: a program left attached still needs it.
-    pub fn keep(&mut self) {
-        self.keep = true;
-    }
-}
-
-impl Drop for Forwarding {
-    fn drop(&mut self) {
-        if !self.keep
-            && self.old != "1"
+    /// Puts the value found at `enable` back (once nothing of ours is attached).
+    pub fn restore(self) {
+        if self.old != "1"
             && let Err(e) = std::fs::write(&self.path, &self.old)
         {
             log::warn!("could not restore {}: {e}", self.path.display());

@@ -324,6 +324,39 @@ impl Dispatcher {
         Ok(stopped.stdout)
     }
 
+    /// Sends `signal` (SIGKILL, SIGABRT: a crash) and waits (bounded) until it has ended
+    /// by that signal; fails if it ended otherwise or not at all.
+    pub fn kill(mut self, signal: i32) -> Result<()> {
+        use std::os::unix::process::ExitStatusExt as _;
+        self.process.signal(signal)?;
+        let status = self.process.wait_timeout(Duration::from_secs(10))?;
+        match status {
+            Some(s) if s.signal() == Some(signal) => Ok(()),
+            Some(s) => bail!(
+                "{} ended with {s} after signal {signal}",
+                self.process.label()
+            ),
+            None => {
+                let _ = self.process.stop();
+                bail!(
+                    "{} still ran 10 s after signal {signal}",
+                    self.process.label()
+                )
+            }
+        }
+    }
+
+    /// Waits (bounded) for it to end by itself, e.g. by aborting; returns how it ended.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        match self.process.wait_timeout(timeout)? {
+            Some(status) => Ok(status),
+            None => {
+                let _ = self.process.stop();
+                bail!("{} still ran after {timeout:?}", self.process.label())
+            }
+        }
+    }
+
     /// Stops `sip-dispatch run` and parses its exit statistics.
     pub fn stop_with_stats(self) -> Result<ExitStats> {
         let stderr = self.process.stderr_path().to_owned();
@@ -335,6 +368,48 @@ impl Dispatcher {
             )
         })
     }
+}
+
+/// How a `sip-dispatch` that was expected to refuse to start ended.
+#[derive(Debug)]
+pub struct FailedStart {
+    pub status: std::process::ExitStatus,
+    /// Its stderr lines that start with `sip-dispatch: error:` (or clap's `error:`).
+    pub errors: Vec<String>,
+    /// Its whole stderr.
+    pub stderr: String,
+}
+
+/// Runs `binary args...` in `ns`, expecting it to exit (bounded by [`READY_TIMEOUT`])
+/// without ever printing its ready line; fails if it becomes ready or does not exit.
+pub fn run_failing(
+    binary: &Path,
+    ns: &str,
+    args: &[String],
+    dir: &Path,
+    label: &str,
+) -> Result<FailedStart> {
+    let mut process = Process::spawn(ns, &binary.to_string_lossy(), args, dir, label)?;
+    let Some(status) = process.wait_timeout(READY_TIMEOUT)? else {
+        let _ = process.stop();
+        bail!("{label} did not exit within {READY_TIMEOUT:?}");
+    };
+    let stopped = process.collect()?;
+    if stopped.stdout.contains(READY_PREFIX) {
+        bail!("{label} became ready ({status}) although it should not start");
+    }
+    let stderr = std::fs::read_to_string(process.stderr_path())
+        .with_context(|| format!("reading {}", process.stderr_path().display()))?;
+    let errors = stderr
+        .lines()
+        .filter(|l| l.starts_with("sip-dispatch: error:") || l.starts_with("error:"))
+        .map(str::to_owned)
+        .collect();
+    Ok(FailedStart {
+        status,
+        errors,
+        stderr,
+    })
 }
 
 /// `sip-dispatch: exit-stats {JSON}`.

@@ -337,6 +337,7 @@ fn fast_path_imbalance(stats: &Value) -> i128 {
     let outcomes = counter(stats, "not_service")
         + counter(stats, "xdp_tx")
         + counter(stats, "xdp_redirect")
+        + counter(stats, "drop_redirect_failed")
         + pass_counters(stats).values().sum::<u64>();
     i128::from(counter(stats, "seen")) - i128::from(outcomes)
 }

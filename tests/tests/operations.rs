@@ -16,183 +16,20 @@ use std::{
     fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use sip_dispatch_testbed::{
-    Family, XdpMode,
-    dispatcher::{self, BackendArg, Dispatcher, ExitStats, RunConfig},
-    link, netns, preflight, scenario,
-    sipp::{
-        self, Scenario, UacReport, UacSpec, Uas, UasReport, backends_by_call, exactly_one_backend,
-    },
-    topology::{Topology, TopologySpec},
+    bed::{Bed, BpfFs, text, uac_problems, verdict},
+    dispatcher::{self, Dispatcher, ExitStats},
+    link, netns,
+    sipp::{Scenario, backends_by_call, exactly_one_backend},
 };
 
 fn workdir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-operations")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A test network with SIPp backends b1..bN (IPv4) and the XDP_PASS peer program.
-/// Fields drop in order: the daemon slot is the caller's; here backends, then the pass
-/// program, then the namespaces.
-struct Bed {
-    binary: PathBuf,
-    dir: PathBuf,
-    uas: Vec<Option<Uas>>,
-    xdp_pass: Option<Dispatcher>,
-    vip: SocketAddr,
-    control: PathBuf,
-    topo: Topology,
-}
-
-impl Bed {
-    fn build(name: &str, backends: u8, bound: Duration) -> Bed {
-        preflight::require_all().expect("preflight");
-        let binary = dispatcher::binary_path().expect("sip-dispatch binary");
-        let dir = scenario::run_dir(&workdir(), name).expect("run dir");
-        netns::cleanup_leftovers().expect("cleaning up leftovers");
-        let topo = Topology::build(TopologySpec::dispatcher(backends)).expect("topology");
-        let uas = scenario::start_backends(&topo, Family::V4, &dir, bound)
-            .expect("UAS backends")
-            .into_iter()
-            .map(Some)
-            .collect();
-        let xdp_pass = scenario::start_xdp_pass(&topo, &binary, XdpMode::Native, &dir, true)
-            .expect("xdp-pass on the peer");
-        let vip = SocketAddr::new(topo.vip(Family::V4), sipp::SIP_PORT);
-        let control = dispatcher::control_socket(topo.tag()).expect("control socket path");
-        Bed {
-            binary,
-            dir,
-            uas,
-            xdp_pass,
-            vip,
-            control,
-            topo,
-        }
-    }
-
-    /// Backend `n` (from 1).
-    fn backend(&self, n: usize) -> SocketAddr {
-        self.uas[n - 1].as_ref().expect("backend running").address
-    }
-
-    fn disp_ns(&self) -> String {
-        self.topo.dispatcher().unwrap().ns_name().to_owned()
-    }
-
-    fn iface(&self) -> String {
-        self.topo.dispatcher().unwrap().iface.clone()
-    }
-
-    /// A run configuration with backends `1..=n`, weight 1 each, and the control socket.
-    fn run_config(&self, n: usize) -> RunConfig {
-        let mut run = RunConfig::new(&self.iface(), self.vip, XdpMode::Native);
-        run.control = Some(self.control.clone());
-        run.backends = (1..=n)
-            .map(|i| BackendArg::new(self.backend(i), 1))
-            .collect();
-        run
-    }
-
-    fn start_daemon(&self, run: &RunConfig) -> Dispatcher {
-        Dispatcher::run(&self.binary, &self.disp_ns(), run, &self.dir)
-            .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"))
-    }
-
-    fn uac_spec(&self, calls: u32, rate: u32) -> UacSpec {
-        UacSpec::calls(self.topo.client().ip(Family::V4), self.vip, calls, rate)
-    }
-
-    fn start_uac(&self, spec: &UacSpec, label: &str) -> sipp::Uac {
-        sipp::Uac::start(self.topo.client().ns_name(), spec, &self.dir, label).expect("UAC")
-    }
-
-    /// Stops every backend and returns what each saw.
-    fn stop_backends(&mut self) -> Vec<UasReport> {
-        self.uas
-            .iter_mut()
-            .filter_map(Option::take)
-            .map(|u| u.stop().expect("stopping a UAS"))
-            .collect()
-    }
-
-    /// The CLI (from the root namespace: the control socket is a file path).
-    fn cli(&self, args: &[&str]) -> Output {
-        dispatcher::cli(&self.binary, &self.control, args).expect("running the CLI")
-    }
-
-    /// The CLI, expecting success and JSON on stdout.
-    fn cli_json(&self, args: &[&str]) -> Value {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "`sip-dispatch {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            text(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "`sip-dispatch {}` printed no JSON ({e}): {}",
-                args.join(" "),
-                text(&out.stdout)
-            )
-        })
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for u in self.uas.iter_mut().filter_map(Option::take) {
-            let _ = u.stop();
-        }
-        if let Some(p) = self.xdp_pass.take() {
-            let _ = p.stop();
-        }
-    }
-}
-
-/// A bpf filesystem mounted on a fresh directory of the root namespace; unmounted (and
-/// the directory removed) on drop.
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn mount(tag: &str) -> BpfFs {
-        let dir = PathBuf::from(format!("/run/sdt-bpffs-{tag}"));
-        std::fs::create_dir_all(&dir).expect("creating the bpffs mount point");
-        let fs = BpfFs(dir);
-        let out = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&fs.0)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "mount -t bpf bpf {}: {}",
-            fs.0.display(),
-            text(&out.stderr)
-        );
-        fs
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }
 
 /// The backends of the first service in `backends list --json`: address → entry.
@@ -238,30 +75,12 @@ fn state(list: &BTreeMap<SocketAddr, Value>, a: SocketAddr) -> Option<&str> {
     list.get(&a).and_then(|b| b["state"].as_str())
 }
 
-fn uac_problems(uac: &UacReport, calls: u32) -> Vec<String> {
-    let mut p = Vec::new();
-    if uac.failed != 0 || uac.exit_code != Some(0) || uac.successful != u64::from(calls) {
-        p.push(format!("UAC: {}", uac.failure_summary()));
-    }
-    p
-}
-
-fn verdict(name: &str, dir: &Path, problems: Vec<String>) {
-    assert!(
-        problems.is_empty(),
-        "{name}:\n  - {}\nlogs: {}",
-        problems.join("\n  - "),
-        dir.display()
-    );
-    let _ = std::fs::remove_dir_all(dir);
-}
-
 /// The CLI against a live daemon: list, add, drain, enable, set-weight, remove, which,
 /// stats, and its one-line errors; then a burst of 50 changes while SIPp calls flow.
 #[test]
 fn cli_round_trips_against_a_live_daemon() {
     const NAME: &str = "cli";
-    let mut bed = Bed::build(NAME, 4, Duration::from_secs(60));
+    let mut bed = Bed::build(&workdir(), NAME, 4, Duration::from_secs(60));
     let (b1, b2, b3, b4) = (
         bed.backend(1),
         bed.backend(2),
@@ -463,7 +282,7 @@ fn write_config(bed: &Bed, path: &Path, backends: &[String], extra: &str) {
 #[test]
 fn reload_rereads_the_config_file() {
     const NAME: &str = "reload";
-    let mut bed = Bed::build(NAME, 3, Duration::from_secs(60));
+    let mut bed = Bed::build(&workdir(), NAME, 3, Duration::from_secs(60));
     let (b1, b2, b3) = (bed.backend(1), bed.backend(2), bed.backend(3));
     let config = bed.dir.join("sip-dispatch.toml");
     write_config(&bed, &config, &[b1.to_string(), b2.to_string()], "");
@@ -609,7 +428,7 @@ fn reload_rereads_the_config_file() {
 #[test]
 fn bpftool_dumps_pinned_maps_with_field_names() {
     const NAME: &str = "bpftool";
-    let bed = Bed::build(NAME, 2, Duration::from_secs(60));
+    let bed = Bed::build(&workdir(), NAME, 2, Duration::from_secs(60));
     let bpffs = BpfFs::mount(bed.topo.tag());
     let pins = bpffs.path().join(bed.iface());
     let mut run = bed.run_config(2);
@@ -627,9 +446,9 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     };
     let backends = dump("sd_backends_v1");
     let services = dump("sd_services_v1");
-    let counters = dump("sd_counters_v1");
+    let counters = dump("sd_counters_v2");
     eprintln!(
-        "[{NAME}] sd_backends_v1[0]: {}\nsd_services_v1[0]: {}\nsd_counters_v1[0]: {}",
+        "[{NAME}] sd_backends_v1[0]: {}\nsd_services_v1[0]: {}\nsd_counters_v2[0]: {}",
         backends[0], services[0], counters[0]
     );
     let stopped = daemon.stop();
@@ -678,13 +497,13 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
         });
         if !ok {
             problems.push(format!(
-                "sd_counters_v1 entry without {cpus} per-cpu {{cpu, value}}: {e}"
+                "sd_counters_v2 entry without {cpus} per-cpu {{cpu, value}}: {e}"
             ));
             break;
         }
     }
     if counters.as_array().map_or(0, Vec::len) < 4 {
-        problems.push(format!("sd_counters_v1 has too few counters: {counters}"));
+        problems.push(format!("sd_counters_v2 has too few counters: {counters}"));
     }
     if let Err(e) = stopped {
         problems.push(format!("daemon: {e:#}"));
@@ -703,7 +522,7 @@ fn upgrade_and_restart_with_keep_attached_drop_no_call() {
     // 30 s of calls: A runs 5 s, then each handover (stop, 2 s gap, start, takeover) and
     // 4 s under the new daemon, twice, with room to spare.
     let calls = 3000;
-    let mut bed = Bed::build(NAME, 3, Duration::from_secs(90));
+    let mut bed = Bed::build(&workdir(), NAME, 3, Duration::from_secs(90));
     let previous = dispatcher::previous_binary_path().expect("the binary to upgrade from");
     let bpffs = BpfFs::mount(bed.topo.tag());
     let pins = bpffs.path().join(bed.iface());
@@ -896,7 +715,7 @@ fn big_invite_scenario(dir: &Path, sdp_bytes: usize) -> PathBuf {
 fn large_invite_goes_through_the_slow_path() {
     const NAME: &str = "slow-path";
     let calls = 200;
-    let mut bed = Bed::build(NAME, 2, Duration::from_secs(60));
+    let mut bed = Bed::build(&workdir(), NAME, 2, Duration::from_secs(60));
     let daemon = bed.start_daemon(&bed.run_config(2));
     let mut spec = bed.uac_spec(calls, 50);
     spec.scenario = Scenario::File(big_invite_scenario(&bed.dir, 3000));

@@ -1,0 +1,201 @@
+//! The operations test bed: SIPp backends behind a dispatcher namespace with the XDP_PASS
+//! peer program, a private bpf filesystem for pins, and the verdict helpers shared by the
+//! operations and crash tests.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{
+    Family, XdpMode,
+    dispatcher::{self, BackendArg, Dispatcher, RunConfig},
+    netns, preflight, scenario,
+    sipp::{self, UacReport, UacSpec, Uas, UasReport},
+    topology::{Topology, TopologySpec},
+};
+
+/// Lossy UTF-8 of a command's output.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A test network with SIPp backends b1..bN (IPv4) and the XDP_PASS peer program.
+/// Fields drop in order: the daemon slot is the caller's; here backends, then the pass
+/// program, then the namespaces.
+pub struct Bed {
+    pub binary: PathBuf,
+    pub dir: PathBuf,
+    pub uas: Vec<Option<Uas>>,
+    pub xdp_pass: Option<Dispatcher>,
+    pub vip: SocketAddr,
+    pub control: PathBuf,
+    pub topo: Topology,
+}
+
+impl Bed {
+    /// `workdir`: where the run directories go (a test binary's `CARGO_TARGET_TMPDIR`).
+    pub fn build(workdir: &Path, name: &str, backends: u8, bound: Duration) -> Bed {
+        preflight::require_all().expect("preflight");
+        let binary = dispatcher::binary_path().expect("sip-dispatch binary");
+        let dir = scenario::run_dir(workdir, name).expect("run dir");
+        netns::cleanup_leftovers().expect("cleaning up leftovers");
+        let topo = Topology::build(TopologySpec::dispatcher(backends)).expect("topology");
+        let uas = scenario::start_backends(&topo, Family::V4, &dir, bound)
+            .expect("UAS backends")
+            .into_iter()
+            .map(Some)
+            .collect();
+        let xdp_pass = scenario::start_xdp_pass(&topo, &binary, XdpMode::Native, &dir, true)
+            .expect("xdp-pass on the peer");
+        let vip = SocketAddr::new(topo.vip(Family::V4), sipp::SIP_PORT);
+        let control = dispatcher::control_socket(topo.tag()).expect("control socket path");
+        Bed {
+            binary,
+            dir,
+            uas,
+            xdp_pass,
+            vip,
+            control,
+            topo,
+        }
+    }
+
+    /// Backend `n` (from 1).
+    pub fn backend(&self, n: usize) -> SocketAddr {
+        self.uas[n - 1].as_ref().expect("backend running").address
+    }
+
+    pub fn disp_ns(&self) -> String {
+        self.topo.dispatcher().unwrap().ns_name().to_owned()
+    }
+
+    pub fn iface(&self) -> String {
+        self.topo.dispatcher().unwrap().iface.clone()
+    }
+
+    /// A run configuration with backends `1..=n`, weight 1 each, and the control socket.
+    pub fn run_config(&self, n: usize) -> RunConfig {
+        let mut run = RunConfig::new(&self.iface(), self.vip, XdpMode::Native);
+        run.control = Some(self.control.clone());
+        run.backends = (1..=n)
+            .map(|i| BackendArg::new(self.backend(i), 1))
+            .collect();
+        run
+    }
+
+    pub fn start_daemon(&self, run: &RunConfig) -> Dispatcher {
+        Dispatcher::run(&self.binary, &self.disp_ns(), run, &self.dir)
+            .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"))
+    }
+
+    pub fn uac_spec(&self, calls: u32, rate: u32) -> UacSpec {
+        UacSpec::calls(self.topo.client().ip(Family::V4), self.vip, calls, rate)
+    }
+
+    pub fn start_uac(&self, spec: &UacSpec, label: &str) -> sipp::Uac {
+        sipp::Uac::start(self.topo.client().ns_name(), spec, &self.dir, label).expect("UAC")
+    }
+
+    /// Stops every backend and returns what each saw.
+    pub fn stop_backends(&mut self) -> Vec<UasReport> {
+        self.uas
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|u| u.stop().expect("stopping a UAS"))
+            .collect()
+    }
+
+    /// The CLI (from the root namespace: the control socket is a file path).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        dispatcher::cli(&self.binary, &self.control, args).expect("running the CLI")
+    }
+
+    /// The CLI, expecting success and JSON on stdout.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`sip-dispatch {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`sip-dispatch {}` printed no JSON ({e}): {}",
+                args.join(" "),
+                text(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for u in self.uas.iter_mut().filter_map(Option::take) {
+            let _ = u.stop();
+        }
+        if let Some(p) = self.xdp_pass.take() {
+            let _ = p.stop();
+        }
+    }
+}
+
+/// A bpf filesystem mounted on a fresh directory of the root namespace; unmounted (and
+/// the directory removed) on drop.
+pub struct BpfFs(PathBuf);
+
+impl BpfFs {
+    pub fn mount(tag: &str) -> BpfFs {
+        let dir = PathBuf::from(format!("/run/sdt-bpffs-{tag}"));
+        std::fs::create_dir_all(&dir).expect("creating the bpffs mount point");
+        let fs = BpfFs(dir);
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&fs.0)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "mount -t bpf bpf {}: {}",
+            fs.0.display(),
+            text(&out.stderr)
+        );
+        fs
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// What is wrong with a UAC run that should have completed `calls` calls.
+pub fn uac_problems(uac: &UacReport, calls: u32) -> Vec<String> {
+    let mut p = Vec::new();
+    if uac.failed != 0 || uac.exit_code != Some(0) || uac.successful != u64::from(calls) {
+        p.push(format!("UAC: {}", uac.failure_summary()));
+    }
+    p
+}
+
+/// Fails with every problem listed (and where the logs are); removes the logs on success.
+pub fn verdict(name: &str, dir: &Path, problems: Vec<String>) {
+    assert!(
+        problems.is_empty(),
+        "{name}:\n  - {}\nlogs: {}",
+        problems.join("\n  - "),
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,594 @@
+//! A crash never stops forwarding (README "A daemon that crashes", "Restarts and
+//! upgrades without a dropped call"): SIGKILL and SIGABRT of the daemon under SIPp load
+//! leave the pinned link forwarding on the last tables and the next daemon adopts it;
+//! daemons that cannot start (pin directory locked, a bad value, a late failure) leave
+//! that link alone; a restart with the services in another order keeps each VIP's
+//! service id. Every call's messages are counted at the backends (exactly one each).
+//!
+//! Each test builds its own namespaces and a bpf filesystem of its own for the pins.
+//! Needs root, SIPp, bpftool and the sip-dispatch binary (`$SIP_DISPATCH_BIN`, else
+//! `target/debug/sip-dispatch`): without them the tests fail, they never skip.
+//! Run with `--test-threads=1`.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use sip_dispatch_testbed::{
+    Family,
+    bed::{Bed, BpfFs, text, uac_problems, verdict},
+    dispatcher::{self, Dispatcher, FailedStart},
+    link, netns,
+    sipp::{UacSpec, backends_by_call, exactly_one_backend},
+};
+
+fn workdir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-crash")
+}
+
+/// The pins a daemon leaves: the link and every map of this build.
+const PINS: [&str; 9] = [
+    "link_v1",
+    "sd_services_v1",
+    "sd_tables_v2",
+    "sd_backends_v1",
+    "sd_bstats_v1",
+    "sd_counters_v2",
+    "sd_config_v1",
+    "sd_txports_v1",
+    "sd_scratch_v2",
+];
+
+/// The names in the pin directory (empty if it is gone).
+fn pins_in(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn missing_pins(dir: &Path) -> Vec<&'static str> {
+    let present = pins_in(dir);
+    PINS.into_iter().filter(|p| !present.contains(*p)).collect()
+}
+
+/// `/proc/sys/net/ipv4/conf/IFACE/forwarding` in the dispatcher's namespace.
+fn forwarding(bed: &Bed) -> String {
+    let path = format!("/proc/sys/net/ipv4/conf/{}/forwarding", bed.iface());
+    netns::exec(&bed.disp_ns(), "cat", [path.as_str()])
+        .expect("reading the forwarding sysctl")
+        .trim()
+        .to_owned()
+}
+
+fn prog_id(bed: &Bed) -> Option<u32> {
+    link::xdp_prog_id(&bed.disp_ns(), &bed.iface()).expect("ip link")
+}
+
+/// Waits (bounded) until the daemon logs that it took over the pinned link.
+fn wait_takeover(daemon: &Dispatcher, label: &str) {
+    let log = daemon.log();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.tail(400).contains("took over the XDP link") {
+        assert!(
+            Instant::now() < deadline,
+            "{label} never logged `took over the XDP link`:\n{}",
+            log.tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The service id of each VIP in the pinned services map, read with bpftool.
+fn pinned_service_ids(pins: &Path) -> BTreeMap<SocketAddr, u32> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pins.join("sd_services_v1"))
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool: {}", text(&out.stderr));
+    let dump: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool printed no JSON ({e}): {}", text(&out.stdout)));
+    dump.as_array()
+        .expect("services dump is an array")
+        .iter()
+        .map(|e| {
+            let key = &e["formatted"]["key"];
+            // Address and port in network byte order, printed as host-order integers.
+            let w = key["addr"][0].as_u64().expect("addr[0]") as u32;
+            let port = u16::from_be(key["port"].as_u64().expect("port") as u16);
+            let vip = SocketAddr::from((std::net::Ipv4Addr::from(w.to_ne_bytes()), port));
+            let id = e["formatted"]["value"]["id"].as_u64().expect("id") as u32;
+            (vip, id)
+        })
+        .collect()
+}
+
+/// The daemon's arguments with pins in `pins` (no --keep-attached: a crash must keep
+/// forwarding without it).
+fn pinned_args(bed: &Bed, pins: &Path) -> Vec<String> {
+    let mut run = bed.run_config(3);
+    run.extra = vec!["--pin-path".into(), pins.to_string_lossy().into_owned()];
+    run.args()
+}
+
+/// How daemon A ends.
+#[derive(Clone, Copy, Debug)]
+enum Crash {
+    /// The test sends this signal.
+    Signal(i32),
+    /// A panic in the controller task, injected (debug builds only) through
+    /// `SIP_DISPATCH_TEST_PANIC_AFTER_MS`.
+    Panic,
+}
+
+/// A crash of a daemon under load: forwarding goes on with the last table (no failed
+/// call, each at exactly one backend), the link, its program, the pins and the
+/// forwarding sysctl stay; the next daemon takes the link over with its own program,
+/// and its clean stop (SIGTERM, no --keep-attached) detaches.
+fn crash_under_load(name: &str, crash: Crash) {
+    let calls = 1500;
+    let mut bed = Bed::build(&workdir(), name, 3, Duration::from_secs(60));
+    let bpffs = BpfFs::mount(bed.topo.tag());
+    let pins = bpffs.path().join(bed.iface());
+    let args = pinned_args(&bed, &pins);
+    let (ns, dir) = (bed.disp_ns(), bed.dir.clone());
+    let start = |label: &str| {
+        Dispatcher::start(&bed.binary, &ns, &args, &dir, label)
+            .unwrap_or_else(|e| panic!("starting {label}: {e:#}"))
+    };
+    let forwarding_before = forwarding(&bed);
+    let mut problems = Vec::new();
+
+    let a = match crash {
+        Crash::Signal(_) => start("daemon-a"),
+        Crash::Panic => {
+            let mut with_env = vec![
+                "SIP_DISPATCH_TEST_PANIC_AFTER_MS=3000".to_owned(),
+                bed.binary.to_string_lossy().into_owned(),
+            ];
+            with_env.extend(args.iter().cloned());
+            Dispatcher::start(Path::new("env"), &ns, &with_env, &dir, "daemon-a")
+                .expect("starting daemon A")
+        }
+    };
+    let prog_a = prog_id(&bed);
+    let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
+    match crash {
+        Crash::Signal(signal) => {
+            uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+            a.kill(signal).expect("the daemon ends by the signal");
+        }
+        Crash::Panic => {
+            let log = a.log();
+            let status = a
+                .wait_exit(Duration::from_secs(15))
+                .expect("the daemon ends after its panic");
+            use std::os::unix::process::ExitStatusExt as _;
+            if status.signal() != Some(libc::SIGABRT) {
+                problems.push(format!(
+                    "after the panic the daemon ended with {status}, not by SIGABRT"
+                ));
+            }
+            let tail = log.tail(400);
+            let panics: Vec<&str> = tail
+                .lines()
+                .filter(|l| l.contains("panic in thread"))
+                .collect();
+            match panics.as_slice() {
+                [line]
+                    if line.contains("injected by SIP_DISPATCH_TEST_PANIC_AFTER_MS")
+                        && line.contains("aborting") => {}
+                other => problems.push(format!(
+                    "expected one panic line that names the panic and says aborting, got {other:?}"
+                )),
+            }
+            if tail.contains("detached from") {
+                problems.push("the panicking daemon logged `detached from`".to_owned());
+            }
+        }
+    }
+    let killed_at = Instant::now();
+
+    let prog_after_crash = prog_id(&bed);
+    if prog_after_crash.is_none() || prog_after_crash != prog_a {
+        problems.push(format!(
+            "XDP program after the crash: {prog_after_crash:?}, before: {prog_a:?} (expected the same)"
+        ));
+    }
+    let missing = missing_pins(&pins);
+    if !missing.is_empty() {
+        problems.push(format!("pins gone after the crash: {missing:?}"));
+    }
+    let forwarding_after_crash = forwarding(&bed);
+    if forwarding_after_crash != "1" {
+        problems.push(format!(
+            "forwarding is {forwarding_after_crash} after the crash, expected 1"
+        ));
+    }
+    uac.run_for(Duration::from_secs(4))
+        .expect("calls flowing without a daemon");
+
+    let b = start("daemon-b");
+    wait_takeover(&b, "daemon-b");
+    let adopted_after = killed_at.elapsed();
+    let prog_b = prog_id(&bed);
+    if prog_b.is_none() || prog_b == prog_a {
+        problems.push(format!(
+            "XDP program under B: {prog_b:?}, under A: {prog_a:?} (expected a new one)"
+        ));
+    }
+    uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+    let uac = uac.finish().expect("UAC");
+    let per_call = uac.calls().expect("UAC calls");
+    let b_out = b.stop();
+    let reports = bed.stop_backends();
+
+    problems.extend(uac_problems(&uac, calls));
+    problems.extend(exactly_one_backend(&per_call, &reports));
+    if per_call.len() != calls as usize {
+        problems.push(format!("UAC log has {} calls of {calls}", per_call.len()));
+    }
+    match &b_out {
+        Ok(out) if out.contains(dispatcher::EXIT_STATS_PREFIX) => {}
+        other => problems.push(format!("daemon B did not stop cleanly: {other:?}")),
+    }
+    // B's clean stop without --keep-attached detached and removed the pins.
+    if let Some(id) = prog_id(&bed) {
+        problems.push(format!(
+            "XDP program {id} still attached after B's clean stop"
+        ));
+    }
+    let left = pins_in(&pins);
+    if !left.is_empty() {
+        problems.push(format!("pins left after B's clean stop: {left:?}"));
+    }
+    // B restores what it found at its start: the 1 A's crash left (what A found before
+    // is lost with A; README "A daemon that crashes").
+    let forwarding_end = forwarding(&bed);
+    if forwarding_end != forwarding_after_crash {
+        problems.push(format!(
+            "forwarding {forwarding_end} after B's clean stop, {forwarding_after_crash} when B started"
+        ));
+    }
+    eprintln!(
+        "[{name}] {crash:?}: program {prog_a:?} kept after the crash, B ({prog_b:?}) \
+         took over {:.2} s after it; forwarding {forwarding_before} before A, \
+         {forwarding_after_crash} after the crash, {forwarding_end} at the end; UAC {} ok / {} failed of {calls}, {} retransmissions; \
+         calls per backend {:?}",
+        adopted_after.as_secs_f64(),
+        uac.successful,
+        uac.failed,
+        uac.retransmissions,
+        reports
+            .iter()
+            .map(|r| (r.address.to_string(), r.calls.len()))
+            .collect::<Vec<_>>()
+    );
+    drop(bpffs);
+    verdict(name, &bed.dir.clone(), problems);
+}
+
+#[test]
+fn sigkill_under_load_leaves_forwarding_and_the_next_daemon_adopts() {
+    crash_under_load("sigkill", Crash::Signal(libc::SIGKILL));
+}
+
+#[test]
+fn sigabrt_under_load_leaves_forwarding_and_the_next_daemon_adopts() {
+    crash_under_load("sigabrt", Crash::Signal(libc::SIGABRT));
+}
+
+/// A panic at run time (in the controller task, where the issue's health-check panic
+/// happened) aborts with one log line and does not run the detaching cleanup.
+#[test]
+fn a_panic_under_load_leaves_forwarding_and_the_next_daemon_adopts() {
+    crash_under_load("panic", Crash::Panic);
+}
+
+/// `args` with the value after `flag` replaced.
+fn with_value(args: &[String], flag: &str, value: &str) -> Vec<String> {
+    let mut out = args.to_vec();
+    let i = out
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{flag} not in {args:?}"));
+    out[i + 1] = value.to_owned();
+    out
+}
+
+/// The one error line of a failed start, checked to name `what`; its problems.
+fn failed_start_problems(label: &str, failed: &FailedStart, what: &[&str]) -> Vec<String> {
+    let mut p = Vec::new();
+    if failed.status.success() {
+        p.push(format!("{label} exited with success"));
+    }
+    match failed.errors.as_slice() {
+        [line] => {
+            for w in what {
+                if !line.contains(w) {
+                    p.push(format!("{label}: error line does not name {w:?}: {line}"));
+                }
+            }
+        }
+        lines => p.push(format!(
+            "{label}: expected one error line, got {lines:?}; stderr:\n{}",
+            failed.stderr
+        )),
+    }
+    p
+}
+
+/// While daemon A forwards with pinned maps: a second daemon on the same pins is refused
+/// (naming the directory and A's pid). After A is killed, daemons that cannot start (a
+/// bad value; a control socket that cannot be created, which fails only after the XDP
+/// object is loaded against the pins) change nothing: the same program stays in the link
+/// and calls keep succeeding. Then a good daemon takes over.
+#[test]
+fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
+    const NAME: &str = "failed-start";
+    let calls = 2000;
+    let mut bed = Bed::build(&workdir(), NAME, 3, Duration::from_secs(60));
+    let bpffs = BpfFs::mount(bed.topo.tag());
+    let pins = bpffs.path().join(bed.iface());
+    let args = pinned_args(&bed, &pins);
+    let (ns, dir) = (bed.disp_ns(), bed.dir.clone());
+    let mut problems = Vec::new();
+
+    let a = Dispatcher::start(&bed.binary, &ns, &args, &dir, "daemon-a").expect("daemon A");
+    let prog_a = prog_id(&bed);
+    let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
+    uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    let check_untouched = |label: &str, problems: &mut Vec<String>| {
+        let now = prog_id(&bed);
+        if now.is_none() || now != prog_a {
+            problems.push(format!(
+                "after {label}: XDP program {now:?}, expected A's {prog_a:?}"
+            ));
+        }
+        let missing = missing_pins(&pins);
+        if !missing.is_empty() {
+            problems.push(format!("after {label}: pins gone: {missing:?}"));
+        }
+    };
+
+    // A second daemon on the same pins (its own control socket, so only the lock stops it).
+    let other_control =
+        dispatcher::control_socket(&format!("{}-2", bed.topo.tag())).expect("control socket path");
+    let second = with_value(&args, "--control", &other_control.to_string_lossy());
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &second, &dir, "second-daemon")
+        .expect("the second daemon");
+    let pid_a = format!("pid {}", a.pid());
+    let pins_text = pins.to_string_lossy().into_owned();
+    problems.extend(failed_start_problems(
+        "second daemon",
+        &failed,
+        &[&pins_text, "locked", &pid_a],
+    ));
+    let second_error = failed.errors.first().cloned().unwrap_or_default();
+    check_untouched("the second daemon", &mut problems);
+    uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    a.kill(libc::SIGKILL).expect("daemon A killed");
+    uac.run_for(Duration::from_secs(1))
+        .expect("calls flowing without a daemon");
+
+    // A bad value.
+    let mut bad_value = args.clone();
+    let b1 = bed.backend(1).to_string();
+    if let Some(i) = bad_value.iter().position(|a| a.starts_with(&b1)) {
+        bad_value[i] = format!("{b1},weight=x");
+    }
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &bad_value, &dir, "bad-value")
+        .expect("the daemon with a bad value");
+    problems.extend(failed_start_problems("bad value", &failed, &["weight=x"]));
+    let bad_value_error = failed.errors.first().cloned().unwrap_or_default();
+    check_untouched("a bad value", &mut problems);
+    uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    // A failure after the object is loaded against the pins (lock taken, maps opened).
+    let late = with_value(&args, "--control", "/proc/sdt-no-such-dir/ctl.sock");
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &late, &dir, "late-failure")
+        .expect("the daemon failing late");
+    problems.extend(failed_start_problems(
+        "late failure",
+        &failed,
+        &["/proc/sdt-no-such-dir"],
+    ));
+    if !failed.stderr.contains("adopted the maps pinned in") {
+        problems.push(format!(
+            "late failure: it failed before loading against the pins:\n{}",
+            failed.stderr
+        ));
+    }
+    let late_error = failed.errors.first().cloned().unwrap_or_default();
+    check_untouched("a late failure", &mut problems);
+    uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    let b = Dispatcher::start(&bed.binary, &ns, &args, &dir, "daemon-b").expect("daemon B");
+    wait_takeover(&b, "daemon-b");
+    let prog_b = prog_id(&bed);
+    if prog_b.is_none() || prog_b == prog_a {
+        problems.push(format!(
+            "XDP program under B: {prog_b:?}, under A: {prog_a:?} (expected a new one)"
+        ));
+    }
+    // A fresh start (no pins in its directory) that fails after loading removes the
+    // map pins it made and leaves B's link alone.
+    let fresh = bpffs.path().join("fresh");
+    let fresh_args = with_value(
+        &with_value(&args, "--pin-path", &fresh.to_string_lossy()),
+        "--control",
+        "/proc/sdt-no-such-dir/ctl.sock",
+    );
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &fresh_args, &dir, "fresh-failure")
+        .expect("the fresh daemon failing late");
+    if failed.status.success() || failed.errors.len() != 1 {
+        problems.push(format!(
+            "fresh failure: expected one error line and a failure, got {:?} ({})",
+            failed.errors, failed.status
+        ));
+    }
+    let fresh_left = pins_in(&fresh);
+    if !fresh_left.is_empty() {
+        problems.push(format!("a failed fresh start left pins: {fresh_left:?}"));
+    }
+    if prog_id(&bed) != prog_b {
+        problems.push(format!(
+            "the failed fresh start changed the program in B's link: {:?}, B's {prog_b:?}",
+            prog_id(&bed)
+        ));
+    }
+    let uac = uac.finish().expect("UAC");
+    let per_call = uac.calls().expect("UAC calls");
+    if let Err(e) = b.stop() {
+        problems.push(format!("daemon B: {e:#}"));
+    }
+    let reports = bed.stop_backends();
+    problems.extend(uac_problems(&uac, calls));
+    problems.extend(exactly_one_backend(&per_call, &reports));
+    eprintln!(
+        "[{NAME}] program {prog_a:?} stayed through: {second_error:?}; {bad_value_error:?}; \
+         {late_error:?}; B took over with {prog_b:?}; UAC {} ok / {} failed of {calls}",
+        uac.successful, uac.failed
+    );
+    drop(bpffs);
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// A config file with `iface`, native mode and one `[[service]]` per (VIP, backends).
+fn write_services(bed: &Bed, path: &Path, services: &[(SocketAddr, Vec<SocketAddr>)]) {
+    let mut text = format!("iface = \"{}\"\nxdp-mode = \"native\"\n", bed.iface());
+    for (vip, backends) in services {
+        let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+        text.push_str(&format!(
+            "\n[[service]]\nvip = \"{vip}\"\nbackends = [{}]\n",
+            list.join(", ")
+        ));
+    }
+    std::fs::write(path, text).expect("writing the config file");
+}
+
+/// Two services (VIP:5060 on b1, b2; VIP:5080 on b3) under load; a restart with the
+/// services listed in the other order keeps each VIP's id in the pinned services map,
+/// and no call of either service lands on the other's backends.
+#[test]
+fn a_restart_with_reordered_services_keeps_each_service_id() {
+    const NAME: &str = "service-ids";
+    let calls = 800;
+    let mut bed = Bed::build(&workdir(), NAME, 3, Duration::from_secs(60));
+    let bpffs = BpfFs::mount(bed.topo.tag());
+    let pins = bpffs.path().join(bed.iface());
+    let (b1, b2, b3) = (bed.backend(1), bed.backend(2), bed.backend(3));
+    let vip_a = bed.vip;
+    let vip_b = SocketAddr::new(bed.vip.ip(), 5080);
+    let config = bed.dir.join("services.toml");
+    let service_a = (vip_a, vec![b1, b2]);
+    let service_b = (vip_b, vec![b3]);
+    write_services(&bed, &config, &[service_a.clone(), service_b.clone()]);
+    let args = |keep: bool| {
+        let mut a: Vec<String> = vec![
+            "run".into(),
+            "--config".into(),
+            config.to_string_lossy().into(),
+            "--pin-path".into(),
+            pins.to_string_lossy().into(),
+            "--control".into(),
+            bed.control.to_string_lossy().into(),
+        ];
+        if keep {
+            a.push("--keep-attached".into());
+        }
+        a
+    };
+    let (ns, dir) = (bed.disp_ns(), bed.dir.clone());
+    let mut problems = Vec::new();
+
+    let first =
+        Dispatcher::start(&bed.binary, &ns, &args(true), &dir, "daemon-1").expect("daemon 1");
+    let ids_before = pinned_service_ids(&pins);
+    let client = bed.topo.client().ip(Family::V4);
+    let spec_a = UacSpec::calls(client, vip_a, calls, 80);
+    let mut spec_b = UacSpec::calls(client, vip_b, calls, 80);
+    spec_b.local_port = 5071;
+    spec_b.call_id = "%u-svcb@%s".into();
+    let mut uac_a = bed.start_uac(&spec_a, "uac-a");
+    let mut uac_b = bed.start_uac(&spec_b, "uac-b");
+    uac_a
+        .run_for(Duration::from_secs(3))
+        .expect("calls flowing");
+    uac_b.check_running().expect("calls flowing");
+    if let Err(e) = first.stop() {
+        problems.push(format!("daemon 1: {e:#}"));
+    }
+
+    write_services(&bed, &config, &[service_b, service_a]);
+    let second =
+        Dispatcher::start(&bed.binary, &ns, &args(false), &dir, "daemon-2").expect("daemon 2");
+    wait_takeover(&second, "daemon-2");
+    let ids_after = pinned_service_ids(&pins);
+    let kept_log = second.log().tail(400);
+    let uac_a = uac_a.finish().expect("UAC a");
+    let uac_b = uac_b.finish().expect("UAC b");
+    if let Err(e) = second.stop() {
+        problems.push(format!("daemon 2: {e:#}"));
+    }
+    let reports = bed.stop_backends();
+
+    let want_before = BTreeMap::from([(vip_a, 0), (vip_b, 1)]);
+    if ids_before != want_before {
+        problems.push(format!(
+            "service ids under daemon 1: {ids_before:?}, expected {want_before:?}"
+        ));
+    }
+    if ids_after != ids_before {
+        problems.push(format!(
+            "service ids after the reordered restart: {ids_after:?}, before: {ids_before:?}"
+        ));
+    }
+    if !kept_log.contains(&format!("service {vip_a} keeps its id 0")) {
+        problems.push(format!("daemon 2 did not log that {vip_a} keeps id 0"));
+    }
+    let by_call = backends_by_call(&reports);
+    for (uac, allowed, label) in [
+        (&uac_a, BTreeSet::from([b1, b2]), "service a"),
+        (&uac_b, BTreeSet::from([b3]), "service b"),
+    ] {
+        let per_call = uac.calls().expect("UAC calls");
+        problems.extend(uac_problems(uac, calls));
+        problems.extend(exactly_one_backend(&per_call, &reports));
+        let misrouted: Vec<_> = per_call
+            .keys()
+            .filter(|id| by_call.get(*id).is_some_and(|at| !at.is_subset(&allowed)))
+            .collect();
+        if !misrouted.is_empty() {
+            problems.push(format!(
+                "{label}: {} calls reached another service's backend, e.g. {:?}",
+                misrouted.len(),
+                &misrouted[..misrouted.len().min(3)]
+            ));
+        }
+    }
+    eprintln!(
+        "[{NAME}] ids before {ids_before:?}, after the reordered restart {ids_after:?}; \
+         service a {} ok / {} failed, service b {} ok / {} failed of {calls} each; calls per \
+         backend {:?}",
+        uac_a.successful,
+        uac_a.failed,
+        uac_b.successful,
+        uac_b.failed,
+        reports
+            .iter()
+            .map(|r| (r.address.to_string(), r.calls.len()))
+            .collect::<Vec<_>>()
+    );
+    drop(bpffs);
+    verdict(NAME, &bed.dir.clone(), problems);
+}
