@@ -142,7 +142,7 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
     ctl.initial_probe().await;
-    ctl.republish();
+    ctl.publish_all().await;
     // What an adopted set of maps holds beyond the configuration goes now.
     ctl.forget_unconfigured()?;
     let slow: Vec<_> = ctl
