@@ -191,8 +191,21 @@ pub struct Controller {
 /// A reply sent once every service `(index, request number)` names has its build back.
 struct WaitingReply {
     builds: Vec<(usize, u64)>,
-    response: control::Response,
+    answer: Answer,
     reply: tokio::sync::oneshot::Sender<control::Response>,
+}
+
+enum Answer {
+    Ready(control::Response),
+    /// `backends list`, made when sent (its shares come from the tables in force).
+    BackendsList,
+}
+
+fn response(result: anyhow::Result<serde_json::Value>) -> control::Response {
+    match result {
+        Ok(result) => control::Response::ok(result),
+        Err(e) => control::Response::error(format!("{e:#}")),
+    }
 }
 
 impl Controller {
@@ -493,30 +506,48 @@ impl Controller {
                 });
         self.waiting = waiting;
         for w in ready {
-            let _ = w.reply.send(w.response);
+            let _ = w.reply.send(self.answer(w.answer));
         }
     }
 
-    /// Answers a command now, or once the tables it changed are in force.
-    fn reply(
+    fn answer(&self, answer: Answer) -> control::Response {
+        match answer {
+            Answer::Ready(r) => r,
+            Answer::BackendsList => response(self.backends_json()),
+        }
+    }
+
+    /// Carries out a control request and answers it: `stats` and `which` at once;
+    /// changes once the tables they caused are in force, and `backends list` once the
+    /// tables being built are (so that its shares match its states).
+    fn command(
         &mut self,
-        changes_tables: bool,
-        response: control::Response,
+        request: control::Request,
         reply: tokio::sync::oneshot::Sender<control::Response>,
     ) {
+        use control::Request::{BackendsList, Stats, Which};
+        let answer = match request {
+            Stats | Which { .. } => {
+                let _ = reply.send(response(self.handle(request)));
+                return;
+            }
+            BackendsList => Answer::BackendsList,
+            change => Answer::Ready(response(self.handle(change))),
+        };
         let builds: Vec<(usize, u64)> = self
             .services
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.requested.as_ref().map(|(seq, _)| (i, *seq)))
             .collect();
-        if !changes_tables || !response.ok || builds.is_empty() {
-            let _ = reply.send(response);
+        let failed = matches!(&answer, Answer::Ready(r) if !r.ok);
+        if builds.is_empty() || failed {
+            let _ = reply.send(self.answer(answer));
             return;
         }
         self.waiting.push(WaitingReply {
             builds,
-            response,
+            answer,
             reply,
         });
     }
@@ -548,15 +579,7 @@ impl Controller {
                     }
                 }
                 built = self.builds.finished() => self.on_built(built),
-                Some((request, reply)) = commands.recv() => {
-                    use control::Request::{BackendsList, Stats, Which};
-                    let changes_tables = !matches!(request, BackendsList | Stats | Which { .. });
-                    let response = match self.handle(request) {
-                        Ok(result) => control::Response::ok(result),
-                        Err(e) => control::Response::error(format!("{e:#}")),
-                    };
-                    self.reply(changes_tables, response, reply);
-                }
+                Some((request, reply)) = commands.recv() => self.command(request, reply),
                 _ = &mut stop => break,
             }
         }
