@@ -1,4 +1,4 @@
-//! Table builds off the runtime thread (README "Limits (today)"): a service with 512
+//! Table builds off the runtime thread (README "Operating a running daemon"): a service with 512
 //! healthy backends has its slot table rebuilt over and over (drain / enable of one
 //! backend through the control socket) while the test measures, at the same time,
 //! - how long `stats` takes over the control socket,
@@ -7,7 +7,10 @@
 //!
 //! A build at 512 backends takes hundreds of milliseconds (seconds in a debug build):
 //! built inline on the daemon's single runtime thread, each one holds every `stats`,
-//! probe and slow-path datagram that arrives meanwhile.
+//! probe and slow-path datagram that arrives meanwhile. A change's answer comes once its
+//! table is in force, so the median change time is about one build; `stats` and the
+//! slow path must stay within half of that, and the backends must see at least 80 % of
+//! the health checks one per second each would give.
 //!
 //! Real XDP (native, on veth), the real daemon, and a responder (tests/src/responder.rs)
 //! answering OPTIONS on the 512 addresses 2001:db8::1:0..2001:db8::1:1ff of one backend
