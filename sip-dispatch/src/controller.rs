@@ -11,10 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use sip_dispatch_common::{
-    HashKey, MAX_BACKENDS,
-    table::{SlotTable, build_table},
-};
+use sip_dispatch_common::{HashKey, MAX_BACKENDS, table::SlotTable};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -31,6 +28,7 @@ use crate::{
     slowpath,
     srv::{SrvAnswer, SrvEvent, Watchers},
     stats::{BackendInfo, Reloads},
+    table_builds::{Built, TableBuilds},
 };
 
 /// Where a backend came from.
@@ -44,6 +42,10 @@ pub struct Service {
     /// The last good answer of each of this service's SRV names (empty until the first).
     pub srv: BTreeMap<String, Vec<Candidate>>,
     published: Option<Selection>,
+    /// The newest selection sent to be built and not back yet (its request number).
+    requested: Option<(u64, Selection)>,
+    /// The request number of the last build that came back (installed or failed).
+    built_seq: u64,
     generation: u64,
     /// The slow path reads the table in force from here.
     tables: watch::Sender<Option<Arc<SlotTable>>>,
@@ -57,6 +59,8 @@ impl Service {
             statics,
             srv: srv_names.iter().map(|n| (n.clone(), Vec::new())).collect(),
             published: None,
+            requested: None,
+            built_seq: 0,
             generation: 0,
             tables: watch::channel(None).0,
         }
@@ -207,6 +211,29 @@ pub struct Controller {
     pub dns_failures: u64,
     /// SRV names whose last answer was refused (too many backends in all).
     dns_refused: BTreeSet<String>,
+    builds: TableBuilds,
+    /// Replies to commands that changed tables, held until those tables are in force.
+    waiting: Vec<WaitingReply>,
+}
+
+/// A reply sent once every service `(index, request number)` names has its build back.
+struct WaitingReply {
+    builds: Vec<(usize, u64)>,
+    answer: Answer,
+    reply: tokio::sync::oneshot::Sender<control::Response>,
+}
+
+enum Answer {
+    Ready(control::Response),
+    /// `backends list`, made when sent (its shares come from the tables in force).
+    BackendsList,
+}
+
+fn response(result: anyhow::Result<serde_json::Value>) -> control::Response {
+    match result {
+        Ok(result) => control::Response::ok(result),
+        Err(e) => control::Response::error(format!("{e:#}")),
+    }
 }
 
 impl Controller {
@@ -234,6 +261,8 @@ impl Controller {
             reloads: Reloads::default(),
             dns_failures: 0,
             dns_refused: BTreeSet::new(),
+            builds: TableBuilds::new(key),
+            waiting: Vec::new(),
         };
         c.sync_backends();
         c
@@ -387,16 +416,12 @@ impl Controller {
         self.release_unused_ids();
     }
 
-    /// Frees the ids of addresses no service lists any more (once the tables that used
-    /// them are replaced).
+    /// Frees the ids of addresses no service lists any more, once no installed table
+    /// references them (a table whose publish failed stays in force with its ids).
     fn release_unused_ids(&mut self) {
-        let gone: Vec<SocketAddr> = self
-            .dp
-            .backend_addrs()
-            .filter(|a| !self.backends.contains_key(a))
-            .collect();
-        for addr in gone {
-            self.dp.release_backend(addr);
+        let backends = &self.backends;
+        for (addr, id) in self.dp.release_unlisted(|a| backends.contains_key(&a)) {
+            log::debug!("backend {addr} gave up id {id}");
         }
     }
 
@@ -415,7 +440,9 @@ impl Controller {
             .collect()
     }
 
-    /// Builds and swaps in a new table for every service whose selection changed.
+    /// Starts a build of a new table for every service whose selection changed (since the
+    /// table in force, or the newest one being built). Tables are installed as their
+    /// builds come back ([`Controller::on_built`]).
     pub fn republish(&mut self) {
         for i in 0..self.services.len() {
             self.republish_service(i);
@@ -424,19 +451,59 @@ impl Controller {
 
     fn republish_service(&mut self, i: usize) {
         let selection = select(&self.candidates_with_health(&self.services[i]));
-        if self.services[i].published.as_ref() == Some(&selection) {
+        let service = &self.services[i];
+        let latest = match &service.requested {
+            Some((_, requested)) => Some(requested),
+            None => service.published.as_ref(),
+        };
+        if latest == Some(&selection) {
             return;
         }
-        let started = Instant::now();
-        let vip = self.services[i].vip;
-        if let Err(e) = self.publish(i, &selection) {
+        let seq = self.builds.request(i, selection.clone());
+        self.services[i].requested = Some((seq, selection));
+    }
+
+    /// Publishes every service's table now, waiting for the builds (at start).
+    pub async fn publish_all(&mut self) {
+        self.republish();
+        while !self.builds.idle() {
+            let built = self.builds.finished().await;
+            self.on_built(built);
+        }
+    }
+
+    /// A build came back: install its table (an older one never comes after a newer one),
+    /// then free the ids no table needs and answer the commands waiting for it.
+    fn on_built(&mut self, built: Built) {
+        let Built {
+            service: i,
+            seq,
+            selection,
+            table,
+            took,
+        } = built;
+        let Some(service) = self.services.get_mut(i) else {
+            return;
+        };
+        service.built_seq = service.built_seq.max(seq);
+        if service.requested.as_ref().is_some_and(|(r, _)| *r == seq) {
+            service.requested = None;
+        }
+        let vip = service.vip;
+        let installed = table.and_then(|table| self.install(i, table));
+        match installed {
             // The old table stays in force; the next change tries again.
-            log::error!("table {vip}: {e:#}");
-            return;
+            Err(e) => log::error!("table {vip}: {e:#}"),
+            Ok(()) => self.published(i, selection, took),
         }
-        let service = &mut self.services[i];
-        service.generation += 1;
-        log::debug!("table {vip} built and swapped in {:?}", started.elapsed());
+        self.release_unused_ids();
+        self.answer_waiting();
+    }
+
+    fn published(&mut self, i: usize, selection: Selection, took: std::time::Duration) {
+        let vip = self.services[i].vip;
+        self.services[i].generation += 1;
+        log::debug!("table {vip} built in {took:?}");
         let weights: HashMap<SocketAddr, u32> = self
             .candidates_with_health(&self.services[i])
             .iter()
@@ -459,9 +526,8 @@ impl Controller {
         service.published = Some(selection);
     }
 
-    fn publish(&mut self, i: usize, selection: &Selection) -> anyhow::Result<()> {
-        let table =
-            build_table(&selection.weighted(), self.key).context("building the slot table")?;
+    /// Swaps a built table in (ids for its members first).
+    fn install(&mut self, i: usize, table: SlotTable) -> anyhow::Result<()> {
         // Every known backend keeps an id (and its counters), in a table or not.
         for addr in self.backends.keys() {
             self.dp.backend_id(*addr)?;
@@ -470,6 +536,65 @@ impl Controller {
         self.dp.install_service(service.id, service.vip, &table)?;
         service.tables.send_replace(Some(Arc::new(table)));
         Ok(())
+    }
+
+    /// Sends the replies whose tables are all back.
+    fn answer_waiting(&mut self) {
+        let services = &self.services;
+        let (ready, waiting): (Vec<WaitingReply>, Vec<WaitingReply>) =
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|w| {
+                    w.builds
+                        .iter()
+                        .all(|(i, seq)| services.get(*i).is_none_or(|s| s.built_seq >= *seq))
+                });
+        self.waiting = waiting;
+        for w in ready {
+            let _ = w.reply.send(self.answer(w.answer));
+        }
+    }
+
+    fn answer(&self, answer: Answer) -> control::Response {
+        match answer {
+            Answer::Ready(r) => r,
+            Answer::BackendsList => response(self.backends_json()),
+        }
+    }
+
+    /// Carries out a control request and answers it: `stats` and `which` at once;
+    /// changes once the tables they caused are in force, and `backends list` once the
+    /// tables being built are (so that its shares match its states).
+    fn command(
+        &mut self,
+        request: control::Request,
+        reply: tokio::sync::oneshot::Sender<control::Response>,
+    ) {
+        use control::Request::{BackendsList, Stats, Which};
+        let answer = match request {
+            Stats | Which { .. } => {
+                let _ = reply.send(response(self.handle(request)));
+                return;
+            }
+            BackendsList => Answer::BackendsList,
+            change => Answer::Ready(response(self.handle(change))),
+        };
+        let builds: Vec<(usize, u64)> = self
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.requested.as_ref().map(|(seq, _)| (i, *seq)))
+            .collect();
+        let failed = matches!(&answer, Answer::Ready(r) if !r.ok);
+        if builds.is_empty() || failed {
+            let _ = reply.send(self.answer(answer));
+            return;
+        }
+        self.waiting.push(WaitingReply {
+            builds,
+            answer,
+            reply,
+        });
     }
 
     /// Runs until `stop` resolves: health events, DNS answers and the operator's
@@ -498,13 +623,8 @@ impl Controller {
                         Err(e) => log::error!("reload (SIGHUP): {e:#}"),
                     }
                 }
-                Some((request, reply)) = commands.recv() => {
-                    let response = match self.handle(request) {
-                        Ok(result) => control::Response::ok(result),
-                        Err(e) => control::Response::error(format!("{e:#}")),
-                    };
-                    let _ = reply.send(response);
-                }
+                built = self.builds.finished() => self.on_built(built),
+                Some((request, reply)) = commands.recv() => self.command(request, reply),
                 _ = &mut stop => break,
             }
         }

@@ -4,6 +4,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::backend_ids::BackendIds;
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -54,15 +55,6 @@ pub struct Dataplane {
     key: HashKey,
     /// Held while this daemon owns the pins (see `bpffs::lock_pin_dir`).
     _pin_lock: Option<crate::bpffs::PinDirLock>,
-}
-
-/// Backend ids: one per backend address for as long as the address is configured, so
-/// that its counters survive table rebuilds. Freed ids are reused lowest first.
-#[derive(Default)]
-struct BackendIds {
-    by_addr: std::collections::HashMap<std::net::SocketAddr, u32>,
-    free: std::collections::BTreeSet<u32>,
-    next: u32,
 }
 
 impl Dataplane {
@@ -118,12 +110,15 @@ impl Dataplane {
                 found.push((b.to_socket_addr(), id));
             }
         }
-        for (addr, id) in found {
-            self.ids.by_addr.insert(addr, id);
-            self.ids.next = id + 1;
-        }
-        let used: std::collections::HashSet<u32> = self.ids.by_addr.values().copied().collect();
-        self.ids.free = (0..self.ids.next).filter(|i| !used.contains(i)).collect();
+        // The tables the adopted service entries point at may reference any of them.
+        let services: HashMap<&MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map(MAP_SERVICES)?)?;
+        let tables: Vec<u32> = services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, info)| info.id)
+            .collect();
+        self.ids.adopt(&found, &tables);
         Ok(())
     }
 
@@ -194,7 +189,7 @@ impl Dataplane {
             pin_dir,
             iface: iface.to_string(),
             link: None,
-            ids: BackendIds::default(),
+            ids: BackendIds::new(MAX_BACKENDS),
             key,
             _pin_lock: None,
         };
@@ -337,6 +332,14 @@ impl Dataplane {
         tables
             .set(service_id, &inner, 0)
             .context("swapping in the slot table")?;
+        // From here on the kernel may send calls to these ids: they stay allocated until
+        // this table is replaced or unreachable.
+        let referenced = slots
+            .iter()
+            .copied()
+            .filter(|&id| id != NO_BACKEND)
+            .collect();
+        self.ids.table_installed(service_id, referenced);
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
             HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
         services
@@ -355,17 +358,16 @@ impl Dataplane {
     /// The id of a backend address, allocating one (and writing its map entry, with
     /// zeroed counters) the first time.
     pub fn backend_id(&mut self, addr: std::net::SocketAddr) -> anyhow::Result<u32> {
-        if let Some(id) = self.ids.by_addr.get(&addr) {
-            return Ok(*id);
+        let (id, fresh) = self.ids.allocate(addr)?;
+        if fresh && let Err(e) = self.write_new_backend(id, addr) {
+            self.ids.unallocate(addr);
+            return Err(e);
         }
-        let id = match self.ids.free.pop_first() {
-            Some(id) => id,
-            None if self.ids.next < MAX_BACKENDS => {
-                self.ids.next += 1;
-                self.ids.next - 1
-            }
-            None => bail!("more than {MAX_BACKENDS} backends"),
-        };
+        Ok(id)
+    }
+
+    /// The map entry of a newly allocated id, with zeroed counters.
+    fn write_new_backend(&mut self, id: u32, addr: std::net::SocketAddr) -> anyhow::Result<()> {
         self.set_backend(id, Backend::from_socket_addr(addr))?;
         let mut stats: PerCpuArray<&mut MapData, BackendStats> =
             PerCpuArray::try_from(self.map_mut(MAP_BACKEND_STATS)?)?;
@@ -376,25 +378,26 @@ impl Dataplane {
         stats
             .set(id, zero, 0)
             .with_context(|| format!("zeroing the counters of backend {id}"))?;
-        self.ids.by_addr.insert(addr, id);
-        Ok(id)
+        Ok(())
     }
 
     /// The id of a backend address that has one.
     pub fn known_backend_id(&self, addr: std::net::SocketAddr) -> Option<u32> {
-        self.ids.by_addr.get(&addr).copied()
+        self.ids.get(addr)
     }
 
     /// The addresses that have an id.
     pub fn backend_addrs(&self) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
-        self.ids.by_addr.keys().copied()
+        self.ids.addrs()
     }
 
-    /// Frees a backend's id. Call only once no published table refers to it.
-    pub fn release_backend(&mut self, addr: std::net::SocketAddr) {
-        if let Some(id) = self.ids.by_addr.remove(&addr) {
-            self.ids.free.insert(id);
-        }
+    /// Frees the ids of addresses `listed` rejects, except those an installed table
+    /// still references (they go once their table is replaced); returns the freed ones.
+    pub fn release_unlisted(
+        &mut self,
+        listed: impl Fn(std::net::SocketAddr) -> bool,
+    ) -> Vec<(std::net::SocketAddr, u32)> {
+        self.ids.release_unlisted(listed)
     }
 
     /// Swaps in a service's slot table, allocating ids for new backends.
@@ -437,6 +440,17 @@ impl Dataplane {
         for k in stale {
             log::info!("removing the adopted service {}", k.to_socket_addr());
             services.remove(&k)?;
+        }
+        // A table no service entry points at is never read again: its ids are free to go.
+        let reached: std::collections::BTreeSet<u32> = services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, info)| info.id)
+            .collect();
+        for table in 0..MAX_SERVICES {
+            if !reached.contains(&table) {
+                self.ids.table_removed(table);
+            }
         }
         Ok(())
     }

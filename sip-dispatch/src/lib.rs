@@ -1,6 +1,7 @@
 //! sip-dispatch's controller, as a library: the binary (`main.rs`) is its CLI, and the
 //! kernel tests drive the same [`dataplane::Dataplane`] the daemon uses.
 pub mod addrs;
+pub mod backend_ids;
 pub mod bpffs;
 pub mod cli;
 pub mod commands;
@@ -19,3 +20,4 @@ pub mod slowpath;
 pub mod srv;
 pub mod stats;
 pub mod sysctl;
+pub mod table_builds;

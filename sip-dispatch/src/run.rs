@@ -263,7 +263,7 @@ async fn take_over(
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
         }
     }
-    ctl.republish();
+    ctl.publish_all().await;
     // What an adopted set of maps holds beyond the configuration goes now.
     ctl.forget_unconfigured()?;
     ctl.dataplane().attach(xdp_mode)

@@ -19,6 +19,7 @@ pub mod netns;
 pub mod preflight;
 pub mod process;
 pub mod rawnet;
+pub mod responder;
 pub mod scenario;
 pub mod sipp;
 pub mod topology;

@@ -1,0 +1,181 @@
+//! Slot tables are built off the async runtime's thread: a build over hundreds of
+//! backends takes long enough (rendezvous hashing of 65536 slots per member) to stall the
+//! control socket, the health checks and the slow path if it ran inline.
+//!
+//! One build runs at a time, on tokio's blocking pool. Requests queue per service and a
+//! newer selection replaces a queued one, so a burst of changes costs one build per
+//! service; the oldest request goes first. A service's results therefore come back in
+//! the order its selections were made, and the controller never installs an older table
+//! over a newer one.
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use sip_dispatch_common::{
+    HashKey,
+    table::{SlotTable, build_table},
+};
+use tokio::task::JoinHandle;
+
+use crate::select::Selection;
+
+/// A finished build.
+pub struct Built {
+    /// Index of the service in the controller.
+    pub service: usize,
+    /// The request's number (increasing over all requests).
+    pub seq: u64,
+    pub selection: Selection,
+    pub table: anyhow::Result<SlotTable>,
+    pub took: Duration,
+}
+
+struct Request {
+    seq: u64,
+    selection: Selection,
+}
+
+struct Running {
+    service: usize,
+    seq: u64,
+    selection: Selection,
+    handle: JoinHandle<(anyhow::Result<SlotTable>, Duration)>,
+}
+
+pub struct TableBuilds {
+    key: HashKey,
+    last_seq: u64,
+    queued: BTreeMap<usize, Request>,
+    running: Option<Running>,
+}
+
+impl TableBuilds {
+    pub fn new(key: HashKey) -> TableBuilds {
+        TableBuilds {
+            key,
+            last_seq: 0,
+            queued: BTreeMap::new(),
+            running: None,
+        }
+    }
+
+    /// Asks for a table of `selection` for service `service`; returns the request's number.
+    /// Must be called from within the runtime.
+    pub fn request(&mut self, service: usize, selection: Selection) -> u64 {
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        self.queued.insert(service, Request { seq, selection });
+        self.start_next();
+        seq
+    }
+
+    /// Nothing queued or running.
+    pub fn idle(&self) -> bool {
+        self.running.is_none() && self.queued.is_empty()
+    }
+
+    /// The next finished build (pending forever when idle). Cancel-safe: a build that
+    /// has not finished when the future is dropped is still there for the next call.
+    pub async fn finished(&mut self) -> Built {
+        let Some(running) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let joined = (&mut running.handle).await;
+        let (service, seq) = (running.service, running.seq);
+        let selection = std::mem::take(&mut running.selection);
+        self.running = None;
+        self.start_next();
+        let (table, took) = match joined {
+            Ok(done) => done,
+            Err(e) => (
+                Err(anyhow::anyhow!("the table build did not finish: {e}")),
+                Duration::ZERO,
+            ),
+        };
+        Built {
+            service,
+            seq,
+            selection,
+            table,
+            took,
+        }
+    }
+
+    fn start_next(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let Some(service) = self
+            .queued
+            .iter()
+            .min_by_key(|(_, r)| r.seq)
+            .map(|(s, _)| *s)
+        else {
+            return;
+        };
+        let Some(Request { seq, selection }) = self.queued.remove(&service) else {
+            return;
+        };
+        let members = selection.weighted();
+        let key = self.key;
+        let handle = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let table = build_table(&members, key).map_err(anyhow::Error::from);
+            (table, started.elapsed())
+        });
+        self.running = Some(Running {
+            service,
+            seq,
+            selection,
+            handle,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn selection(backends: &[u8]) -> Selection {
+        Selection {
+            priority: Some(0),
+            members: backends
+                .iter()
+                .map(|n| (SocketAddr::from(([198, 18, 0, *n], 5060)), 1))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn newest_selection_per_service_in_request_order() {
+        let mut builds = TableBuilds::new(HashKey { k0: 1, k1: 2 });
+        assert!(builds.idle());
+        let s1 = builds.request(1, selection(&[1, 2])); // starts at once
+        let _superseded = builds.request(0, selection(&[1]));
+        let s3 = builds.request(2, selection(&[3]));
+        let s4 = builds.request(0, selection(&[1, 2, 3]));
+        let mut done = Vec::new();
+        while !builds.idle() {
+            let b = builds.finished().await;
+            assert!(b.table.is_ok());
+            done.push((b.service, b.seq, b.selection.members.len()));
+        }
+        // Service 0's first request was replaced by its second; service 2 asked earlier.
+        assert_eq!(done, vec![(1, s1, 2), (2, s3, 1), (0, s4, 3)]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_build_is_reported() {
+        let mut builds = TableBuilds::new(HashKey { k0: 1, k1: 2 });
+        let mut twice = selection(&[1]);
+        twice.members.push(twice.members[0]);
+        builds.request(0, twice);
+        let b = builds.finished().await;
+        let e = b.table.expect_err("a backend listed twice");
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        assert!(builds.idle());
+    }
+}
