@@ -184,9 +184,12 @@ pub async fn prober(
         tokio::time::sleep_until(next).await;
         // Ticks keep their rhythm; one missed (a slow runtime) restarts it from now.
         let now = tokio::time::Instant::now();
-        next = deadline(next, cfg.interval);
+        // The configuration refuses intervals this short; the floor only keeps a zero
+        // from spinning.
+        let interval = cfg.interval.max(Duration::from_millis(1));
+        next = deadline(next, interval);
         if next <= now {
-            next = deadline(now, cfg.interval);
+            next = deadline(now, interval);
         }
         if probe.is_none() {
             probe = Probe::connect(target, &cfg.uri).await.ok();
@@ -315,7 +318,7 @@ mod tests {
     async fn responder(
         first: Option<&'static str>,
         status: &'static str,
-        extra: &'static str,
+        extra: String,
     ) -> (SocketAddr, mpsc::Receiver<String>) {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
@@ -350,7 +353,10 @@ mod tests {
         let (addr, mut seen) = responder(
             Some("100 Trying"),
             "503 Service Unavailable",
-            "Retry-After: 18446744073709551615 (gone fishing)\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            format!(
+                "Retry-After: 18446744073709551615 (gone fishing)\r\nX-Pad: {}\r\n",
+                "a".repeat(2000)
+            ),
         )
         .await;
         let uri: HealthUri = "sip:ping@{backend}".parse().unwrap();
@@ -378,6 +384,52 @@ mod tests {
             "the same buffer for every probe"
         );
         assert_eq!(probe.buf.len(), RECEIVE_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn an_answer_beyond_the_buffer_is_read_up_to_its_last_whole_line() {
+        // A 503 padded so that the buffer ends inside `Retry-After: 1234|5678`: read as
+        // it stands, that would be a hold of 1234 s; only whole lines count, so none.
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let Ok((n, from)) = server.recv_from(&mut buf).await else {
+                return;
+            };
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let header = |name: &str| {
+                req.lines()
+                    .find(|l| l.starts_with(name))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let head = format!(
+                "SIP/2.0 503 Service Unavailable\r\n{}\r\n{}\r\nCSeq: 1 OPTIONS\r\n",
+                header("Via:"),
+                header("Call-ID:")
+            );
+            let pad = RECEIVE_BUFFER - head.len() - "X-Pad: \r\nRetry-After: 1234".len();
+            let resp = format!(
+                "{head}X-Pad: {}\r\nRetry-After: 12345678\r\n\r\n",
+                "p".repeat(pad)
+            );
+            assert_eq!(&resp[RECEIVE_BUFFER - 4..RECEIVE_BUFFER + 4], "12345678");
+            let _ = server.send_to(resp.as_bytes(), from).await;
+        });
+        let mut probe = Probe::connect(addr, &HealthUri::default()).await.unwrap();
+        let outcome = probe.once(Duration::from_secs(2)).await;
+        assert!(
+            matches!(
+                outcome,
+                ProbeOutcome::Answered {
+                    status: 503,
+                    retry_after: None,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
     }
 
     #[tokio::test]
