@@ -239,10 +239,7 @@ impl Controller {
             let timeout = self.health_cfg.timeout;
             let uri = self.health_cfg.uri.clone();
             probes.spawn(async move {
-                let outcome = match health::Probe::connect(addr, &uri).await {
-                    Ok(mut probe) => probe.once(timeout).await,
-                    Err(e) => ProbeOutcome::Unreachable(format!("{e}")),
-                };
+                let outcome = health::Probe::new(addr, &uri).once(timeout).await;
                 (addr, outcome)
             });
         }

@@ -82,35 +82,59 @@ pub fn options_request(local: SocketAddr, uri: &str, ids: &ProbeIds, cseq: u32) 
     )
 }
 
-/// One backend's probe: a socket connected to it, the Request-URI for it, and the
-/// receive buffer every probe reuses.
+/// One backend's prober state: the Request-URI for it, a socket connected to it (made
+/// again after an error), and the receive buffer every probe reuses.
 pub struct Probe {
-    sock: UdpSocket,
+    target: SocketAddr,
     uri: String,
+    sock: Option<UdpSocket>,
     buf: Vec<u8>,
 }
 
+/// A UDP socket from an ephemeral port of the matching family, connected to `target`.
+async fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    let bind: SocketAddr = if target.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(target).await?;
+    Ok(sock)
+}
+
 impl Probe {
-    /// A probe for `target` from an ephemeral port of the matching family.
-    pub async fn connect(target: SocketAddr, uri: &HealthUri) -> std::io::Result<Probe> {
-        let bind: SocketAddr = if target.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let sock = UdpSocket::bind(bind).await?;
-        sock.connect(target).await?;
-        Ok(Probe {
-            sock,
+    pub fn new(target: SocketAddr, uri: &HealthUri) -> Probe {
+        Probe {
+            target,
             uri: uri.for_backend(target),
+            sock: None,
             buf: vec![0u8; RECEIVE_BUFFER],
-        })
+        }
     }
 
     /// Sends one OPTIONS and waits up to `timeout` for the final response that matches
-    /// its branch and Call-ID.
+    /// its branch and Call-ID. After an error the next probe uses a fresh socket: a
+    /// connected socket keeps reporting the old error.
     pub async fn once(&mut self, timeout: Duration) -> ProbeOutcome {
-        let local = match self.sock.local_addr() {
+        if self.sock.is_none() {
+            match connect(self.target).await {
+                Ok(sock) => self.sock = Some(sock),
+                Err(e) => return ProbeOutcome::Unreachable(format!("probe socket: {e}")),
+            }
+        }
+        let outcome = self.exchange(timeout).await;
+        if matches!(outcome, ProbeOutcome::Unreachable(_)) {
+            self.sock = None;
+        }
+        outcome
+    }
+
+    async fn exchange(&mut self, timeout: Duration) -> ProbeOutcome {
+        let Some(sock) = &self.sock else {
+            return ProbeOutcome::Unreachable("no probe socket".into());
+        };
+        let local = match sock.local_addr() {
             Ok(l) => l,
             Err(e) => return ProbeOutcome::Unreachable(format!("probe socket: {e}")),
         };
@@ -120,12 +144,12 @@ impl Probe {
         };
         let msg = options_request(local, &self.uri, &ids, 1);
         let start = Instant::now();
-        if let Err(e) = self.sock.send(msg.as_bytes()).await {
+        if let Err(e) = sock.send(msg.as_bytes()).await {
             return ProbeOutcome::Unreachable(format!("send: {e}"));
         }
         let until = deadline(tokio::time::Instant::now(), timeout);
         loop {
-            match tokio::time::timeout_at(until, self.sock.recv(&mut self.buf)).await {
+            match tokio::time::timeout_at(until, sock.recv(&mut self.buf)).await {
                 Err(_) => return ProbeOutcome::Timeout,
                 Ok(Err(e)) => return ProbeOutcome::Unreachable(format!("{e}")),
                 Ok(Ok(n)) => {
@@ -178,7 +202,7 @@ pub async fn prober(
     tx: mpsc::Sender<(SocketAddr, ProbeOutcome)>,
 ) {
     let mut next = tokio::time::Instant::now();
-    let mut probe = None;
+    let mut probe = Probe::new(target, &cfg.uri);
     let mut clamp_logged = false;
     loop {
         tokio::time::sleep_until(next).await;
@@ -191,17 +215,7 @@ pub async fn prober(
         if next <= now {
             next = deadline(now, interval);
         }
-        if probe.is_none() {
-            probe = Probe::connect(target, &cfg.uri).await.ok();
-        }
-        let outcome = match &mut probe {
-            Some(p) => p.once(cfg.timeout).await,
-            None => ProbeOutcome::Unreachable("no route".into()),
-        };
-        if matches!(outcome, ProbeOutcome::Unreachable(_)) {
-            // A fresh socket next time: a connected socket keeps reporting the old error.
-            probe = None;
-        }
+        let outcome = probe.once(cfg.timeout).await;
         log_clamped_retry_after(target, &outcome, &mut clamp_logged);
         if tx.send((target, outcome)).await.is_err() {
             return;
@@ -360,7 +374,7 @@ mod tests {
         )
         .await;
         let uri: HealthUri = "sip:ping@{backend}".parse().unwrap();
-        let mut probe = Probe::connect(addr, &uri).await.unwrap();
+        let mut probe = Probe::new(addr, &uri);
         let buffer = probe.buf.as_ptr();
         for _ in 0..3 {
             let outcome = probe.once(Duration::from_secs(2)).await;
@@ -417,7 +431,7 @@ mod tests {
             assert_eq!(&resp[RECEIVE_BUFFER - 4..RECEIVE_BUFFER + 4], "12345678");
             let _ = server.send_to(resp.as_bytes(), from).await;
         });
-        let mut probe = Probe::connect(addr, &HealthUri::default()).await.unwrap();
+        let mut probe = Probe::new(addr, &HealthUri::default());
         let outcome = probe.once(Duration::from_secs(2)).await;
         assert!(
             matches!(
@@ -455,7 +469,7 @@ mod tests {
                 let _ = server.send_to(resp.as_bytes(), from).await;
             }
         });
-        let mut probe = Probe::connect(addr, &HealthUri::default()).await.unwrap();
+        let mut probe = Probe::new(addr, &HealthUri::default());
         let outcome = probe.once(Duration::from_secs(2)).await;
         assert!(
             matches!(outcome, ProbeOutcome::Answered { status: 200, .. }),
@@ -466,13 +480,16 @@ mod tests {
         let closed = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let closed_addr = closed.local_addr().unwrap();
         drop(closed);
-        let mut probe = Probe::connect(closed_addr, &HealthUri::default())
-            .await
-            .unwrap();
-        let outcome = probe.once(Duration::from_secs(2)).await;
-        assert!(
-            matches!(outcome, ProbeOutcome::Unreachable(_)),
-            "{outcome:?}"
-        );
+        let mut probe = Probe::new(closed_addr, &HealthUri::default());
+        let buffer = probe.buf.as_ptr();
+        for _ in 0..3 {
+            let outcome = probe.once(Duration::from_secs(2)).await;
+            assert!(
+                matches!(outcome, ProbeOutcome::Unreachable(_)),
+                "{outcome:?}"
+            );
+            assert!(probe.sock.is_none(), "a fresh socket for the next probe");
+        }
+        assert_eq!(probe.buf.as_ptr(), buffer, "one buffer across reconnects");
     }
 }
