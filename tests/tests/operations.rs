@@ -905,6 +905,14 @@ fn a_hostile_health_answer_holds_its_backend_and_crashes_nothing() {
             },
         );
         let reason = list[&b3]["reason"].as_str().unwrap_or_default();
+        println!(
+            "{round}: b3 {} ({reason}), last_code {}; b1 last_code {} last_rtt_ms {}; b2 last_rtt_ms {}",
+            list[&b3]["state"],
+            list[&b3]["last_code"],
+            list[&b1]["last_code"],
+            list[&b1]["last_rtt_ms"],
+            list[&b2]["last_rtt_ms"]
+        );
         if !reason.contains("held for 3600s by 503 with Retry-After 18446744073709551615s") {
             problems.push(format!("{round}: b3's reason {reason:?} does not say held"));
         }
