@@ -13,6 +13,8 @@ extern crate std;
 pub mod addr;
 pub mod csum;
 pub mod hash;
+#[cfg(feature = "user")]
+pub mod health;
 pub mod maps;
 pub mod parse;
 #[cfg(feature = "user")]

@@ -65,15 +65,34 @@ pub fn parse_response(msg: &[u8]) -> Option<Response> {
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("branch"))
                 .map(|(_, v)| v.trim().to_string())
                 .unwrap_or_default();
-        } else if name.eq_ignore_ascii_case("retry-after") {
-            let secs = value
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap_or_default();
-            response.retry_after = secs.parse().ok().map(Duration::from_secs);
+        } else if name.eq_ignore_ascii_case("retry-after") && response.retry_after.is_none() {
+            response.retry_after = parse_retry_after(value);
         }
     }
     Some(response)
+}
+
+/// The value of a Retry-After header (RFC 3261 20.33): `delta-seconds [ comment ] *( ;
+/// retry-param )`. Seconds beyond the range of u64 saturate at u64::MAX (the caller
+/// clamps the hold anyway); anything else (no digits, a sign, a fraction, text after the
+/// digits that is neither a comment nor a parameter) is no Retry-After at all.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, rest) = value.split_at(digits_end);
+    if digits.is_empty() {
+        return None;
+    }
+    let rest = rest.trim_start();
+    if !(rest.is_empty() || rest.starts_with('(') || rest.starts_with(';')) {
+        return None;
+    }
+    let secs = digits.bytes().fold(0u64, |acc, d| {
+        acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
+    Some(Duration::from_secs(secs))
 }
 
 /// A stateless `503 Service Unavailable` for `request` (RFC 3261 8.2.6.2): its Via
@@ -181,6 +200,36 @@ mod tests {
         // Found by the sip_response fuzz target: status codes below 100.
         assert_eq!(parse_response(b"SIP/2.0 020 OK\r\n\r\n"), None);
         assert_eq!(parse_response(b"SIP/2.0 +99 OK\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn retry_after_is_parsed_strictly_and_saturates() {
+        let secs = |v: &str| parse_retry_after(v).map(|d| d.as_secs());
+        assert_eq!(secs("30"), Some(30));
+        assert_eq!(secs(" 0 "), Some(0));
+        assert_eq!(secs("120 (I'm in a meeting)"), Some(120));
+        assert_eq!(secs("18000;duration=3600"), Some(18000));
+        assert_eq!(secs("5 ;duration=1"), Some(5));
+        assert_eq!(secs("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(secs("9223372036854775808"), Some(1 << 63));
+        assert_eq!(secs("99999999999999999999999"), Some(u64::MAX), "saturates");
+        assert_eq!(
+            secs("18446744073709551616 (one past u64)"),
+            Some(u64::MAX),
+            "saturates, not wraps"
+        );
+        for garbage in [
+            "", " ", "abc", "-5", "+5", "1.5", "0x10", "12abc", "12 abc", "(30)", ";30", "\u{661}",
+        ] {
+            assert_eq!(parse_retry_after(garbage), None, "{garbage:?}");
+        }
+        let r = parse_response(
+            b"SIP/2.0 503 Busy\r\nRetry-After: 18446744073709551615 (maintenance)\r\nCall-ID: x\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.retry_after, Some(Duration::from_secs(u64::MAX)));
+        let r = parse_response(b"SIP/2.0 503 Busy\r\nRetry-After: soon\r\n\r\n").unwrap();
+        assert_eq!(r.retry_after, None, "garbage is no Retry-After");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sip_dispatch_common::HashKey;
 
-use crate::health::AliveCodes;
+use crate::health::{AliveCodes, HealthUri};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -159,6 +159,10 @@ pub struct RunArgs {
     /// [default: 2xx,3xx,4xx,6xx,!408,!480].
     #[arg(long)]
     pub alive_codes: Option<AliveCodes>,
+    /// Request-URI (and To) of the OPTIONS health check; `{backend}` stands for the
+    /// backend's ADDR:PORT, e.g. sip:ping@{backend} [default: sip:{backend}].
+    #[arg(long)]
+    pub health_uri: Option<HealthUri>,
     /// XDP attach mode: auto tries native (driver) and falls back to skb (generic)
     /// [default: auto].
     #[arg(long, value_enum)]

@@ -114,18 +114,32 @@ fn backends_table(v: &Value) -> String {
             text(&s["priority"])
         );
         out += &format!(
-            "{:<26} {:<24} {:>4} {:>6} {:<9} {:>8} {:>7} {:>10}  {}\n",
-            "backend", "source", "prio", "weight", "state", "rtt ms", "share", "packets", "reason"
+            "{:<26} {:<24} {:>4} {:>6} {:<9} {:>8} {:>4} {:>8} {:>7} {:>10}  {}\n",
+            "backend",
+            "source",
+            "prio",
+            "weight",
+            "state",
+            "rtt ms",
+            "last",
+            "last ms",
+            "share",
+            "packets",
+            "reason"
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             out += &format!(
-                "{:<26} {:<24} {:>4} {:>6} {:<9} {:>8} {:>6.1}% {:>10}  {}\n",
+                "{:<26} {:<24} {:>4} {:>6} {:<9} {:>8} {:>4} {:>8} {:>6.1}% {:>10}  {}\n",
                 text(&b["address"]),
                 text(&b["source"]),
                 text(&b["priority"]),
                 text(&b["weight"]),
                 text(&b["state"]),
                 b["rtt_ms"]
+                    .as_f64()
+                    .map_or("-".into(), |r| format!("{r:.2}")),
+                text(&b["last_code"]),
+                b["last_rtt_ms"]
                     .as_f64()
                     .map_or("-".into(), |r| format!("{r:.2}")),
                 b["share"].as_f64().unwrap_or(0.0) * 100.0,

@@ -25,7 +25,7 @@ use toml::Spanned;
 
 use crate::{
     cli::{BackendSpec, RunArgs, XdpModeArg, parse_duration, parse_socket_addr},
-    health::{AliveCodes, HealthConfig},
+    health::{AliveCodes, HealthConfig, HealthUri},
     select::Candidate,
     srv::DnsConfig,
 };
@@ -47,6 +47,7 @@ struct File {
     down_after: Option<Spanned<u32>>,
     up_after: Option<Spanned<u32>>,
     alive_codes: Option<Spanned<String>>,
+    health_uri: Option<Spanned<String>>,
     #[serde(default)]
     service: Vec<FileService>,
 }
@@ -235,6 +236,11 @@ impl Settings {
                 (Some(a), _) => a.clone(),
                 (None, Some(a)) => r.parse("alive-codes", a, str::parse)?,
                 (None, None) => AliveCodes::DEFAULT.parse().map_err(anyhow::Error::msg)?,
+            },
+            uri: match (&args.health_uri, &file.health_uri) {
+                (Some(u), _) => u.clone(),
+                (None, Some(u)) => r.parse("health-uri", u, str::parse)?,
+                (None, None) => HealthUri::default(),
             },
         };
         if health.timeout > health.interval {
@@ -428,6 +434,61 @@ srv = ["_sip._udp.example.net"]
         assert_eq!(
             s.services[0].backends[0].addr,
             "198.18.0.23:5060".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn health_uri_from_the_file_or_the_flag_is_checked() {
+        let p = write(
+            "health-uri.toml",
+            &FILE.replace("down-after = 4", "health-uri = \"sip:ping@{backend}\""),
+        );
+        let s = Settings::resolve(&args(&["--config", p.to_str().unwrap()])).unwrap();
+        assert_eq!(s.health.uri.template(), "sip:ping@{backend}");
+        let s = Settings::resolve(&args(&[
+            "--config",
+            p.to_str().unwrap(),
+            "--health-uri",
+            "sip:health@{backend};transport=udp",
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.health.uri.template(),
+            "sip:health@{backend};transport=udp"
+        );
+        let s = Settings::resolve(&args(&[
+            "--config",
+            write("plain.toml", FILE).to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(s.health.uri, HealthUri::default());
+
+        let p = write(
+            "bad-health-uri.toml",
+            &FILE.replace("down-after = 4", "health-uri = \"ping@{backend}\""),
+        );
+        let e = format!(
+            "{:#}",
+            Settings::resolve(&args(&["--config", p.to_str().unwrap()])).unwrap_err()
+        );
+        assert!(
+            e.contains(
+                "bad-health-uri.toml:4: key `health-uri`: invalid health URI \"ping@{backend}\""
+            ),
+            "{e}"
+        );
+        let e = crate::cli::Cli::try_parse_from([
+            "sip-dispatch",
+            "run",
+            "--health-uri",
+            "sip:a b@{backend}",
+        ])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("invalid health URI \"sip:a b@{backend}\": character ' ' not allowed"),
+            "{e}"
         );
     }
 

@@ -295,15 +295,14 @@ impl Controller {
         let mut probes = tokio::task::JoinSet::new();
         for addr in self.backends.keys().copied() {
             let timeout = self.health_cfg.timeout;
+            let uri = self.health_cfg.uri.clone();
             probes.spawn(async move {
-                let outcome = match health::probe_socket(addr).await {
-                    Ok(sock) => health::probe_once(&sock, 0, timeout).await,
-                    Err(e) => ProbeOutcome::Unreachable(format!("{e}")),
-                };
+                let outcome = health::Probe::new(addr, &uri).once(timeout).await;
                 (addr, outcome)
             });
         }
         while let Some(Ok((addr, outcome))) = probes.join_next().await {
+            health::log_clamped_retry_after(addr, &outcome, &mut false);
             self.on_probe(addr, outcome, false);
         }
     }
@@ -930,6 +929,8 @@ impl Controller {
                     state: k.health.display_state(),
                     reason: k.health.reason.clone(),
                     rtt: k.health.srtt,
+                    last_code: k.health.last_code,
+                    last_rtt: k.health.last_rtt,
                     consecutive_failures: k.health.consecutive_failures,
                     last_change: k
                         .health

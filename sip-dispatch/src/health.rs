@@ -1,33 +1,79 @@
-//! SIP OPTIONS health checks: the request, the response matcher, the per-backend state
-//! machine, and the prober task that feeds it.
+//! SIP OPTIONS health checks: the request, the response matcher, and the prober task
+//! that feeds the per-backend state machine.
 //!
-//! The state machine is the one place that decides whether a backend takes traffic;
-//! administrative states (drained, disabled) slot in here.
+//! The state machine itself (what a response means, Retry-After holds, up/down rules) is
+//! pure logic and lives in `sip_dispatch_common::health`, where the fuzz crate drives it;
+//! it is the one place that decides whether a backend takes traffic.
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
-    str::FromStr,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
+pub use sip_dispatch_common::health::{
+    Admin, AliveCodes, Health, HealthConfig, HealthUri, MAX_RETRY_AFTER, ProbeOutcome, State,
+};
 use sip_dispatch_common::sip::parse_response;
 use tokio::{net::UdpSocket, sync::mpsc};
 
-/// A well-formed OPTIONS request (RFC 3261 section 11): Via with a `z9hG4bK` branch,
-/// Max-Forwards, From with a tag, To, Call-ID, CSeq and Content-Length: 0.
-pub fn options_request(
-    local: SocketAddr,
-    target: SocketAddr,
-    branch: &str,
-    call_id: &str,
-    tag: &str,
-    cseq: u32,
-) -> String {
+/// Receive buffer of one prober, reused for every probe. Answers to OPTIONS are far
+/// smaller; a larger datagram is read up to its last whole line within this size.
+pub const RECEIVE_BUFFER: usize = 8192;
+
+/// What a deadline becomes when `now + d` does not fit the clock: far enough to be never.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
+
+/// `now + d`, without the overflow panic of `+` for durations from outside.
+fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// The identifiers of one probe: random (128 bits each, from the OS random source), so
+/// that nobody off the path can forge an answer to a probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeIds {
+    /// The Via branch, with the RFC 3261 magic cookie.
+    pub branch: String,
+    pub call_id: String,
+    pub tag: String,
+}
+
+impl ProbeIds {
+    pub fn random() -> Result<ProbeIds, getrandom::Error> {
+        let mut bytes = [0u8; 40];
+        getrandom::fill(&mut bytes)?;
+        let hex = |b: &[u8]| {
+            b.iter()
+                .fold(String::with_capacity(2 * b.len()), |mut s, x| {
+                    let _ = write!(s, "{x:02x}");
+                    s
+                })
+        };
+        Ok(ProbeIds {
+            branch: format!("z9hG4bK{}", hex(&bytes[..16])),
+            call_id: format!("sd-health-{}@sip-dispatch", hex(&bytes[16..32])),
+            tag: hex(&bytes[32..]),
+        })
+    }
+}
+
+/// A well-formed OPTIONS request (RFC 3261 section 11) to `uri` (Request-URI and To):
+/// Via with the probe's branch, Max-Forwards, From with a tag, To, Call-ID, CSeq and
+/// Content-Length: 0.
+pub fn options_request(local: SocketAddr, uri: &str, ids: &ProbeIds, cseq: u32) -> String {
+    let ProbeIds {
+        branch,
+        call_id,
+        tag,
+    } = ids;
     format!(
-        "OPTIONS sip:{target} SIP/2.0\r\n\
-         Via: SIP/2.0/UDP {local};branch=z9hG4bK{branch};rport\r\n\
+        "OPTIONS {uri} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch={branch};rport\r\n\
          Max-Forwards: 70\r\n\
          From: <sip:sip-dispatch@{local}>;tag={tag}\r\n\
-         To: <sip:{target}>\r\n\
+         To: <{uri}>\r\n\
          Call-ID: {call_id}\r\n\
          CSeq: {cseq} OPTIONS\r\n\
          Accept: application/sdp\r\n\
@@ -36,313 +82,17 @@ pub fn options_request(
     )
 }
 
-/// Which final response codes mean "alive": a comma-separated list of codes (`200`),
-/// classes (`2xx`) and exclusions (`!408`, `!5xx`). An exclusion wins over an inclusion.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AliveCodes {
-    include: Vec<(u16, u16)>,
-    exclude: Vec<(u16, u16)>,
+/// One backend's prober state: the Request-URI for it, a socket connected to it (made
+/// again after an error), and the receive buffer every probe reuses.
+pub struct Probe {
+    target: SocketAddr,
+    uri: String,
+    sock: Option<UdpSocket>,
+    buf: Vec<u8>,
 }
 
-impl AliveCodes {
-    /// Any final response except 408, 480 and 5xx.
-    pub const DEFAULT: &'static str = "2xx,3xx,4xx,6xx,!408,!480";
-
-    pub fn alive(&self, code: u16) -> bool {
-        let within =
-            |ranges: &[(u16, u16)]| ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&code));
-        code >= 200 && within(&self.include) && !within(&self.exclude)
-    }
-}
-
-impl FromStr for AliveCodes {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut codes = AliveCodes {
-            include: Vec::new(),
-            exclude: Vec::new(),
-        };
-        for item in s.split(',').map(str::trim) {
-            let (negated, spec) = match item.strip_prefix('!') {
-                Some(rest) => (true, rest),
-                None => (false, item),
-            };
-            let range = match spec.as_bytes() {
-                [d @ b'2'..=b'6', b'x' | b'X', b'x' | b'X'] => {
-                    let base = (*d - b'0') as u16 * 100;
-                    (base, base + 99)
-                }
-                _ => match spec.parse::<u16>() {
-                    Ok(c) if (200..=699).contains(&c) => (c, c),
-                    _ => {
-                        return Err(format!(
-                            "invalid response code {item:?} in {s:?} (expected e.g. 200, 2xx or !408)"
-                        ));
-                    }
-                },
-            };
-            if negated {
-                codes.exclude.push(range)
-            } else {
-                codes.include.push(range)
-            }
-        }
-        if codes.include.is_empty() {
-            return Err(format!("{s:?} names no alive response code"));
-        }
-        Ok(codes)
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthConfig {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub down_after: u32,
-    pub up_after: u32,
-    pub alive: AliveCodes,
-}
-
-/// What one probe found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProbeOutcome {
-    /// A final response; alive or not is for [`AliveCodes`] to say.
-    Answered {
-        status: u16,
-        rtt: Duration,
-        retry_after: Option<Duration>,
-    },
-    Timeout,
-    /// ICMP unreachable, no route, or a send error.
-    Unreachable(String),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    Up,
-    Down,
-}
-
-/// What the operator decided, on top of what the health checks found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admin {
-    Enabled,
-    /// No new calls (weight 0): keeps being probed.
-    Drained,
-    /// Out of service: not probed, no calls.
-    Disabled,
-}
-
-impl State {
-    pub fn name(self) -> &'static str {
-        match self {
-            State::Up => "up",
-            State::Down => "down",
-        }
-    }
-}
-
-/// A backend's health and what the operator wants to see of it.
-#[derive(Clone, Debug)]
-pub struct Health {
-    pub state: State,
-    pub consecutive_failures: u32,
-    pub consecutive_successes: u32,
-    pub last_rtt: Option<Duration>,
-    /// Smoothed RTT, as TCP does it (RFC 6298: 7/8 old + 1/8 new).
-    pub srtt: Option<Duration>,
-    pub last_change: SystemTime,
-    pub reason: String,
-    /// A 503 with Retry-After keeps the backend down until then.
-    pub held_until: Option<Instant>,
-    /// False until the first probe, which alone decides the first state.
-    pub probed: bool,
-    pub admin: Admin,
-    /// Health checks done, and how many of them failed.
-    pub checks: u64,
-    pub check_failures: u64,
-}
-
-impl Health {
-    pub fn new(state: State, reason: impl Into<String>) -> Health {
-        Health {
-            state,
-            consecutive_failures: 0,
-            consecutive_successes: 0,
-            last_rtt: None,
-            srtt: None,
-            last_change: SystemTime::now(),
-            reason: reason.into(),
-            held_until: None,
-            probed: true,
-            admin: Admin::Enabled,
-            checks: 0,
-            check_failures: 0,
-        }
-    }
-
-    /// A backend not probed yet: down until its first probe says otherwise.
-    pub fn unprobed() -> Health {
-        Health {
-            probed: false,
-            ..Health::new(State::Down, "not probed yet")
-        }
-    }
-
-    /// Whether the backend may take calls.
-    pub fn takes_traffic(&self) -> bool {
-        self.probed && self.state == State::Up && self.admin == Admin::Enabled
-    }
-
-    /// What an operator sees: up, down, drained or disabled.
-    pub fn display_state(&self) -> &'static str {
-        match self.admin {
-            Admin::Disabled => "disabled",
-            Admin::Drained => "drained",
-            Admin::Enabled => self.state.name(),
-        }
-    }
-
-    /// The state a backend starts in: its first probe alone decides.
-    pub fn from_first_probe(outcome: &ProbeOutcome, cfg: &HealthConfig, now: Instant) -> Health {
-        let mut h = Health::new(State::Up, "answered the first probe");
-        let once = HealthConfig {
-            down_after: 1,
-            ..cfg.clone()
-        };
-        if h.record(outcome, &once, now) {
-            h.reason = format!("first probe: {}", h.reason);
-        }
-        h
-    }
-
-    /// Takes one probe's outcome; returns true when the state changed. The first
-    /// outcome of an unprobed backend decides its state on its own.
-    pub fn record(&mut self, outcome: &ProbeOutcome, cfg: &HealthConfig, now: Instant) -> bool {
-        if !self.probed {
-            let (admin, checks, failures) = (self.admin, self.checks, self.check_failures);
-            *self = Health {
-                admin,
-                ..Health::from_first_probe(outcome, cfg, now)
-            };
-            self.checks += checks;
-            self.check_failures += failures;
-            return true;
-        }
-        self.checks += 1;
-        let failure = match outcome {
-            ProbeOutcome::Answered {
-                status,
-                rtt,
-                retry_after,
-            } => {
-                self.last_rtt = Some(*rtt);
-                self.srtt = Some(match self.srtt {
-                    Some(s) => (s * 7 + *rtt) / 8,
-                    None => *rtt,
-                });
-                if cfg.alive.alive(*status) {
-                    None
-                } else if let (503, Some(after)) = (*status, retry_after) {
-                    self.check_failures += 1;
-                    self.held_until = Some(now + *after);
-                    return self.change(
-                        State::Down,
-                        format!("503 with Retry-After {}s", after.as_secs()),
-                    );
-                } else {
-                    Some(format!("response {status}"))
-                }
-            }
-            ProbeOutcome::Timeout => {
-                Some(format!("no response within {}ms", cfg.timeout.as_millis()))
-            }
-            ProbeOutcome::Unreachable(why) => Some(why.clone()),
-        };
-        match failure {
-            Some(why) => {
-                self.check_failures += 1;
-                self.consecutive_successes = 0;
-                self.consecutive_failures += 1;
-                if self.state == State::Up && self.consecutive_failures >= cfg.down_after {
-                    let n = self.consecutive_failures;
-                    return self.change(
-                        State::Down,
-                        format!("{n} consecutive failures, last: {why}"),
-                    );
-                }
-                false
-            }
-            None => {
-                self.consecutive_failures = 0;
-                self.consecutive_successes += 1;
-                let held = self.held_until.is_some_and(|t| now < t);
-                if self.state == State::Down && !held && self.consecutive_successes >= cfg.up_after
-                {
-                    self.held_until = None;
-                    let n = self.consecutive_successes;
-                    return self.change(State::Up, format!("{n} consecutive successes"));
-                }
-                false
-            }
-        }
-    }
-
-    fn change(&mut self, state: State, reason: String) -> bool {
-        let changed = self.state != state;
-        self.state = state;
-        self.reason = reason;
-        if changed {
-            self.last_change = SystemTime::now();
-        }
-        changed
-    }
-}
-
-/// Sends one OPTIONS over `sock` (connected to the backend) and waits for the response
-/// that matches its branch and Call-ID.
-pub async fn probe_once(sock: &UdpSocket, seq: u64, timeout: Duration) -> ProbeOutcome {
-    let (local, target) = match (sock.local_addr(), sock.peer_addr()) {
-        (Ok(l), Ok(t)) => (l, t),
-        (Err(e), _) | (_, Err(e)) => {
-            return ProbeOutcome::Unreachable(format!("probe socket: {e}"));
-        }
-    };
-    let id = format!("{:x}-{seq:x}", std::process::id());
-    let branch = format!("z9hG4bK{id}");
-    let call_id = format!("sd-health-{id}@sip-dispatch");
-    let msg = options_request(local, target, &id, &call_id, &id, 1);
-    let start = Instant::now();
-    if let Err(e) = sock.send(msg.as_bytes()).await {
-        return ProbeOutcome::Unreachable(format!("send: {e}"));
-    }
-    let mut buf = vec![0u8; 65536];
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
-            Err(_) => return ProbeOutcome::Timeout,
-            Ok(Err(e)) => return ProbeOutcome::Unreachable(format!("{e}")),
-            Ok(Ok(n)) => {
-                // Provisional responses and answers to earlier, timed-out probes are skipped.
-                if let Some(r) = parse_response(&buf[..n])
-                    && r.status >= 200
-                    && r.branch == branch
-                    && r.call_id == call_id
-                {
-                    return ProbeOutcome::Answered {
-                        status: r.status,
-                        rtt: start.elapsed(),
-                        retry_after: r.retry_after,
-                    };
-                }
-            }
-        }
-    }
-}
-
-/// A connected probe socket for `target`.
-pub async fn probe_socket(target: SocketAddr) -> std::io::Result<UdpSocket> {
+/// A UDP socket from an ephemeral port of the matching family, connected to `target`.
+async fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr = if target.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -353,30 +103,120 @@ pub async fn probe_socket(target: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(sock)
 }
 
+impl Probe {
+    pub fn new(target: SocketAddr, uri: &HealthUri) -> Probe {
+        Probe {
+            target,
+            uri: uri.for_backend(target),
+            sock: None,
+            buf: vec![0u8; RECEIVE_BUFFER],
+        }
+    }
+
+    /// Sends one OPTIONS and waits up to `timeout` for the final response that matches
+    /// its branch and Call-ID. After an error the next probe uses a fresh socket: a
+    /// connected socket keeps reporting the old error.
+    pub async fn once(&mut self, timeout: Duration) -> ProbeOutcome {
+        if self.sock.is_none() {
+            match connect(self.target).await {
+                Ok(sock) => self.sock = Some(sock),
+                Err(e) => return ProbeOutcome::Unreachable(format!("probe socket: {e}")),
+            }
+        }
+        let outcome = self.exchange(timeout).await;
+        if matches!(outcome, ProbeOutcome::Unreachable(_)) {
+            self.sock = None;
+        }
+        outcome
+    }
+
+    async fn exchange(&mut self, timeout: Duration) -> ProbeOutcome {
+        let Some(sock) = &self.sock else {
+            return ProbeOutcome::Unreachable("no probe socket".into());
+        };
+        let local = match sock.local_addr() {
+            Ok(l) => l,
+            Err(e) => return ProbeOutcome::Unreachable(format!("probe socket: {e}")),
+        };
+        let ids = match ProbeIds::random() {
+            Ok(ids) => ids,
+            Err(e) => return ProbeOutcome::Unreachable(format!("OS random source: {e}")),
+        };
+        let msg = options_request(local, &self.uri, &ids, 1);
+        let start = Instant::now();
+        if let Err(e) = sock.send(msg.as_bytes()).await {
+            return ProbeOutcome::Unreachable(format!("send: {e}"));
+        }
+        let until = deadline(tokio::time::Instant::now(), timeout);
+        loop {
+            match tokio::time::timeout_at(until, sock.recv(&mut self.buf)).await {
+                Err(_) => return ProbeOutcome::Timeout,
+                Ok(Err(e)) => return ProbeOutcome::Unreachable(format!("{e}")),
+                Ok(Ok(n)) => {
+                    let mut received = &self.buf[..n];
+                    if n == self.buf.len() {
+                        // Possibly cut short: only whole lines count.
+                        let whole = received.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+                        received = &received[..whole];
+                    }
+                    // Provisional responses and answers to earlier, timed-out probes are
+                    // skipped.
+                    if let Some(r) = parse_response(received)
+                        && r.status >= 200
+                        && r.branch == ids.branch
+                        && r.call_id == ids.call_id
+                    {
+                        return ProbeOutcome::Answered {
+                            status: r.status,
+                            rtt: start.elapsed(),
+                            retry_after: r.retry_after,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Logs a response whose Retry-After is beyond [`MAX_RETRY_AFTER`]; `already` keeps a
+/// prober from repeating it every interval while the backend keeps asking.
+pub fn log_clamped_retry_after(target: SocketAddr, outcome: &ProbeOutcome, already: &mut bool) {
+    match outcome.retry_after_beyond_limit() {
+        Some(after) if !*already => {
+            *already = true;
+            log::warn!(
+                "backend {target}: Retry-After {}s clamped to {}s",
+                after.as_secs(),
+                MAX_RETRY_AFTER.as_secs()
+            );
+        }
+        Some(_) => {}
+        None => *already = false,
+    }
+}
+
 /// Probes `target` every interval until the receiver is gone, reporting each outcome.
 pub async fn prober(
     target: SocketAddr,
     cfg: HealthConfig,
     tx: mpsc::Sender<(SocketAddr, ProbeOutcome)>,
 ) {
-    let mut tick = tokio::time::interval(cfg.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq = 0u64;
-    let mut sock = None;
+    let mut next = tokio::time::Instant::now();
+    let mut probe = Probe::new(target, &cfg.uri);
+    let mut clamp_logged = false;
     loop {
-        tick.tick().await;
-        seq += 1;
-        if sock.is_none() {
-            sock = probe_socket(target).await.ok();
+        tokio::time::sleep_until(next).await;
+        // Ticks keep their rhythm; one missed (a slow runtime) restarts it from now.
+        let now = tokio::time::Instant::now();
+        // The configuration refuses intervals this short; the floor only keeps a zero
+        // from spinning.
+        let interval = cfg.interval.max(Duration::from_millis(1));
+        next = deadline(next, interval);
+        if next <= now {
+            next = deadline(now, interval);
         }
-        let outcome = match &sock {
-            Some(s) => probe_once(s, seq, cfg.timeout).await,
-            None => ProbeOutcome::Unreachable("no route".into()),
-        };
-        if matches!(outcome, ProbeOutcome::Unreachable(_)) {
-            // A fresh socket next time: a connected socket keeps reporting the old error.
-            sock = None;
-        }
+        let outcome = probe.once(cfg.timeout).await;
+        log_clamped_retry_after(target, &outcome, &mut clamp_logged);
         if tx.send((target, outcome)).await.is_err() {
             return;
         }
@@ -387,21 +227,11 @@ pub async fn prober(
 mod tests {
     use super::*;
 
-    fn cfg() -> HealthConfig {
-        HealthConfig {
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            down_after: 3,
-            up_after: 2,
-            alive: AliveCodes::DEFAULT.parse().unwrap(),
-        }
-    }
-
-    fn ok(status: u16) -> ProbeOutcome {
-        ProbeOutcome::Answered {
-            status,
-            rtt: Duration::from_millis(2),
-            retry_after: None,
+    fn ids() -> ProbeIds {
+        ProbeIds {
+            branch: "z9hG4bKabc".into(),
+            call_id: "cid-1@x".into(),
+            tag: "t1".into(),
         }
     }
 
@@ -409,11 +239,13 @@ mod tests {
     fn options_is_well_formed_and_its_response_matches() {
         let local: SocketAddr = "198.18.0.2:40000".parse().unwrap();
         let target: SocketAddr = "198.18.0.21:5060".parse().unwrap();
-        let req = options_request(local, target, "abc", "cid-1@x", "t1", 7);
+        let uri = HealthUri::default().for_backend(target);
+        let req = options_request(local, &uri, &ids(), 7);
         assert!(req.starts_with("OPTIONS sip:198.18.0.21:5060 SIP/2.0\r\n"));
         assert!(req.contains("\r\nVia: SIP/2.0/UDP 198.18.0.2:40000;branch=z9hG4bKabc;rport\r\n"));
         assert!(req.contains("\r\nMax-Forwards: 70\r\n"));
         assert!(req.contains("\r\nFrom: <sip:sip-dispatch@198.18.0.2:40000>;tag=t1\r\n"));
+        assert!(req.contains("\r\nTo: <sip:198.18.0.21:5060>\r\n"));
         assert!(req.contains("\r\nCSeq: 7 OPTIONS\r\n"));
         assert!(req.ends_with("Content-Length: 0\r\n\r\n"));
         let scan = sip_dispatch_common::parse::scan_message(
@@ -434,108 +266,184 @@ mod tests {
     }
 
     #[test]
-    fn alive_codes() {
-        let d: AliveCodes = AliveCodes::DEFAULT.parse().unwrap();
-        for code in [200, 202, 302, 404, 405, 486, 600, 603] {
-            assert!(d.alive(code), "{code}");
-        }
-        for code in [100, 180, 408, 480, 500, 503, 504] {
-            assert!(!d.alive(code), "{code}");
-        }
-        let only_200: AliveCodes = "200".parse().unwrap();
-        assert!(only_200.alive(200) && !only_200.alive(404));
-        let classes: AliveCodes = "2xx,4xx,!404".parse().unwrap();
-        assert!(classes.alive(403) && !classes.alive(404) && !classes.alive(302));
-        for bad in ["", "abc", "7xx", "99", "!408", "2xx,,3xx"] {
-            assert!(bad.parse::<AliveCodes>().is_err(), "{bad:?}");
-        }
+    fn the_health_uri_is_the_request_uri_and_the_to() {
+        let local: SocketAddr = "[2001:db8::2]:40000".parse().unwrap();
+        let target: SocketAddr = "[2001:db8::21]:5060".parse().unwrap();
+        let uri: HealthUri = "sip:ping@{backend}".parse().unwrap();
+        let req = options_request(local, &uri.for_backend(target), &ids(), 1);
+        assert!(
+            req.starts_with("OPTIONS sip:ping@[2001:db8::21]:5060 SIP/2.0\r\n"),
+            "{req}"
+        );
+        assert!(
+            req.contains("\r\nTo: <sip:ping@[2001:db8::21]:5060>\r\n"),
+            "{req}"
+        );
     }
 
     #[test]
-    fn down_after_consecutive_failures_and_up_after_consecutive_successes() {
-        let cfg = cfg();
-        let now = Instant::now();
-        let mut h = Health::new(State::Up, "start");
-        assert!(!h.record(&ProbeOutcome::Timeout, &cfg, now));
-        assert!(!h.record(&ok(500), &cfg, now));
+    fn probe_ids_are_random_per_probe() {
+        let a = ProbeIds::random().unwrap();
+        let b = ProbeIds::random().unwrap();
         assert!(
-            !h.record(&ok(200), &cfg, now),
-            "a success resets the failure count"
+            a.branch.starts_with("z9hG4bK") && a.branch.len() == 7 + 32,
+            "{a:?}"
         );
-        assert!(!h.record(&ProbeOutcome::Timeout, &cfg, now));
-        assert!(!h.record(
-            &ProbeOutcome::Unreachable("port unreachable".into()),
-            &cfg,
-            now
-        ));
-        assert!(h.record(&ok(408), &cfg, now));
-        assert_eq!(h.state, State::Down);
-        assert!(
-            h.reason
-                .contains("3 consecutive failures, last: response 408"),
-            "{}",
-            h.reason
-        );
-        assert!(!h.record(&ok(200), &cfg, now));
-        assert!(h.record(&ok(404), &cfg, now), "404 is alive by default");
-        assert_eq!(h.state, State::Up);
-        assert_eq!(h.consecutive_failures, 0);
+        assert!(a.call_id.starts_with("sd-health-") && a.call_id.ends_with("@sip-dispatch"));
+        assert_eq!(a.tag.len(), 16);
+        assert_ne!(a.branch, b.branch);
+        assert_ne!(a.call_id, b.call_id);
+        assert_ne!(a.tag, b.tag);
+        // No part of one probe's ids is derived from another's (not a counter, not the pid).
+        assert_ne!(&a.branch[7..23], &b.branch[7..23]);
+        assert_ne!(&a.call_id[10..26], &b.call_id[10..26]);
     }
 
     #[test]
-    fn retry_after_503_takes_the_backend_out_for_that_long() {
-        let cfg = cfg();
-        let now = Instant::now();
-        let mut h = Health::new(State::Up, "start");
-        let busy = ProbeOutcome::Answered {
+    fn deadlines_never_overflow() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            deadline(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(86_400));
+        assert!(deadline(now, Duration::from_secs(u64::MAX)) > now);
+    }
+
+    #[test]
+    fn a_clamped_retry_after_is_logged_once_per_run() {
+        let target: SocketAddr = "198.18.0.21:5060".parse().unwrap();
+        let busy = |secs| ProbeOutcome::Answered {
             status: 503,
             rtt: Duration::from_millis(1),
-            retry_after: Some(Duration::from_secs(10)),
+            retry_after: Some(Duration::from_secs(secs)),
         };
-        assert!(h.record(&busy, &cfg, now), "down at once");
-        assert_eq!(h.state, State::Down);
-        assert!(!h.record(&ok(200), &cfg, now + Duration::from_secs(1)));
-        assert!(
-            !h.record(&ok(200), &cfg, now + Duration::from_secs(2)),
-            "held by Retry-After"
-        );
-        assert!(h.record(&ok(200), &cfg, now + Duration::from_secs(11)));
-        assert_eq!(h.state, State::Up);
+        let mut logged = false;
+        log_clamped_retry_after(target, &busy(10), &mut logged);
+        assert!(!logged);
+        log_clamped_retry_after(target, &busy(u64::MAX), &mut logged);
+        assert!(logged);
+        log_clamped_retry_after(target, &ProbeOutcome::Timeout, &mut logged);
+        assert!(!logged, "armed again once the backend stops asking");
     }
 
-    #[test]
-    fn the_first_probe_alone_decides_the_initial_state() {
-        let cfg = cfg();
-        let now = Instant::now();
+    /// A minimal responder on loopback: answers each OPTIONS with `first` (when given)
+    /// and then `status`, echoing Via and Call-ID, and reports the Request-URIs it saw.
+    async fn responder(
+        first: Option<&'static str>,
+        status: &'static str,
+        extra: String,
+    ) -> (SocketAddr, mpsc::Receiver<String>) {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let header = |name: &str| {
+                    req.lines()
+                        .find(|l| l.starts_with(name))
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let _ = tx.try_send(req.lines().next().unwrap_or_default().to_string());
+                for line in first.into_iter().chain([status]) {
+                    let resp = format!(
+                        "SIP/2.0 {line}\r\n{}\r\n{}\r\nCSeq: 1 OPTIONS\r\n{extra}\r\n",
+                        header("Via:"),
+                        header("Call-ID:")
+                    );
+                    let _ = server.send_to(resp.as_bytes(), from).await;
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn one_probe_reads_odd_answers_with_one_buffer() {
+        // 100 Trying, then a 503 with the largest Retry-After there is and a long header.
+        let (addr, mut seen) = responder(
+            Some("100 Trying"),
+            "503 Service Unavailable",
+            format!(
+                "Retry-After: 18446744073709551615 (gone fishing)\r\nX-Pad: {}\r\n",
+                "a".repeat(2000)
+            ),
+        )
+        .await;
+        let uri: HealthUri = "sip:ping@{backend}".parse().unwrap();
+        let mut probe = Probe::new(addr, &uri);
+        let buffer = probe.buf.as_ptr();
+        for _ in 0..3 {
+            let outcome = probe.once(Duration::from_secs(2)).await;
+            assert_eq!(
+                outcome.retry_after_beyond_limit(),
+                Some(Duration::from_secs(u64::MAX)),
+                "{outcome:?}"
+            );
+            assert!(
+                matches!(outcome, ProbeOutcome::Answered { status: 503, .. }),
+                "the final response, not the 100: {outcome:?}"
+            );
+            assert_eq!(
+                seen.recv().await.unwrap(),
+                format!("OPTIONS sip:ping@{addr} SIP/2.0")
+            );
+        }
         assert_eq!(
-            Health::from_first_probe(&ok(200), &cfg, now).state,
-            State::Up
+            probe.buf.as_ptr(),
+            buffer,
+            "the same buffer for every probe"
         );
-        let h = Health::from_first_probe(&ProbeOutcome::Timeout, &cfg, now);
-        assert_eq!(h.state, State::Down);
-        assert!(h.reason.starts_with("first probe: "), "{}", h.reason);
-        let mut h = Health::from_first_probe(&ok(500), &cfg, now);
-        assert!(!h.record(&ok(200), &cfg, now));
-        assert!(
-            h.record(&ok(200), &cfg, now),
-            "up after up-after successes as usual"
-        );
+        assert_eq!(probe.buf.len(), RECEIVE_BUFFER);
     }
 
-    #[test]
-    fn smoothed_rtt() {
-        let cfg = cfg();
-        let mut h = Health::new(State::Up, "start");
-        let at = |ms| ProbeOutcome::Answered {
-            status: 200,
-            rtt: Duration::from_millis(ms),
-            retry_after: None,
-        };
-        h.record(&at(8), &cfg, Instant::now());
-        assert_eq!(h.srtt, Some(Duration::from_millis(8)));
-        h.record(&at(16), &cfg, Instant::now());
-        assert_eq!(h.srtt, Some(Duration::from_millis(9)));
-        assert_eq!(h.last_rtt, Some(Duration::from_millis(16)));
+    #[tokio::test]
+    async fn an_answer_beyond_the_buffer_is_read_up_to_its_last_whole_line() {
+        // A 503 padded so that the buffer ends inside `Retry-After: 1234|5678`: read as
+        // it stands, that would be a hold of 1234 s; only whole lines count, so none.
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let Ok((n, from)) = server.recv_from(&mut buf).await else {
+                return;
+            };
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let header = |name: &str| {
+                req.lines()
+                    .find(|l| l.starts_with(name))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let head = format!(
+                "SIP/2.0 503 Service Unavailable\r\n{}\r\n{}\r\nCSeq: 1 OPTIONS\r\n",
+                header("Via:"),
+                header("Call-ID:")
+            );
+            let pad = RECEIVE_BUFFER - head.len() - "X-Pad: \r\nRetry-After: 1234".len();
+            let resp = format!(
+                "{head}X-Pad: {}\r\nRetry-After: 12345678\r\n\r\n",
+                "p".repeat(pad)
+            );
+            assert_eq!(&resp[RECEIVE_BUFFER - 4..RECEIVE_BUFFER + 4], "12345678");
+            let _ = server.send_to(resp.as_bytes(), from).await;
+        });
+        let mut probe = Probe::new(addr, &HealthUri::default());
+        let outcome = probe.once(Duration::from_secs(2)).await;
+        assert!(
+            matches!(
+                outcome,
+                ProbeOutcome::Answered {
+                    status: 503,
+                    retry_after: None,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
     }
 
     #[tokio::test]
@@ -561,8 +469,8 @@ mod tests {
                 let _ = server.send_to(resp.as_bytes(), from).await;
             }
         });
-        let sock = probe_socket(addr).await.unwrap();
-        let outcome = probe_once(&sock, 1, Duration::from_secs(2)).await;
+        let mut probe = Probe::new(addr, &HealthUri::default());
+        let outcome = probe.once(Duration::from_secs(2)).await;
         assert!(
             matches!(outcome, ProbeOutcome::Answered { status: 200, .. }),
             "{outcome:?}"
@@ -572,11 +480,16 @@ mod tests {
         let closed = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let closed_addr = closed.local_addr().unwrap();
         drop(closed);
-        let sock = probe_socket(closed_addr).await.unwrap();
-        let outcome = probe_once(&sock, 2, Duration::from_secs(2)).await;
-        assert!(
-            matches!(outcome, ProbeOutcome::Unreachable(_)),
-            "{outcome:?}"
-        );
+        let mut probe = Probe::new(closed_addr, &HealthUri::default());
+        let buffer = probe.buf.as_ptr();
+        for _ in 0..3 {
+            let outcome = probe.once(Duration::from_secs(2)).await;
+            assert!(
+                matches!(outcome, ProbeOutcome::Unreachable(_)),
+                "{outcome:?}"
+            );
+            assert!(probe.sock.is_none(), "a fresh socket for the next probe");
+        }
+        assert_eq!(probe.buf.as_ptr(), buffer, "one buffer across reconnects");
     }
 }

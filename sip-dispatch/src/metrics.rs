@@ -197,6 +197,8 @@ mod tests {
                 state: "up".into(),
                 reason: String::new(),
                 rtt_ms: Some(1.5),
+                last_code: Some(200),
+                last_rtt_ms: Some(1.2),
                 consecutive_failures: 0,
                 last_change: 0,
                 checks: 9,

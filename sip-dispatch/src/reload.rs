@@ -114,6 +114,20 @@ mod tests {
     }
 
     #[test]
+    fn the_health_uri_reloads() {
+        let base = [
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ];
+        let a = settings(&base);
+        let b = settings(&[&base[..], &["--health-uri", "sip:ping@{backend}"]].concat());
+        assert_ne!(a.health, b.health, "a change the controller applies");
+        assert_eq!(restart_only_changes(&a, &b), Vec::<String>::new());
+    }
+
+    #[test]
     fn restart_only_settings_are_named() {
         let a = settings(&[
             "--vip",

@@ -20,6 +20,9 @@ pub struct BackendInfo {
     pub reason: String,
     /// Smoothed health-check round trip.
     pub rtt: Option<Duration>,
+    /// Status code and round trip of the last health check (None: no final response).
+    pub last_code: Option<u16>,
+    pub last_rtt: Option<Duration>,
     pub consecutive_failures: u32,
     /// Seconds since the Unix epoch of the last state change.
     pub last_change: u64,
@@ -37,6 +40,11 @@ pub struct BackendSnapshot {
     pub state: String,
     pub reason: String,
     pub rtt_ms: Option<f64>,
+    /// Of the last health check; null when it got no final response.
+    #[serde(default)]
+    pub last_code: Option<u16>,
+    #[serde(default)]
+    pub last_rtt_ms: Option<f64>,
     pub consecutive_failures: u32,
     pub last_change: u64,
     pub checks: u64,
@@ -92,6 +100,8 @@ pub fn snapshot(
                 state: b.state.to_string(),
                 reason: b.reason.clone(),
                 rtt_ms: b.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                last_code: b.last_code,
+                last_rtt_ms: b.last_rtt.map(|d| d.as_secs_f64() * 1000.0),
                 consecutive_failures: b.consecutive_failures,
                 last_change: b.last_change,
                 checks: b.checks,

@@ -254,12 +254,35 @@ impl Uas {
     /// Starts the UAS on `ip`:5060 in namespace `ns` and waits until its socket is bound.
     /// It quits by itself after `bound` at the latest.
     pub fn start(ns: &str, ip: IpAddr, dir: &Path, label: &str, bound: Duration) -> Result<Self> {
+        Self::start_with(ns, ip, dir, label, bound, &["-sn", "uas", "-aa"])
+    }
+
+    /// Like [`Uas::start`], but runs the server scenario file `scenario` (`-sf`), e.g. a
+    /// backend that answers OPTIONS oddly.
+    pub fn start_scenario(
+        ns: &str,
+        ip: IpAddr,
+        dir: &Path,
+        label: &str,
+        bound: Duration,
+        scenario: &Path,
+    ) -> Result<Self> {
+        let scenario = path_arg(scenario);
+        Self::start_with(ns, ip, dir, label, bound, &["-sf", &scenario])
+    }
+
+    fn start_with(
+        ns: &str,
+        ip: IpAddr,
+        dir: &Path,
+        label: &str,
+        bound: Duration,
+        scenario: &[&str],
+    ) -> Result<Self> {
         crate::topology::check_test_address(ip)?;
         let logs = TraceFiles::new(dir, label);
-        let mut args: Vec<String> = vec![
-            "-sn".into(),
-            "uas".into(),
-            "-aa".into(),
+        let mut args: Vec<String> = scenario.iter().map(|a| a.to_string()).collect();
+        args.extend([
             "-i".into(),
             ip.to_string(),
             "-p".into(),
@@ -268,7 +291,7 @@ impl Uas {
             "-nostdin".into(),
             "-timeout".into(),
             format!("{}s", bound.as_secs().max(1)),
-        ];
+        ]);
         args.extend(logs.args());
         let mut process = Process::spawn(ns, "sipp", &args, dir, label)?;
         process::wait_udp_bound(&mut process, ip, SIP_PORT, Duration::from_secs(10))?;
@@ -282,6 +305,21 @@ impl Uas {
 
     pub fn pid(&self) -> i32 {
         self.process.pid()
+    }
+
+    /// The first lines of the requests this UAS received so far (from its
+    /// `-trace_shortmsg` log), e.g. `OPTIONS sip:ping@198.18.0.21:5060 SIP/2.0`.
+    pub fn received_request_lines(&self) -> Result<Vec<String>> {
+        let text = std::fs::read_to_string(&self.messages_path)
+            .with_context(|| format!("reading {}", self.messages_path.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split('\t').collect();
+                (f.len() >= 7 && f[3] == "R" && !f[6].starts_with("SIP/2.0"))
+                    .then(|| f[6].trim().to_owned())
+            })
+            .collect())
     }
 
     /// Stops the UAS (SIGTERM: SIPp writes its last stat line and flushes its message log)

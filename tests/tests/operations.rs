@@ -627,6 +627,213 @@ fn upgrade_and_restart_with_keep_attached_drop_no_call() {
     verdict(NAME, &bed.dir.clone(), problems);
 }
 
+/// A backend that answers every OPTIONS oddly but well-formed: `100 Trying`, then `503`
+/// with `Retry-After: 18446744073709551615 (gone fishing);duration=1` (the top of u64)
+/// and a 2000-byte header. Written to `dir/odd-options.xml`.
+fn odd_options_scenario(dir: &Path) -> PathBuf {
+    let pad = "x".repeat(2000);
+    let xml = format!(
+        r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="odd OPTIONS answers">
+  <recv request="OPTIONS"/>
+  <send>
+    <![CDATA[
+
+      SIP/2.0 100 Trying
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send>
+    <![CDATA[
+
+      SIP/2.0 503 Service Unavailable
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]odd[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Retry-After: 18446744073709551615 (gone fishing);duration=1
+      X-Padding: {pad}
+      Content-Length: 0
+
+    ]]>
+  </send>
+</scenario>
+"#
+    );
+    let path = dir.join("odd-options.xml");
+    std::fs::write(&path, xml).expect("writing the scenario");
+    path
+}
+
+/// A backend answering the health check with `503` and a Retry-After at the top of the
+/// u64 range (after a 100, with a 2000-byte header) once panicked the daemon at every
+/// start. Now: the daemon starts and stays up, that backend is down and held (for the
+/// clamped hour, logged), the others take every call (each at one backend), a restart
+/// with that backend still listed works, the probes go to `--health-uri
+/// sip:ping@{backend}`, and `backends list --json` shows each one's last code and RTT.
+#[test]
+fn a_hostile_health_answer_holds_its_backend_and_crashes_nothing() {
+    const NAME: &str = "hostile_health";
+    const CALLS: u32 = 200;
+    let mut bed = Bed::build(NAME, 3, Duration::from_secs(120));
+    let (b1, b2, b3) = (bed.backend(1), bed.backend(2), bed.backend(3));
+    // b3 becomes the odd backend: same address, a scenario answering OPTIONS only.
+    bed.uas[2].take().expect("b3").stop().expect("stopping b3");
+    let scenario = odd_options_scenario(&bed.dir);
+    let ns = bed
+        .topo
+        .backends()
+        .nth(2)
+        .expect("third backend host")
+        .ns_name()
+        .to_owned();
+    bed.uas[2] = Some(
+        Uas::start_scenario(
+            &ns,
+            b3.ip(),
+            &bed.dir,
+            "odd-b3",
+            Duration::from_secs(120),
+            &scenario,
+        )
+        .expect("the odd backend"),
+    );
+    let mut run = bed.run_config(3);
+    run.extra = vec!["--health-uri".into(), "sip:ping@{backend}".into()];
+
+    let mut problems = Vec::new();
+    let mut uac_runs = Vec::new();
+    for round in ["first start", "restart"] {
+        let mut daemon = bed.start_daemon(&run);
+        let list = wait_list(
+            &bed,
+            Duration::from_secs(15),
+            "b1, b2 up and b3 held down",
+            |l| {
+                state(l, b1) == Some("up")
+                    && state(l, b2) == Some("up")
+                    && state(l, b3) == Some("down")
+            },
+        );
+        let reason = list[&b3]["reason"].as_str().unwrap_or_default();
+        println!(
+            "{round}: b3 {} ({reason}), last_code {}; b1 last_code {} last_rtt_ms {}; b2 last_rtt_ms {}",
+            list[&b3]["state"],
+            list[&b3]["last_code"],
+            list[&b1]["last_code"],
+            list[&b1]["last_rtt_ms"],
+            list[&b2]["last_rtt_ms"]
+        );
+        if !reason.contains("held for 3600s by 503 with Retry-After 18446744073709551615s") {
+            problems.push(format!("{round}: b3's reason {reason:?} does not say held"));
+        }
+        if list[&b3]["last_code"] != 503 {
+            problems.push(format!(
+                "{round}: b3's last_code {}",
+                list[&b3]["last_code"]
+            ));
+        }
+        for b in [b1, b2] {
+            let rtt = list[&b]["last_rtt_ms"].as_f64();
+            if list[&b]["last_code"] != 200 || !rtt.is_some_and(|r| r > 0.0 && r < 1000.0) {
+                problems.push(format!(
+                    "{round}: {b} last_code {} last_rtt_ms {:?}",
+                    list[&b]["last_code"], rtt
+                ));
+            }
+            // The fields that were there before stay.
+            for field in [
+                "rtt_ms",
+                "checks",
+                "check_failures",
+                "state",
+                "reason",
+                "share",
+            ] {
+                if list[&b].get(field).is_none() {
+                    problems.push(format!("{round}: {b} lost the field {field}"));
+                }
+            }
+        }
+        let table = text(&bed.cli(&["backends", "list"]).stdout);
+        if !(table.contains("last ms") && table.contains(" 503 ")) {
+            problems.push(format!("{round}: the table lacks last code/RTT:\n{table}"));
+        }
+
+        let mut spec = bed.uac_spec(CALLS, 100);
+        // Call-IDs of their own per round: the UAS would take a known one for a retransmission.
+        spec.call_id = format!("%u-r{}-sdt@%s", uac_runs.len());
+        let uac = bed.start_uac(&spec, &format!("uac-{}", uac_runs.len()));
+        let report = uac.finish().expect("UAC");
+        problems.extend(
+            uac_problems(&report, CALLS)
+                .into_iter()
+                .map(|p| format!("{round}: {p}")),
+        );
+        uac_runs.push(report);
+        if let Err(e) = daemon.check_running() {
+            problems.push(format!("{round}: the daemon died: {e:#}"));
+        }
+        let log = daemon.log().tail(400);
+        if !log.contains("Retry-After 18446744073709551615s clamped to 3600s") {
+            problems.push(format!("{round}: no clamp in the daemon's log:\n{log}"));
+        }
+        if log.contains("panicked") {
+            problems.push(format!("{round}: a panic in the daemon's log:\n{log}"));
+        }
+        daemon.stop().expect("the daemon stops cleanly");
+    }
+
+    // Where each probe and call landed.
+    let odd = bed.uas[2].as_ref().expect("b3");
+    let probes_b1 = bed.uas[0]
+        .as_ref()
+        .expect("b1")
+        .received_request_lines()
+        .expect("b1 log");
+    let probes_b3 = odd.received_request_lines().expect("b3 log");
+    for (b, lines) in [(b1, &probes_b1), (b3, &probes_b3)] {
+        let options: Vec<&String> = lines.iter().filter(|l| l.starts_with("OPTIONS ")).collect();
+        let expected = format!("OPTIONS sip:ping@{b} SIP/2.0");
+        if options.is_empty() || options.iter().any(|l| **l != expected) {
+            problems.push(format!(
+                "{b}: OPTIONS lines {options:?}, expected {expected:?}"
+            ));
+        }
+    }
+    if let Some(l) = probes_b3.iter().find(|l| !l.starts_with("OPTIONS ")) {
+        problems.push(format!("the held backend b3 got a call: {l}"));
+    }
+    let reports = bed.stop_backends();
+    let by_call = backends_by_call(&reports);
+    for uac in &uac_runs {
+        let calls = uac.calls().expect("UAC calls");
+        problems.extend(exactly_one_backend(&calls, &reports));
+        let mut per_backend: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for call_id in calls.keys() {
+            for b in by_call.get(call_id).into_iter().flatten() {
+                *per_backend.entry(*b).or_default() += 1;
+            }
+        }
+        if per_backend.contains_key(&b3) || per_backend.values().sum::<usize>() != CALLS as usize {
+            problems.push(format!("calls per backend {per_backend:?}"));
+        }
+        println!(
+            "{}: {} calls ok, {} failed; per backend {per_backend:?}",
+            uac.label, uac.successful, uac.failed
+        );
+    }
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
 /// A SIPp scenario like the built-in `uac` whose INVITE carries an SDP body of about
 /// `sdp_bytes` bytes (padding attributes), so it leaves the client fragmented.
 fn big_invite_scenario(dir: &Path, sdp_bytes: usize) -> PathBuf {
