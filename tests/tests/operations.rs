@@ -25,7 +25,7 @@ use sip_dispatch_testbed::{
     bed::{Bed, BpfFs, text, uac_problems, verdict},
     dispatcher::{self, Dispatcher, ExitStats},
     link, netns,
-    sipp::{Scenario, backends_by_call, exactly_one_backend},
+    sipp::{Scenario, Uas, backends_by_call, exactly_one_backend},
 };
 
 fn workdir() -> PathBuf {
@@ -683,7 +683,7 @@ fn odd_options_scenario(dir: &Path) -> PathBuf {
 fn a_hostile_health_answer_holds_its_backend_and_crashes_nothing() {
     const NAME: &str = "hostile_health";
     const CALLS: u32 = 200;
-    let mut bed = Bed::build(NAME, 3, Duration::from_secs(120));
+    let mut bed = Bed::build(&workdir(), NAME, 3, Duration::from_secs(120));
     let (b1, b2, b3) = (bed.backend(1), bed.backend(2), bed.backend(3));
     // b3 becomes the odd backend: same address, a scenario answering OPTIONS only.
     bed.uas[2].take().expect("b3").stop().expect("stopping b3");
