@@ -302,21 +302,27 @@ pub const MAX_CHECK_COUNT: u32 = 100;
 /// Most `--dns-min-ttl` and `--dns-max-ttl`, in seconds: one day (at least 1 s).
 pub const MAX_TTL_SECS: u64 = 86_400;
 
-/// A duration of `name`, within `range` (both ends allowed).
+/// A duration of `name`, within `range` (both ends allowed). The error names the value
+/// and the range.
 pub fn parse_duration_in(
     name: &str,
     s: &str,
     (min, max): (Duration, Duration),
 ) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < min || d > max {
-        return Err(format!(
-            "{name} {s:?} is out of range: {} to {}",
-            show_duration(min),
-            show_duration(max)
-        ));
+    let range = format!("{} to {}", show_duration(min), show_duration(max));
+    // A number with a unit that is no duration (0, negative, too large) is out of range.
+    let numeric = s
+        .strip_suffix("ms")
+        .or_else(|| s.strip_suffix('s'))
+        .and_then(|n| n.parse::<f64>().ok())
+        .is_some_and(f64::is_finite);
+    match parse_duration(s) {
+        Ok(d) if d >= min && d <= max => Ok(d),
+        Err(_) if !numeric => Err(format!(
+            "{name} {s:?} is not a duration: expected {range}, e.g. 500ms, 1s or 2.5s"
+        )),
+        _ => Err(format!("{name} {s:?} is out of range: {range}")),
     }
-    Ok(d)
 }
 
 pub fn parse_health_interval(s: &str) -> Result<Duration, String> {
@@ -439,6 +445,34 @@ mod tests {
         );
         assert!(parse_health_interval("3600.001s").is_err());
         assert_eq!(parse_health_timeout("10ms"), Ok(Duration::from_millis(10)));
+        for (bad, why) in [
+            ("1e20s", "is out of range: 100ms to 3600s"),
+            ("1e308s", "is out of range: 100ms to 3600s"),
+            ("0s", "is out of range: 100ms to 3600s"),
+            ("-1s", "is out of range: 100ms to 3600s"),
+            (
+                "NaNs",
+                "is not a duration: expected 100ms to 3600s, e.g. 500ms",
+            ),
+            (
+                "infs",
+                "is not a duration: expected 100ms to 3600s, e.g. 500ms",
+            ),
+            (
+                "1h",
+                "is not a duration: expected 100ms to 3600s, e.g. 500ms",
+            ),
+        ] {
+            let e = parse_health_interval(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("health-interval {bad:?} {why}")),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            parse_health_timeout("1e30s").unwrap_err(),
+            "health-timeout \"1e30s\" is out of range: 10ms to 3600s"
+        );
     }
 
     #[test]

@@ -718,13 +718,13 @@ srv = ["_sip._udp.example.net"]
                 "interval.toml",
                 "health-interval = \"2s\"",
                 "health-interval = \"1e20s\"",
-                "interval.toml:4: key `health-interval`: invalid duration \"1e20s\"",
+                "interval.toml:4: key `health-interval`: health-interval \"1e20s\" is out of range: 100ms to 3600s",
             ),
             (
                 "interval-range.toml",
                 "health-interval = \"2s\"",
                 "health-interval = \"2h\"",
-                "interval-range.toml:4: key `health-interval`: invalid duration \"2h\"",
+                "interval-range.toml:4: key `health-interval`: health-interval \"2h\" is not a duration: expected 100ms to 3600s",
             ),
             (
                 "interval-long.toml",
@@ -736,13 +736,13 @@ srv = ["_sip._udp.example.net"]
                 "timeout.toml",
                 "health-interval = \"2s\"",
                 "health-timeout = \"1e30s\"",
-                "timeout.toml:4: key `health-timeout`: invalid duration \"1e30s\"",
+                "timeout.toml:4: key `health-timeout`: health-timeout \"1e30s\" is out of range: 10ms to 3600s",
             ),
             (
                 "timeout-nan.toml",
                 "health-interval = \"2s\"",
                 "health-timeout = \"NaNs\"",
-                "timeout-nan.toml:4: key `health-timeout`: invalid duration \"NaNs\"",
+                "timeout-nan.toml:4: key `health-timeout`: health-timeout \"NaNs\" is not a duration",
             ),
             (
                 "down.toml",
