@@ -131,6 +131,33 @@ pub fn persist(path: &Path, key: HashKey) -> anyhow::Result<HashKey> {
     }
 }
 
+/// The key in force in the maps a previous daemon left pinned in `pin_dir`, if any: a
+/// first start with a key file on a host that still forwards with an older daemon's
+/// key (an upgrade from a release without key files) keeps that key, so calls in
+/// progress stay where they are.
+pub fn pinned_key(pin_dir: &Path) -> Option<HashKey> {
+    use aya::maps::{Array, Map, MapData};
+    let path = pin_dir.join(sip_dispatch_common::MAP_CONFIG);
+    if !path.exists() {
+        return None;
+    }
+    let read = || -> anyhow::Result<HashKey> {
+        let data = MapData::from_pin(&path)?;
+        let config: Array<MapData, sip_dispatch_common::Config> =
+            Array::try_from(Map::Array(data))?;
+        let [k0, k1] = config.get(&0, 0)?.hash_key;
+        Ok(HashKey { k0, k1 })
+    };
+    match read() {
+        Ok(key) if key != (HashKey { k0: 0, k1: 0 }) => Some(key),
+        Ok(_) => None,
+        Err(e) => {
+            log::warn!("reading the hash key pinned in {}: {e:#}", path.display());
+            None
+        }
+    }
+}
+
 /// What an operator should hear at start about `key` from `origin`, one line each.
 pub fn warnings(key: HashKey, origin: &KeyOrigin) -> Vec<String> {
     let mut out = Vec::new();

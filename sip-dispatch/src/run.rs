@@ -61,8 +61,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 fn use_hash_key(settings: &mut Settings, args: &RunArgs) -> anyhow::Result<()> {
     if let KeyOrigin::NewKeyFile(path) = &settings.hash_key_origin {
         let path = path.clone();
-        settings.hash_key = hashkey::persist(&path, settings.hash_key)?;
-        log::info!("hash key file {} created (mode 0600)", path.display());
+        let pinned = match settings.reset {
+            false => hashkey::pinned_key(&settings.pin_path),
+            true => None,
+        };
+        settings.hash_key = hashkey::persist(&path, pinned.unwrap_or(settings.hash_key))?;
+        match pinned {
+            Some(_) => log::info!(
+                "hash key file {} created (mode 0600) with the key of the maps pinned in {}",
+                path.display(),
+                settings.pin_path.display()
+            ),
+            None => log::info!("hash key file {} created (mode 0600)", path.display()),
+        }
         settings.hash_key_origin = KeyOrigin::KeyFile(path);
     }
     if let Some(path) = &args.hash_key_file

@@ -624,3 +624,83 @@ fn the_hash_key_file_is_created_once_and_reused() {
     daemon.stop().expect("a clean stop");
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), text);
 }
+
+/// A bpf filesystem mounted on a fresh directory of the root namespace (visible to every
+/// `ip netns exec`, so pins outlive a daemon); unmounted on drop.
+struct BpfFs(PathBuf);
+
+impl BpfFs {
+    fn mount(tag: &str) -> BpfFs {
+        let dir = PathBuf::from(format!("/run/sdt-bpffs-{tag}"));
+        std::fs::create_dir_all(&dir).expect("creating the bpffs mount point");
+        let fs = BpfFs(dir);
+        let out = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&fs.0)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "mount -t bpf bpf {}: {}",
+            fs.0.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// An upgrade from a daemon without a key file (here: one given `--hash-key`) that left
+/// its maps pinned: the first start with a key file writes the pinned key into it, so
+/// calls keep their backends across the upgrade.
+#[test]
+fn a_new_key_file_takes_the_key_of_the_pinned_maps() {
+    let bed = Bed::build("key-adopt");
+    let bpffs = BpfFs::mount(bed.topo.tag());
+    let pins = bpffs.0.join(bed.iface());
+    let (vip, be) = (bed.vip(Family::V4), bed.backend(Family::V4));
+    let key_file = bed.dir.join("keys").join("hash-key");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a = bed.common_args(&key_file);
+        let at = a.iter().position(|x| x == "--pin-path").unwrap();
+        a[at + 1] = pins.display().to_string();
+        a.extend(["--vip", &vip.to_string(), "--backend", &be.to_string()].map(str::to_owned));
+        a.extend(extra.iter().map(|s| (*s).to_owned()));
+        a
+    };
+    let old = HashKey::from_hex("00112233445566778899aabbccddeeff").unwrap();
+    let daemon = bed.start(
+        "old",
+        &args(&["--hash-key", &dispatcher::key_hex(old), "--keep-attached"]),
+    );
+    assert_eq!(CALL_IDS.map(|c| bed.slot_of(c)).to_vec(), slots(old));
+    daemon.stop().expect("a clean stop");
+    assert!(
+        link::xdp_prog_id(&bed.ns(), &bed.iface())
+            .unwrap()
+            .is_some(),
+        "--keep-attached left XDP attached"
+    );
+    assert!(!key_file.exists());
+
+    let daemon = bed.start("new", &args(&[]));
+    let text = std::fs::read_to_string(&key_file).expect("the key file was created");
+    assert_eq!(text, format!("{}\n", dispatcher::key_hex(old)));
+    assert_eq!(CALL_IDS.map(|c| bed.slot_of(c)).to_vec(), slots(old));
+    let log = daemon.log().tail(200);
+    assert!(
+        log.contains(&format!(
+            "created (mode 0600) with the key of the maps pinned in {}",
+            pins.display()
+        )),
+        "{log}"
+    );
+    daemon.stop().expect("a clean stop (detaches)");
+    assert_eq!(link::xdp_prog_id(&bed.ns(), &bed.iface()).unwrap(), None);
+}
