@@ -124,6 +124,44 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_or_missing_key_file_is_a_changed_key() {
+        let dir = std::env::temp_dir().join(format!("sd-reload-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("hash-key");
+        let flags = [
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+            "--hash-key-file",
+            file.to_str().unwrap(),
+        ];
+        // Missing on both sides: no key yet, nothing changed.
+        assert_eq!(
+            restart_only_changes(&settings(&flags), &settings(&flags)),
+            Vec::<String>::new()
+        );
+        crate::hashkey::persist(&file, crate::hashkey::generate().unwrap()).unwrap();
+        let running = settings(&flags);
+        assert_eq!(
+            restart_only_changes(&running, &settings(&flags)),
+            Vec::<String>::new()
+        );
+        std::fs::remove_file(&file).unwrap();
+        crate::hashkey::persist(&file, crate::hashkey::generate().unwrap()).unwrap();
+        assert_eq!(
+            restart_only_changes(&running, &settings(&flags)),
+            ["`hash-key`"]
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            restart_only_changes(&running, &settings(&flags)),
+            ["`hash-key`"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn restart_only_settings_are_named() {
         let a = settings(&[
             "--vip",

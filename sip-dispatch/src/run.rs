@@ -90,6 +90,16 @@ fn use_hash_key(settings: &mut Settings, args: &RunArgs) -> anyhow::Result<()> {
     for w in hashkey::warnings(settings.hash_key, &settings.hash_key_origin) {
         log::warn!("{w}");
     }
+    if settings.hash_key_origin == KeyOrigin::ConfigFile
+        && let Some(config) = &args.config
+        && let Ok(meta) = std::fs::metadata(config)
+        && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o044 != 0
+    {
+        log::warn!(
+            "the hash key is in {}, which group or others may read: use a `hash-key-file` (mode 0600)",
+            config.display()
+        );
+    }
     Ok(())
 }
 

@@ -166,9 +166,10 @@ impl Bed {
         dispatcher::cli(&self.binary, &self.control(), args).expect("running the CLI")
     }
 
-    /// `which CALL_ID --json`: the slot the daemon computes.
+    /// `which CALL_ID --json` (of the IPv4 service): the slot the daemon computes.
     fn slot_of(&self, call_id: &str) -> u64 {
-        let out = self.cli(&["which", call_id, "--json"]);
+        let vip = self.vip(Family::V4).to_string();
+        let out = self.cli(&["which", call_id, "--service", &vip, "--json"]);
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "which {call_id}: {e}: {}{}",
@@ -474,6 +475,27 @@ fn bad_values_are_refused_with_one_line_and_nothing_attached() {
         String::from_utf8_lossy(&out.stderr)
     );
     daemon.stop().expect("a clean stop");
+
+    // A key in a config file others may read is warned about (and used).
+    std::fs::write(
+        &config,
+        format!("hash-key = \"000102030405060708090a0b0c0d0e0f\"\n{file_text}"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let daemon = bed.start("key-in-file", &good);
+    let slots_now = CALL_IDS.map(|c| bed.slot_of(c)).to_vec();
+    let log = daemon.log().tail(200);
+    daemon.stop().expect("a clean stop");
+    assert_eq!(
+        slots_now,
+        slots(HashKey::from_hex("000102030405060708090a0b0c0d0e0f").unwrap())
+    );
+    let want = format!(
+        "the hash key is in {}, which group or others may read",
+        config.display()
+    );
+    assert!(log.contains(&want), "no {want:?} in {log}");
 }
 
 /// The key file: created (0600, directory 0700) with a random key at first start and used
