@@ -283,20 +283,22 @@ impl Settings {
             (None, Some(n)) => r.count(key, n, MAX_TTL_SECS),
             (None, None) => Ok(default),
         };
+        let interval = duration(
+            args.health_interval,
+            "health-interval",
+            &file.health_interval,
+            parse_health_interval,
+            Duration::from_secs(1),
+        )?;
         let health = HealthConfig {
-            interval: duration(
-                args.health_interval,
-                "health-interval",
-                &file.health_interval,
-                parse_health_interval,
-                Duration::from_secs(1),
-            )?,
+            interval,
+            // The default timeout shrinks with a shorter interval; a given one must fit.
             timeout: duration(
                 args.health_timeout,
                 "health-timeout",
                 &file.health_timeout,
                 parse_health_timeout,
-                Duration::from_millis(500),
+                Duration::from_millis(500).min(interval),
             )?,
             down_after: count(args.down_after, "down-after", &file.down_after, 3)?,
             up_after: count(args.up_after, "up-after", &file.up_after, 2)?,
@@ -840,6 +842,32 @@ srv = ["_sip._udp.example.net"]
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_default_health_timeout_fits_a_short_interval() {
+        let base = [
+            "--iface",
+            "eth1",
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            Settings::resolve(&args(&all))
+        };
+        let s = with(&["--health-interval", "200ms"]).unwrap();
+        assert_eq!(s.health.timeout, Duration::from_millis(200));
+        let s = with(&["--health-interval", "5s"]).unwrap();
+        assert_eq!(s.health.timeout, Duration::from_millis(500));
+        let e = with(&["--health-interval", "200ms", "--health-timeout", "300ms"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "health-timeout 300ms is longer than health-interval 200ms"
+        );
     }
 
     #[test]
