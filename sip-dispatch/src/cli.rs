@@ -150,7 +150,7 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_health_interval)]
     pub health_interval: Option<Duration>,
     /// How long a health check waits for its response (10ms up to the health interval)
-    /// [default: 500ms].
+    /// [default: 500ms, or the health interval when shorter].
     #[arg(long, value_parser = parse_health_timeout)]
     pub health_timeout: Option<Duration>,
     /// Consecutive failed health checks that take a backend down (1 to 100) [default: 3].
