@@ -137,23 +137,28 @@ pub struct RunArgs {
     /// DNS server ADDR:PORT for SRV lookups. Default: the system resolver configuration.
     #[arg(long, value_parser = parse_socket_addr)]
     pub dns_server: Option<SocketAddr>,
-    /// Re-resolve SRV names no sooner than this many seconds, whatever their TTL [default: 5].
-    #[arg(long)]
+    /// Re-resolve SRV names no sooner than this many seconds, whatever their TTL
+    /// (1 to 86400) [default: 5].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
     pub dns_min_ttl: Option<u64>,
-    /// Re-resolve SRV names at least this often, in seconds, whatever their TTL [default: 300].
-    #[arg(long)]
+    /// Re-resolve SRV names at least this often, in seconds, whatever their TTL
+    /// (1 to 86400) [default: 300].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
     pub dns_max_ttl: Option<u64>,
-    /// Time between two OPTIONS health checks of a backend (e.g. 1s, 500ms) [default: 1s].
-    #[arg(long, value_parser = parse_duration)]
+    /// Time between two OPTIONS health checks of a backend (e.g. 1s, 500ms; 100ms to
+    /// 3600s) [default: 1s].
+    #[arg(long, value_parser = parse_health_interval)]
     pub health_interval: Option<Duration>,
-    /// How long a health check waits for its response [default: 500ms].
-    #[arg(long, value_parser = parse_duration)]
+    /// How long a health check waits for its response (10ms up to the health interval)
+    /// [default: 500ms, or the health interval when shorter].
+    #[arg(long, value_parser = parse_health_timeout)]
     pub health_timeout: Option<Duration>,
-    /// Consecutive failed health checks that take a backend down [default: 3].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Consecutive failed health checks that take a backend down (1 to 100) [default: 3].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CHECK_COUNT)))]
     pub down_after: Option<u32>,
-    /// Consecutive successful health checks that bring a backend back up [default: 2].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Consecutive successful health checks that bring a backend back up (1 to 100)
+    /// [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CHECK_COUNT)))]
     pub up_after: Option<u32>,
     /// Response codes that mean "alive": codes, classes and exclusions
     /// [default: 2xx,3xx,4xx,6xx,!408,!480].
@@ -168,9 +173,15 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeArg>,
     /// 128-bit Call-ID hash key, 32 hex digits. Every dispatcher of one farm must use
-    /// the same key. Default: 7369702d64697370617463682d763121 ("sip-dispatch-v1!").
+    /// the same key. Prefer --hash-key-file: a key on the command line is visible to
+    /// every local user (/proc/PID/cmdline). Takes precedence over --hash-key-file.
     #[arg(long, value_parser = parse_hash_key)]
     pub hash_key: Option<HashKey>,
+    /// File with the 128-bit Call-ID hash key (32 hex digits), mode 0600. Created with a
+    /// random key at first start when missing, reused after; dispatchers that must agree
+    /// share it. Default: /var/lib/sip-dispatch/hash-key
+    #[arg(long)]
+    pub hash_key_file: Option<PathBuf>,
     /// Directory (on a bpf filesystem) for the pinned maps.
     /// Default: /sys/fs/bpf/sip-dispatch/<iface>
     #[arg(long)]
@@ -267,7 +278,7 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
-/// `500ms`, `1s`, `2.5s`.
+/// `500ms`, `1s`, `2.5s`: a positive duration that fits a `Duration`. Never panics.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("invalid duration {s:?}: expected e.g. 500ms, 1s or 2.5s");
     let (number, unit) = match s.strip_suffix("ms") {
@@ -278,7 +289,71 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(value.is_finite() && value > 0.0) {
         return Err(err());
     }
-    Ok(Duration::from_secs_f64(value * unit))
+    match Duration::try_from_secs_f64(value * unit) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(err()),
+    }
+}
+
+/// Allowed `--health-interval` (and `health-interval`).
+pub const HEALTH_INTERVAL: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
+/// Allowed `--health-timeout`; it may also not exceed the health interval.
+pub const HEALTH_TIMEOUT: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(3600));
+/// Most `--down-after` and `--up-after` (at least 1).
+pub const MAX_CHECK_COUNT: u32 = 100;
+/// Most `--dns-min-ttl` and `--dns-max-ttl`, in seconds: one day (at least 1 s).
+pub const MAX_TTL_SECS: u64 = 86_400;
+
+/// A duration of `name`, within `range` (both ends allowed). The error names the value
+/// and the range.
+pub fn parse_duration_in(
+    name: &str,
+    s: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, String> {
+    let range = format!("{} to {}", show_duration(min), show_duration(max));
+    // A number with a unit that is no duration (0, negative, too large) is out of range.
+    let numeric = s
+        .strip_suffix("ms")
+        .or_else(|| s.strip_suffix('s'))
+        .and_then(|n| n.parse::<f64>().ok())
+        .is_some_and(f64::is_finite);
+    match parse_duration(s) {
+        Ok(d) if d >= min && d <= max => Ok(d),
+        Err(_) if !numeric => Err(format!(
+            "{name} {s:?} is not a duration: expected {range}, e.g. 500ms, 1s or 2.5s"
+        )),
+        _ => Err(format!("{name} {s:?} is out of range: {range}")),
+    }
+}
+
+pub fn parse_health_interval(s: &str) -> Result<Duration, String> {
+    parse_duration_in("health-interval", s, HEALTH_INTERVAL)
+}
+
+pub fn parse_health_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_in("health-timeout", s, HEALTH_TIMEOUT)
+}
+
+/// A count or a number of seconds of `name`: at least 1 and at most `max`.
+pub fn check_count(name: &str, n: u64, max: u64) -> Result<u64, String> {
+    if !(1..=max).contains(&n) {
+        return Err(format!(
+            "{name} {n} is out of range: must be at least 1 and at most {max}"
+        ));
+    }
+    Ok(n)
+}
+
+/// `500ms`, `1s`, `3600s`: the form parse_duration reads.
+pub fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
 }
 
 fn parse_hash_key(s: &str) -> Result<HashKey, String> {
@@ -320,6 +395,121 @@ mod tests {
         for bad in ["", "1", "s", "-1s", "0s", "1m", "NaNs"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn durations_never_panic_and_name_the_value() {
+        for bad in [
+            "1e20s",
+            "1e30s",
+            "1e308s",
+            "1e400s",
+            "NaNs",
+            "nans",
+            "-nans",
+            "infs",
+            "-infs",
+            "infinitys",
+            "0s",
+            "0ms",
+            "-1s",
+            "-0s",
+            "1e-12ms",
+            "ms",
+            "",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(
+                e.contains(&format!("{bad:?}")) && !e.contains('\n'),
+                "{bad:?}: {e}"
+            );
+            assert!(parse_health_interval(bad).is_err(), "{bad:?}");
+            assert!(parse_health_timeout(bad).is_err(), "{bad:?}");
+        }
+        // Parses, but outside the range: the message names the value and the range.
+        assert_eq!(
+            parse_health_interval("1e15s").unwrap_err(),
+            "health-interval \"1e15s\" is out of range: 100ms to 3600s"
+        );
+        assert_eq!(
+            parse_health_interval("99ms").unwrap_err(),
+            "health-interval \"99ms\" is out of range: 100ms to 3600s"
+        );
+        assert_eq!(
+            parse_health_timeout("9ms").unwrap_err(),
+            "health-timeout \"9ms\" is out of range: 10ms to 3600s"
+        );
+        assert_eq!(
+            parse_health_interval("100ms"),
+            Ok(Duration::from_millis(100))
+        );
+        assert_eq!(
+            parse_health_interval("3600s"),
+            Ok(Duration::from_secs(3600))
+        );
+        assert!(parse_health_interval("3600.001s").is_err());
+        assert_eq!(parse_health_timeout("10ms"), Ok(Duration::from_millis(10)));
+        for (bad, why) in [
+            ("1e20s", "is out of range: 100ms to 3600s"),
+            ("1e308s", "is out of range: 100ms to 3600s"),
+            ("0s", "is out of range: 100ms to 3600s"),
+            ("-1s", "is out of range: 100ms to 3600s"),
+            (
+                "NaNs",
+                "is not a duration: expected 100ms to 3600s, e.g. 500ms",
+            ),
+            (
+                "infs",
+                "is not a duration: expected 100ms to 3600s, e.g. 500ms",
+            ),
+            (
+                "1h",
+                "is not a duration: expected 100ms to 3600s, e.g. 500ms",
+            ),
+        ] {
+            let e = parse_health_interval(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("health-interval {bad:?} {why}")),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            parse_health_timeout("1e30s").unwrap_err(),
+            "health-timeout \"1e30s\" is out of range: 10ms to 3600s"
+        );
+    }
+
+    #[test]
+    fn counts_and_ttls_are_bounded_on_the_command_line() {
+        let run = |flag: &str, value: &str| {
+            Cli::try_parse_from(["sip-dispatch", "run", "--iface", "d0", flag, value])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for flag in ["--down-after", "--up-after"] {
+            assert_eq!(run(flag, "1"), Ok(()));
+            assert_eq!(run(flag, "100"), Ok(()));
+            for bad in ["0", "101", "4294967296", "-1"] {
+                let e = run(flag, bad).unwrap_err();
+                assert!(e.contains(bad), "{flag} {bad}: {e}");
+            }
+        }
+        for flag in ["--dns-min-ttl", "--dns-max-ttl"] {
+            assert_eq!(run(flag, "1"), Ok(()));
+            assert_eq!(run(flag, "86400"), Ok(()));
+            for bad in ["0", "86401", "18446744073709551616"] {
+                let e = run(flag, bad).unwrap_err();
+                assert!(e.contains(bad), "{flag} {bad}: {e}");
+            }
+        }
+        let e = run("--health-interval", "1e20s").unwrap_err();
+        assert!(e.contains("1e20s"), "{e}");
+        let e = run("--health-timeout", "1e30s").unwrap_err();
+        assert!(e.contains("1e30s"), "{e}");
+        assert_eq!(
+            check_count("down-after", 0, MAX_CHECK_COUNT.into()).unwrap_err(),
+            "down-after 0 is out of range: must be at least 1 and at most 100"
+        );
     }
 
     #[test]

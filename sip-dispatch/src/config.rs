@@ -13,7 +13,7 @@
 //! srv = ["_sip._udp.example.net"]
 //! ```
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -24,7 +24,12 @@ use sip_dispatch_common::HashKey;
 use toml::Spanned;
 
 use crate::{
-    cli::{BackendSpec, RunArgs, XdpModeArg, parse_duration, parse_socket_addr},
+    addrs::{check_backend, check_vip},
+    cli::{
+        BackendSpec, MAX_CHECK_COUNT, MAX_TTL_SECS, RunArgs, XdpModeArg, check_count,
+        parse_health_interval, parse_health_timeout, parse_socket_addr,
+    },
+    hashkey::{self, KeyOrigin},
     health::{AliveCodes, HealthConfig, HealthUri},
     select::Candidate,
     srv::DnsConfig,
@@ -36,12 +41,13 @@ struct File {
     iface: Option<Spanned<String>>,
     xdp_mode: Option<Spanned<String>>,
     hash_key: Option<Spanned<String>>,
+    hash_key_file: Option<PathBuf>,
     pin_path: Option<PathBuf>,
     control: Option<PathBuf>,
     metrics: Option<Spanned<String>>,
     dns_server: Option<Spanned<String>>,
-    dns_min_ttl: Option<u64>,
-    dns_max_ttl: Option<u64>,
+    dns_min_ttl: Option<Spanned<u64>>,
+    dns_max_ttl: Option<Spanned<u64>>,
     health_interval: Option<Spanned<String>>,
     health_timeout: Option<Spanned<String>>,
     down_after: Option<Spanned<u32>>,
@@ -89,6 +95,8 @@ pub struct Settings {
     pub iface: String,
     pub xdp_mode: XdpModeArg,
     pub hash_key: HashKey,
+    /// Where `hash_key` came from (for the warnings at start, and to create a key file).
+    pub hash_key_origin: KeyOrigin,
     pub pin_path: PathBuf,
     pub reset: bool,
     pub keep_attached: bool,
@@ -125,15 +133,28 @@ impl Reader<'_> {
         })
     }
 
-    fn at_least_one(&self, key: &str, v: &Spanned<u32>) -> anyhow::Result<u32> {
-        match *v.get_ref() {
-            0 => bail!(
-                "{}:{}: key `{key}`: must be at least 1",
+    /// A count (or seconds) from 1 to `max`.
+    fn count<T: Copy + Into<u64>>(&self, key: &str, v: &Spanned<T>, max: u64) -> anyhow::Result<T> {
+        let n = (*v.get_ref()).into();
+        if !(1..=max).contains(&n) {
+            bail!(
+                "{}:{}: key `{key}`: must be at least 1 and at most {max}, not {n}",
                 self.path.display(),
                 self.line(v.span())
-            ),
-            n => Ok(n),
+            );
         }
+        Ok(*v.get_ref())
+    }
+
+    /// `check` (an address rule) for the value at `v`, naming file, line and key.
+    fn check<T>(&self, key: &str, v: &Spanned<T>, check: Result<(), String>) -> anyhow::Result<()> {
+        check.map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}: key `{key}`: {e}",
+                self.path.display(),
+                self.line(v.span())
+            )
+        })
     }
 }
 
@@ -152,8 +173,32 @@ fn parse_xdp_mode(s: &str) -> Result<XdpModeArg, String> {
 }
 
 impl Settings {
-    /// Merges the flags with the config file they name (if any).
+    /// What `run` and `reload` use: [`Settings::resolve_on_host`] with the addresses of
+    /// this host (network namespace).
+    pub fn load(args: &RunArgs) -> anyhow::Result<Settings> {
+        let local = crate::addrs::local_addresses().context("listing this host's addresses")?;
+        Self::resolve_on_host(args, &local)
+    }
+
+    /// [`Settings::resolve`], and every VIP must be one of `local` (this host's
+    /// addresses) and no static backend may be.
+    pub fn resolve_on_host(args: &RunArgs, local: &[IpAddr]) -> anyhow::Result<Settings> {
+        Self::resolve_with(args, Some(local))
+    }
+
+    /// Merges the flags with the config file they name (if any). Address rules that do
+    /// not depend on the host apply (a backend must be unicast); VIPs are not checked.
     pub fn resolve(args: &RunArgs) -> anyhow::Result<Settings> {
+        Self::resolve_with(args, None)
+    }
+
+    fn resolve_with(args: &RunArgs, local: Option<&[IpAddr]>) -> anyhow::Result<Settings> {
+        let no_local: &[IpAddr] = &[];
+        let backend_rule = |ip: IpAddr| check_backend(ip, local.unwrap_or(no_local));
+        let vip_rule = |ip: IpAddr| match local {
+            Some(local) => check_vip(ip, local),
+            None => Ok(()),
+        };
         let (file, text, path) = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -185,12 +230,26 @@ impl Settings {
             (None, Some(m)) => r.parse("xdp-mode", m, parse_xdp_mode)?,
             (None, None) => XdpModeArg::Auto,
         };
-        let hash_key = match (args.hash_key, &file.hash_key) {
-            (Some(k), _) => k,
-            (None, Some(k)) => r.parse("hash-key", k, |s| {
-                HashKey::from_hex(s).ok_or_else(|| "expected 32 hex digits".into())
-            })?,
-            (None, None) => HashKey::DEFAULT,
+        // A key given as such beats a key file, wherever each is given.
+        let (hash_key, hash_key_origin) = match (args.hash_key, &file.hash_key) {
+            (Some(k), _) => (k, KeyOrigin::Flag),
+            (None, Some(k)) => (
+                r.parse("hash-key", k, |s| {
+                    HashKey::from_hex(s).ok_or_else(|| "expected 32 hex digits".into())
+                })?,
+                KeyOrigin::ConfigFile,
+            ),
+            (None, None) => {
+                let path = args
+                    .hash_key_file
+                    .clone()
+                    .or_else(|| file.hash_key_file.clone())
+                    .unwrap_or_else(|| PathBuf::from(hashkey::DEFAULT_KEY_FILE));
+                match hashkey::read(&path)? {
+                    Some(k) => (k, KeyOrigin::KeyFile(path)),
+                    None => (hashkey::generate()?, KeyOrigin::NewKeyFile(path)),
+                }
+            }
         };
         let metrics = match (args.metrics, &file.metrics) {
             (Some(m), _) => Some(m),
@@ -205,30 +264,42 @@ impl Settings {
         let duration = |flag: Option<Duration>,
                         key: &str,
                         v: &Option<Spanned<String>>,
-                        default: &str| match (flag, v) {
+                        parse: fn(&str) -> Result<Duration, String>,
+                        default: Duration| match (flag, v) {
             (Some(d), _) => Ok(d),
-            (None, Some(d)) => r.parse(key, d, parse_duration),
-            (None, None) => Ok(parse_duration(default).expect("valid default")),
+            (None, Some(d)) => r.parse(key, d, parse),
+            (None, None) => Ok(default),
         };
         let count = |flag: Option<u32>, key: &str, v: &Option<Spanned<u32>>, default: u32| match (
             flag, v,
         ) {
             (Some(n), _) => Ok(n),
-            (None, Some(n)) => r.at_least_one(key, n),
+            (None, Some(n)) => r.count(key, n, MAX_CHECK_COUNT.into()),
             (None, None) => Ok(default),
         };
+        let ttl = |flag: Option<u64>, key: &str, v: &Option<Spanned<u64>>, default: u64| match (
+            flag, v,
+        ) {
+            (Some(n), _) => check_count(key, n, MAX_TTL_SECS).map_err(anyhow::Error::msg),
+            (None, Some(n)) => r.count(key, n, MAX_TTL_SECS),
+            (None, None) => Ok(default),
+        };
+        let interval = duration(
+            args.health_interval,
+            "health-interval",
+            &file.health_interval,
+            parse_health_interval,
+            Duration::from_secs(1),
+        )?;
         let health = HealthConfig {
-            interval: duration(
-                args.health_interval,
-                "health-interval",
-                &file.health_interval,
-                "1s",
-            )?,
+            interval,
+            // The default timeout shrinks with a shorter interval; a given one must fit.
             timeout: duration(
                 args.health_timeout,
                 "health-timeout",
                 &file.health_timeout,
-                "500ms",
+                parse_health_timeout,
+                Duration::from_millis(500).min(interval),
             )?,
             down_after: count(args.down_after, "down-after", &file.down_after, 3)?,
             up_after: count(args.up_after, "up-after", &file.up_after, 2)?,
@@ -252,8 +323,18 @@ impl Settings {
         }
         let dns = DnsConfig {
             server: dns_server,
-            min_ttl: Duration::from_secs(args.dns_min_ttl.or(file.dns_min_ttl).unwrap_or(5)),
-            max_ttl: Duration::from_secs(args.dns_max_ttl.or(file.dns_max_ttl).unwrap_or(300)),
+            min_ttl: Duration::from_secs(ttl(
+                args.dns_min_ttl,
+                "dns-min-ttl",
+                &file.dns_min_ttl,
+                5,
+            )?),
+            max_ttl: Duration::from_secs(ttl(
+                args.dns_max_ttl,
+                "dns-max-ttl",
+                &file.dns_max_ttl,
+                300,
+            )?),
         };
         if dns.min_ttl > dns.max_ttl {
             bail!(
@@ -266,11 +347,13 @@ impl Settings {
         let mut services = Vec::new();
         for s in &file.service {
             let vip = r.parse("vip", &s.vip, parse_socket_addr)?;
-            let backends = s
-                .backends
-                .iter()
-                .map(|b| r.parse("backends", b, str::parse::<BackendSpec>))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            r.check("vip", &s.vip, vip_rule(vip.ip()))?;
+            let mut backends = Vec::new();
+            for b in &s.backends {
+                let spec = r.parse("backends", b, str::parse::<BackendSpec>)?;
+                r.check("backends", b, backend_rule(spec.addr.ip()))?;
+                backends.push(spec);
+            }
             services.push(ServiceSpec {
                 vip,
                 backends,
@@ -279,6 +362,11 @@ impl Settings {
         }
         match args.vip {
             Some(vip) => {
+                vip_rule(vip.ip()).map_err(|e| anyhow::anyhow!("--vip {vip}: {e}"))?;
+                for b in &args.backends {
+                    backend_rule(b.addr.ip())
+                        .map_err(|e| anyhow::anyhow!("--backend {}: {e}", b.addr))?;
+                }
                 let flags = ServiceSpec {
                     vip,
                     backends: args.backends.clone(),
@@ -317,6 +405,7 @@ impl Settings {
             iface,
             xdp_mode,
             hash_key,
+            hash_key_origin,
             metrics,
             dns,
             health,
@@ -538,6 +627,307 @@ srv = ["_sip._udp.example.net"]
         assert!(
             e.contains("bad-count.toml:4: key `down-after`: must be at least 1"),
             "{e}"
+        );
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The addresses of the host these tests pretend to run on.
+    fn local() -> Vec<IpAddr> {
+        vec![ip("198.18.0.100"), ip("2001:db8::100"), ip("127.0.0.1")]
+    }
+
+    fn error_on_host(argv: &[&str]) -> String {
+        let mut all = vec![
+            "--iface",
+            "eth1",
+            "--hash-key",
+            "000102030405060708090a0b0c0d0e0f",
+        ];
+        all.extend_from_slice(argv);
+        format!(
+            "{:#}",
+            Settings::resolve_on_host(&args(&all), &local()).unwrap_err()
+        )
+    }
+
+    #[test]
+    fn vips_must_be_unicast_addresses_of_this_host() {
+        let good = Settings::resolve_on_host(
+            &args(&[
+                "--iface",
+                "eth1",
+                "--vip",
+                "198.18.0.100:5060",
+                "--backend",
+                "198.18.0.21:5060",
+            ]),
+            &local(),
+        );
+        assert!(good.is_ok(), "{:#}", good.unwrap_err());
+        for (vip, why) in [
+            ("0.0.0.0:5060", "VIP 0.0.0.0 is the unspecified address"),
+            ("[::]:5060", "VIP :: is the unspecified address"),
+            (
+                "255.255.255.255:5060",
+                "VIP 255.255.255.255 is the broadcast address",
+            ),
+            ("239.1.1.1:5060", "VIP 239.1.1.1 is a multicast address"),
+            ("[ff02::1]:5060", "VIP ff02::1 is a multicast address"),
+            ("127.0.0.1:5060", "VIP 127.0.0.1 is a loopback address"),
+            (
+                "198.18.0.101:5060",
+                "VIP 198.18.0.101 is not an address of this host",
+            ),
+        ] {
+            let backend = if vip.starts_with('[') {
+                "[2001:db8::21]:5060"
+            } else {
+                "198.18.0.21:5060"
+            };
+            let e = error_on_host(&["--vip", vip, "--backend", backend]);
+            assert!(
+                e.starts_with(&format!("--vip {vip}: ")) && e.contains(why),
+                "{vip}: {e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+            // Without the host's addresses (unit tests of other parts) VIPs pass.
+            let mut argv = vec!["--iface", "eth1", "--vip", vip, "--backend", backend];
+            argv.extend_from_slice(&["--hash-key", "000102030405060708090a0b0c0d0e0f"]);
+            assert!(Settings::resolve(&args(&argv)).is_ok(), "{vip}");
+        }
+    }
+
+    #[test]
+    fn static_backends_follow_the_dns_rules() {
+        for (backend, why) in [
+            ("127.0.0.1:5060", "backend 127.0.0.1 is a loopback address"),
+            ("0.0.0.0:5060", "backend 0.0.0.0 is the unspecified address"),
+            ("224.0.0.1:5060", "backend 224.0.0.1 is a multicast address"),
+            (
+                "255.255.255.255:5060",
+                "backend 255.255.255.255 is the broadcast address",
+            ),
+            (
+                "169.254.0.9:5060",
+                "backend 169.254.0.9 is a link-local address",
+            ),
+            (
+                "198.18.0.100:5061",
+                "backend 198.18.0.100 is an address of this host",
+            ),
+        ] {
+            let e = error_on_host(&["--vip", "198.18.0.100:5060", "--backend", backend]);
+            assert!(
+                e.starts_with(&format!("--backend {backend}: ")) && e.contains(why),
+                "{backend}: {e}"
+            );
+        }
+        // Host-independent rules hold without the host's addresses too.
+        let e = Settings::resolve(&args(&[
+            "--iface",
+            "eth1",
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "127.0.0.1:5060",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn file_values_are_checked_with_file_line_and_key() {
+        let on_host = |name: &str, text: &str| {
+            let p = write(name, text);
+            format!(
+                "{:#}",
+                Settings::resolve_on_host(&args(&["--config", p.to_str().unwrap()]), &local())
+                    .unwrap_err()
+            )
+        };
+        let keyed = FILE.replace(
+            "iface = \"eth1\"",
+            "iface = \"eth1\"\nhash-key = \"000102030405060708090a0b0c0d0e0f\"",
+        );
+        for (name, from, to, want) in [
+            (
+                "vip-any.toml",
+                "198.18.0.100:5060",
+                "0.0.0.0:5060",
+                "vip-any.toml:9: key `vip`: VIP 0.0.0.0 is the unspecified address",
+            ),
+            (
+                "vip-v6any.toml",
+                "[2001:db8::100]:5060",
+                "[::]:5060",
+                "vip-v6any.toml:13: key `vip`: VIP :: is the unspecified address",
+            ),
+            (
+                "vip-far.toml",
+                "198.18.0.100:5060",
+                "198.18.0.7:5060",
+                "vip-far.toml:9: key `vip`: VIP 198.18.0.7 is not an address of this host",
+            ),
+            (
+                "be-lo.toml",
+                "198.18.0.22:5060\"",
+                "127.0.0.1:5060\"",
+                "be-lo.toml:10: key `backends`: backend 127.0.0.1 is a loopback address",
+            ),
+            (
+                "interval.toml",
+                "health-interval = \"2s\"",
+                "health-interval = \"1e20s\"",
+                "interval.toml:4: key `health-interval`: health-interval \"1e20s\" is out of range: 100ms to 3600s",
+            ),
+            (
+                "interval-range.toml",
+                "health-interval = \"2s\"",
+                "health-interval = \"2h\"",
+                "interval-range.toml:4: key `health-interval`: health-interval \"2h\" is not a duration: expected 100ms to 3600s",
+            ),
+            (
+                "interval-long.toml",
+                "health-interval = \"2s\"",
+                "health-interval = \"7200s\"",
+                "interval-long.toml:4: key `health-interval`: health-interval \"7200s\" is out of range: 100ms to 3600s",
+            ),
+            (
+                "timeout.toml",
+                "health-interval = \"2s\"",
+                "health-timeout = \"1e30s\"",
+                "timeout.toml:4: key `health-timeout`: health-timeout \"1e30s\" is out of range: 10ms to 3600s",
+            ),
+            (
+                "timeout-nan.toml",
+                "health-interval = \"2s\"",
+                "health-timeout = \"NaNs\"",
+                "timeout-nan.toml:4: key `health-timeout`: health-timeout \"NaNs\" is not a duration",
+            ),
+            (
+                "down.toml",
+                "down-after = 4",
+                "down-after = 101",
+                "down.toml:5: key `down-after`: must be at least 1 and at most 100, not 101",
+            ),
+            (
+                "up.toml",
+                "down-after = 4",
+                "up-after = 0",
+                "up.toml:5: key `up-after`: must be at least 1 and at most 100, not 0",
+            ),
+            (
+                "ttl.toml",
+                "down-after = 4",
+                "dns-min-ttl = 0",
+                "ttl.toml:5: key `dns-min-ttl`: must be at least 1 and at most 86400, not 0",
+            ),
+            (
+                "ttl-max.toml",
+                "down-after = 4",
+                "dns-max-ttl = 86401",
+                "ttl-max.toml:5: key `dns-max-ttl`: must be at least 1 and at most 86400, not 86401",
+            ),
+        ] {
+            assert!(keyed.contains(from), "{name}");
+            let e = on_host(name, &keyed.replace(from, to));
+            assert!(e.contains(want) && !e.contains('\n'), "{name}: {e}");
+        }
+        // A too large TTL (not even a u64) is a file error too, not a panic.
+        let e = on_host(
+            "ttl-huge.toml",
+            &keyed.replace("down-after = 4", "dns-max-ttl = 18446744073709551616"),
+        );
+        assert!(e.contains("ttl-huge.toml:5"), "{e}");
+    }
+
+    #[test]
+    fn a_key_beats_a_key_file_and_a_missing_key_file_gets_a_new_key() {
+        let dir = std::env::temp_dir().join(format!("sd-config-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let key_file = dir.join("hash-key");
+        let base = [
+            "--iface",
+            "eth1",
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+            "--hash-key-file",
+            key_file.to_str().unwrap(),
+        ];
+        let s = Settings::resolve(&args(&base)).unwrap();
+        assert_eq!(s.hash_key_origin, KeyOrigin::NewKeyFile(key_file.clone()));
+        assert!(!key_file.exists(), "resolving writes nothing");
+        let key = hashkey::persist(&key_file, s.hash_key).unwrap();
+        let s = Settings::resolve(&args(&base)).unwrap();
+        assert_eq!(
+            (s.hash_key, s.hash_key_origin),
+            (key, KeyOrigin::KeyFile(key_file.clone()))
+        );
+        let mut flagged = base.to_vec();
+        flagged.extend_from_slice(&["--hash-key", "7369702d64697370617463682d763121"]);
+        let s = Settings::resolve(&args(&flagged)).unwrap();
+        assert_eq!(
+            (s.hash_key, s.hash_key_origin),
+            (HashKey::DEFAULT, KeyOrigin::Flag)
+        );
+        // `hash-key-file` in the config file.
+        let p = write(
+            "key-file.toml",
+            &FILE.replace(
+                "iface = \"eth1\"",
+                &format!(
+                    "iface = \"eth1\"\nhash-key-file = \"{}\"",
+                    key_file.display()
+                ),
+            ),
+        );
+        let s = Settings::resolve(&args(&["--config", p.to_str().unwrap()])).unwrap();
+        assert_eq!(
+            (s.hash_key, s.hash_key_origin),
+            (key, KeyOrigin::KeyFile(key_file.clone()))
+        );
+        // A key file others may read is refused, naming it.
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+        let e = format!("{:#}", Settings::resolve(&args(&base)).unwrap_err());
+        assert!(
+            e.contains(key_file.to_str().unwrap()) && e.contains("0644"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_default_health_timeout_fits_a_short_interval() {
+        let base = [
+            "--iface",
+            "eth1",
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            Settings::resolve(&args(&all))
+        };
+        let s = with(&["--health-interval", "200ms"]).unwrap();
+        assert_eq!(s.health.timeout, Duration::from_millis(200));
+        let s = with(&["--health-interval", "5s"]).unwrap();
+        assert_eq!(s.health.timeout, Duration::from_millis(500));
+        let e = with(&["--health-interval", "200ms", "--health-timeout", "300ms"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "health-timeout 300ms is longer than health-interval 200ms"
         );
     }
 

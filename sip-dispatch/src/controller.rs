@@ -33,6 +33,9 @@ use crate::{
 
 /// Where a backend came from.
 pub const SOURCE_STATIC: &str = "static";
+/// Longest Call-ID `which` takes: longer than any Call-ID of a real call (a SIP message
+/// over UDP is rarely above 8 KiB), short enough to hash at once.
+const MAX_WHICH_CALL_ID: usize = 8192;
 
 /// A service (VIP:port) with its backends and the table in force.
 pub struct Service {
@@ -648,7 +651,15 @@ impl Controller {
         match request {
             BackendsList => self.backends_json(),
             Stats => Ok(serde_json::to_value(self.snapshot()?)?),
-            Which { call_id, service } => self.which(&call_id, service),
+            Which { call_id, service } => {
+                if call_id.len() > MAX_WHICH_CALL_ID {
+                    bail!(
+                        "Call-ID of {} bytes: at most {MAX_WHICH_CALL_ID}",
+                        call_id.len()
+                    );
+                }
+                self.which(&call_id, service)
+            }
             Reload => self.reload(),
             BackendAdd {
                 address,
@@ -658,6 +669,12 @@ impl Controller {
             } => {
                 let i = self.service_index(service)?;
                 let vip = self.services[i].vip;
+                if address.port() == 0 {
+                    bail!("backend {address}: port 0");
+                }
+                let local =
+                    crate::addrs::local_addresses().context("listing this host's addresses")?;
+                crate::addrs::check_backend(address.ip(), &local).map_err(anyhow::Error::msg)?;
                 if address.is_ipv6() != vip.is_ipv6() {
                     bail!("backend {address} and VIP {vip} are of different address families");
                 }

@@ -10,6 +10,7 @@ pub mod control;
 pub mod controller;
 pub mod dataplane;
 pub mod frames;
+pub mod hashkey;
 pub mod health;
 pub mod metrics;
 pub mod reload;

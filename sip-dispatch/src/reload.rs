@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 
 use anyhow::bail;
 
-use crate::{cli::RunArgs, config::Settings};
+use crate::{cli::RunArgs, config::Settings, hashkey::KeyOrigin};
 
 /// Re-reads the settings the daemon was started with.
 pub struct Reloader {
@@ -28,7 +28,7 @@ impl Reloader {
     /// Reads flags and file again; an error (nothing applied) when the file is invalid or
     /// a restart-only setting changed.
     pub fn reread(&self) -> anyhow::Result<Settings> {
-        let next = Settings::resolve(&self.args)?;
+        let next = Settings::load(&self.args)?;
         let changed = restart_only_changes(&self.running, &next);
         if !changed.is_empty() {
             bail!(
@@ -45,13 +45,23 @@ impl Reloader {
     }
 }
 
+/// Whether the hash key differs. A key file that is missing on both sides has no key
+/// yet (each read draws a fresh one), so only its path counts; a key file that went
+/// missing since the start is a changed key (a restart would create a new one).
+fn key_changed(running: &Settings, next: &Settings) -> bool {
+    match (&running.hash_key_origin, &next.hash_key_origin) {
+        (KeyOrigin::NewKeyFile(a), KeyOrigin::NewKeyFile(b)) => a != b,
+        _ => running.hash_key != next.hash_key,
+    }
+}
+
 /// The settings that differ between `running` and `next` but cannot change while the
 /// daemon runs, by their config-file key.
 pub fn restart_only_changes(running: &Settings, next: &Settings) -> Vec<String> {
     let mut changed: Vec<String> = [
         ("iface", running.iface != next.iface),
         ("xdp-mode", running.xdp_mode != next.xdp_mode),
-        ("hash-key", running.hash_key != next.hash_key),
+        ("hash-key", key_changed(running, next)),
         ("pin-path", running.pin_path != next.pin_path),
         ("control", running.control != next.control),
         ("metrics", running.metrics != next.metrics),
@@ -125,6 +135,44 @@ mod tests {
         let b = settings(&[&base[..], &["--health-uri", "sip:ping@{backend}"]].concat());
         assert_ne!(a.health, b.health, "a change the controller applies");
         assert_eq!(restart_only_changes(&a, &b), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_changed_or_missing_key_file_is_a_changed_key() {
+        let dir = std::env::temp_dir().join(format!("sd-reload-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("hash-key");
+        let flags = [
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+            "--hash-key-file",
+            file.to_str().unwrap(),
+        ];
+        // Missing on both sides: no key yet, nothing changed.
+        assert_eq!(
+            restart_only_changes(&settings(&flags), &settings(&flags)),
+            Vec::<String>::new()
+        );
+        crate::hashkey::persist(&file, crate::hashkey::generate().unwrap()).unwrap();
+        let running = settings(&flags);
+        assert_eq!(
+            restart_only_changes(&running, &settings(&flags)),
+            Vec::<String>::new()
+        );
+        std::fs::remove_file(&file).unwrap();
+        crate::hashkey::persist(&file, crate::hashkey::generate().unwrap()).unwrap();
+        assert_eq!(
+            restart_only_changes(&running, &settings(&flags)),
+            ["`hash-key`"]
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            restart_only_changes(&running, &settings(&flags)),
+            ["`hash-key`"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

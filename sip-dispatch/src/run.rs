@@ -14,6 +14,7 @@ use crate::{
     control,
     controller::{self, Controller, Service},
     dataplane::{Dataplane, attach_pass},
+    hashkey::{self, KeyOrigin},
     metrics,
     reload::Reloader,
     select::Candidate,
@@ -42,17 +43,64 @@ fn tx_ports() -> Vec<(String, u32)> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let settings = Settings::resolve(&args)?;
-    let reloader = Reloader::new(args, settings.clone());
+    let mut settings = Settings::load(&args)?;
     if settings.iface == "lo" {
         bail!("refusing to attach to lo: XDP dispatch needs a real or veth interface");
     }
     ifindex(&settings.iface)?;
+    use_hash_key(&mut settings, &args)?;
+    let reloader = Reloader::new(args, settings.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run_daemon(settings, reloader))
+}
+
+/// Writes a new key file at first start, and warns about a key that is not secret.
+fn use_hash_key(settings: &mut Settings, args: &RunArgs) -> anyhow::Result<()> {
+    if let KeyOrigin::NewKeyFile(path) = &settings.hash_key_origin {
+        let path = path.clone();
+        let pinned = match settings.reset {
+            false => hashkey::pinned_key(&settings.pin_path),
+            true => None,
+        };
+        settings.hash_key = hashkey::persist(&path, pinned.unwrap_or(settings.hash_key))?;
+        match pinned {
+            Some(_) => log::info!(
+                "hash key file {} created (mode 0600) with the key of the maps pinned in {}",
+                path.display(),
+                settings.pin_path.display()
+            ),
+            None => log::info!("hash key file {} created (mode 0600)", path.display()),
+        }
+        settings.hash_key_origin = KeyOrigin::KeyFile(path);
+    }
+    if let Some(path) = &args.hash_key_file
+        && matches!(
+            settings.hash_key_origin,
+            KeyOrigin::Flag | KeyOrigin::ConfigFile
+        )
+    {
+        log::warn!(
+            "--hash-key-file {} is not used: a `hash-key` is given",
+            path.display()
+        );
+    }
+    for w in hashkey::warnings(settings.hash_key, &settings.hash_key_origin) {
+        log::warn!("{w}");
+    }
+    if settings.hash_key_origin == KeyOrigin::ConfigFile
+        && let Some(config) = &args.config
+        && let Ok(meta) = std::fs::metadata(config)
+        && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o044 != 0
+    {
+        log::warn!(
+            "the hash key is in {}, which group or others may read: use a `hash-key-file` (mode 0600)",
+            config.display()
+        );
+    }
+    Ok(())
 }
 
 async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
+use sip_dispatch_common::HashKey;
 
 use crate::{events::DaemonLog, process::Process};
 
@@ -163,8 +164,54 @@ pub struct RunConfig {
     /// interface name (`/run/sip-dispatch/<iface>.sock`, outside the namespaces), so
     /// daemons of concurrent test runs would share it; see [`control_socket`].
     pub control: Option<PathBuf>,
+    /// `--hash-key-file PATH`: by default [`test_key_file`], which holds
+    /// [`TEST_HASH_KEY`], so tests know where each Call-ID lands without depending on
+    /// the machine's `/var/lib/sip-dispatch`. A `--hash-key` in `extra` overrides it.
+    pub hash_key_file: Option<PathBuf>,
     /// Further arguments, appended as given (health-check settings and the like).
     pub extra: Vec<String>,
+}
+
+/// The key of the testbed's key file: the built-in public key, which the tests'
+/// predictions (`siphash13(HashKey::DEFAULT, ...)`) assume. The daemon warns about it.
+pub const TEST_HASH_KEY: HashKey = HashKey::DEFAULT;
+
+/// The testbed's hash key file (in the target directory, shared by every test daemon).
+/// [`Dispatcher::start`] writes it (mode 0600) when a daemon's arguments name it.
+pub fn test_key_file() -> PathBuf {
+    target_dir().join("testbed").join("hash-key")
+}
+
+/// Writes [`test_key_file`] with [`TEST_HASH_KEY`] unless it already holds it: atomically
+/// (concurrent tests write the same bytes), mode 0600.
+pub fn write_test_key_file() -> Result<PathBuf> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let path = test_key_file();
+    let text = format!("{}\n", key_hex(TEST_HASH_KEY));
+    let mode_ok =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o077 == 0);
+    if std::fs::read_to_string(&path).is_ok_and(|t| t == text) && mode_ok(&path) {
+        return Ok(path);
+    }
+    let dir = path.parent().context("the key file has a directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".hash-key.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(path)
+}
+
+/// A key as the 32 hex digits of `--hash-key` and key files.
+pub fn key_hex(key: HashKey) -> String {
+    key.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl RunConfig {
@@ -178,6 +225,7 @@ impl RunConfig {
             dns_server: None,
             dns_min_ttl: None,
             control: None,
+            hash_key_file: Some(test_key_file()),
             extra: Vec::new(),
         }
     }
@@ -209,6 +257,10 @@ impl RunConfig {
         }
         if let Some(path) = &self.control {
             args.push("--control".to_owned());
+            args.push(path.to_string_lossy().into_owned());
+        }
+        if let Some(path) = &self.hash_key_file {
+            args.push("--hash-key-file".to_owned());
             args.push(path.to_string_lossy().into_owned());
         }
         args.push("--xdp-mode".to_owned());
@@ -260,6 +312,9 @@ impl Dispatcher {
         dir: &Path,
         label: &str,
     ) -> Result<Self> {
+        if args.iter().any(|a| Path::new(a) == test_key_file()) {
+            write_test_key_file()?;
+        }
         let program = binary.to_string_lossy();
         let mut process = Process::spawn(ns, &program, args, dir, label)?;
         let ready_line = process.wait_for_line(READY_PREFIX, READY_TIMEOUT)?;
@@ -520,6 +575,8 @@ mod tests {
             BackendArg::new("[2001:db8::21]:5060".parse().unwrap(), 2),
             BackendArg::new("[2001:db8::22]:5060".parse().unwrap(), 1),
         ];
+        assert_eq!(cfg.hash_key_file, Some(test_key_file()));
+        cfg.hash_key_file = None;
         assert_eq!(
             cfg.args().join(" "),
             "run --iface v-disp --vip [2001:db8::100]:5060 \
@@ -531,6 +588,7 @@ mod tests {
         cfg.dns_server = Some("198.18.0.53:53".parse().unwrap());
         cfg.dns_min_ttl = Some(1);
         cfg.control = Some("/run/x/c.sock".into());
+        cfg.hash_key_file = Some("/run/x/key".into());
         cfg.extra = vec!["--down-after".to_owned(), "2".to_owned()];
         assert_eq!(
             cfg.args().join(" "),
@@ -538,7 +596,7 @@ mod tests {
              --backend [2001:db8::21]:5060,weight=2 \
              --backend [2001:db8::22]:5060,weight=1,priority=20 \
              --srv _sip._udp.example.net --dns-server 198.18.0.53:53 --dns-min-ttl 1 \
-             --control /run/x/c.sock --xdp-mode native --down-after 2"
+             --control /run/x/c.sock --hash-key-file /run/x/key --xdp-mode native --down-after 2"
         );
     }
 }

@@ -502,6 +502,8 @@ fn a_restart_with_reordered_services_keeps_each_service_id() {
             pins.to_string_lossy().into(),
             "--control".into(),
             bed.control.to_string_lossy().into(),
+            "--hash-key-file".into(),
+            dispatcher::test_key_file().to_string_lossy().into(),
         ];
         if keep {
             a.push("--keep-attached".into());

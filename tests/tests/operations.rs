@@ -292,6 +292,8 @@ fn reload_rereads_the_config_file() {
         config.to_string_lossy().into_owned(),
         "--control".into(),
         bed.control.to_string_lossy().into_owned(),
+        "--hash-key-file".into(),
+        dispatcher::test_key_file().to_string_lossy().into_owned(),
     ];
     let daemon = Dispatcher::start(&bed.binary, &bed.disp_ns(), &args, &bed.dir, "daemon")
         .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
