@@ -104,6 +104,12 @@ fn use_hash_key(settings: &mut Settings, args: &RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()> {
+    // Handlers first: SIGTERM or SIGINT during start-up then means a clean stop as soon as
+    // the daemon runs (not death by the default action, half started), and SIGHUP (say a
+    // `systemctl reload` right after start) does not kill it.
+    let stop = stop_signal()?;
+    let _hangup_before_run =
+        signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let Settings {
         iface,
         xdp_mode,
@@ -261,7 +267,6 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, cmd_tx.clone())));
     let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
-    let stop = stop_signal()?;
     ctl.run(cmd_rx, async move {
         tokio::select! {
             () = stop => {}
