@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod frames;
 pub mod health;
 pub mod metrics;
+pub mod rawudp;
 pub mod reload;
 pub mod run;
 pub mod select;

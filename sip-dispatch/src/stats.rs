@@ -69,13 +69,14 @@ pub fn snapshot(
     backends: &[BackendInfo],
     dns_failures: u64,
     reloads: Reloads,
-    slow_path: crate::slowpath::CountersSnapshot,
+    slow_path: &crate::slowpath::Counters,
 ) -> anyhow::Result<Snapshot> {
     let counters = dp
         .counters()?
         .into_iter()
         .map(|(c, v)| (c.name().to_string(), v.into()))
         .collect();
+    let backends_known = backends;
     let backends = backends
         .iter()
         .map(|b| {
@@ -83,6 +84,8 @@ pub fn snapshot(
                 Some(id) => dp.backend_stats(id)?,
                 None => Default::default(),
             };
+            // What the slow path forwarded counts too: one backend, one set of numbers.
+            let slow = slow_path.forwarded_to(b.address);
             Ok(BackendSnapshot {
                 service: b.service.to_string(),
                 address: b.address.to_string(),
@@ -96,16 +99,17 @@ pub fn snapshot(
                 last_change: b.last_change,
                 checks: b.checks,
                 check_failures: b.check_failures,
-                packets: s.packets,
-                bytes: s.bytes,
+                packets: s.packets.saturating_add(slow.packets),
+                bytes: s.bytes.saturating_add(slow.bytes),
             })
         })
         .collect::<anyhow::Result<_>>()?;
+    slow_path.retain_backends(&backends_known.iter().map(|b| b.address).collect());
     Ok(Snapshot {
         counters,
         backends,
         dns_failures,
         reloads,
-        slow_path,
+        slow_path: slow_path.snapshot(),
     })
 }
