@@ -24,7 +24,7 @@ use serde_json::Value;
 use sip_dispatch_testbed::{
     Family, XdpMode,
     dispatcher::{self, BackendArg, Dispatcher, ExitStats, RunConfig},
-    link, netns, preflight, scenario,
+    link, netns, preflight, rawnet, scenario,
     sipp::{
         self, Scenario, UacReport, UacSpec, Uas, UasReport, backends_by_call, exactly_one_backend,
     },
@@ -54,19 +54,24 @@ struct Bed {
 
 impl Bed {
     fn build(name: &str, backends: u8, bound: Duration) -> Bed {
+        Bed::build_family(name, backends, bound, Family::V4)
+    }
+
+    /// A bed whose VIP and SIPp backends are of `family`.
+    fn build_family(name: &str, backends: u8, bound: Duration, family: Family) -> Bed {
         preflight::require_all().expect("preflight");
         let binary = dispatcher::binary_path().expect("sip-dispatch binary");
         let dir = scenario::run_dir(&workdir(), name).expect("run dir");
         netns::cleanup_leftovers().expect("cleaning up leftovers");
         let topo = Topology::build(TopologySpec::dispatcher(backends)).expect("topology");
-        let uas = scenario::start_backends(&topo, Family::V4, &dir, bound)
+        let uas = scenario::start_backends(&topo, family, &dir, bound)
             .expect("UAS backends")
             .into_iter()
             .map(Some)
             .collect();
         let xdp_pass = scenario::start_xdp_pass(&topo, &binary, XdpMode::Native, &dir, true)
             .expect("xdp-pass on the peer");
-        let vip = SocketAddr::new(topo.vip(Family::V4), sipp::SIP_PORT);
+        let vip = SocketAddr::new(topo.vip(family), sipp::SIP_PORT);
         let control = dispatcher::control_socket(topo.tag()).expect("control socket path");
         Bed {
             binary,
@@ -931,4 +936,326 @@ fn large_invite_goes_through_the_slow_path() {
         problems.push(format!("pass_fragment is 0: {:?}", exit.counters));
     }
     verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (sockets it opens live there).
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        rawnet::enter_netns(&ns).unwrap_or_else(|e| panic!("entering {ns}: {e:#}"));
+        f()
+    })
+    .join()
+    .expect("the thread in the namespace panicked")
+}
+
+/// The socket inodes among the open files of process `pid`.
+fn socket_inodes(pid: i32) -> BTreeSet<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return BTreeSet::new();
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// The inodes of the raw sockets in the network namespace of process `pid`.
+fn raw_socket_inodes(pid: i32) -> BTreeSet<u64> {
+    ["raw", "raw6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(9)?.parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
+/// Bytes waiting in the receive queue of the daemon's UDP socket on `vip`.
+fn vip_receive_queue(pid: i32, vip: SocketAddr) -> Option<u64> {
+    let file = if vip.is_ipv4() { "udp" } else { "udp6" };
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local = sip_dispatch_testbed::process::parse_proc_net_addr(f.get(1)?)?;
+        (local == (vip.ip(), vip.port()))
+            .then(|| u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok())?
+    })
+}
+
+/// The UDP counters of namespace `ns` (`Udp:` of /proc/net/snmp, or `Udp6*` of
+/// /proc/net/snmp6 with the prefix cut), by name.
+fn udp_counters(ns: &str, family: Family) -> BTreeMap<String, u64> {
+    let (file, prefix) = match family {
+        Family::V4 => ("/proc/net/snmp", "Udp:"),
+        Family::V6 => ("/proc/net/snmp6", "Udp6"),
+    };
+    let text =
+        netns::exec(ns, "cat", [file]).unwrap_or_else(|e| panic!("reading {file} in {ns}: {e:#}"));
+    match family {
+        Family::V4 => {
+            let rows: Vec<Vec<&str>> = text
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .map(|l| l.split_whitespace().skip(1).collect())
+                .collect();
+            match rows.as_slice() {
+                [names, values, ..] => names
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(n, v)| Some(((*n).to_owned(), v.parse().ok()?)))
+                    .collect(),
+                _ => BTreeMap::new(),
+            }
+        }
+        Family::V6 => text
+            .lines()
+            .filter_map(|l| {
+                let (n, v) = l.split_once(char::is_whitespace)?;
+                Some((n.strip_prefix(prefix)?.to_owned(), v.trim().parse().ok()?))
+            })
+            .collect(),
+    }
+}
+
+/// A SIP OPTIONS request of exactly `len` bytes (padded with an X-Pad header) from
+/// `from` to `vip`, with Call-ID `call_id` and `via_params` after the top Via's sent-by.
+fn padded_options(
+    from: SocketAddr,
+    vip: SocketAddr,
+    call_id: &str,
+    via_params: &str,
+    len: usize,
+) -> Vec<u8> {
+    let head = format!(
+        "OPTIONS sip:svc@{vip} SIP/2.0\r\nVia: SIP/2.0/UDP {from}{via_params};branch=z9hG4bK-{call_id}\r\n\
+         From: <sip:test@{from}>;tag=1\r\nTo: <sip:svc@{vip}>\r\nCall-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\n\
+         Max-Forwards: 70\r\n"
+    );
+    let tail = "Content-Length: 0\r\n\r\n";
+    let pad = len.saturating_sub(head.len() + tail.len() + "X-Pad: \r\n".len());
+    let msg = format!("{head}X-Pad: {}\r\n{tail}", "p".repeat(pad));
+    assert_eq!(msg.len(), len, "padding {call_id}");
+    msg.into_bytes()
+}
+
+/// `count` datagrams of `len` bytes (fragmented on the way: larger than the MTU) from a
+/// UDP socket on the client to the VIP, while another thread lists the daemon's sockets
+/// as fast as it can. The slow path forwards all of them through the sockets it had
+/// before (one raw socket per service): no socket appears, and the per-backend counters
+/// hold exactly what it forwarded, bytes counted like the fast path's frames.
+fn slow_path_sockets_and_counters(name: &str, family: Family) {
+    const DATAGRAMS: usize = 2000;
+    const LEN: usize = 3000;
+    let mut bed = Bed::build_family(name, 2, Duration::from_secs(60), family);
+    let mut run = bed.run_config(2);
+    // No health-check sockets come and go during the measurement.
+    run.extra = vec!["--health-interval".into(), "60s".into()];
+    let daemon = bed.start_daemon(&run);
+    let (b1, b2) = (bed.backend(1), bed.backend(2));
+    wait_list(&bed, Duration::from_secs(10), "both backends up", |l| {
+        [b1, b2].iter().all(|&a| state(l, a) == Some("up"))
+    });
+    let pid = daemon.pid();
+    let before = socket_inodes(pid);
+    let raw_before: BTreeSet<u64> = raw_socket_inodes(pid)
+        .intersection(&before)
+        .copied()
+        .collect();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut seen, mut samples, mut most) = (BTreeSet::new(), 0u64, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let now = socket_inodes(pid);
+                most = most.max(now.len());
+                seen.extend(now);
+                samples += 1;
+            }
+            (seen, samples, most)
+        })
+    };
+    let client = SocketAddr::new(bed.topo.client().ip(family), 0);
+    let vip = bed.vip;
+    let started = Instant::now();
+    let (sock, from) = in_netns(bed.topo.client().ns_name(), move || {
+        let sock = std::net::UdpSocket::bind(client).expect("client socket");
+        let from = sock.local_addr().expect("client address");
+        (sock, from)
+    });
+    rawnet::set_option(
+        &sock,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        &(8i32 << 20),
+        "SO_RCVBUF",
+    )
+    .expect("client receive buffer");
+    // The backends (SIPp, -aa) answer each OPTIONS with 200 to where it came from: an
+    // answer proves the backend got the datagram whole, with the client's address and
+    // port as its source. The Via names another port, so only the source can lead there.
+    let answers = {
+        let sock = sock.try_clone().expect("client socket clone");
+        std::thread::spawn(move || {
+            sock.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("read timeout");
+            let mut ids = BTreeSet::new();
+            let mut buf = vec![0u8; 65536];
+            while ids.len() < DATAGRAMS {
+                let Ok(n) = sock.recv(&mut buf) else { break };
+                let msg = String::from_utf8_lossy(&buf[..n]);
+                if msg.starts_with("SIP/2.0 200") {
+                    if let Some(id) = msg.lines().find_map(|l| l.strip_prefix("Call-ID: ")) {
+                        ids.insert(id.trim().to_owned());
+                    }
+                }
+            }
+            ids.len()
+        })
+    };
+    let via_from = SocketAddr::new(from.ip(), 9);
+    let mut sent = 0;
+    for i in 0..DATAGRAMS {
+        let msg = padded_options(via_from, vip, &format!("sockets-{i}"), "", LEN);
+        if sock.send_to(&msg, vip).is_ok() {
+            sent += 1;
+        }
+        // Paced (at most ~4000/s) so that the VIP socket's buffer never overflows.
+        if i % 8 == 7 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    // Wait (bounded) until the daemon has read every datagram from the VIP socket, with
+    // no CLI call meanwhile (each would be a control connection: a socket of its own).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vip_receive_queue(pid, vip) != Some(0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seen, samples, most) = sampler.join().expect("sampler");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = bed.cli_json(&["stats", "--json"]);
+        if stats["slow_path"]["received"].as_u64() >= Some(sent as u64) || Instant::now() > deadline
+        {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let after = socket_inodes(pid);
+    let answered = answers.join().expect("answer counter");
+    let udp: Vec<BTreeMap<String, u64>> = bed
+        .topo
+        .backends()
+        .map(|b| udp_counters(b.ns_name(), family))
+        .collect();
+    drop(daemon);
+    bed.stop_backends();
+
+    let slow = &stats["slow_path"];
+    let forwarded = slow["forwarded"].as_u64().unwrap_or(0);
+    let packets: u64 = stats["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| b["packets"].as_u64().unwrap_or(0))
+        .sum();
+    let bytes: u64 = stats["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| b["bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let ip_header = if family == Family::V4 { 20 } else { 40 };
+    let frame = (14 + ip_header + 8 + LEN) as u64;
+    let new_sockets: Vec<&u64> = seen.difference(&before).collect();
+    eprintln!(
+        "[{name}] {sent} datagrams of {LEN} bytes in {:.2}s; slow_path {slow}; backends: {packets} packets, {bytes} bytes; \
+         daemon sockets {} before, {} after, at most {most} in {samples} samples, {} new; raw sockets {raw_before:?}",
+        elapsed.as_secs_f64(),
+        before.len(),
+        after.len(),
+        new_sockets.len()
+    );
+    let total = |k: &str| {
+        udp.iter()
+            .map(|c| c.get(k).copied().unwrap_or(0))
+            .sum::<u64>()
+    };
+    eprintln!(
+        "[{name}] the backends answered {answered} of the {sent} OPTIONS at the client's source port; \
+         their kernels: InDatagrams {}, RcvbufErrors {}, InCsumErrors {}, InErrors {}",
+        total("InDatagrams"),
+        total("RcvbufErrors"),
+        total("InCsumErrors"),
+        total("InErrors")
+    );
+    let mut problems = Vec::new();
+    if sent != DATAGRAMS {
+        problems.push(format!("sent only {sent} of {DATAGRAMS}"));
+    }
+    // Every datagram reached a backend's kernel whole (reassembled, checksum right)...
+    if total("InCsumErrors") != 0
+        || total("InErrors") != 0
+        || total("InDatagrams") + total("RcvbufErrors") < DATAGRAMS as u64
+    {
+        problems.push(format!(
+            "not every datagram reached a backend intact: {udp:?}"
+        ));
+    }
+    // ... from the client's address and port: SIPp answers there, and only there. (SIPp
+    // itself may miss a few of a burst; the kernel counters above are exact.)
+    if answered < DATAGRAMS * 99 / 100 {
+        problems.push(format!(
+            "the backends answered {answered} of {DATAGRAMS} at the client's source {from}"
+        ));
+    }
+    if slow["received"].as_u64() != Some(DATAGRAMS as u64) || forwarded != DATAGRAMS as u64 {
+        problems.push(format!(
+            "the slow path did not forward every datagram: {slow}"
+        ));
+    }
+    // Sockets may close (the CLI's last control connection), none may appear.
+    if !new_sockets.is_empty() || !after.is_subset(&before) {
+        problems.push(format!(
+            "the daemon opened sockets while forwarding: {new_sockets:?} new in {samples} samples; {} before, {} after",
+            before.len(),
+            after.len()
+        ));
+    }
+    if raw_before.len() != 1 {
+        problems.push(format!(
+            "expected one raw socket for the one service, found {raw_before:?}"
+        ));
+    }
+    if samples < 100 {
+        problems.push(format!("only {samples} samples of the daemon's sockets"));
+    }
+    if packets != forwarded || bytes != forwarded * frame {
+        problems.push(format!(
+            "per-backend counters {packets} packets, {bytes} bytes; the slow path forwarded {forwarded} of {frame}-byte frames: {}",
+            stats["backends"]
+        ));
+    }
+    verdict(name, &bed.dir.clone(), problems);
+}
+
+#[test]
+fn slow_path_forwards_through_fixed_sockets_and_counts_per_backend_ipv4() {
+    slow_path_sockets_and_counters("slow-sockets-v4", Family::V4);
+}
+
+#[test]
+fn slow_path_forwards_through_fixed_sockets_and_counts_per_backend_ipv6() {
+    slow_path_sockets_and_counters("slow-sockets-v6", Family::V6);
 }
