@@ -175,32 +175,30 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
     }
 }
 
-/// Reads one request (unless `refusal` is already the answer), has the controller
-/// answer it, and writes the answer, each step within [`IO_TIMEOUT`].
+/// Reads one request, has the controller answer it (or answers `refusal` instead),
+/// and writes the answer, each step within [`IO_TIMEOUT`]. A refused peer's request is
+/// read too (and ignored), so that its writing does not fail before it reads why.
 async fn answer(stream: UnixStream, refusal: Option<Response>, tx: mpsc::Sender<Command>) {
     let (read, mut write) = stream.into_split();
-    let response = match refusal {
-        Some(r) => r,
-        None => {
-            let mut line = String::new();
-            let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-            match tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line)).await {
-                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => {
-                        let (reply, answer) = oneshot::channel();
-                        if tx.send((req, reply)).await.is_err() {
-                            Response::error("the daemon is shutting down")
-                        } else {
-                            answer
-                                .await
-                                .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
-                        }
-                    }
-                    Err(e) => Response::error(format!("bad request: {e}")),
-                },
-                _ => Response::error("no request received"),
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    let received = tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line)).await;
+    let response = match (refusal, received) {
+        (Some(r), _) => r,
+        (None, Ok(Ok(_))) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let (reply, answer) = oneshot::channel();
+                if tx.send((req, reply)).await.is_err() {
+                    Response::error("the daemon is shutting down")
+                } else {
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                }
             }
-        }
+            Err(e) => Response::error(format!("bad request: {e}")),
+        },
+        (None, _) => Response::error("no request received"),
     };
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');

@@ -1368,3 +1368,145 @@ fn no_backend_503_fills_in_rport_and_received_and_fits_a_datagram_ipv4() {
 fn no_backend_503_fills_in_rport_and_received_and_fits_a_datagram_ipv6() {
     no_backend_503("503-v6", Family::V6);
 }
+
+/// `sip-dispatch COMMAND ARGS` run as user `nobody` against the bed's control socket.
+fn cli_as_nobody(bed: &Bed, command: &str, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bed.binary)
+        .arg(command)
+        .arg(format!("--control={}", bed.control.display()))
+        .args(args)
+        .output()
+        .expect("running setpriv")
+}
+
+/// A non-root user cannot use the control socket: the file mode stops it, and where the
+/// mode would let it through (a socket made world-writable by hand), the daemon checks
+/// the peer's credentials and refuses in one line. Root is served throughout.
+#[test]
+fn control_socket_refuses_non_root_peers() {
+    const NAME: &str = "control-peers";
+    let bed = Bed::build(NAME, 1, Duration::from_secs(60));
+    let daemon = bed.start_daemon(&bed.run_config(1));
+    let mut problems = Vec::new();
+    let mode = std::fs::metadata(&bed.control)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap_or(0);
+    if mode != 0o600 {
+        problems.push(format!("control socket mode {mode:o}, expected 600"));
+    }
+    let by_mode = cli_as_nobody(&bed, "stats", &["--json"]);
+    let stderr = text(&by_mode.stderr);
+    eprintln!(
+        "[{NAME}] nobody, socket 0600: {} {stderr:?}",
+        by_mode.status
+    );
+    if by_mode.status.success()
+        || stderr.lines().count() != 1
+        || !stderr.contains("permission denied")
+    {
+        problems.push(format!(
+            "nobody on a 0600 socket: {} {stderr:?} {}",
+            by_mode.status,
+            text(&by_mode.stdout)
+        ));
+    }
+    std::fs::set_permissions(
+        &bed.control,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .expect("chmod 0666 on the control socket");
+    let by_cred = cli_as_nobody(&bed, "stats", &["--json"]);
+    let stderr = text(&by_cred.stderr);
+    eprintln!(
+        "[{NAME}] nobody, socket 0666: {} {stderr:?}",
+        by_cred.status
+    );
+    if by_cred.status.success()
+        || stderr.lines().count() != 1
+        || !stderr.contains("refused: the control socket is for root only (you are uid 65534)")
+    {
+        problems.push(format!(
+            "nobody on a 0666 socket: {} {stderr:?} {}",
+            by_cred.status,
+            text(&by_cred.stdout)
+        ));
+    }
+    // The refused peers changed nothing, and root is still served.
+    let stats = bed.cli_json(&["stats", "--json"]);
+    if stats["backends"].as_array().map(Vec::len) != Some(1) {
+        problems.push(format!("root's stats after the refusals: {stats}"));
+    }
+    drop(daemon);
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// One HTTP GET on `stream`; the whole answer (the server closes after it).
+fn http_get(mut stream: std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: sd\r\n\r\n")?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// 200 connections that send nothing do not keep a scrape out: it is answered at once,
+/// and so is each of them once it sends its request; a burst of 100 scrapes is answered
+/// from the cached page.
+#[test]
+fn metrics_answer_a_scrape_past_200_idle_connections() {
+    const NAME: &str = "metrics-idle";
+    const IDLE: usize = 200;
+    let bed = Bed::build(NAME, 1, Duration::from_secs(60));
+    let metrics: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+    let mut run = bed.run_config(1);
+    run.extra = vec!["--metrics".into(), metrics.to_string()];
+    let daemon = bed.start_daemon(&run);
+    let (idle, scrape, idle_then_asked, burst) = in_netns(&bed.disp_ns(), move || {
+        let connect = || std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(5));
+        let idle: Vec<_> = (0..IDLE)
+            .map(|_| connect().expect("idle connection"))
+            .collect();
+        let started = Instant::now();
+        let page = connect().and_then(http_get);
+        let scrape = (started.elapsed(), page);
+        // The idle ones were kept (not closed for the newcomer): they get pages too.
+        let mut idle = idle.into_iter();
+        let asked: Vec<_> = idle.by_ref().take(3).map(http_get).collect();
+        let started = Instant::now();
+        let burst_ok = (0..100)
+            .filter(|_| {
+                connect()
+                    .and_then(http_get)
+                    .is_ok_and(|p| p.starts_with("HTTP/1.1 200 OK"))
+            })
+            .count();
+        (IDLE, scrape, asked, (burst_ok, started.elapsed()))
+    });
+    drop(daemon);
+    let (took, page) = scrape;
+    eprintln!(
+        "[{NAME}] a scrape past {idle} idle connections took {took:?}; 100 scrapes: {} answered in {:?}",
+        burst.0, burst.1
+    );
+    let mut problems = Vec::new();
+    match &page {
+        Ok(p) if p.starts_with("HTTP/1.1 200 OK") && p.contains("sip_dispatch_backend_up{") => {}
+        other => problems.push(format!("the scrape: {other:?}")),
+    }
+    // Well inside the idle connections' 5 s request timeout: nobody had to time out.
+    if took > Duration::from_secs(2) {
+        problems.push(format!("the scrape took {took:?}"));
+    }
+    for (i, p) in idle_then_asked.iter().enumerate() {
+        if !p.as_ref().is_ok_and(|p| p.starts_with("HTTP/1.1 200 OK")) {
+            problems.push(format!("idle connection {i} asking later: {p:?}"));
+        }
+    }
+    if burst.0 != 100 {
+        problems.push(format!("{} of 100 scrapes of the burst answered", burst.0));
+    }
+    verdict(NAME, &bed.dir.clone(), problems);
+}
