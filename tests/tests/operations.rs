@@ -1113,10 +1113,10 @@ fn slow_path_sockets_and_counters(name: &str, family: Family) {
             while ids.len() < DATAGRAMS {
                 let Ok(n) = sock.recv(&mut buf) else { break };
                 let msg = String::from_utf8_lossy(&buf[..n]);
-                if msg.starts_with("SIP/2.0 200") {
-                    if let Some(id) = msg.lines().find_map(|l| l.strip_prefix("Call-ID: ")) {
-                        ids.insert(id.trim().to_owned());
-                    }
+                if msg.starts_with("SIP/2.0 200")
+                    && let Some(id) = msg.lines().find_map(|l| l.strip_prefix("Call-ID: "))
+                {
+                    ids.insert(id.trim().to_owned());
                 }
             }
             ids.len()
