@@ -146,7 +146,7 @@ pub fn service_unavailable(
         return Err(NoAnswer::Incomplete);
     }
     let top = vias.first_mut().ok_or(NoAnswer::Incomplete)?;
-    *top = with_source(top, source);
+    *top = with_source(top, source).ok_or(NoAnswer::Incomplete)?;
     if !to.to_ascii_lowercase().contains(";tag=") {
         to.push_str(&format!(
             ";tag=sd{:x}",
@@ -167,8 +167,9 @@ pub fn service_unavailable(
     Ok(out.into_bytes())
 }
 
-/// Splits `s` at every `sep` outside double quotes (a quoted-string may hold `,` or `;`).
-fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
+/// Splits `s` at every `sep` outside double quotes (a quoted-string may hold `,` or `;`);
+/// None when a quoted-string is not closed.
+fn split_unquoted(s: &str, sep: char) -> Option<Vec<&str>> {
     let mut parts = Vec::new();
     let (mut start, mut quoted, mut escaped) = (0, false, false);
     for (i, c) in s.char_indices() {
@@ -184,7 +185,7 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
         }
     }
     parts.push(&s[start..]);
-    parts
+    (!quoted).then_some(parts)
 }
 
 /// The host of a via-parm's sent-by (`SIP/2.0/UDP host:port;params`), without brackets.
@@ -203,10 +204,11 @@ fn sent_by_host(sent: &str) -> &str {
 
 /// The top via-parm of the Via header value `via` with `received` and `rport` filled in
 /// from `source` (RFC 3261 18.2.1, RFC 3581 4); the other via-parms are kept as they are.
-fn with_source(via: &str, source: SocketAddr) -> String {
-    let parms = split_unquoted(via, ',');
+/// None for a Via with an unclosed quoted-string: where its parameters end is unknown.
+fn with_source(via: &str, source: SocketAddr) -> Option<String> {
+    let parms = split_unquoted(via, ',')?;
     let (top, rest) = parms.split_first().map_or((via, &[][..]), |(t, r)| (*t, r));
-    let mut fields = split_unquoted(top, ';').into_iter();
+    let mut fields = split_unquoted(top, ';')?.into_iter();
     let sent = fields.next().unwrap_or_default().trim();
     let params: Vec<&str> = fields.map(str::trim).collect();
     let name_of = |p: &str| {
@@ -252,7 +254,7 @@ fn with_source(via: &str, source: SocketAddr) -> String {
         out.push(',');
         out.push_str(r);
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -452,6 +454,16 @@ mod tests {
         assert_eq!(
             top_via(&req, "198.18.0.10:5"),
             r#"SIP/2.0/UDP 10.0.0.5;x="a,b;c\"d";rport=5;branch=z9hG4bK-1;received=198.18.0.10"#
+        );
+    }
+
+    #[test]
+    fn a_top_via_with_an_unclosed_quote_gets_no_503() {
+        // Found by the sip_response fuzz target: `rport` after an unclosed quote.
+        let req = with_top_via(r#"SIP/2.0/UDP 10.0.0.5;x="a;rport=;branch=z9hG4bK-1"#);
+        assert_eq!(
+            service_unavailable(req.as_bytes(), CLIENT.parse().unwrap(), 5, 1472),
+            Err(NoAnswer::Incomplete)
         );
     }
 
