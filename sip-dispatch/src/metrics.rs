@@ -422,13 +422,21 @@ mod tests {
             idle.len(),
             started.elapsed()
         );
-        // A storm of scrapes within the cache time costs one snapshot.
+        // A storm of scrapes costs one snapshot per CACHE_FOR (one, unless the machine
+        // is so loaded that the storm outlasts it), not one per scrape.
+        let storm = Instant::now();
         for _ in 0..50 {
             assert!(scrape_once(addr).await.starts_with("HTTP/1.1 200 OK"));
         }
-        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let most = 1 + 1 + (storm.elapsed().as_secs_f64() / CACHE_FOR.as_secs_f64()) as u64;
+        let snapshots = asked.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(snapshots <= most, "{snapshots} snapshots for 51 scrapes");
+        // Past CACHE_FOR the next scrape takes a fresh one.
         tokio::time::sleep(CACHE_FOR).await;
         scrape_once(addr).await;
-        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::SeqCst),
+            snapshots + 1
+        );
     }
 }
