@@ -1024,6 +1024,24 @@ fn udp_counters(ns: &str, family: Family) -> BTreeMap<String, u64> {
     }
 }
 
+/// The receive queue (bytes) and drop count of the raw socket `inode` in the network
+/// namespace of process `pid`.
+fn raw_socket_queue_and_drops(pid: i32, inode: u64) -> Option<(u64, u64)> {
+    ["raw", "raw6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .find_map(|table| {
+            table.lines().skip(1).find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.get(9)?.parse::<u64>().ok()? != inode {
+                    return None;
+                }
+                let queue = u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?;
+                Some((queue, f.last()?.parse().ok()?))
+            })
+        })
+}
+
 /// A SIP OPTIONS request of exactly `len` bytes (padded with an X-Pad header) from
 /// `from` to `vip`, with Call-ID `call_id` and `via_params` after the top Via's sent-by.
 fn padded_options(
@@ -1153,6 +1171,10 @@ fn slow_path_sockets_and_counters(name: &str, family: Family) {
         std::thread::sleep(Duration::from_millis(50));
     };
     let after = socket_inodes(pid);
+    let raw_queue: Vec<_> = raw_before
+        .iter()
+        .map(|&i| raw_socket_queue_and_drops(pid, i))
+        .collect();
     let answered = answers.join().expect("answer counter");
     let udp: Vec<BTreeMap<String, u64>> = bed
         .topo
@@ -1231,6 +1253,18 @@ fn slow_path_sockets_and_counters(name: &str, family: Family) {
             "the daemon opened sockets while forwarding: {new_sockets:?} new in {samples} samples; {} before, {} after",
             before.len(),
             after.len()
+        ));
+    }
+    // The copies of incoming datagrams the raw socket gets are dropped by its filter
+    // before they are queued: without the filter one would sit in its receive queue and
+    // the others would be counted as drops (receive buffer full).
+    eprintln!("[{name}] raw socket (receive queue, drops): {raw_queue:?}");
+    if raw_queue
+        .iter()
+        .any(|q| !q.is_some_and(|(queue, drops)| queue == 0 && drops == 0))
+    {
+        problems.push(format!(
+            "the raw socket queued what it received (queue, drops): {raw_queue:?}"
         ));
     }
     if raw_before.len() != 1 {
