@@ -1,7 +1,10 @@
 //! Operating a running daemon (README "Operating a running daemon", "Restarts and
 //! upgrades without a dropped call", "The slow path", "Inspecting with bpftool"): the CLI
 //! against a live daemon while SIPp calls flow, bpftool on the pinned maps, a restart with
-//! `--keep-attached` under load, and large (fragmented) INVITEs through the slow path.
+//! `--keep-attached` under load, and large (fragmented) INVITEs through the slow path;
+//! the slow path's fixed sockets, per-backend counts and 503 (rport/received, size cap),
+//! and the control socket's and metrics endpoint's limits (non-root peers, idle
+//! connections).
 //!
 //! Each test builds its own namespaces (client, dispatcher, SIPp UAS backends). The
 //! daemon runs in native XDP mode (with an XDP_PASS program on the dispatcher's veth
