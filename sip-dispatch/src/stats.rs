@@ -76,8 +76,7 @@ pub fn snapshot(
         .into_iter()
         .map(|(c, v)| (c.name().to_string(), v.into()))
         .collect();
-    let backends_known = backends;
-    let backends = backends
+    let per_backend = backends
         .iter()
         .map(|b| {
             let s = match b.id {
@@ -104,10 +103,11 @@ pub fn snapshot(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    slow_path.retain_backends(&backends_known.iter().map(|b| b.address).collect());
+    // Backends gone since the last snapshot take their slow-path counts with them.
+    slow_path.retain_backends(&backends.iter().map(|b| b.address).collect());
     Ok(Snapshot {
         counters,
-        backends,
+        backends: per_backend,
         dns_failures,
         reloads,
         slow_path: slow_path.snapshot(),
