@@ -1,12 +1,14 @@
-//! The control socket: a Unix stream socket (mode 0600, root only) on which the CLI
-//! sends one JSON request per connection and reads one JSON response. The daemon applies
-//! every change through the controller, so each one is a table swap with the minimal
-//! disruption property.
+//! The control socket: a Unix stream socket (mode 0600, in a 0700 directory, root only:
+//! each peer's credentials are checked) on which the CLI sends one JSON request per
+//! connection and reads one JSON response. The daemon applies every change through the
+//! controller, so each one is a table swap with the minimal disruption property.
+//! Connections are bounded in number and in time.
 use std::{
     io::{BufRead as _, Write as _},
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,14 +16,18 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::UnixListener,
-    sync::{mpsc, oneshot},
+    net::{UnixListener, UnixStream},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 /// Where daemons put their sockets: `<dir>/<iface>.sock`.
 pub const SOCKET_DIR: &str = "/run/sip-dispatch";
 /// Requests longer than this are refused.
 const MAX_REQUEST: usize = 64 * 1024;
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a peer has to send its request, and to take the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn default_socket(iface: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{iface}.sock"))
@@ -87,48 +93,157 @@ impl Response {
 /// A request on its way to the controller, with where its answer goes.
 pub type Command = (Request, oneshot::Sender<Response>);
 
+/// Sleeps after a failed `accept` so that a full file table (EMFILE, ENFILE) or any
+/// other persistent error does not spin the runtime thread: 10 ms, doubling up to 1 s,
+/// back to the start after an accept that works.
+pub struct AcceptBackoff {
+    delay: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub fn new() -> AcceptBackoff {
+        AcceptBackoff { delay: Self::FIRST }
+    }
+
+    pub fn succeeded(&mut self) {
+        self.delay = Self::FIRST;
+    }
+
+    /// The pause after this failure; the next one is twice as long, up to 1 s.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.delay;
+        self.delay = (self.delay * 2).min(Self::MAX);
+        d
+    }
+
+    pub async fn failed(&mut self, listener: &str, e: &std::io::Error) {
+        let d = self.next_delay();
+        log::warn!("{listener}: accept failed: {e} (retrying in {d:?})");
+        tokio::time::sleep(d).await;
+    }
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether a peer with this uid may use the control socket: root, or the daemon's own
+/// user (the same when it runs as root).
+fn peer_allowed(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
 /// Listens on `path` until the task is dropped, handing requests to the controller.
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = AcceptBackoff::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) => {
+                backoff.failed("control socket", &e).await;
+                continue;
+            }
         };
         let tx = tx.clone();
         tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-            let response =
-                match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-                    .await
-                {
-                    Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                        Ok(req) => {
-                            let (reply, answer) = oneshot::channel();
-                            if tx.send((req, reply)).await.is_err() {
-                                Response::error("the daemon is shutting down")
-                            } else {
-                                answer.await.unwrap_or_else(|_| {
-                                    Response::error("the daemon is shutting down")
-                                })
-                            }
-                        }
-                        Err(e) => Response::error(format!("bad request: {e}")),
-                    },
-                    _ => Response::error("no request received"),
-                };
-            if let Ok(mut text) = serde_json::to_string(&response) {
-                text.push('\n');
-                let _ = write.write_all(text.as_bytes()).await;
-            }
+            let response = match stream.peer_cred() {
+                Ok(cred) if peer_allowed(cred.uid()) => None,
+                Ok(cred) => Some(Response::error(format!(
+                    "refused: the control socket is for root only (you are uid {})",
+                    cred.uid()
+                ))),
+                Err(e) => Some(Response::error(format!(
+                    "refused: cannot read the peer's credentials: {e}"
+                ))),
+            };
+            answer(stream, response, tx).await;
+            drop(permit);
         });
     }
 }
 
+/// Reads one request, has the controller answer it (or answers `refusal` instead),
+/// and writes the answer, each step within [`IO_TIMEOUT`]. A refused peer's request is
+/// read too (and ignored), so that its writing does not fail before it reads why.
+async fn answer(stream: UnixStream, refusal: Option<Response>, tx: mpsc::Sender<Command>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    let received = tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line)).await;
+    let response = match (refusal, received) {
+        (Some(r), _) => r,
+        (None, Ok(Ok(_))) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let (reply, answer) = oneshot::channel();
+                if tx.send((req, reply)).await.is_err() {
+                    Response::error("the daemon is shutting down")
+                } else {
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                }
+            }
+            Err(e) => Response::error(format!("bad request: {e}")),
+        },
+        (None, _) => Response::error("no request received"),
+    };
+    if let Ok(mut text) = serde_json::to_string(&response) {
+        text.push('\n');
+        let _ = tokio::time::timeout(IO_TIMEOUT, write.write_all(text.as_bytes())).await;
+    }
+}
+
+/// Makes sure the socket's directory exists and is private: missing directories are
+/// created with mode 0700, and the default directory is set to 0700 and must belong to
+/// us. A directory given with `--control` is left as it is, with a warning when others
+/// may write to it (the socket itself is 0600 and peers are checked anyway).
+fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("reading the mode of {}", dir.display()))?;
+    if dir == Path::new(SOCKET_DIR) {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            bail!(
+                "{} belongs to uid {}, not to this daemon (uid {me}): remove it or give --control",
+                dir.display(),
+                meta.uid()
+            );
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting the mode of {} to 0700", dir.display()))?;
+    } else if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        log::warn!(
+            "the control socket's directory {} is writable by others (mode {:o}): prefer a 0700 directory",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 /// Binds the control socket, replacing a stale one, with mode 0600.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        prepare_dir(dir)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -220,6 +335,8 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Valu
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]
@@ -248,6 +365,11 @@ mod tests {
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
+        );
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700,
+            "a directory the daemon creates is private"
         );
         let (tx, mut rx) = mpsc::channel::<Command>(1);
         tokio::spawn(serve(listener, tx));
@@ -278,5 +400,52 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let err = call(&path, &Request::Stats).unwrap_err().to_string();
         assert!(err.contains("the daemon is not running"), "{err}");
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second_and_resets() {
+        let mut b = AcceptBackoff::new();
+        let delays: Vec<u64> = (0..10).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.succeeded();
+        assert_eq!(b.next_delay(), Duration::from_millis(10));
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_and_idle_ones_time_out() {
+        let dir = std::env::temp_dir().join(format!("sd-control-limit-{}", std::process::id()));
+        let path = dir.join("t.sock");
+        let listener = bind(&path).unwrap();
+        let (tx, mut rx) = mpsc::channel::<Command>(1);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(Response::ok(serde_json::json!({"seen": 1})));
+            }
+        });
+        // Every slot taken by a peer that sends nothing.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        let started = Instant::now();
+        let p = path.clone();
+        let got = tokio::task::spawn_blocking(move || call(&p, &Request::Stats))
+            .await
+            .unwrap()
+            .unwrap();
+        let waited = started.elapsed();
+        assert_eq!(got["seen"], 1);
+        // It waited in the backlog until the idle peers timed out, not longer.
+        assert!(
+            waited >= IO_TIMEOUT - Duration::from_millis(500) && waited < IO_TIMEOUT * 3,
+            "answered after {waited:?}"
+        );
+        // The idle peers were told so and closed.
+        let mut line = String::new();
+        let mut first = BufReader::new(idle.remove(0));
+        first.read_line(&mut line).await.unwrap();
+        assert!(line.contains("no request received"), "{line}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -969,7 +969,7 @@ impl Controller {
             &self.backend_infos(),
             self.dns_failures,
             self.reloads,
-            self.slow_path.snapshot(),
+            &self.slow_path,
         )
     }
 }

@@ -13,6 +13,7 @@ pub mod frames;
 pub mod hashkey;
 pub mod health;
 pub mod metrics;
+pub mod rawudp;
 pub mod reload;
 pub mod run;
 pub mod select;

@@ -1,19 +1,37 @@
 //! `--metrics ADDR:PORT`: Prometheus text exposition (format 0.0.4) over plain HTTP.
 //! A scrape asks the controller for a snapshot through the control channel, so the
-//! numbers are the ones `sip-dispatch stats` shows.
-use std::fmt::Write as _;
+//! numbers are the ones `sip-dispatch stats` shows; the rendered page is kept for
+//! [`CACHE_FOR`], so a storm of scrapes costs one snapshot a second.
+//!
+//! At most [`MAX_CONNECTIONS`] connections are open at once, each with [`IO_TIMEOUT`]
+//! to send its request and to take the answer. When all are taken, the one that has
+//! waited longest for its request is closed to make room: idle connections cannot keep
+//! a scraper out.
+use std::{
+    collections::VecDeque,
+    fmt::Write as _,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-    sync::{mpsc, oneshot},
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 use crate::{
-    control::{Command, Request},
+    control::{AcceptBackoff, Command, Request},
     stats::{BackendSnapshot, Snapshot},
 };
+
+/// Connections open at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client has to send its request, and to take the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a rendered page is served again before a new snapshot is taken.
+pub const CACHE_FOR: Duration = Duration::from_secs(1);
 
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -21,38 +39,148 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding the metrics listener on {addr}"))
 }
 
+/// Connections still waiting for their request, oldest first: whom to close when every
+/// connection slot is taken.
+#[derive(Default)]
+struct Waiting {
+    next_id: u64,
+    queue: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+impl Waiting {
+    fn add(&mut self) -> (u64, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.queue.push_back((id, tx));
+        (id, rx)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.queue.retain(|(i, _)| *i != id);
+    }
+
+    /// Tells the oldest waiting connection to close; false when none waits.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((_, close)) = self.queue.pop_front() {
+            if close.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// The last page rendered, and when.
+type Cache = tokio::sync::Mutex<Option<(Instant, Option<String>)>>;
+
 /// Serves scrapes until the task is dropped.
 pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Command>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let waiting = Arc::new(Mutex::new(Waiting::default()));
+    let cache: Arc<Cache> = Arc::default();
+    let mut backoff = AcceptBackoff::new();
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) => {
+                backoff.failed("metrics listener", &e).await;
+                continue;
+            }
         };
-        let tx = tx.clone();
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let evicted = waiting
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .evict_oldest();
+                if !evicted {
+                    // Every connection is busy answering (each within IO_TIMEOUT).
+                    log::debug!("metrics: {MAX_CONNECTIONS} connections busy, closing a new one");
+                    continue;
+                }
+                match permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            }
+        };
+        let (id, evicted) = waiting.lock().unwrap_or_else(PoisonError::into_inner).add();
+        let (tx, waiting, cache) = (tx.clone(), waiting.clone(), cache.clone());
         tokio::spawn(async move {
-            // The request line is all we look at; any path serves the metrics.
-            let mut buf = [0u8; 4096];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-                .await;
-            let (reply, answer) = oneshot::channel();
-            let body = match tx.send((Request::Stats, reply)).await {
-                Ok(()) => match answer.await {
-                    Ok(r) if r.ok => serde_json::from_value::<Snapshot>(r.result)
-                        .map(|s| render(&s))
-                        .ok(),
-                    _ => None,
-                },
-                Err(_) => None,
+            let got_request = tokio::select! {
+                r = read_request(&stream) => r,
+                _ = evicted => false,
             };
-            let response = match body {
-                Some(body) => format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                ),
-                None => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
+            waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(id);
+            if got_request {
+                scrape(stream, &tx, &cache).await;
+            }
+            drop(permit);
         });
     }
+}
+
+/// Waits up to [`IO_TIMEOUT`] for the request; the request line is all we look at (any
+/// path serves the metrics), so its first bytes are enough.
+async fn read_request(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(IO_TIMEOUT, stream.readable()).await {
+            Ok(Ok(())) => match stream.try_read(&mut buf) {
+                Ok(0) => return false,
+                Ok(_) => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return false,
+            },
+            _ => return false,
+        }
+    }
+}
+
+async fn scrape(mut stream: TcpStream, tx: &mpsc::Sender<Command>, cache: &Cache) {
+    let body = cached_page(tx, cache).await;
+    let response = match body {
+        Some(body) => format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        None => {
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .into()
+        }
+    };
+    let _ = tokio::time::timeout(IO_TIMEOUT, stream.write_all(response.as_bytes())).await;
+}
+
+/// The page of the last [`CACHE_FOR`], else a fresh one. Scrapes that arrive while a
+/// snapshot is taken wait for it rather than asking again.
+async fn cached_page(tx: &mpsc::Sender<Command>, cache: &Cache) -> Option<String> {
+    let mut cached = cache.lock().await;
+    if let Some((at, page)) = cached.as_ref()
+        && at.elapsed() < CACHE_FOR
+    {
+        return page.clone();
+    }
+    let (reply, answer) = oneshot::channel();
+    let page = match tx.send((Request::Stats, reply)).await {
+        Ok(()) => match answer.await {
+            Ok(r) if r.ok => serde_json::from_value::<Snapshot>(r.result)
+                .map(|s| render(&s))
+                .ok(),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    *cached = Some((Instant::now(), page.clone()));
+    page
 }
 
 /// A per-backend metric family: name, type, help, and how to read its value.
@@ -90,13 +218,13 @@ pub fn render(s: &Snapshot) -> String {
         (
             "backend_packets_total",
             "counter",
-            "Packets dispatched to the backend by the fast path.",
+            "Packets dispatched to the backend (fast path and slow path).",
             |b| b.packets.to_string(),
         ),
         (
             "backend_bytes_total",
             "counter",
-            "Bytes dispatched to the backend by the fast path.",
+            "Bytes dispatched to the backend (fast path and slow path).",
             |b| b.bytes.to_string(),
         ),
         (
@@ -239,5 +367,78 @@ mod tests {
                 "{name} twice"
             );
         }
+    }
+
+    /// A controller that answers Stats with an empty snapshot and counts the requests.
+    fn fake_controller() -> (mpsc::Sender<Command>, Arc<std::sync::atomic::AtomicU64>) {
+        let (tx, mut rx) = mpsc::channel::<Command>(16);
+        let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = asked.clone();
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let s = Snapshot {
+                    counters: Default::default(),
+                    backends: Vec::new(),
+                    dns_failures: 0,
+                    reloads: Default::default(),
+                    slow_path: Default::default(),
+                };
+                let _ = reply.send(crate::control::Response::ok(
+                    serde_json::to_value(&s).unwrap(),
+                ));
+            }
+        });
+        (tx, asked)
+    }
+
+    async fn scrape_once(addr: std::net::SocketAddr) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_limit_do_not_keep_a_scrape_out() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, asked) = fake_controller();
+        tokio::spawn(serve(listener, tx));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 50 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let started = Instant::now();
+        let page = tokio::time::timeout(IO_TIMEOUT / 2, scrape_once(addr))
+            .await
+            .expect("the scrape is answered before any idle connection times out");
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+        assert!(page.contains("sip_dispatch_dns_failures_total 0"));
+        eprintln!(
+            "scrape past {} idle connections answered in {:?}",
+            idle.len(),
+            started.elapsed()
+        );
+        // A storm of scrapes costs one snapshot per CACHE_FOR (one, unless the machine
+        // is so loaded that the storm outlasts it), not one per scrape.
+        let storm = Instant::now();
+        for _ in 0..50 {
+            assert!(scrape_once(addr).await.starts_with("HTTP/1.1 200 OK"));
+        }
+        let most = 1 + 1 + (storm.elapsed().as_secs_f64() / CACHE_FOR.as_secs_f64()) as u64;
+        let snapshots = asked.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(snapshots <= most, "{snapshots} snapshots for 51 scrapes");
+        // Past CACHE_FOR the next scrape takes a fresh one.
+        tokio::time::sleep(CACHE_FOR).await;
+        scrape_once(addr).await;
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::SeqCst),
+            snapshots + 1
+        );
     }
 }

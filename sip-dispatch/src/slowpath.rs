@@ -2,18 +2,20 @@
 //! Call-IDs beyond its window, IPv6 extension headers, FIB misses) reaches the kernel
 //! stack, which reassembles it and delivers it to a socket on the VIP. Here the same
 //! Call-ID scanner and the same slot table pick the same backend, and the datagram is
-//! sent on with the client's source address and port (an IP_TRANSPARENT socket bound to
-//! the client's address), so the backend sees what the fast path would have sent.
+//! sent on with the client's source address and port (one long-lived raw socket per
+//! service, see [`crate::rawudp`]), so the backend sees what the fast path would have
+//! sent. Each wakeup handles at most [`BATCH`] datagrams, then yields to the runtime.
 //!
 //! With no healthy backend, a request (other than ACK) gets a stateless
-//! `503 Service Unavailable` with Retry-After (RFC 3261 8.2.6), rate-limited per source
-//! and in total so that spoofed traffic cannot turn the dispatcher into a reflector;
-//! responses and ACKs are dropped. Every outcome is counted.
+//! `503 Service Unavailable` with Retry-After (RFC 3261 8.2.6) and the client's address
+//! in its top Via (RFC 3581), rate-limited per source and in total so that spoofed
+//! traffic cannot turn the dispatcher into a reflector, and never larger than one
+//! unfragmented datagram; responses and ACKs are dropped. Every outcome is counted.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -22,13 +24,27 @@ use std::{
 use anyhow::Context as _;
 use serde::Serialize;
 use sip_dispatch_common::{
-    HashKey, ScanOutcome, parse::scan_message, sip::service_unavailable, table::SlotTable,
+    HashKey, MAX_BACKENDS, ScanOutcome,
+    parse::scan_message,
+    sip::{NoAnswer, service_unavailable},
+    table::SlotTable,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::UdpSocket, sync::watch};
 
+use crate::rawudp::RawUdp;
+
 /// Seconds a client is told to wait when no backend is available.
 pub const RETRY_AFTER_SECS: u32 = 5;
+/// Datagrams handled per wakeup before the slow path yields to the other tasks.
+pub const BATCH: usize = 64;
+/// The largest 503 sent: one unfragmented datagram on an Ethernet MTU (1500 - 20 - 8)
+/// for IPv4, on the IPv6 minimum MTU (1280 - 40 - 8) for IPv6.
+pub const MAX_503_V4: usize = 1472;
+pub const MAX_503_V6: usize = 1232;
+/// Ethernet header bytes, added to what the slow path forwards so that its byte count
+/// reads like the fast path's (which counts frames).
+const ETH_HLEN: u64 = 14;
 
 /// What to do with one datagram.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,7 +203,24 @@ pub struct Counters {
     pub dropped_no_backend: AtomicU64,
     pub rate_limited_503: AtomicU64,
     pub send_errors: AtomicU64,
+    /// 503s not sent because they would not fit in one datagram (see [`MAX_503_V4`]).
+    pub too_large_503: AtomicU64,
+    /// What was forwarded, per backend.
+    per_backend: Mutex<HashMap<SocketAddr, Forwarded>>,
 }
+
+/// Packets and bytes the slow path forwarded to one backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    pub packets: u64,
+    /// Counted as the fast path counts: the whole unfragmented frame (Ethernet, IP and
+    /// UDP headers and the payload).
+    pub bytes: u64,
+}
+
+/// Backends counted at once: every backend the tables can hold, twice over (removed
+/// ones linger until the next stats snapshot forgets them).
+const MAX_COUNTED_BACKENDS: usize = 2 * MAX_BACKENDS as usize;
 
 #[derive(Serialize, serde::Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct CountersSnapshot {
@@ -199,6 +232,8 @@ pub struct CountersSnapshot {
     pub dropped_no_backend: u64,
     pub rate_limited_503: u64,
     pub send_errors: u64,
+    #[serde(default)]
+    pub too_large_503: u64,
 }
 
 impl Counters {
@@ -213,7 +248,43 @@ impl Counters {
             dropped_no_backend: g(&self.dropped_no_backend),
             rate_limited_503: g(&self.rate_limited_503),
             send_errors: g(&self.send_errors),
+            too_large_503: g(&self.too_large_503),
         }
+    }
+
+    fn count_forwarded(&self, backend: SocketAddr, payload_len: usize) {
+        let ip_header: u64 = if backend.is_ipv6() { 40 } else { 20 };
+        let bytes = ETH_HLEN + ip_header + 8 + payload_len as u64;
+        let mut map = self
+            .per_backend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= MAX_COUNTED_BACKENDS && !map.contains_key(&backend) {
+            // Only reachable with a churn of backends between two snapshots; the
+            // datagram is still in `forwarded`.
+            return;
+        }
+        let f = map.entry(backend).or_default();
+        f.packets = f.packets.saturating_add(1);
+        f.bytes = f.bytes.saturating_add(bytes);
+    }
+
+    /// What the slow path forwarded to `backend`.
+    pub fn forwarded_to(&self, backend: SocketAddr) -> Forwarded {
+        let map = self
+            .per_backend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(&backend).copied().unwrap_or_default()
+    }
+
+    /// Forgets the per-backend counts of backends no longer known.
+    pub fn retain_backends(&self, known: &std::collections::HashSet<SocketAddr>) {
+        let mut map = self
+            .per_backend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.retain(|b, _| known.contains(b));
     }
 }
 
@@ -221,99 +292,105 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Sends `data` to `backend` from the client's own address and port. The kernel
-/// fragments it when it is larger than the path MTU.
-pub fn send_as(client: SocketAddr, backend: SocketAddr, data: &[u8]) -> std::io::Result<()> {
-    let sock = Socket::new(
-        Domain::for_address(client),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    if client.is_ipv6() {
-        sock.set_ip_transparent_v6(true)?;
-        sock.set_only_v6(true)?;
-    } else {
-        sock.set_ip_transparent_v4(true)?;
-        // Fragment locally rather than fail with EMSGSIZE on large INVITEs.
-        let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&sock),
-                libc::IPPROTO_IP,
-                libc::IP_MTU_DISCOVER,
-                (&raw const dont).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    sock.set_reuse_address(true)?;
-    sock.bind(&client.into())?;
-    sock.send_to(data, &backend.into())?;
-    Ok(())
-}
-
 /// The current table of a service, as the controller last published it.
 pub type TableWatch = watch::Receiver<Option<Arc<SlotTable>>>;
 
-/// Binds the service socket on the VIP.
-pub async fn bind(vip: SocketAddr) -> anyhow::Result<UdpSocket> {
+/// The sockets of one service's slow path: the one on the VIP that receives, and the
+/// raw one that forwards as the client.
+pub struct Sockets {
+    vip: UdpSocket,
+    raw: RawUdp,
+}
+
+/// Binds the service socket on the VIP and opens the raw socket that forwards.
+pub async fn bind(vip: SocketAddr) -> anyhow::Result<Sockets> {
     let sock = Socket::new(Domain::for_address(vip), Type::DGRAM, Some(Protocol::UDP))?;
     if vip.is_ipv6() {
         sock.set_only_v6(true)?;
     }
-    sock.set_reuse_address(true)?;
+    // No SO_REUSEADDR: with it, another local user could bind the same VIP:port and
+    // take the datagrams.
     // Reassembled INVITEs can be large; keep bursts of them.
     let _ = sock.set_recv_buffer_size(4 << 20);
     sock.set_nonblocking(true)?;
     sock.bind(&vip.into()).with_context(|| {
-        format!("binding the slow-path socket on {vip} (is the VIP an address of this host?)")
+        format!(
+            "binding the slow-path socket on {vip} (is the VIP an address of this host, \
+             and is nothing else bound to it?)"
+        )
     })?;
-    Ok(UdpSocket::from_std(sock.into())?)
+    let raw = RawUdp::open(vip.is_ipv6())?;
+    Ok(Sockets {
+        vip: UdpSocket::from_std(sock.into())?,
+        raw,
+    })
 }
 
 /// Serves the slow path of one service until the task is dropped.
-pub async fn serve(sock: UdpSocket, key: HashKey, tables: TableWatch, counters: Arc<Counters>) {
+pub async fn serve(sockets: Sockets, key: HashKey, tables: TableWatch, counters: Arc<Counters>) {
+    let Sockets { vip: sock, raw } = sockets;
+    let max_503 = match sock.local_addr() {
+        Ok(a) if a.is_ipv6() => MAX_503_V6,
+        _ => MAX_503_V4,
+    };
     let mut limiter = RateLimiter::new(5.0, 200.0);
     let mut buf = vec![0u8; 65536];
     loop {
-        let (n, client) = match sock.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                log::debug!("slow path recv: {e}");
-                continue;
-            }
-        };
-        bump(&counters.received);
-        let msg = &buf[..n];
-        let table = tables.borrow().clone();
-        match decide(msg, table.as_deref(), key) {
-            Decision::Forward(backend) => match send_as(client, backend, msg) {
-                Ok(()) => bump(&counters.forwarded),
-                Err(e) => {
-                    bump(&counters.send_errors);
-                    log::debug!("slow path: forwarding from {client} to {backend}: {e}");
-                }
-            },
-            Decision::Reject => {
-                if !limiter.allow(client.ip(), Instant::now()) {
-                    bump(&counters.rate_limited_503);
-                    continue;
-                }
-                match service_unavailable(msg, RETRY_AFTER_SECS) {
-                    Some(resp) => match sock.send_to(&resp, client).await {
-                        Ok(_) => bump(&counters.answered_503),
-                        Err(_) => bump(&counters.send_errors),
-                    },
-                    None => bump(&counters.dropped_no_call_id),
-                }
-            }
-            Decision::Drop(DropReason::NotSip) => bump(&counters.dropped_not_sip),
-            Decision::Drop(DropReason::NoCallId) => bump(&counters.dropped_no_call_id),
-            Decision::Drop(DropReason::NoBackend) => bump(&counters.dropped_no_backend),
+        if let Err(e) = sock.readable().await {
+            log::debug!("slow path: waiting for datagrams: {e}");
+            tokio::task::yield_now().await;
+            continue;
         }
+        for _ in 0..BATCH {
+            let (n, client) = match sock.try_recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::debug!("slow path recv: {e}");
+                    break;
+                }
+            };
+            bump(&counters.received);
+            let msg = &buf[..n];
+            let table = tables.borrow().clone();
+            match decide(msg, table.as_deref(), key) {
+                Decision::Forward(backend) => match raw.send(client, backend, msg).await {
+                    Ok(()) => {
+                        bump(&counters.forwarded);
+                        counters.count_forwarded(backend, n);
+                    }
+                    Err(e) => {
+                        bump(&counters.send_errors);
+                        log::debug!("slow path: forwarding from {client} to {backend}: {e}");
+                    }
+                },
+                Decision::Reject => {
+                    if !limiter.allow(client.ip(), Instant::now()) {
+                        bump(&counters.rate_limited_503);
+                        continue;
+                    }
+                    match service_unavailable(msg, client, RETRY_AFTER_SECS, max_503) {
+                        Ok(resp) => match sock.try_send_to(&resp, client) {
+                            Ok(_) => bump(&counters.answered_503),
+                            Err(_) => bump(&counters.send_errors),
+                        },
+                        Err(NoAnswer::Incomplete) => bump(&counters.dropped_no_call_id),
+                        Err(NoAnswer::TooLarge(len)) => {
+                            bump(&counters.too_large_503);
+                            log::debug!(
+                                "slow path: no 503 to {client}: it would be {len} bytes (limit {max_503})"
+                            );
+                        }
+                    }
+                }
+                Decision::Drop(DropReason::NotSip) => bump(&counters.dropped_not_sip),
+                Decision::Drop(DropReason::NoCallId) => bump(&counters.dropped_no_call_id),
+                Decision::Drop(DropReason::NoBackend) => bump(&counters.dropped_no_backend),
+            }
+        }
+        // Bounded work per wakeup: let the control socket, health checks and the other
+        // services run before the next batch.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -409,6 +486,31 @@ mod tests {
             decide(no_id.as_bytes(), Some(&t), HashKey::DEFAULT),
             Decision::Drop(DropReason::NoCallId)
         );
+    }
+
+    #[test]
+    fn per_backend_counts_read_like_the_fast_path_and_stay_bounded() {
+        let c = Counters::default();
+        let b4: SocketAddr = "198.18.0.21:5060".parse().unwrap();
+        let b6: SocketAddr = "[2001:db8::21]:5060".parse().unwrap();
+        c.count_forwarded(b4, 3000);
+        c.count_forwarded(b4, 100);
+        c.count_forwarded(b6, 100);
+        assert_eq!(
+            c.forwarded_to(b4),
+            Forwarded {
+                packets: 2,
+                bytes: (14 + 20 + 8) * 2 + 3100
+            }
+        );
+        assert_eq!(c.forwarded_to(b6).bytes, 14 + 40 + 8 + 100);
+        c.retain_backends(&[b6].into_iter().collect());
+        assert_eq!(c.forwarded_to(b4), Forwarded::default());
+        for i in 0..(MAX_COUNTED_BACKENDS as u32 + 10) {
+            c.count_forwarded(SocketAddr::from((i.to_be_bytes(), 5060)), 1);
+        }
+        let counted = c.per_backend.lock().unwrap().len();
+        assert_eq!(counted, MAX_COUNTED_BACKENDS);
     }
 
     #[test]

@@ -77,20 +77,22 @@ pub fn snapshot(
     backends: &[BackendInfo],
     dns_failures: u64,
     reloads: Reloads,
-    slow_path: crate::slowpath::CountersSnapshot,
+    slow_path: &crate::slowpath::Counters,
 ) -> anyhow::Result<Snapshot> {
     let counters = dp
         .counters()?
         .into_iter()
         .map(|(c, v)| (c.name().to_string(), v.into()))
         .collect();
-    let backends = backends
+    let per_backend = backends
         .iter()
         .map(|b| {
             let s = match b.id {
                 Some(id) => dp.backend_stats(id)?,
                 None => Default::default(),
             };
+            // What the slow path forwarded counts too: one backend, one set of numbers.
+            let slow = slow_path.forwarded_to(b.address);
             Ok(BackendSnapshot {
                 service: b.service.to_string(),
                 address: b.address.to_string(),
@@ -106,16 +108,18 @@ pub fn snapshot(
                 last_change: b.last_change,
                 checks: b.checks,
                 check_failures: b.check_failures,
-                packets: s.packets,
-                bytes: s.bytes,
+                packets: s.packets.saturating_add(slow.packets),
+                bytes: s.bytes.saturating_add(slow.bytes),
             })
         })
         .collect::<anyhow::Result<_>>()?;
+    // Backends gone since the last snapshot take their slow-path counts with them.
+    slow_path.retain_backends(&backends.iter().map(|b| b.address).collect());
     Ok(Snapshot {
         counters,
-        backends,
+        backends: per_backend,
         dns_failures,
         reloads,
-        slow_path,
+        slow_path: slow_path.snapshot(),
     })
 }

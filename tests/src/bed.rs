@@ -2,10 +2,11 @@
 //! peer program, a private bpf filesystem for pins, and the verdict helpers shared by the
 //! operations and crash tests.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -39,19 +40,30 @@ pub struct Bed {
 impl Bed {
     /// `workdir`: where the run directories go (a test binary's `CARGO_TARGET_TMPDIR`).
     pub fn build(workdir: &Path, name: &str, backends: u8, bound: Duration) -> Bed {
+        Bed::build_family(workdir, name, backends, bound, Family::V4)
+    }
+
+    /// A bed whose VIP and SIPp backends are of `family`.
+    pub fn build_family(
+        workdir: &Path,
+        name: &str,
+        backends: u8,
+        bound: Duration,
+        family: Family,
+    ) -> Bed {
         preflight::require_all().expect("preflight");
         let binary = dispatcher::binary_path().expect("sip-dispatch binary");
         let dir = scenario::run_dir(workdir, name).expect("run dir");
         netns::cleanup_leftovers().expect("cleaning up leftovers");
         let topo = Topology::build(TopologySpec::dispatcher(backends)).expect("topology");
-        let uas = scenario::start_backends(&topo, Family::V4, &dir, bound)
+        let uas = scenario::start_backends(&topo, family, &dir, bound)
             .expect("UAS backends")
             .into_iter()
             .map(Some)
             .collect();
         let xdp_pass = scenario::start_xdp_pass(&topo, &binary, XdpMode::Native, &dir, true)
             .expect("xdp-pass on the peer");
-        let vip = SocketAddr::new(topo.vip(Family::V4), sipp::SIP_PORT);
+        let vip = SocketAddr::new(topo.vip(family), sipp::SIP_PORT);
         let control = dispatcher::control_socket(topo.tag()).expect("control socket path");
         Bed {
             binary,
@@ -198,4 +210,47 @@ pub fn verdict(name: &str, dir: &Path, problems: Vec<String>) {
         dir.display()
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The backends of the first service in `backends list --json`: address → entry.
+pub fn listed(list: &Value) -> BTreeMap<SocketAddr, Value> {
+    list["services"][0]["backends"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no services[0].backends in {list}"))
+        .iter()
+        .map(|b| {
+            let a = b["address"].as_str().expect("address").parse().unwrap();
+            (a, b.clone())
+        })
+        .collect()
+}
+
+pub fn share_sum(list: &BTreeMap<SocketAddr, Value>) -> f64 {
+    list.values()
+        .map(|b| b["share"].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+/// Polls `backends list --json` until `accept` likes it (bounded).
+pub fn wait_list(
+    bed: &Bed,
+    timeout: Duration,
+    what: &str,
+    accept: impl Fn(&BTreeMap<SocketAddr, Value>) -> bool,
+) -> BTreeMap<SocketAddr, Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
+        if accept(&list) {
+            return list;
+        }
+        if Instant::now() >= deadline {
+            panic!("backends list never showed {what} within {timeout:?}: {list:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn state(list: &BTreeMap<SocketAddr, Value>, a: SocketAddr) -> Option<&str> {
+    list.get(&a).and_then(|b| b["state"].as_str())
 }

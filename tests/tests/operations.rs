@@ -22,7 +22,7 @@ use std::{
 
 use serde_json::Value;
 use sip_dispatch_testbed::{
-    bed::{Bed, BpfFs, text, uac_problems, verdict},
+    bed::{Bed, BpfFs, listed, share_sum, state, text, uac_problems, verdict, wait_list},
     dispatcher::{self, Dispatcher, ExitStats},
     link, netns,
     sipp::{Scenario, Uas, backends_by_call, exactly_one_backend},
@@ -30,49 +30,6 @@ use sip_dispatch_testbed::{
 
 fn workdir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-operations")
-}
-
-/// The backends of the first service in `backends list --json`: address → entry.
-fn listed(list: &Value) -> BTreeMap<SocketAddr, Value> {
-    list["services"][0]["backends"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no services[0].backends in {list}"))
-        .iter()
-        .map(|b| {
-            let a = b["address"].as_str().expect("address").parse().unwrap();
-            (a, b.clone())
-        })
-        .collect()
-}
-
-fn share_sum(list: &BTreeMap<SocketAddr, Value>) -> f64 {
-    list.values()
-        .map(|b| b["share"].as_f64().unwrap_or(0.0))
-        .sum()
-}
-
-/// Polls `backends list --json` until `accept` likes it (bounded).
-fn wait_list(
-    bed: &Bed,
-    timeout: Duration,
-    what: &str,
-    accept: impl Fn(&BTreeMap<SocketAddr, Value>) -> bool,
-) -> BTreeMap<SocketAddr, Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
-        if accept(&list) {
-            return list;
-        }
-        if Instant::now() >= deadline {
-            panic!("backends list never showed {what} within {timeout:?}: {list:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn state(list: &BTreeMap<SocketAddr, Value>, a: SocketAddr) -> Option<&str> {
-    list.get(&a).and_then(|b| b["state"].as_str())
 }
 
 /// The CLI against a live daemon: list, add, drain, enable, set-weight, remove, which,
