@@ -1,9 +1,8 @@
 //! The slow path's sockets and answers, and the daemon's endpoints under abuse (README
 //! "The slow path", "Behaviour on bad or unusual input"): forwarding through a fixed set
 //! of sockets with per-backend counts, the 503 with rport/received and its size cap (also
-//! at a small interface MTU), the
-//! control socket's refusal of non-root peers, and the metrics endpoint's limits (idle
-//! connections, no file descriptors left).
+//! at a small interface MTU), the control socket's refusal of non-root peers, and the
+//! metrics endpoint's limits (idle connections, no file descriptors left).
 //!
 //! Each test builds its own namespaces (client, dispatcher, SIPp UAS backends); the
 //! daemon runs in native XDP mode. Needs root, SIPp and the sip-dispatch binary
