@@ -2,7 +2,7 @@
 //! codes mean "alive", the probe's Request-URI template, and the per-backend state fed
 //! with each probe's outcome. Pure logic on values from outside (response codes,
 //! Retry-After, round trips, the clock), so it lives here, where the fuzz crate can
-//! drive it together with the response parser (`fuzz/fuzz_targets/health.rs`).
+//! drive it together with the response parser (`fuzz/fuzz_targets/health_state.rs`).
 use core::{fmt, str::FromStr, time::Duration};
 use std::{
     format,

@@ -132,21 +132,46 @@ impl Default for AcceptBackoff {
     }
 }
 
+/// Refused peers answered at once and then given a moment to finish writing (see
+/// [`refuse`]); more refused peers than this are answered and closed at once.
+const MAX_REFUSED_LINGERING: usize = 4;
+/// How long a refused peer has to finish writing its request before it is closed.
+const REFUSED_LINGER: Duration = Duration::from_millis(500);
+
+/// The daemon's effective uid.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Whether a peer with this uid may use the control socket: root, or the daemon's own
 /// user (the same when it runs as root).
 fn peer_allowed(uid: u32) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    uid == 0 || uid == unsafe { libc::geteuid() }
+    uid == 0 || uid == euid()
+}
+
+/// Why a peer may not use the control socket, or `None` when it may.
+fn refusal(stream: &UnixStream) -> Option<Response> {
+    match stream.peer_cred() {
+        Ok(cred) if peer_allowed(cred.uid()) => None,
+        Ok(cred) => Some(Response::error(format!(
+            "refused: the control socket is for root only (you are uid {})",
+            cred.uid()
+        ))),
+        Err(e) => Some(Response::error(format!(
+            "refused: cannot read the peer's credentials: {e}"
+        ))),
+    }
 }
 
 /// Listens on `path` until the task is dropped, handing requests to the controller.
+/// Peers are checked before they take one of the [`MAX_CONNECTIONS`] slots, so refused
+/// peers cannot keep root out.
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let lingering = Arc::new(Semaphore::new(MAX_REFUSED_LINGERING));
     let mut backoff = AcceptBackoff::new();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
                 backoff.succeeded();
@@ -157,35 +182,58 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
                 continue;
             }
         };
+        if let Some(response) = refusal(&stream) {
+            refuse(stream, &response, &lingering);
+            continue;
+        }
+        // While every slot is busy, further peers wait in the listen backlog.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
-            let response = match stream.peer_cred() {
-                Ok(cred) if peer_allowed(cred.uid()) => None,
-                Ok(cred) => Some(Response::error(format!(
-                    "refused: the control socket is for root only (you are uid {})",
-                    cred.uid()
-                ))),
-                Err(e) => Some(Response::error(format!(
-                    "refused: cannot read the peer's credentials: {e}"
-                ))),
-            };
-            answer(stream, response, tx).await;
+            answer(stream, tx).await;
             drop(permit);
         });
     }
 }
 
-/// Reads one request, has the controller answer it (or answers `refusal` instead),
-/// and writes the answer, each step within [`IO_TIMEOUT`]. A refused peer's request is
-/// read too (and ignored), so that its writing does not fail before it reads why.
-async fn answer(stream: UnixStream, refusal: Option<Response>, tx: mpsc::Sender<Command>) {
+/// Answers a refused peer at once, without waiting for its request (one non-blocking
+/// write: a fresh socket's buffer takes the short line). With a lingering slot free the
+/// connection then stays open for up to [`REFUSED_LINGER`] while the peer writes (its
+/// request is read and ignored), so that its write does not fail before it reads why;
+/// otherwise it is closed at once.
+fn refuse(stream: UnixStream, response: &Response, lingering: &Arc<Semaphore>) {
+    let Ok(stream) = stream.into_std() else {
+        return;
+    };
+    if let Ok(mut text) = serde_json::to_string(response) {
+        text.push('\n');
+        let _ = (&stream).write_all(text.as_bytes());
+    }
+    let Ok(permit) = lingering.clone().try_acquire_owned() else {
+        return;
+    };
+    let Ok(stream) = UnixStream::from_std(stream) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut line = String::new();
+        let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64));
+        let _ = tokio::time::timeout(REFUSED_LINGER, reader.read_line(&mut line)).await;
+        drop(permit);
+    });
+}
+
+/// Reads one request, has the controller answer it, and writes the answer, each step
+/// within [`IO_TIMEOUT`].
+async fn answer(stream: UnixStream, tx: mpsc::Sender<Command>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
     let received = tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line)).await;
-    let response = match (refusal, received) {
-        (Some(r), _) => r,
-        (None, Ok(Ok(_))) => match serde_json::from_str::<Request>(&line) {
+    let response = match received {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let (reply, answer) = oneshot::channel();
                 if tx.send((req, reply)).await.is_err() {
@@ -198,7 +246,7 @@ async fn answer(stream: UnixStream, refusal: Option<Response>, tx: mpsc::Sender<
             }
             Err(e) => Response::error(format!("bad request: {e}")),
         },
-        (None, _) => Response::error("no request received"),
+        _ => Response::error("no request received"),
     };
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');
@@ -219,8 +267,7 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     let meta =
         std::fs::metadata(dir).with_context(|| format!("reading the mode of {}", dir.display()))?;
     if dir == Path::new(SOCKET_DIR) {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let me = euid();
         if meta.uid() != me {
             bail!(
                 "{} belongs to uid {}, not to this daemon (uid {me}): remove it or give --control",
@@ -400,6 +447,91 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let err = call(&path, &Request::Stats).unwrap_err().to_string();
         assert!(err.contains("the daemon is not running"), "{err}");
+    }
+
+    /// Runs `f` on a thread whose effective uid is 65534 (nobody): the raw syscall
+    /// changes the credentials of the calling thread only (glibc's `setresuid` would
+    /// change every thread), and SO_PEERCRED reports the connecting thread's.
+    fn as_nobody<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            // SAFETY: a plain system call on integers; it affects only this thread,
+            // which ends with `f`.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_setresuid,
+                    -1 as libc::c_long,
+                    65534 as libc::c_long,
+                    -1 as libc::c_long,
+                )
+            };
+            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_peers_are_answered_at_once_and_cannot_keep_root_out() {
+        let dir = std::env::temp_dir().join(format!("sd-control-refused-{}", std::process::id()));
+        let path = dir.join("t.sock");
+        let listener = bind(&path).unwrap();
+        // Let others reach the socket, so that only the credential check stands.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (tx, mut rx) = mpsc::channel::<Command>(1);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(Response::ok(serde_json::json!({"seen": 1})));
+            }
+        });
+        // A refused CLI reads why, not a broken pipe.
+        let p = path.clone();
+        let err = tokio::task::spawn_blocking(move || as_nobody(move || call(&p, &Request::Stats)))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("root only (you are uid 65534)"), "{err}");
+        // Twice as many refused peers as there are slots, sending nothing.
+        let p = path.clone();
+        let idle = tokio::task::spawn_blocking(move || {
+            as_nobody(move || {
+                (0..2 * MAX_CONNECTIONS)
+                    .map(|_| std::os::unix::net::UnixStream::connect(&p).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await
+        .unwrap();
+        let started = Instant::now();
+        let p = path.clone();
+        let got = tokio::task::spawn_blocking(move || call(&p, &Request::Stats))
+            .await
+            .unwrap()
+            .unwrap();
+        let waited = started.elapsed();
+        assert_eq!(got["seen"], 1);
+        // Before the fix root waited for the refused peers' slots to time out (5 s).
+        assert!(waited < IO_TIMEOUT / 5, "root answered after {waited:?}");
+        let started = Instant::now();
+        for peer in idle {
+            peer.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&peer).read_line(&mut line).unwrap();
+            assert!(line.contains("you are uid 65534"), "{line}");
+        }
+        let refused_in = started.elapsed();
+        assert!(
+            refused_in < IO_TIMEOUT / 5,
+            "refusals read in {refused_in:?}"
+        );
+        eprintln!(
+            "root answered in {waited:?} past {} refused idle peers; their refusals read in {refused_in:?}",
+            2 * MAX_CONNECTIONS
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -247,6 +247,7 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
                 key,
                 s.tables(),
                 ctl.slow_path.clone(),
+                slowpath::max_503_len(&iface, s.vip.is_ipv6()),
             ))
         })
         .collect();

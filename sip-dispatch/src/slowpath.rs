@@ -39,12 +39,62 @@ pub const RETRY_AFTER_SECS: u32 = 5;
 /// Datagrams handled per wakeup before the slow path yields to the other tasks.
 pub const BATCH: usize = 64;
 /// The largest 503 sent: one unfragmented datagram on an Ethernet MTU (1500 - 20 - 8)
-/// for IPv4, on the IPv6 minimum MTU (1280 - 40 - 8) for IPv6.
+/// for IPv4, on the IPv6 minimum MTU (1280 - 40 - 8) for IPv6; less when the
+/// interface's MTU is smaller (see [`max_503_len`]).
 pub const MAX_503_V4: usize = 1472;
 pub const MAX_503_V6: usize = 1232;
 /// Ethernet header bytes, added to what the slow path forwards so that its byte count
 /// reads like the fast path's (which counts frames).
 const ETH_HLEN: u64 = 14;
+
+/// The largest 503 that fits one unfragmented datagram on a link of `mtu`: the MTU
+/// less the IP and UDP headers, at most the fixed cap of the family.
+pub fn cap_for_mtu(mtu: u32, ipv6: bool) -> usize {
+    let (headers, fixed) = if ipv6 {
+        (40 + 8, MAX_503_V6)
+    } else {
+        (20 + 8, MAX_503_V4)
+    };
+    usize::try_from(mtu)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(headers)
+        .min(fixed)
+}
+
+/// The MTU of `iface`, from `/sys/class/net/<iface>/mtu`.
+fn interface_mtu(iface: &str) -> anyhow::Result<u32> {
+    if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
+        anyhow::bail!("{iface:?} is not an interface name");
+    }
+    let path = std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("mtu");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the MTU of {iface} from {}", path.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{}: not an MTU: {:?}", path.display(), text.trim()))
+}
+
+/// The largest 503 for a service of this family on `iface`, read once at start:
+/// [`cap_for_mtu`] of the interface's MTU, or the fixed cap when it cannot be read.
+pub fn max_503_len(iface: &str, ipv6: bool) -> usize {
+    match interface_mtu(iface) {
+        Ok(mtu) => {
+            let cap = cap_for_mtu(mtu, ipv6);
+            log::info!(
+                "slow path: 503s up to {cap} bytes over {} (MTU {mtu} of {iface})",
+                if ipv6 { "IPv6" } else { "IPv4" }
+            );
+            cap
+        }
+        Err(e) => {
+            let cap = cap_for_mtu(u32::MAX, ipv6);
+            log::warn!("slow path: {e:#}; 503s up to the fixed {cap} bytes");
+            cap
+        }
+    }
+}
 
 /// What to do with one datagram.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,7 +253,7 @@ pub struct Counters {
     pub dropped_no_backend: AtomicU64,
     pub rate_limited_503: AtomicU64,
     pub send_errors: AtomicU64,
-    /// 503s not sent because they would not fit in one datagram (see [`MAX_503_V4`]).
+    /// 503s not sent because they would not fit in one datagram (see [`max_503_len`]).
     pub too_large_503: AtomicU64,
     /// What was forwarded, per backend.
     per_backend: Mutex<HashMap<SocketAddr, Forwarded>>,
@@ -326,13 +376,16 @@ pub async fn bind(vip: SocketAddr) -> anyhow::Result<Sockets> {
     })
 }
 
-/// Serves the slow path of one service until the task is dropped.
-pub async fn serve(sockets: Sockets, key: HashKey, tables: TableWatch, counters: Arc<Counters>) {
+/// Serves the slow path of one service until the task is dropped; its 503s are at most
+/// `max_503` bytes long (see [`max_503_len`]).
+pub async fn serve(
+    sockets: Sockets,
+    key: HashKey,
+    tables: TableWatch,
+    counters: Arc<Counters>,
+    max_503: usize,
+) {
     let Sockets { vip: sock, raw } = sockets;
-    let max_503 = match sock.local_addr() {
-        Ok(a) if a.is_ipv6() => MAX_503_V6,
-        _ => MAX_503_V4,
-    };
     let mut limiter = RateLimiter::new(5.0, 200.0);
     let mut buf = vec![0u8; 65536];
     loop {
@@ -511,6 +564,31 @@ mod tests {
         }
         let counted = c.per_backend.lock().unwrap().len();
         assert_eq!(counted, MAX_COUNTED_BACKENDS);
+    }
+
+    #[test]
+    fn the_503_cap_follows_a_smaller_mtu() {
+        assert_eq!(cap_for_mtu(1500, false), 1472);
+        assert_eq!(cap_for_mtu(9000, false), MAX_503_V4);
+        assert_eq!(cap_for_mtu(1000, false), 972);
+        assert_eq!(cap_for_mtu(1280, true), 1232);
+        assert_eq!(cap_for_mtu(1500, true), MAX_503_V6);
+        assert_eq!(cap_for_mtu(1100, true), 1052);
+        assert_eq!(cap_for_mtu(20, false), 0);
+        assert_eq!(cap_for_mtu(u32::MAX, true), MAX_503_V6);
+    }
+
+    #[test]
+    fn the_503_cap_reads_the_interface_and_falls_back_to_the_fixed_one() {
+        // lo's MTU (65536 by default) is above the fixed caps.
+        let lo = interface_mtu("lo").unwrap();
+        assert!(lo >= 1500, "{lo}");
+        assert_eq!(max_503_len("lo", false), MAX_503_V4);
+        for bad in ["no-such-if0", "", "..", "../../etc/passwd"] {
+            assert!(interface_mtu(bad).is_err(), "{bad:?}");
+            assert_eq!(max_503_len(bad, false), MAX_503_V4, "{bad:?}");
+            assert_eq!(max_503_len(bad, true), MAX_503_V6, "{bad:?}");
+        }
     }
 
     #[test]

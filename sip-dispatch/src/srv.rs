@@ -155,21 +155,32 @@ pub struct SrvRecord {
 pub enum Plan {
     /// RFC 2782: a lone "." target means the service is decidedly not available here.
     NoService,
-    /// The targets to resolve (without addresses yet), and how many records were left
-    /// out by [`MAX_TARGETS`].
-    Targets(Vec<SrvTarget>, usize),
+    /// The targets to resolve (without addresses yet), how many records were left out
+    /// by [`MAX_TARGETS`], and the targets (lowercase) of records left out for port 0.
+    Targets(Vec<SrvTarget>, usize, BTreeSet<String>),
 }
 
-/// The targets of a name's SRV records: "." records and names too long left out (a
-/// lone "." means no service), sorted by priority, at most [`MAX_TARGETS`].
+/// The targets of a name's SRV records: "." records, records with port 0 (no backend
+/// listens there; flags, the file and `backends add` refuse it too) and names too long
+/// left out (a lone "." means no service), sorted by priority, at most [`MAX_TARGETS`].
 pub fn plan(name: &str, records: Vec<SrvRecord>) -> anyhow::Result<Plan> {
     if records.is_empty() {
         bail!("SRV lookup of {name}: no records");
     }
     let all = records.len();
+    if all == 1 && records[0].target == "." {
+        return Ok(Plan::NoService);
+    }
+    let mut port_zero = BTreeSet::new();
     let mut targets: Vec<SrvTarget> = records
         .into_iter()
         .filter(|r| r.target != ".")
+        .filter(|r| {
+            if r.port == 0 {
+                port_zero.insert(r.target.to_ascii_lowercase());
+            }
+            r.port != 0
+        })
         .filter(|r| {
             let ok = r.target.len() <= MAX_NAME_LEN;
             if !ok {
@@ -189,15 +200,18 @@ pub fn plan(name: &str, records: Vec<SrvRecord>) -> anyhow::Result<Plan> {
         })
         .collect();
     if targets.is_empty() {
-        if all == 1 {
-            return Ok(Plan::NoService);
+        if port_zero.is_empty() {
+            bail!("SRV lookup of {name}: no usable target in {all} records");
         }
-        bail!("SRV lookup of {name}: no usable target in {all} records");
+        bail!(
+            "SRV lookup of {name}: no usable target in {all} records (port 0 for {})",
+            port_zero.into_iter().collect::<Vec<_>>().join(", ")
+        );
     }
     targets.sort_by(|a, b| (a.priority, &a.target, a.port).cmp(&(b.priority, &b.target, b.port)));
     let capped = targets.len().saturating_sub(MAX_TARGETS);
     targets.truncate(MAX_TARGETS);
-    Ok(Plan::Targets(targets, capped))
+    Ok(Plan::Targets(targets, capped, port_zero))
 }
 
 /// The outcome of looking up one family of one target.
@@ -256,6 +270,8 @@ pub struct Reported {
     unresolved: BTreeSet<String>,
     /// Target (lowercase) and address refused.
     refused: BTreeSet<(String, IpAddr)>,
+    /// Targets (lowercase) of records left out for port 0.
+    port_zero: BTreeSet<String>,
     no_service: bool,
     capped: bool,
 }
@@ -380,7 +396,7 @@ async fn resolve_within(
             state.last = Some(answer.clone());
             return Ok(answer);
         }
-        Plan::Targets(targets, capped) => {
+        Plan::Targets(targets, capped, port_zero) => {
             if capped > 0 && !state.reported.capped {
                 log::warn!(
                     "dns {name}: {} SRV records; only the {MAX_TARGETS} of lowest priority are used",
@@ -388,6 +404,10 @@ async fn resolve_within(
                 );
             }
             state.reported.capped = capped > 0;
+            for target in port_zero.difference(&state.reported.port_zero) {
+                log::warn!("dns {name}: target {target} has port 0: left out");
+            }
+            state.reported.port_zero = port_zero;
             targets
         }
     };
@@ -796,7 +816,7 @@ mod tests {
         );
         // "." among real targets is left out; several "." records are not a usable set.
         match plan("_sip._udp.x.", vec![rec(0, "."), rec(10, "b1.x.")]).unwrap() {
-            Plan::Targets(t, 0) => assert_eq!(t.len(), 1),
+            Plan::Targets(t, 0, _) => assert_eq!(t.len(), 1),
             other => panic!("{other:?}"),
         }
         let e = plan("_sip._udp.x.", vec![rec(0, "."), rec(0, ".")]).unwrap_err();
@@ -806,13 +826,59 @@ mod tests {
     }
 
     #[test]
+    fn records_with_port_0_are_left_out() {
+        let mut zero = rec(10, "B0.x.");
+        zero.port = 0;
+        match plan("n", vec![zero.clone(), rec(10, "b1.x.")]).unwrap() {
+            Plan::Targets(t, 0, port_zero) => {
+                assert_eq!(t.len(), 1);
+                assert_eq!((t[0].target.as_str(), t[0].port), ("b1.x.", 5060));
+                assert_eq!(port_zero, BTreeSet::from(["b0.x.".to_string()]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Only port-0 records: an error naming them, not "no service" and no backend.
+        let e = plan("n", vec![zero.clone()]).unwrap_err().to_string();
+        assert!(e.contains("port 0 for b0.x."), "{e}");
+        // A lone "." (RFC 2782 writes it with port 0) still means no service.
+        let mut dot = rec(0, ".");
+        dot.port = 0;
+        assert_eq!(plan("n", vec![dot]).unwrap(), Plan::NoService);
+    }
+
+    #[tokio::test]
+    async fn a_port_0_target_is_no_backend_and_is_reported_once() {
+        let dns = SlowDns::start_with_port_zero(3, 1, Some(Duration::ZERO)).await;
+        let resolver = dns.resolver();
+        let mut state = NameState::default();
+        for _ in 0..2 {
+            let answer = resolve_with(&resolver, "_sip._udp.test.", &mut state)
+                .await
+                .unwrap();
+            let targets: Vec<&str> = answer.targets.iter().map(|t| t.target.as_str()).collect();
+            assert_eq!(targets, ["t1.test.", "t2.test."]);
+            assert!(
+                answer
+                    .candidates(false)
+                    .iter()
+                    .all(|c| c.addr.port() == 5060)
+            );
+            // Remembered, so the next resolution does not log it again.
+            assert_eq!(
+                state.reported.port_zero,
+                BTreeSet::from(["t0.test.".to_string()])
+            );
+        }
+    }
+
+    #[test]
     fn targets_are_capped_keeping_the_lowest_priorities() {
         let mut records: Vec<SrvRecord> = (0..100u16)
             .map(|i| rec(100 - i, &format!("t{i}.x.")))
             .collect();
         records.push(rec(1, &format!("{}.x.", "a".repeat(300))));
         match plan("n", records).unwrap() {
-            Plan::Targets(t, capped) => {
+            Plan::Targets(t, capped, _) => {
                 assert_eq!(t.len(), MAX_TARGETS);
                 assert_eq!(capped, 100 - MAX_TARGETS);
                 // Priorities 1..=64 kept, in order; the over-long name is gone.
@@ -935,7 +1001,8 @@ mod tests {
     }
 
     /// A DNS responder on 127.0.0.1 for the resolution tests: `targets` SRV records for
-    /// any SRV query (no additional section), and address queries answered after
+    /// any SRV query (no additional section; the first `port_zero` of them with port 0,
+    /// the others 5060), and address queries answered after
     /// `delay` (never, for `None`) with one A record (and no AAAA records), counting how
     /// many address queries it holds at once.
     struct SlowDns {
@@ -946,6 +1013,14 @@ mod tests {
 
     impl SlowDns {
         async fn start(targets: u8, delay: Option<Duration>) -> SlowDns {
+            SlowDns::start_with_port_zero(targets, 0, delay).await
+        }
+
+        async fn start_with_port_zero(
+            targets: u8,
+            port_zero: u8,
+            delay: Option<Duration>,
+        ) -> SlowDns {
             use std::sync::atomic::{AtomicUsize, Ordering};
 
             use hickory_resolver::proto::{
@@ -975,7 +1050,8 @@ mod tests {
                     if q.query_type() == RecordType::SRV {
                         for i in 0..targets {
                             let target = Name::from_ascii(format!("t{i}.test.")).unwrap();
-                            let srv = rdata::SRV::new(10, 1, 5060, target);
+                            let port = if i < port_zero { 0 } else { 5060 };
+                            let srv = rdata::SRV::new(10, 1, port, target);
                             reply.add_answer(Record::from_rdata(
                                 q.name().clone(),
                                 60,

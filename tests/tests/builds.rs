@@ -226,11 +226,25 @@ fn table_builds_of_512_backends_do_not_stall_the_daemon() {
         changes.push(took);
     }
     let churn = churn_started.elapsed();
-    // The last INVITEs get a moment to arrive.
-    std::thread::sleep(LAST_INVITE_GRACE);
     stop.store(true, Ordering::SeqCst);
     stats_thread.join().expect("stats thread");
     invite_thread.join().expect("INVITE thread");
+    // The last INVITEs may still be on their way: wait until every one sent has
+    // arrived, or the grace has passed (those missing then count as lost).
+    let grace_ends = Instant::now() + LAST_INVITE_GRACE;
+    loop {
+        let all_arrived = {
+            let seen = responder.seen.requests.lock().unwrap();
+            sent.lock()
+                .unwrap()
+                .iter()
+                .all(|(id, _)| seen.contains_key(id))
+        };
+        if all_arrived || Instant::now() >= grace_ends {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let (stats, _) = control(&control_path, &json!({"op": "stats"}));
     let (up, checks_after) = health(&stats);
     let options = responder.seen.options.load(Ordering::Relaxed) - options_before;

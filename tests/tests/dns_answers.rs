@@ -6,7 +6,8 @@
 //! - a target whose address records disappear (its A/AAAA lookups fail) keeps its last
 //!   known addresses: calls keep reaching it, and the table never changes;
 //! - targets at 127.0.0.1, a multicast, a link-local address and the dispatcher's own
-//!   addresses are refused address by address (logged), the others used.
+//!   addresses are refused address by address (logged), the others used;
+//! - a record with port 0 is left out (logged once), the others used.
 //!
 //! The bed is the controller tests' one (tests/src/controller.rs): named at 198.18.0.53
 //! serving `example.net` with a TTL of 2 s, `--dns-min-ttl 1`. Needs root, SIPp, named,
@@ -550,4 +551,88 @@ fn start_with_only_a_dot_target_and_no_static_fails_saying_why() {
         "the error names the SRV name and its \".\" target: {last}"
     );
     remove_logs(&bed.dir);
+}
+
+/// A record with port 0 beside b1's: b2's address with port 0 never becomes a backend.
+/// The record is left out with one line naming the name and the target (not one per
+/// resolution), the table holds b1 alone, and b1 takes every call.
+#[test]
+fn a_record_with_port_0_is_no_backend() {
+    let name = "port-0-record";
+    let mut bed = bed(name, |cfg| {
+        cfg.hosts = 2;
+        cfg.targets = vec![Target::new(1, 10, 50)];
+    });
+    let (b1, b2) = (bed.backend(1), bed.backend(2));
+    let mut zone = bed.dns.zone().clone();
+    zone.srv(SRV_OWNER, 10, 50, 0, "zero");
+    zone.host("zero", &[b2.ip()]);
+    bed.dns.reload(zone).expect("reload");
+    let run = bed.run_config().expect("run config");
+    let log = bed
+        .start_daemon(&run)
+        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
+    let first = wait_for_set(&log, 0, 10, &[b1]);
+
+    let calls = 800;
+    let (started, uac) = place_calls(&bed, calls, Duration::ZERO);
+    let out = bed.finish(uac).unwrap_or_else(|e| panic!("{e:#}"));
+    let all = Shares::of(&out.calls);
+    let lines = log.messages_with(&[SRV_NAME, "target zero.example.net. has port 0: left out"]);
+    let runs = resolutions(&log, 0);
+    report(
+        name,
+        format!(
+            "table {:?}; {} resolution(s) (records, backends): {runs:?}; port-0 lines: {} x {:?}",
+            first.event.backends,
+            runs.len(),
+            lines.len(),
+            lines.first()
+        ),
+    );
+    report(
+        name,
+        format!(
+            "{} calls, {}; shares:\n{}",
+            out.calls.len(),
+            out.failure_breakdown(),
+            all.render(&[(b1, 100)])
+        ),
+    );
+
+    let mut problems = out.basic_problems();
+    if out.broken().count() != 0 || out.uac.successful != u64::from(calls) {
+        problems.push(format!(
+            "{}; UAC: {}",
+            out.failure_breakdown(),
+            out.uac.failure_summary()
+        ));
+    }
+    for t in &out.tables {
+        if t.event.event.addresses() != vec![b1] {
+            problems.push(format!(
+                "a table holds other backends than b1: {:?}",
+                t.event.event.backends
+            ));
+        }
+    }
+    if lines.len() != 1 {
+        problems.push(format!(
+            "the port-0 record logged {} times: {lines:?}",
+            lines.len()
+        ));
+    }
+    // The zone's TTL is 2 s: the name was resolved again during the calls. (b1's
+    // `backends` count its A and AAAA addresses.)
+    if runs.len() < 2 || runs.iter().any(|&(records, _)| records != 1) {
+        problems.push(format!(
+            "every resolution should keep b1's record alone (records=1): {runs:?}"
+        ));
+    }
+    if all.calls(b2) != 0 {
+        problems.push(format!("{} calls reached b2", all.calls(b2)));
+    }
+    problems.extend(all.problems(&[(b1, 100)], tolerance_pp(all.total)));
+    problems.extend(out.routing_problems(&[], 0.0));
+    verdict(name, &out, &started, problems);
 }

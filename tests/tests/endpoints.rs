@@ -1,8 +1,8 @@
 //! The slow path's sockets and answers, and the daemon's endpoints under abuse (README
 //! "The slow path", "Behaviour on bad or unusual input"): forwarding through a fixed set
-//! of sockets with per-backend counts, the 503 with rport/received and its size cap, the
-//! control socket's refusal of non-root peers, and the metrics endpoint's limits (idle
-//! connections, no file descriptors left).
+//! of sockets with per-backend counts, the 503 with rport/received and its size cap (also
+//! at a small interface MTU), the control socket's refusal of non-root peers, and the
+//! metrics endpoint's limits (idle connections, no file descriptors left).
 //!
 //! Each test builds its own namespaces (client, dispatcher, SIPp UAS backends); the
 //! daemon runs in native XDP mode. Needs root, SIPp and the sip-dispatch binary
@@ -492,6 +492,89 @@ fn no_backend_503_fills_in_rport_and_received_and_fits_a_datagram_ipv6() {
 }
 
 /// `sip-dispatch COMMAND ARGS` run as user `nobody` against the bed's control socket.
+/// The 503's size cap follows the MTU of the daemon's interface: with MTU 1000 on the
+/// dispatcher's link (and the client's, which then fragments its larger requests), a 503
+/// that fits an Ethernet MTU but not one of 1000 bytes is not sent; a smaller one is.
+#[test]
+fn no_backend_503_fits_the_interface_mtu() {
+    const MTU: usize = 1000;
+    let name = "503-mtu";
+    let mut bed = Bed::build_family(&workdir(), name, 1, Duration::from_secs(60), Family::V4);
+    for host in [
+        bed.topo.dispatcher().expect("dispatcher"),
+        bed.topo.client(),
+    ] {
+        host.ns
+            .ip(["link", "set", &host.iface, "mtu", &MTU.to_string()])
+            .unwrap_or_else(|e| panic!("MTU of {}: {e:#}", host.iface));
+    }
+    let run = bed.run_config(1);
+    bed.stop_backends();
+    let daemon = bed.start_daemon(&run);
+    wait_list(&bed, Duration::from_secs(10), "the backend down", |l| {
+        l.values().all(|b| b["state"] != "up")
+    });
+    let client = SocketAddr::new(bed.topo.client().ip(Family::V4), 0);
+    let vip = bed.vip;
+    let sock = in_netns(bed.topo.client().ns_name(), move || {
+        std::net::UdpSocket::bind(client).expect("client socket")
+    });
+    let from = sock.local_addr().expect("client address");
+    let cap = MTU - 20 - 8;
+    let size_503 = |req: &[u8]| {
+        sip_dispatch_common::sip::service_unavailable(req, from, 5, usize::MAX)
+            .expect("a 503")
+            .len()
+    };
+    let small = padded_options(from, vip, "mtu-small", "", 600);
+    // 8 more Via headers of ~100 bytes: a 503 of about 1.1 kB.
+    let vias: String = (0..8)
+        .map(|i| format!("Via: SIP/2.0/UDP {from};branch=z9hG4bK-{i:0>70}\r\n"))
+        .collect();
+    let big = String::from_utf8(padded_options(from, vip, "mtu-big", "", 600))
+        .unwrap()
+        .replacen("From:", &format!("{vias}From:"), 1)
+        .into_bytes();
+    let (small_503, big_503) = (size_503(&small), size_503(&big));
+    assert!(
+        small_503 <= cap && big_503 > cap && big_503 <= 1472,
+        "the test's 503s would be {small_503} and {big_503} bytes; cap {cap}"
+    );
+    let mut problems = Vec::new();
+    sock.send_to(&small, vip).expect("sending");
+    match receive_text(&sock, Duration::from_secs(5)) {
+        Some(a) if a.starts_with("SIP/2.0 503 ") => {}
+        other => problems.push(format!(
+            "a {small_503}-byte 503 within the cap: got {other:?}"
+        )),
+    }
+    sock.send_to(&big, vip).expect("sending");
+    // Awaited below through the counters; this only checks nothing arrives meanwhile.
+    if let Some(a) = receive_text(&sock, Duration::from_secs(2)) {
+        problems.push(format!(
+            "an answer to the request whose 503 ({big_503} bytes) is over the cap {cap}: {a}"
+        ));
+    }
+    let log = daemon.log();
+    let cap_lines = log.messages_with(&[&format!("503s up to {cap} bytes"), &format!("MTU {MTU}")]);
+    let exit = daemon.stop_with_stats().expect("exit stats");
+    let slow = &exit.raw["slow_path"];
+    eprintln!(
+        "[{name}] 503s of {small_503} and {big_503} bytes at MTU {MTU}; slow_path {slow}; {cap_lines:?}"
+    );
+    if slow["answered_503"] != 1 || slow["too_large_503"] != 1 {
+        problems.push(format!(
+            "expected answered_503 1 and too_large_503 1: {slow}"
+        ));
+    }
+    if cap_lines.is_empty() {
+        problems.push(format!(
+            "no log line `503s up to {cap} bytes ... (MTU {MTU} ...)`"
+        ));
+    }
+    verdict(name, &bed.dir.clone(), problems);
+}
+
 fn cli_as_nobody(bed: &Bed, command: &str, args: &[&str]) -> Output {
     Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
