@@ -207,7 +207,7 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
         .into_iter()
         .flatten()
         .map(|b| b["packets"].as_u64().unwrap_or(0))
-        .sum();
+        .fold(0, u64::saturating_add);
     out += "backends\n";
     for (i, b) in v["backends"].as_array().into_iter().flatten().enumerate() {
         let packets = b["packets"].as_u64().unwrap_or(0);
@@ -243,4 +243,26 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
         }
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_backends_at_the_top_of_the_counter_range_do_not_overflow() {
+        let backend = |a: &str| {
+            serde_json::json!({
+                "address": a, "state": "up", "packets": u64::MAX, "bytes": u64::MAX,
+            })
+        };
+        let v = serde_json::json!({
+            "counters": {"rx": u64::MAX},
+            "backends": [backend("198.18.0.21:5060"), backend("198.18.0.22:5060")],
+        });
+        let out = stats_table(&v, Some(&v), Duration::from_secs(1));
+        assert!(out.contains("198.18.0.22:5060"), "{out}");
+        // The total saturates: each shows 100% rather than the CLI panicking.
+        assert!(out.contains("100.0%"), "{out}");
+    }
 }

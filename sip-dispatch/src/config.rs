@@ -415,7 +415,8 @@ impl Settings {
 }
 
 /// Rules every service set must keep: no forwarding loops, one family per service, no
-/// backend listed twice, every service with something to dispatch to.
+/// backend listed twice, every service with something to dispatch to, at most
+/// `MAX_BACKENDS_IN_ALL` static backends in all.
 pub fn validate_services(services: &[ServiceSpec]) -> anyhow::Result<()> {
     if services.len() > sip_dispatch_common::MAX_SERVICES as usize {
         bail!(
@@ -449,6 +450,17 @@ pub fn validate_services(services: &[ServiceSpec]) -> anyhow::Result<()> {
                 bail!("backend {} is listed twice for {}", b.addr, s.vip);
             }
         }
+    }
+    let distinct: std::collections::HashSet<std::net::SocketAddr> = services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.addr))
+        .collect();
+    let limit = crate::controller::MAX_BACKENDS_IN_ALL;
+    if distinct.len() > limit {
+        bail!(
+            "{} backends in all services: at most {limit}",
+            distinct.len()
+        );
     }
     Ok(())
 }
@@ -698,6 +710,53 @@ srv = ["_sip._udp.example.net"]
             argv.extend_from_slice(&["--hash-key", "000102030405060708090a0b0c0d0e0f"]);
             assert!(Settings::resolve(&args(&argv)).is_ok(), "{vip}");
         }
+    }
+
+    #[test]
+    fn at_most_2048_static_backends_in_all_services() {
+        let backend = |i: usize| format!("198.18.{}.{}:5060", i / 250 + 1, i % 250 + 1);
+        const KEY: [&str; 2] = ["--hash-key", "000102030405060708090a0b0c0d0e0f"];
+        // Flags: one service.
+        let flags = |n: usize| {
+            let mut argv: Vec<String> = ["--iface", "eth1", "--vip", "198.19.0.100:5060"]
+                .iter()
+                .chain(&KEY)
+                .map(|s| s.to_string())
+                .collect();
+            for i in 0..n {
+                argv.extend(["--backend".to_string(), backend(i)]);
+            }
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            Settings::resolve(&args(&argv))
+        };
+        assert!(flags(2048).is_ok(), "{:#}", flags(2048).unwrap_err());
+        let e = format!("{:#}", flags(2049).unwrap_err());
+        assert_eq!(e, "2049 backends in all services: at most 2048");
+        // File: two services, a shared address counted once.
+        let file = |n: usize| {
+            let list = |r: std::ops::Range<usize>| {
+                r.map(|i| format!("\"{}\"", backend(i)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let text = format!(
+                "iface = \"eth1\"\n[[service]]\nvip = \"198.19.0.100:5060\"\nbackends = [{}]\n\
+                 [[service]]\nvip = \"198.19.0.101:5060\"\nbackends = [{}]\n",
+                list(0..1000),
+                list(999..n)
+            );
+            let p = write(&format!("limit{n}.toml"), &text);
+            let mut argv = vec!["--config", p.to_str().unwrap()];
+            argv.extend_from_slice(&KEY);
+            Settings::resolve(&args(&argv))
+        };
+        assert!(file(2048).is_ok(), "{:#}", file(2048).unwrap_err());
+        let e = format!("{:#}", file(2049).unwrap_err());
+        assert!(
+            e.contains("2049 backends in all services: at most 2048"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

@@ -148,6 +148,17 @@ impl Service {
         changes
     }
 
+    /// A member of `selection` this service no longer lists (removed since it was made).
+    fn unlisted_member(&self, selection: &Selection) -> Option<SocketAddr> {
+        let listed: std::collections::HashSet<SocketAddr> =
+            self.candidates().into_iter().map(|(c, _)| c.addr).collect();
+        selection
+            .members
+            .iter()
+            .map(|(a, _)| *a)
+            .find(|a| !listed.contains(a))
+    }
+
     pub fn has_backends(&self) -> bool {
         !self.statics.is_empty() || self.srv.values().any(|v| !v.is_empty())
     }
@@ -177,8 +188,11 @@ pub fn log_answer(name: &str, answer: &SrvAnswer) {
     );
 }
 
-/// The most backends all services may list together (`MAX_BACKENDS`: ids of the maps).
-pub const MAX_BACKENDS_IN_ALL: usize = MAX_BACKENDS as usize;
+/// The most backends all services may list together: half the ids of the maps
+/// (`MAX_BACKENDS`). The ids an installed table references stay reserved until that
+/// table is replaced, so replacing every backend at once needs twice as many ids as
+/// backends listed. DNS answers, `backends add` and the configuration are held to it.
+pub const MAX_BACKENDS_IN_ALL: usize = (MAX_BACKENDS / 2) as usize;
 
 /// How many distinct backend addresses all `services` would list with `answer` as
 /// the answer for SRV name `name` (backend ids are per address, shared by services).
@@ -192,6 +206,37 @@ pub fn backends_with(services: &[Service], name: &str, answer: &SrvAnswer) -> us
             } else {
                 all.extend(cands.iter().map(|c| c.addr));
             }
+        }
+    }
+    all.len()
+}
+
+/// How many distinct backend addresses all `services` would list with `addr` added as
+/// a static backend of one of them.
+pub fn backends_adding(services: &[Service], addr: SocketAddr) -> usize {
+    let mut all: std::collections::HashSet<SocketAddr> = services
+        .iter()
+        .flat_map(|s| s.candidates())
+        .map(|(c, _)| c.addr)
+        .collect();
+    all.insert(addr);
+    all.len()
+}
+
+/// How many distinct backend addresses all `services` would list once the services
+/// of `specs` take their static backends (their SRV names keep their last answers).
+pub fn backends_reconfigured(services: &[Service], specs: &[ServiceSpec]) -> usize {
+    let mut all = std::collections::HashSet::new();
+    for s in services {
+        match specs.iter().find(|spec| spec.vip == s.vip) {
+            Some(spec) => {
+                all.extend(spec.backends.iter().map(|b| b.addr));
+                for name in &spec.srv {
+                    let kept = s.srv.get(name).into_iter().flatten();
+                    all.extend(kept.map(|c| c.addr));
+                }
+            }
+            None => all.extend(s.candidates().into_iter().map(|(c, _)| c.addr)),
         }
     }
     all.len()
@@ -392,7 +437,7 @@ impl Controller {
             if self.dns_refused.insert(name.to_string()) {
                 log::warn!(
                     "dns {name} refused: the answer would make {total} backends in all, more than \
-                     {MAX_BACKENDS}; keeping its last good set"
+                     {MAX_BACKENDS_IN_ALL}; keeping its last good set"
                 );
             }
             return;
@@ -476,6 +521,13 @@ impl Controller {
 
     /// A build came back: install its table (an older one never comes after a newer one),
     /// then free the ids no table needs and answer the commands waiting for it.
+    ///
+    /// A build that lists a backend the service removed meanwhile is not installed while
+    /// a newer build for the service is on its way: that backend would get traffic (and
+    /// possibly a fresh id) again for one build time. Its request does not count as back,
+    /// so the replies waiting for it wait for the newer table, which has their change
+    /// too. Only such builds are skipped: skipping every superseded build would install
+    /// nothing while backends flap faster than a build takes.
     fn on_built(&mut self, built: Built) {
         let Built {
             service: i,
@@ -487,6 +539,15 @@ impl Controller {
         let Some(service) = self.services.get_mut(i) else {
             return;
         };
+        if self.builds.newer_pending(i, seq)
+            && let Some(gone) = service.unlisted_member(&selection)
+        {
+            log::debug!(
+                "table {}: build {seq} skipped, it lists {gone}, removed since; a newer build follows",
+                service.vip
+            );
+            return;
+        }
         service.built_seq = service.built_seq.max(seq);
         if service.requested.as_ref().is_some_and(|(r, _)| *r == seq) {
             service.requested = None;
@@ -528,12 +589,10 @@ impl Controller {
         service.published = Some(selection);
     }
 
-    /// Swaps a built table in (ids for its members first).
+    /// Swaps a built table in. Ids are allocated for its members only: a service whose
+    /// table fits keeps failing over however many ids other services need. A backend
+    /// keeps its id (and its counters) for as long as it is listed.
     fn install(&mut self, i: usize, table: SlotTable) -> anyhow::Result<()> {
-        // Every known backend keeps an id (and its counters), in a table or not.
-        for addr in self.backends.keys() {
-            self.dp.backend_id(*addr)?;
-        }
         let service = &self.services[i];
         self.dp.install_service(service.id, service.vip, &table)?;
         service.tables.send_replace(Some(Arc::new(table)));
@@ -691,6 +750,13 @@ impl Controller {
                 if weight > u16::MAX as u32 {
                     bail!("weight {weight} is above 65535");
                 }
+                let total = backends_adding(&self.services, address);
+                if total > MAX_BACKENDS_IN_ALL {
+                    bail!(
+                        "backend {address}: {total} backends in all services, at most \
+                         {MAX_BACKENDS_IN_ALL}"
+                    );
+                }
                 self.services[i].statics.push(Candidate {
                     addr: address,
                     priority,
@@ -790,6 +856,13 @@ impl Controller {
     /// file says what the weights are. Returns what changed, for the log and the CLI.
     fn apply(&mut self, next: &Settings) -> anyhow::Result<Vec<String>> {
         // The only steps that can fail come first, so a failure changes nothing.
+        let total = backends_reconfigured(&self.services, &next.services);
+        if total > MAX_BACKENDS_IN_ALL {
+            bail!(
+                "{total} backends in all services with the last DNS answers, at most \
+                 {MAX_BACKENDS_IN_ALL} (nothing was reloaded)"
+            );
+        }
         let dns_changed = self.srv.reconfigure(next.dns)?;
         if next.services.iter().any(|s| !s.srv.is_empty()) {
             self.srv.resolver()?;
@@ -1019,5 +1092,173 @@ mod dns_answer_tests {
         assert_eq!(backends_with(&services, "a.", &big), 2097);
         services[1].set_srv("b.", &answer(3000, 100));
         assert_eq!(backends_with(&services, "a.", &answer(0, 0)), 100);
+    }
+}
+
+#[cfg(test)]
+mod backend_limit_tests {
+    use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+
+    use super::*;
+    use crate::{
+        backend_ids::{BackendIds, Full},
+        cli::BackendSpec,
+        config::ServiceSpec,
+        srv::SrvTarget,
+    };
+
+    fn addr(i: u32) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 + i)), 5060)
+    }
+
+    fn answer(first: u32, n: u32) -> SrvAnswer {
+        let addrs: Vec<IpAddr> = (first..first + n).map(|i| addr(i).ip()).collect();
+        SrvAnswer {
+            targets: addrs
+                .chunks(16)
+                .enumerate()
+                .map(|(i, a)| SrvTarget {
+                    priority: 10,
+                    weight: 1,
+                    port: 5060,
+                    target: format!("t{i}.example.net."),
+                    addrs: a.to_vec(),
+                })
+                .collect(),
+            ttl: Duration::from_secs(60),
+            reported: Default::default(),
+        }
+    }
+
+    fn statics(first: u32, n: u32) -> Vec<Candidate> {
+        (first..first + n)
+            .map(|i| Candidate {
+                addr: addr(i),
+                priority: 0,
+                weight: 1,
+                sharing: 1,
+                healthy: true,
+            })
+            .collect()
+    }
+
+    fn vip(n: u8) -> SocketAddr {
+        SocketAddr::from(([198, 19, 0, n], 5060))
+    }
+
+    #[test]
+    fn the_limit_is_half_the_ids() {
+        assert_eq!(MAX_BACKENDS_IN_ALL, 2048);
+        assert_eq!(MAX_BACKENDS_IN_ALL * 2, MAX_BACKENDS as usize);
+    }
+
+    #[test]
+    fn a_dns_answer_past_2048_backends_in_all_is_refused() {
+        let a = Service::new(0, vip(1), statics(0, 1000), &[]);
+        let b = Service::new(1, vip(2), vec![], &["b.".to_string()]);
+        let services = vec![a, b];
+        assert_eq!(backends_with(&services, "b.", &answer(1000, 1048)), 2048);
+        assert!(backends_with(&services, "b.", &answer(1000, 1048)) <= MAX_BACKENDS_IN_ALL);
+        assert_eq!(backends_with(&services, "b.", &answer(1000, 1049)), 2049);
+        assert!(backends_with(&services, "b.", &answer(1000, 1049)) > MAX_BACKENDS_IN_ALL);
+    }
+
+    #[test]
+    fn backends_add_counts_every_service_and_a_known_address_once() {
+        let mut a = Service::new(0, vip(1), statics(0, 1000), &["a.".to_string()]);
+        a.set_srv("a.", &answer(1000, 1000));
+        let b = Service::new(1, vip(2), statics(2000, 48), &[]);
+        let services = vec![a, b];
+        // 2048 listed: an address already listed (by the other service) adds nothing.
+        assert_eq!(backends_adding(&services, addr(5)), 2048);
+        assert_eq!(backends_adding(&services, addr(1500)), 2048);
+        // A new one would be backend 2049.
+        assert_eq!(backends_adding(&services, addr(3000)), 2049);
+        assert!(backends_adding(&services, addr(3000)) > MAX_BACKENDS_IN_ALL);
+    }
+
+    #[test]
+    fn a_reload_counts_its_static_backends_with_the_kept_dns_answers() {
+        let mut a = Service::new(0, vip(1), statics(0, 10), &["a.".to_string()]);
+        a.set_srv("a.", &answer(1000, 2000));
+        let b = Service::new(1, vip(2), statics(5000, 5), &[]);
+        let services = vec![a, b];
+        let spec = |vip, first, n, srv: &[&str]| ServiceSpec {
+            vip,
+            backends: statics(first, n)
+                .iter()
+                .map(|c| BackendSpec {
+                    addr: c.addr,
+                    weight: 1,
+                    priority: 0,
+                })
+                .collect(),
+            srv: srv.iter().map(|s| s.to_string()).collect(),
+        };
+        // a keeps its SRV name (2000 from DNS) and gets 43 statics; b, not in the
+        // reloaded set, keeps its 5.
+        let next = [spec(vip(1), 3000, 43, &["a."])];
+        assert_eq!(backends_reconfigured(&services, &next), 2048);
+        let next = [spec(vip(1), 3000, 44, &["a."])];
+        assert_eq!(backends_reconfigured(&services, &next), 2049);
+        // Dropping the SRV name drops its answer from the count.
+        let next = [spec(vip(1), 3000, 44, &[]), spec(vip(2), 0, 0, &[])];
+        assert_eq!(backends_reconfigured(&services, &next), 44);
+    }
+
+    /// The brief's example: 3000 backends could be listed before, and an answer that
+    /// replaced 1100 of them needed 4100 ids. Now at most 2048 are listed, and even a
+    /// replacement of all of them gets ids while the old tables still hold theirs; the
+    /// old ids are freed once the new tables are in.
+    #[test]
+    fn a_full_replacement_of_2048_backends_installs() {
+        let limit = MAX_BACKENDS_IN_ALL as u32;
+        let mut ids = BackendIds::new(MAX_BACKENDS);
+        let mut first = 0;
+        for round in 0..3 {
+            // Two services share the backends half and half; their tables are installed.
+            let listed: Vec<SocketAddr> = (first..first + limit).map(addr).collect();
+            for (table, half) in listed.chunks(MAX_BACKENDS_IN_ALL / 2).enumerate() {
+                let mut in_table = BTreeSet::new();
+                for a in half {
+                    let (id, _) = ids
+                        .allocate(*a)
+                        .unwrap_or_else(|e| panic!("round {round}, {a}: {e}"));
+                    in_table.insert(id);
+                }
+                ids.table_installed(table as u32, in_table);
+            }
+            let now: BTreeSet<SocketAddr> = listed.iter().copied().collect();
+            let freed = ids.release_unlisted(|a| now.contains(&a));
+            let expect_freed = if round == 0 { 0 } else { MAX_BACKENDS_IN_ALL };
+            assert_eq!(freed.len(), expect_freed, "round {round}");
+            // The next round replaces every address.
+            first += limit;
+        }
+    }
+
+    /// One backend more than the limit, and replacing all of them runs out of ids.
+    #[test]
+    fn past_the_limit_a_full_replacement_would_run_out_of_ids() {
+        let over = MAX_BACKENDS_IN_ALL as u32 + 1;
+        let mut ids = BackendIds::new(MAX_BACKENDS);
+        let old: BTreeSet<u32> = (0..over)
+            .map(|i| ids.allocate(addr(i)).unwrap().0)
+            .collect();
+        ids.table_installed(0, old);
+        let replaced: Vec<_> = (over..2 * over).map(|i| ids.allocate(addr(i))).collect();
+        assert_eq!(replaced.last(), Some(&Err(Full(MAX_BACKENDS))));
+    }
+
+    #[test]
+    fn a_build_listing_a_removed_backend_is_known_as_such() {
+        let mut s = Service::new(0, vip(1), statics(0, 3), &[]);
+        let built = Selection {
+            priority: Some(0),
+            members: vec![(addr(0), 1), (addr(1), 1), (addr(2), 1)],
+        };
+        assert_eq!(s.unlisted_member(&built), None);
+        s.statics.retain(|c| c.addr != addr(1));
+        assert_eq!(s.unlisted_member(&built), Some(addr(1)));
     }
 }

@@ -460,7 +460,10 @@ impl Dataplane {
         let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_COUNTERS)?)?;
         Counter::ALL
             .iter()
-            .map(|c| Ok((*c, map.get(&(*c as u32), 0)?.iter().sum())))
+            .map(|c| {
+                let per_cpu = map.get(&(*c as u32), 0)?;
+                Ok((*c, saturating_sum(per_cpu.iter().copied())))
+            })
             .collect()
     }
 
@@ -468,13 +471,21 @@ impl Dataplane {
         let map: PerCpuArray<&MapData, BackendStats> =
             PerCpuArray::try_from(self.map(MAP_BACKEND_STATS)?)?;
         let per_cpu = map.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(BackendStats::default(), |a, s| BackendStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-            }))
+        Ok(sum_backend_stats(per_cpu.iter()))
     }
+}
+
+/// Per-CPU kernel counters summed without overflow: a counter at the top of its range
+/// (a wrapped or hostile map) stays there instead of panicking the daemon.
+fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {
+    values.fold(0, u64::saturating_add)
+}
+
+fn sum_backend_stats<'a>(per_cpu: impl Iterator<Item = &'a BackendStats>) -> BackendStats {
+    per_cpu.fold(BackendStats::default(), |a, s| BackendStats {
+        packets: a.packets.saturating_add(s.packets),
+        bytes: a.bytes.saturating_add(s.bytes),
+    })
 }
 
 /// The pin of the XDP link, next to the maps.
@@ -677,6 +688,24 @@ fn fill_mmapable(map: &MapData, values: &[u32]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_cpu_sums_saturate_instead_of_overflowing() {
+        assert_eq!(saturating_sum([1, 2, 3].into_iter()), 6);
+        assert_eq!(saturating_sum([u64::MAX, 1, 5].into_iter()), u64::MAX);
+        let per_cpu = [
+            BackendStats {
+                packets: u64::MAX - 1,
+                bytes: 10,
+            },
+            BackendStats {
+                packets: 7,
+                bytes: u64::MAX,
+            },
+        ];
+        let sum = sum_backend_stats(per_cpu.iter());
+        assert_eq!((sum.packets, sum.bytes), (u64::MAX, u64::MAX));
+    }
 
     #[test]
     fn outdated_pins_are_other_versions_of_our_maps() {

@@ -70,6 +70,17 @@ impl TableBuilds {
         seq
     }
 
+    /// Whether a request for `service` newer than request `seq` is queued or running:
+    /// its table comes back after the one of `seq`.
+    pub fn newer_pending(&self, service: usize, seq: u64) -> bool {
+        let queued = self.queued.get(&service).is_some_and(|r| r.seq > seq);
+        let running = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.service == service && r.seq > seq);
+        queued || running
+    }
+
     /// Nothing queued or running.
     pub fn idle(&self) -> bool {
         self.running.is_none() && self.queued.is_empty()
@@ -165,6 +176,32 @@ mod tests {
         }
         // Service 0's first request was replaced by its second; service 2 asked earlier.
         assert_eq!(done, vec![(1, s1, 2), (2, s3, 1), (0, s4, 3)]);
+    }
+
+    #[tokio::test]
+    async fn a_build_knows_whether_a_newer_one_for_its_service_follows() {
+        let mut builds = TableBuilds::new(HashKey { k0: 1, k1: 2 });
+        let first = builds.request(0, selection(&[1, 2])); // starts at once
+        let other = builds.request(1, selection(&[3]));
+        let second = builds.request(0, selection(&[1])); // queued behind service 1
+        assert!(builds.newer_pending(0, first), "queued");
+        assert!(!builds.newer_pending(1, other));
+        assert!(!builds.newer_pending(0, second));
+        let b = builds.finished().await;
+        assert_eq!((b.service, b.seq), (0, first));
+        assert!(builds.newer_pending(0, first), "still queued");
+        let b = builds.finished().await;
+        assert_eq!((b.service, b.seq), (1, other));
+        // Service 0's newer request is running now.
+        assert!(builds.newer_pending(0, first), "running");
+        assert!(!builds.newer_pending(1, other));
+        let b = builds.finished().await;
+        assert_eq!((b.service, b.seq), (0, second));
+        assert!(
+            !builds.newer_pending(0, first),
+            "nothing follows once it is back"
+        );
+        assert!(builds.idle());
     }
 
     #[tokio::test]
