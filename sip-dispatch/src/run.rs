@@ -263,12 +263,12 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
             return Err(e);
         }
     };
-    let checked = assign_service_ids(&mut dp, &mut services)
-        .and_then(|keep| Ok((keep, check_adopted_link(&dp, adopted_link)?)))
-        .and_then(|(keep, ())| {
-            use_hash_key(&mut settings, &args)?;
-            Ok(keep)
-        });
+    let checked = (|| {
+        let keep = assign_service_ids(&mut dp, &mut services)?;
+        check_adopted_link(&dp, adopted_link)?;
+        use_hash_key(&mut settings, &args)?;
+        anyhow::Ok(keep)
+    })();
     let keep_until_attached = match checked {
         Ok(keep) => keep,
         Err(e) => {
