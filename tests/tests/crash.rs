@@ -475,13 +475,19 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
         ));
     }
     // A fresh start that gets through its whole take-over on its own maps and fails
-    // only at the link step, for real: B's link holds the interface.
+    // only at the link step, for real: B's link holds the interface. (Its VIP has
+    // another port: B's slow path holds the VIP's.)
+    let other_port = SocketAddr::new(bed.vip.ip(), 5099).to_string();
     let fresh_control =
         dispatcher::control_socket(&format!("{}-3", bed.topo.tag())).expect("control socket path");
     let attach_args = with_value(
-        &with_value(&args, "--pin-path", &fresh.to_string_lossy()),
-        "--control",
-        &fresh_control.to_string_lossy(),
+        &with_value(
+            &with_value(&args, "--pin-path", &fresh.to_string_lossy()),
+            "--control",
+            &fresh_control.to_string_lossy(),
+        ),
+        "--vip",
+        &other_port,
     );
     let failed = dispatcher::run_failing(&bed.binary, &ns, &attach_args, &dir, "attach-failure")
         .expect("the fresh daemon failing to attach");
@@ -520,9 +526,13 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
         text(&out.stderr)
     );
     let leftover_args = with_value(
-        &with_value(&args, "--pin-path", &leftover.to_string_lossy()),
-        "--control",
-        "/proc/sdt-no-such-dir/ctl.sock",
+        &with_value(
+            &with_value(&args, "--pin-path", &leftover.to_string_lossy()),
+            "--control",
+            "/proc/sdt-no-such-dir/ctl.sock",
+        ),
+        "--vip",
+        &other_port,
     );
     let failed =
         dispatcher::run_failing(&bed.binary, &ns, &leftover_args, &dir, "leftover-failure")
