@@ -640,7 +640,10 @@ fn a_restart_with_reordered_services_keeps_each_service_id() {
     // only once the link is its own, keeps its entry, and its calls keep flowing.
     let only_a = bed.dir.join("only-a.toml");
     write_services(&bed, &only_a, std::slice::from_ref(&service_a));
-    let mut failing = vec!["SIP_DISPATCH_TEST_FAIL_ATTACH=1".to_owned()];
+    let mut failing = vec![
+        "SIP_DISPATCH_TEST_FAIL_ATTACH=1".to_owned(),
+        bed.binary.to_string_lossy().into_owned(),
+    ];
     failing.extend(with_value(
         &args(false),
         "--config",
