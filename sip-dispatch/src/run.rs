@@ -452,20 +452,14 @@ fn assign_service_ids(
         }
         s.id = *id;
     }
-    if assignment.reclaimed.is_empty() {
-        return Ok(None);
+    let kept = assignment.kept_before_attach(&adopted);
+    if kept.is_some() {
+        log::info!(
+            "the adopted services {:?} go when the take-over starts: their ids go to new VIPs",
+            assignment.reclaimed
+        );
     }
-    log::info!(
-        "the adopted services {:?} go when the take-over starts: their ids go to new VIPs",
-        assignment.reclaimed
-    );
-    Ok(Some(
-        adopted
-            .keys()
-            .filter(|vip| !assignment.reclaimed.contains(vip))
-            .copied()
-            .collect(),
-    ))
+    Ok(kept)
 }
 
 /// Debug builds only (tests): with `SIP_DISPATCH_TEST_FAIL_ATTACH=1` in the environment,
