@@ -139,9 +139,9 @@ impl Dataplane {
         Ok(ids)
     }
 
-    /// Detaches on purpose (a clean stop without --keep-attached, or a failed start
-    /// that attached nothing before): closes our link fd and removes the pins, the link
-    /// pin last of all holders, which detaches the program.
+    /// Detaches on purpose (a clean stop without --keep-attached; a failed start uses
+    /// `abandon`): closes our link fd and removes the pins, the link pin last of all
+    /// holders, which detaches the program.
     pub fn detach(&mut self) {
         if let Some(link) = self.link.take()
             && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
