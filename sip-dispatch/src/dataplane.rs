@@ -55,6 +55,8 @@ pub struct Dataplane {
     key: HashKey,
     /// Held while this daemon owns the pins (see `bpffs::lock_pin_dir`).
     _pin_lock: Option<crate::bpffs::PinDirLock>,
+    /// The pins that were there before `load` (adopted): a failed start keeps them.
+    found_pins: Vec<PathBuf>,
 }
 
 impl Dataplane {
@@ -63,8 +65,8 @@ impl Dataplane {
     /// `--keep-attached`, or by crashing) are adopted once their layout is checked, so
     /// forwarding goes on across the restart; `reset` removes them instead. Nothing a
     /// running program uses is written here (missing maps are created and pinned): the
-    /// hash key waits for `write_hash_key`, so a daemon that fails to start after this
-    /// leaves a pinned, forwarding link as it was.
+    /// hash key waits for `write_hash_key`, so a daemon that fails to start before its
+    /// take-over leaves a pinned, forwarding link as it was.
     pub fn load(pin_dir: &Path, iface: &str, reset: bool, key: HashKey) -> anyhow::Result<Self> {
         crate::bpffs::prepare_pin_dir(pin_dir)?;
         // Before anything in the directory is read or removed (also by --reset).
@@ -92,6 +94,9 @@ impl Dataplane {
         let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
         let mut dp = Self::init(ebpf, Some(pin_dir.to_path_buf()), iface, key)?;
         dp._pin_lock = Some(lock);
+        if !reset {
+            dp.found_pins = pinned;
+        }
         if adopting {
             dp.adopt_backend_ids()?;
             log::info!("adopted the maps pinned in {}", pin_dir.display());
@@ -134,9 +139,9 @@ impl Dataplane {
         Ok(ids)
     }
 
-    /// Detaches on purpose (a clean stop without --keep-attached, or a failed start
-    /// that attached nothing before): closes our link fd and removes the pins, the link
-    /// pin last of all holders, which detaches the program.
+    /// Detaches on purpose (a clean stop without --keep-attached; a failed start uses
+    /// `abandon`): closes our link fd and removes the pins, the link pin last of all
+    /// holders, which detaches the program.
     pub fn detach(&mut self) {
         if let Some(link) = self.link.take()
             && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
@@ -148,6 +153,38 @@ impl Dataplane {
         if let Some(dir) = &self.pin_dir {
             remove_pins(dir);
         }
+    }
+
+    /// Undoes a start that failed with no pinned link to keep: closes our link, if any,
+    /// and removes the pins this daemon made; the pins it found (adopted maps) stay.
+    pub fn abandon(&mut self) {
+        if let Some(link) = self.link.take()
+            && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
+            && let Ok(prog) = <&mut Xdp>::try_from(p)
+            && let Err(e) = prog.detach(link)
+        {
+            log::warn!("detaching XDP from {}: {e}", self.iface);
+        }
+        let Some(dir) = &self.pin_dir else {
+            return;
+        };
+        for name in ALL_MAPS.iter().chain([&LINK_PIN]) {
+            let p = dir.join(name);
+            if self.found_pins.contains(&p) {
+                continue;
+            }
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("removing pin {}: {e}", p.display()),
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    /// The key `write_hash_key` writes (known once the key file is read or created).
+    pub fn set_hash_key(&mut self, key: HashKey) {
+        self.key = key;
     }
 
     /// Loads the object with private, unpinned maps (kernel tests, benchmarks). Its
@@ -192,6 +229,7 @@ impl Dataplane {
             ids: BackendIds::new(MAX_BACKENDS),
             key,
             _pin_lock: None,
+            found_pins: Vec::new(),
         };
         dp.dispatch_program()?
             .load()
@@ -245,6 +283,19 @@ impl Dataplane {
             );
         }
         Ok(got)
+    }
+
+    /// Whether the pinned link opens as an XDP link (what `attach` will replace the
+    /// program in), checked before anything is written.
+    pub fn check_pinned_link(&self) -> anyhow::Result<()> {
+        let Some(pin) = self.pin_dir.as_ref().map(|d| d.join(LINK_PIN)) else {
+            return Ok(());
+        };
+        let pinned = PinnedLink::from_pin(&pin)
+            .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+        XdpLink::try_from(FdLink::from(pinned))
+            .with_context(|| format!("the pinned link {} is not an XDP link", pin.display()))?;
+        Ok(())
     }
 
     fn replace_pinned(&mut self, pin: &Path) -> anyhow::Result<AttachMode> {

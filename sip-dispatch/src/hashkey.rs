@@ -36,8 +36,32 @@ pub enum KeyOrigin {
 /// The key of `path`: `Ok(None)` when the file does not exist. Refuses a file that is
 /// not a regular file, is readable or writable by group or others, or does not hold
 /// exactly 32 hex digits (and an optional newline). Errors never show the file's text.
+///
+/// A symbolic link is followed (the key may live in a secret store linked into place);
+/// what it points to must pass the same checks. The type is checked before the file is
+/// opened, and opening never blocks (`O_NONBLOCK`): a FIFO or device at the path is
+/// refused instead of hanging the start.
 pub fn read(path: &Path) -> anyhow::Result<Option<HashKey>> {
-    let file = match File::open(path) {
+    let not_regular = || anyhow::anyhow!("hash key file {} is not a regular file", path.display());
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => return Err(not_regular()),
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                bail!(
+                    "hash key file {} is a symbolic link to a missing file",
+                    path.display()
+                );
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("hash key file {}", path.display())),
+    }
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("hash key file {}", path.display())),
@@ -45,8 +69,9 @@ pub fn read(path: &Path) -> anyhow::Result<Option<HashKey>> {
     let meta = file
         .metadata()
         .with_context(|| format!("hash key file {}", path.display()))?;
+    // Again on what was opened: the path may have been replaced since the check above.
     if !meta.is_file() {
-        bail!("hash key file {} is not a regular file", path.display());
+        return Err(not_regular());
     }
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -79,9 +104,20 @@ pub fn generate() -> anyhow::Result<HashKey> {
     Ok(HashKey::from_bytes(bytes))
 }
 
+/// `bytes` as lower-case hex digits, two per byte.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// `key` as the 32 hex digits of a key file.
 pub fn to_hex(key: HashKey) -> String {
-    key.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    hex(&key.to_bytes())
 }
 
 /// Writes `key` to `path` unless it exists, atomically (a temporary file of mode 0600
@@ -271,6 +307,41 @@ mod tests {
         let e = format!("{:#}", read(&d).unwrap_err());
         assert!(e.contains("not a regular file"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_and_a_symlink_is_followed() {
+        let d = dir("types");
+        std::fs::create_dir_all(&d).unwrap();
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // No writer: opening it for reading would block forever.
+        let e = format!("{:#}", read(&fifo).unwrap_err());
+        assert_eq!(
+            e,
+            format!("hash key file {} is not a regular file", fifo.display())
+        );
+        let target = d.join("target");
+        write(&target, b"000102030405060708090a0b0c0d0e0f\n", 0o600);
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert_eq!(read(&link).unwrap(), read(&target).unwrap());
+        let to_fifo = d.join("to-fifo");
+        std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
+        assert!(format!("{:#}", read(&to_fifo).unwrap_err()).contains("not a regular file"));
+        let dangling = d.join("dangling");
+        std::os::unix::fs::symlink(d.join("nowhere"), &dangling).unwrap();
+        let e = format!("{:#}", read(&dangling).unwrap_err());
+        assert!(e.contains("symbolic link to a missing file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn hex_is_two_lower_case_digits_per_byte() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0, 0x0a, 0xff]), "000aff");
     }
 
     #[test]

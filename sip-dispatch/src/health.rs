@@ -5,7 +5,6 @@
 //! pure logic and lives in `sip_dispatch_common::health`, where the fuzz crate drives it;
 //! it is the one place that decides whether a backend takes traffic.
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -44,13 +43,7 @@ impl ProbeIds {
     pub fn random() -> Result<ProbeIds, getrandom::Error> {
         let mut bytes = [0u8; 40];
         getrandom::fill(&mut bytes)?;
-        let hex = |b: &[u8]| {
-            b.iter()
-                .fold(String::with_capacity(2 * b.len()), |mut s, x| {
-                    let _ = write!(s, "{x:02x}");
-                    s
-                })
-        };
+        let hex = crate::hashkey::hex;
         Ok(ProbeIds {
             branch: format!("z9hG4bK{}", hex(&bytes[..16])),
             call_id: format!("sd-health-{}@sip-dispatch", hex(&bytes[16..32])),

@@ -6,7 +6,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tokio::signal::unix::{SignalKind, signal};
+use std::sync::Arc;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Semaphore,
+    task::JoinSet,
+};
 
 use crate::{
     cli::{DetachArgs, RunArgs, XdpPassArgs},
@@ -43,21 +48,22 @@ fn tx_ports() -> Vec<(String, u32)> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut settings = Settings::load(&args)?;
+    let settings = Settings::load(&args)?;
     if settings.iface == "lo" {
         bail!("refusing to attach to lo: XDP dispatch needs a real or veth interface");
     }
     ifindex(&settings.iface)?;
-    use_hash_key(&mut settings, &args)?;
-    let reloader = Reloader::new(args, settings.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_daemon(settings, reloader))
+    runtime.block_on(run_daemon(settings, args))
 }
 
 /// Writes a new key file at first start, and warns about a key that is not secret.
+/// Called under the pin lock, once every check before the take-over has passed: a start
+/// that is refused or fails earlier creates no key file (and a missing file then takes
+/// the key of the maps pinned there, read under the lock).
 fn use_hash_key(settings: &mut Settings, args: &RunArgs) -> anyhow::Result<()> {
     if let KeyOrigin::NewKeyFile(path) = &settings.hash_key_origin {
         let path = path.clone();
@@ -103,7 +109,42 @@ fn use_hash_key(settings: &mut Settings, args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()> {
+/// At most this many SRV names are resolved at once at start (each resolution runs up to
+/// `srv::LOOKUP_CONCURRENCY` address lookups of its own).
+const START_RESOLVE_CONCURRENCY: usize = 4;
+
+/// Resolves `names` concurrently, at most [`START_RESOLVE_CONCURRENCY`] at a time; an
+/// answer or an error per name.
+async fn resolve_names(
+    resolver: &hickory_resolver::TokioResolver,
+    names: &BTreeSet<String>,
+) -> BTreeMap<String, anyhow::Result<srv::SrvAnswer>> {
+    let permits = Arc::new(Semaphore::new(START_RESOLVE_CONCURRENCY));
+    let mut jobs = JoinSet::new();
+    for name in names {
+        let (resolver, name, permits) = (resolver.clone(), name.clone(), permits.clone());
+        jobs.spawn(async move {
+            // The semaphore is never closed: a permit always comes.
+            let _permit = permits.acquire_owned().await;
+            let answer = srv::resolve(&resolver, &name).await;
+            (name, answer)
+        });
+    }
+    let mut answers = BTreeMap::new();
+    while let Some(joined) = jobs.join_next().await {
+        if let Ok((name, answer)) = joined {
+            answers.insert(name, answer);
+        }
+    }
+    for name in names {
+        answers
+            .entry(name.clone())
+            .or_insert_with(|| Err(anyhow::anyhow!("dns {name}: the resolution did not finish")));
+    }
+    answers
+}
+
+async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()> {
     // Handlers first: SIGTERM or SIGINT during start-up then means a clean stop as soon as
     // the daemon runs (not death by the default action, half started), and SIGHUP (say a
     // `systemctl reload` right after start) does not kill it.
@@ -113,7 +154,7 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let Settings {
         iface,
         xdp_mode,
-        hash_key: key,
+        hash_key: provisional_key,
         pin_path,
         reset,
         control: control_path,
@@ -146,8 +187,9 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let mut first_answers = BTreeMap::new();
     let mut dns_errors = Vec::new();
     if let Some(resolver) = &resolver {
-        for name in &names {
-            match srv::resolve(resolver, name).await {
+        for (name, answer) in resolve_names(resolver, &names).await {
+            let name = &name;
+            match answer {
                 Ok(answer)
                     if controller::backends_with(&services, name, &answer)
                         > controller::MAX_BACKENDS_IN_ALL =>
@@ -189,9 +231,10 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     }
 
     // A link a previous daemon left pinned is forwarding now. Until this daemon is sure
-    // to take over, nothing it uses is changed: first the pin lock, the verifier and
-    // every socket (each can fail), then the hash key, the tables and the link.
-    let mut dp = Dataplane::load(&pin_path, &iface, reset, key)?;
+    // to take over, nothing it uses is changed: first the pin lock, the verifier, every
+    // socket, the service ids and the key file (each can fail), then the hash key, the
+    // tables and the link.
+    let mut dp = Dataplane::load(&pin_path, &iface, reset, provisional_key)?;
     // (Read under the pin lock: no other daemon changes it now.)
     let adopted_link = pin_path.join(crate::dataplane::LINK_PIN).exists();
     let mut forwarding = Vec::new();
@@ -216,23 +259,36 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
     let (slow_sockets, control_listener, metrics_listener) = match endpoints {
         Ok(bound) => bound,
         Err(e) => {
-            abandon_start(&mut dp, adopted_link, forwarding);
+            abandon_start(&mut dp, adopted_link, false, forwarding);
             return Err(e);
         }
     };
+    let checked = (|| {
+        let keep = assign_service_ids(&mut dp, &mut services)?;
+        check_adopted_link(&dp, adopted_link)?;
+        use_hash_key(&mut settings, &args)?;
+        anyhow::Ok(keep)
+    })();
+    let keep_until_attached = match checked {
+        Ok(keep) => keep,
+        Err(e) => {
+            abandon_start(&mut dp, adopted_link, false, forwarding);
+            return Err(e);
+        }
+    };
+    let key = settings.hash_key;
+    dp.set_hash_key(key);
+    let reloader = Reloader::new(args, settings.clone());
 
-    // Taking over. The maps the running program reads change from here on, right
-    // before our own tables go in (after the first probes).
-    if let Err(e) = assign_service_ids(&mut dp, &mut services) {
-        abandon_start(&mut dp, adopted_link, forwarding);
-        return Err(e);
-    }
+    // Taking over: the maps the running program reads change from here on (after the
+    // first probes), and the link last.
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
-    let mode = match take_over(&mut ctl, xdp_mode).await {
+    let mut wrote = false;
+    let mode = match take_over(&mut ctl, xdp_mode, keep_until_attached, &mut wrote).await {
         Ok(mode) => mode,
         Err(e) => {
-            abandon_start(ctl.dataplane(), adopted_link, forwarding);
+            abandon_start(ctl.dataplane(), adopted_link, wrote, forwarding);
             return Err(e);
         }
     };
@@ -264,7 +320,13 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
         vips.len()
     ));
 
-    ctl.watch_srv(&first_answers)?;
+    // Nothing from here to the main loop may end the daemon (the control socket file
+    // would stay behind): DNS that cannot be watched now is logged, and a reload retries.
+    if let Err(e) = ctl.watch_srv(&first_answers) {
+        log::error!(
+            "watching the SRV names failed: {e:#}; their backends stay as first resolved until a reload"
+        );
+    }
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, cmd_tx.clone())));
     let control_task = tokio::spawn(control::serve(control_listener, cmd_tx));
@@ -304,40 +366,83 @@ async fn run_daemon(settings: Settings, reloader: Reloader) -> anyhow::Result<()
 }
 
 /// The first probes, the hash key and redirect ports, our tables, then the link: a new
-/// attachment, or our program swapped into the adopted link.
+/// attachment, or our program swapped into the adopted link. Tables go in before the
+/// link changes: a new link must not start with empty tables, and across a map layout
+/// change the adopted program still reads the old maps. So the link is the last step
+/// that can fail; the adopted services this configuration lacks (all but those in
+/// `keep_until_attached`, the entries whose ids new VIPs reuse) are removed only after
+/// it succeeded. `wrote` tells whether the maps the running program reads were changed.
 async fn take_over(
     ctl: &mut Controller,
     xdp_mode: crate::cli::XdpModeArg,
+    keep_until_attached: Option<Vec<std::net::SocketAddr>>,
+    wrote: &mut bool,
 ) -> anyhow::Result<crate::dataplane::AttachMode> {
     ctl.initial_probe().await;
     let dp = ctl.dataplane();
+    *wrote = true;
     dp.write_hash_key()?;
     for (name, i) in tx_ports() {
         if let Err(e) = dp.add_tx_port(i) {
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
         }
     }
+    if let Some(keep) = keep_until_attached {
+        // Their ids go to new VIPs: their entries must not point at the new tables.
+        dp.retain_services(&keep)?;
+    }
     ctl.publish_all().await;
-    // What an adopted set of maps holds beyond the configuration goes now.
-    ctl.forget_unconfigured()?;
-    ctl.dataplane().attach(xdp_mode)
+    injected_attach_failure()?;
+    let mode = ctl.dataplane().attach(xdp_mode)?;
+    // The link is ours: what an adopted set of maps holds beyond the configuration goes.
+    if let Err(e) = ctl.forget_unconfigured() {
+        log::warn!(
+            "removing the adopted services this configuration lacks: {e:#} (they keep forwarding with their old tables)"
+        );
+    }
+    Ok(mode)
 }
 
-/// A start that failed: an adopted link (and what it uses) stays as it is, forwarding
-/// included; otherwise what this daemon made goes (its map pins, the sysctl it changed),
-/// as nothing of ours forwards.
-fn abandon_start(dp: &mut Dataplane, adopted_link: bool, forwarding: Vec<Forwarding>) {
-    if adopted_link {
-        log::warn!("start failed: the pinned XDP link is left as it was");
-        return;
+/// A start that failed. With an adopted link, the link and its pins stay: as they were
+/// if nothing was written yet (`wrote`), else forwarding with what this daemon wrote.
+/// Without one, nothing of ours forwards: our link (if any) and the pins this daemon
+/// made go, pins it found stay, and the sysctl it changed is restored.
+fn abandon_start(dp: &mut Dataplane, adopted_link: bool, wrote: bool, forwarding: Vec<Forwarding>) {
+    match (adopted_link, wrote) {
+        (true, false) => {
+            log::warn!(
+                "start failed before taking over: the pinned XDP link and its maps are left as they were"
+            );
+        }
+        (true, true) => log::warn!(
+            "start failed after taking over the maps: the pinned XDP link keeps its old program, \
+             which forwards with this daemon's hash key and tables (adopted services this \
+             configuration lacks keep theirs)"
+        ),
+        (false, _) => {
+            dp.abandon();
+            forwarding.into_iter().for_each(Forwarding::restore);
+        }
     }
-    dp.detach();
-    forwarding.into_iter().for_each(Forwarding::restore);
+}
+
+/// Refuses a pinned link that is not an XDP link this daemon can take over, before
+/// anything is written (the replacement itself is then the one step left to fail).
+fn check_adopted_link(dp: &Dataplane, adopted_link: bool) -> anyhow::Result<()> {
+    if adopted_link {
+        dp.check_pinned_link()?;
+    }
+    Ok(())
 }
 
 /// Gives each service the id the adopted services map has for its VIP (new VIPs: ids
 /// no adopted VIP uses), so that a reordered configuration keeps every VIP on its table.
-fn assign_service_ids(dp: &mut Dataplane, services: &mut [Service]) -> anyhow::Result<()> {
+/// Reads only. When new VIPs must reuse the ids of adopted VIPs no longer configured,
+/// returns the VIPs whose entries stay until the take-over writes (all but those).
+fn assign_service_ids(
+    dp: &mut Dataplane,
+    services: &mut [Service],
+) -> anyhow::Result<Option<Vec<std::net::SocketAddr>>> {
     let adopted = dp.service_ids()?;
     let vips: Vec<std::net::SocketAddr> = services.iter().map(|s| s.vip).collect();
     let assignment =
@@ -348,13 +453,23 @@ fn assign_service_ids(dp: &mut Dataplane, services: &mut [Service]) -> anyhow::R
         }
         s.id = *id;
     }
-    if !assignment.reclaimed.is_empty() {
-        // Their ids go to new VIPs: their entries must not point at the new tables.
+    let kept = assignment.kept_before_attach(&adopted);
+    if kept.is_some() {
         log::info!(
-            "dropping the adopted services {:?} now: their ids go to new VIPs",
+            "the adopted services {:?} go when the take-over starts: their ids go to new VIPs",
             assignment.reclaimed
         );
-        dp.retain_services(&vips)?;
+    }
+    Ok(kept)
+}
+
+/// Debug builds only (tests): with `SIP_DISPATCH_TEST_FAIL_ATTACH=1` in the environment,
+/// the take-over fails right before the link step, after every map write, so a test can
+/// check what such a failure leaves. Release builds have no such switch.
+fn injected_attach_failure() -> anyhow::Result<()> {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("SIP_DISPATCH_TEST_FAIL_ATTACH").is_some_and(|v| v == "1") {
+        bail!("attaching XDP: failure injected by SIP_DISPATCH_TEST_FAIL_ATTACH=1");
     }
     Ok(())
 }
@@ -426,4 +541,95 @@ pub fn xdp_pass(args: XdpPassArgs) -> anyhow::Result<()> {
     })?;
     drop(ebpf);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
+
+    use hickory_resolver::proto::{
+        op::{Message, OpCode},
+        rr::{Name, RData, Record, RecordType, rdata},
+    };
+
+    use super::*;
+
+    /// A DNS server on loopback that answers each SRV query after `delay` with one target
+    /// (`t.test.`, port 5060) and its A query at once; the most SRV queries it held at once.
+    async fn slow_srv_server(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = sock.local_addr().unwrap();
+        let (most, in_flight) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let max = most.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(q) = query.queries.first().cloned() else {
+                    continue;
+                };
+                let mut reply = Message::response(query.metadata.id, OpCode::Query);
+                reply.metadata.authoritative = true;
+                reply.add_query(q.clone());
+                let srv = q.query_type() == RecordType::SRV;
+                if srv {
+                    let target = Name::from_ascii("t.test.").unwrap();
+                    let data = RData::SRV(rdata::SRV::new(10, 1, 5060, target));
+                    reply.add_answer(Record::from_rdata(q.name().clone(), 60, data));
+                } else if q.query_type() == RecordType::A {
+                    let a = RData::A(rdata::A::new(198, 18, 1, 1));
+                    reply.add_answer(Record::from_rdata(q.name().clone(), 60, a));
+                }
+                let (sock, in_flight, max) = (sock.clone(), in_flight.clone(), max.clone());
+                tokio::spawn(async move {
+                    if srv {
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        max.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    let _ = sock.send_to(&reply.to_vec().unwrap(), from).await;
+                });
+            }
+        });
+        (addr, most)
+    }
+
+    #[tokio::test]
+    async fn start_up_resolves_srv_names_concurrently_within_the_bound() {
+        let delay = Duration::from_millis(300);
+        let (server, most) = slow_srv_server(delay).await;
+        let resolver = srv::resolver(&srv::DnsConfig {
+            server: Some(server),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(60),
+        })
+        .unwrap();
+        let names: BTreeSet<String> = (0..12).map(|i| format!("_sip._udp.s{i}.test.")).collect();
+        let started = std::time::Instant::now();
+        let answers = resolve_names(&resolver, &names).await;
+        let took = started.elapsed();
+        let most = most.load(Ordering::SeqCst);
+        assert_eq!(
+            answers.keys().collect::<Vec<_>>(),
+            names.iter().collect::<Vec<_>>()
+        );
+        for (name, answer) in &answers {
+            let answer = answer.as_ref().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(answer.targets.len(), 1, "{name}");
+        }
+        // 12 names of 300 ms each: one by one 3.6 s, four at a time about 0.9 s.
+        assert!(
+            (2..=START_RESOLVE_CONCURRENCY).contains(&most),
+            "{most} SRV queries at once"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        eprintln!("12 names resolved in {took:?}, at most {most} at once");
+    }
 }

@@ -79,6 +79,27 @@ pub struct Assignment {
     pub reclaimed: Vec<SocketAddr>,
 }
 
+impl Assignment {
+    /// The adopted VIPs whose service entries stay until the link step: all but the
+    /// reclaimed ones, whose ids new VIPs take (their entries must go before the new
+    /// tables do). `None` when nothing is reclaimed: no entry goes before the link step.
+    pub fn kept_before_attach(
+        &self,
+        adopted: &BTreeMap<SocketAddr, u32>,
+    ) -> Option<Vec<SocketAddr>> {
+        if self.reclaimed.is_empty() {
+            return None;
+        }
+        Some(
+            adopted
+                .keys()
+                .filter(|vip| !self.reclaimed.contains(vip))
+                .copied()
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +144,27 @@ mod tests {
         let got = assign(&vips, &adopted, 2).expect("assign");
         assert_eq!(got.ids, vec![1, 0]);
         assert_eq!(got.reclaimed, vec![a("198.18.0.3:5060")]);
+    }
+
+    #[test]
+    fn only_reclaimed_entries_go_before_the_link_step() {
+        let gone = a("198.18.0.3:5060");
+        let adopted = BTreeMap::from([
+            (a("198.18.0.1:5060"), 0),
+            (gone, 1),
+            (a("198.18.0.4:5060"), 2),
+        ]);
+        // Room left: the unconfigured .3 and .4 keep their entries until the link step.
+        let vips = [a("198.18.0.9:5060"), a("198.18.0.1:5060")];
+        let roomy = assign(&vips, &adopted, 64).expect("assign");
+        assert_eq!(roomy.kept_before_attach(&adopted), None);
+        // No id left but .3's and .4's: the lowest (.3's) is reclaimed, only it goes early.
+        let tight = assign(&vips, &adopted, 3).expect("assign");
+        assert_eq!(tight.ids, vec![1, 0]);
+        assert_eq!(
+            tight.kept_before_attach(&adopted),
+            Some(vec![a("198.18.0.1:5060"), a("198.18.0.4:5060")])
+        );
     }
 
     #[test]

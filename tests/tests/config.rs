@@ -726,3 +726,43 @@ fn a_new_key_file_takes_the_key_of_the_pinned_maps() {
     daemon.stop().expect("a clean stop (detaches)");
     assert_eq!(link::xdp_prog_id(&bed.ns(), &bed.iface()).unwrap(), None);
 }
+
+/// A FIFO at the key path (nothing writes to it: opening it for reading would block the
+/// start forever) is refused at once with one line naming it; nothing is attached or
+/// pinned, and the FIFO is left as it was.
+#[test]
+fn a_fifo_at_the_key_path_is_refused_at_once() {
+    use std::os::unix::fs::FileTypeExt as _;
+    let bed = Bed::build("key-fifo");
+    let fifo = bed.dir.join("hash-key-fifo");
+    let out = std::process::Command::new("mkfifo")
+        .args(["-m", "600"])
+        .arg(&fifo)
+        .output()
+        .expect("running mkfifo");
+    assert!(
+        out.status.success(),
+        "mkfifo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut args = bed.common_args(&fifo);
+    args.extend(
+        [
+            "--vip",
+            &bed.vip(Family::V4).to_string(),
+            "--backend",
+            &bed.backend(Family::V4).to_string(),
+        ]
+        .map(str::to_owned),
+    );
+    let want = format!("hash key file {} is not a regular file", fifo.display());
+    let started = std::time::Instant::now();
+    let refused = bed.refused("key-fifo", &args, &[&want]);
+    let took = started.elapsed();
+    eprintln!("[key-fifo] refused in {took:?} (at most {REFUSE_WITHIN:?})");
+    if let Err(e) = refused {
+        panic!("{e}");
+    }
+    let kind = std::fs::symlink_metadata(&fifo).expect("the FIFO is still there");
+    assert!(kind.file_type().is_fifo(), "{} changed", fifo.display());
+}

@@ -326,10 +326,13 @@ fn failed_start_problems(label: &str, failed: &FailedStart, what: &[&str]) -> Ve
 }
 
 /// While daemon A forwards with pinned maps: a second daemon on the same pins is refused
-/// (naming the directory and A's pid). After A is killed, daemons that cannot start (a
-/// bad value; a control socket that cannot be created, which fails only after the XDP
-/// object is loaded against the pins) change nothing: the same program stays in the link
-/// and calls keep succeeding. Then a good daemon takes over.
+/// (naming the directory and A's pid) and creates no key file. After A is killed,
+/// daemons that cannot start (a bad value; a control socket that cannot be created,
+/// which fails only after the XDP object is loaded against the pins, and creates no key
+/// file) change nothing: the same program stays in the link and calls keep succeeding.
+/// Then a good daemon B takes over; fresh starts that fail (before and at the link step,
+/// where B holds the interface) remove the pins they made and no others, and leave B's
+/// link alone.
 #[test]
 fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
     const NAME: &str = "failed-start";
@@ -363,8 +366,17 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
     let other_control =
         dispatcher::control_socket(&format!("{}-2", bed.topo.tag())).expect("control socket path");
     let second = with_value(&args, "--control", &other_control.to_string_lossy());
+    // A key file that does not exist yet: a refused start must not create it.
+    let second_key = dir.join("second-key").join("hash-key");
+    let second = with_value(&second, "--hash-key-file", &second_key.to_string_lossy());
     let failed = dispatcher::run_failing(&bed.binary, &ns, &second, &dir, "second-daemon")
         .expect("the second daemon");
+    if second_key.exists() || second_key.parent().is_some_and(Path::exists) {
+        problems.push(format!(
+            "the daemon refused by the lock created {}",
+            second_key.display()
+        ));
+    }
     let pid_a = format!("pid {}", a.pid());
     let pins_text = pins.to_string_lossy().into_owned();
     problems.extend(failed_start_problems(
@@ -395,8 +407,24 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
 
     // A failure after the object is loaded against the pins (lock taken, maps opened).
     let late = with_value(&args, "--control", "/proc/sdt-no-such-dir/ctl.sock");
+    let late_key = dir.join("late-key");
+    let late = with_value(&late, "--hash-key-file", &late_key.to_string_lossy());
     let failed = dispatcher::run_failing(&bed.binary, &ns, &late, &dir, "late-failure")
         .expect("the daemon failing late");
+    if late_key.exists() {
+        problems.push(format!(
+            "the daemon that failed before its take-over created {}",
+            late_key.display()
+        ));
+    }
+    if !failed.stderr.contains(
+        "start failed before taking over: the pinned XDP link and its maps are left as they were",
+    ) {
+        problems.push(format!(
+            "late failure: no log line saying the link was left as it was:\n{}",
+            failed.stderr
+        ));
+    }
     problems.extend(failed_start_problems(
         "late failure",
         &failed,
@@ -446,6 +474,80 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
             prog_id(&bed)
         ));
     }
+    // A fresh start that gets through its whole take-over on its own maps and fails
+    // only at the link step, for real: B's link holds the interface. (Its VIP has
+    // another port: B's slow path holds the VIP's.)
+    let other_port = SocketAddr::new(bed.vip.ip(), 5099).to_string();
+    let fresh_control =
+        dispatcher::control_socket(&format!("{}-3", bed.topo.tag())).expect("control socket path");
+    let attach_args = with_value(
+        &with_value(
+            &with_value(&args, "--pin-path", &fresh.to_string_lossy()),
+            "--control",
+            &fresh_control.to_string_lossy(),
+        ),
+        "--vip",
+        &other_port,
+    );
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &attach_args, &dir, "attach-failure")
+        .expect("the fresh daemon failing to attach");
+    problems.extend(failed_start_problems(
+        "attach failure",
+        &failed,
+        &["attaching XDP"],
+    ));
+    let attach_error = failed.errors.first().cloned().unwrap_or_default();
+    let fresh_left = pins_in(&fresh);
+    if !fresh_left.is_empty() {
+        problems.push(format!(
+            "a fresh start that failed at the link step left pins: {fresh_left:?}"
+        ));
+    }
+    if prog_id(&bed) != prog_b {
+        problems.push(format!(
+            "the failed attach changed the program in B's link: {:?}, B's {prog_b:?}",
+            prog_id(&bed)
+        ));
+    }
+    // A start that found maps but no link keeps them: only the pins it made go.
+    let leftover = bpffs.path().join("leftover");
+    std::fs::create_dir_all(&leftover).expect("creating the leftover pin directory");
+    let map = leftover.join("sd_config_v1");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args(["type", "array", "key", "4", "value", "16", "entries", "1"])
+        .args(["name", "sd_config_v1"])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        text(&out.stderr)
+    );
+    let leftover_args = with_value(
+        &with_value(
+            &with_value(&args, "--pin-path", &leftover.to_string_lossy()),
+            "--control",
+            "/proc/sdt-no-such-dir/ctl.sock",
+        ),
+        "--vip",
+        &other_port,
+    );
+    let failed =
+        dispatcher::run_failing(&bed.binary, &ns, &leftover_args, &dir, "leftover-failure")
+            .expect("the daemon on leftover maps failing");
+    problems.extend(failed_start_problems(
+        "leftover maps",
+        &failed,
+        &["/proc/sdt-no-such-dir"],
+    ));
+    let kept = pins_in(&leftover);
+    if kept != BTreeSet::from(["sd_config_v1".to_owned()]) {
+        problems.push(format!(
+            "a failed start on a leftover map should keep just it, left: {kept:?}"
+        ));
+    }
     let uac = uac.finish().expect("UAC");
     let per_call = uac.calls().expect("UAC calls");
     if let Err(e) = b.stop() {
@@ -456,7 +558,8 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
     problems.extend(exactly_one_backend(&per_call, &reports));
     eprintln!(
         "[{NAME}] program {prog_a:?} stayed through: {second_error:?}; {bad_value_error:?}; \
-         {late_error:?}; B took over with {prog_b:?}; UAC {} ok / {} failed of {calls}",
+         {late_error:?}; B took over with {prog_b:?} and stayed through {attach_error:?}; \
+         UAC {} ok / {} failed of {calls}",
         uac.successful, uac.failed
     );
     drop(bpffs);
@@ -476,9 +579,10 @@ fn write_services(bed: &Bed, path: &Path, services: &[(SocketAddr, Vec<SocketAdd
     std::fs::write(path, text).expect("writing the config file");
 }
 
-/// Two services (VIP:5060 on b1, b2; VIP:5080 on b3) under load; a restart with the
-/// services listed in the other order keeps each VIP's id in the pinned services map,
-/// and no call of either service lands on the other's backends.
+/// Two services (VIP:5060 on b1, b2; VIP:5080 on b3) under load; a start configured with
+/// service a only that fails at the link step leaves service b's entry (and its calls)
+/// alone; a restart with the services listed in the other order keeps each VIP's id in
+/// the pinned services map, and no call of either service lands on the other's backends.
 #[test]
 fn a_restart_with_reordered_services_keeps_each_service_id() {
     const NAME: &str = "service-ids";
@@ -531,6 +635,46 @@ fn a_restart_with_reordered_services_keeps_each_service_id() {
         problems.push(format!("daemon 1: {e:#}"));
     }
 
+    // A daemon configured with service a only that fails at the link step, after all its
+    // map writes (a failure injected in debug builds): service b, which it would remove
+    // only once the link is its own, keeps its entry, and its calls keep flowing.
+    let only_a = bed.dir.join("only-a.toml");
+    write_services(&bed, &only_a, std::slice::from_ref(&service_a));
+    let mut failing = vec![
+        "SIP_DISPATCH_TEST_FAIL_ATTACH=1".to_owned(),
+        bed.binary.to_string_lossy().into_owned(),
+    ];
+    failing.extend(with_value(
+        &args(false),
+        "--config",
+        &only_a.to_string_lossy(),
+    ));
+    let failed = dispatcher::run_failing(Path::new("env"), &ns, &failing, &dir, "fails-attaching")
+        .expect("the daemon failing at the link step");
+    problems.extend(failed_start_problems(
+        "failure at the link step",
+        &failed,
+        &["SIP_DISPATCH_TEST_FAIL_ATTACH"],
+    ));
+    if !failed.stderr.contains(
+        "start failed after taking over the maps: the pinned XDP link keeps its old program",
+    ) {
+        problems.push(format!(
+            "failure at the link step: no log line saying how the link forwards now:\n{}",
+            failed.stderr
+        ));
+    }
+    let ids_after_failure = pinned_service_ids(&pins);
+    if ids_after_failure != ids_before {
+        problems.push(format!(
+            "service ids after the failed start: {ids_after_failure:?}, before: {ids_before:?}"
+        ));
+    }
+    uac_a
+        .run_for(Duration::from_secs(1))
+        .expect("calls flowing after the failed start");
+    uac_b.check_running().expect("calls of service b flowing");
+
     write_services(&bed, &config, &[service_b, service_a]);
     let second =
         Dispatcher::start(&bed.binary, &ns, &args(false), &dir, "daemon-2").expect("daemon 2");
@@ -579,7 +723,8 @@ fn a_restart_with_reordered_services_keeps_each_service_id() {
         }
     }
     eprintln!(
-        "[{NAME}] ids before {ids_before:?}, after the reordered restart {ids_after:?}; \
+        "[{NAME}] ids before {ids_before:?}, after a start that failed at the link step \
+         {ids_after_failure:?}, after the reordered restart {ids_after:?}; \
          service a {} ok / {} failed, service b {} ok / {} failed of {calls} each; calls per \
          backend {:?}",
         uac_a.successful,
