@@ -3,6 +3,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    io::{BufRead as _, Write as _},
     net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
@@ -69,6 +70,27 @@ pub fn cli(binary: &Path, control: &Path, args: &[&str]) -> Result<std::process:
         .args(&all)
         .output()
         .with_context(|| format!("running {}", binary.display()))
+}
+
+/// How long [`control_request`] waits for the daemon's answer (a table build at 512
+/// backends in a debug build takes seconds).
+const CONTROL_ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
+/// One request written as JSON straight to the control socket at `path` (bypassing the
+/// CLI); the daemon's whole answer (`ok`, `result` or `error`), whatever `ok` says.
+pub fn control_request(path: &Path, request: &serde_json::Value) -> Result<serde_json::Value> {
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connecting {}", path.display()))?;
+    stream
+        .set_read_timeout(Some(CONTROL_ANSWER_WITHIN))
+        .context("setting the read timeout")?;
+    writeln!(&stream, "{request}").with_context(|| format!("sending {request}"))?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .with_context(|| format!("reading the answer to {request}"))?;
+    serde_json::from_str(answer.trim())
+        .with_context(|| format!("the answer to {request} is not JSON: {answer:?}"))
 }
 
 /// The workspace root (the parent of this crate).
