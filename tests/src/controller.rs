@@ -32,7 +32,7 @@ use crate::{
     dispatcher::{self, Dispatcher, ExitStats, RunConfig, XdpMode},
     dns::{DnsServer, Zone},
     events::{DaemonLog, Event, Moment, TableEvent, Timed},
-    netns,
+    netns, preflight,
     process::Process,
     scenario::{progress, run_dir, start_backends, start_xdp_pass},
     sipp::{self, Uac, UacReport, UacSpec, Uas, UasReport},
@@ -853,6 +853,77 @@ pub fn tolerance_pp(n: u64) -> f64 {
 /// Keeps the run directory only if the test failed: call at the end of a passing test.
 pub fn remove_logs(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Calls per second of [`place_calls`]: SIPp on 2 cores keeps this without
+/// retransmissions.
+pub const CALL_RATE: u32 = 200;
+
+/// Builds the bed of test `name` under `workdir` (RFC 2782's five targets unless
+/// `configure` changes the configuration). Fails the test when the bed cannot be built.
+pub fn test_bed(
+    workdir: PathBuf,
+    name: &str,
+    configure: impl FnOnce(&mut BedConfig),
+) -> ControllerBed {
+    preflight::require_dns().expect("preflight");
+    let binary = dispatcher::binary_path().expect("sip-dispatch binary");
+    let mut cfg = BedConfig::new(name, binary, workdir);
+    configure(&mut cfg);
+    ControllerBed::build(cfg).unwrap_or_else(|e| panic!("{name}: building the bed: {e:#}"))
+}
+
+/// Starts `calls` calls at [`CALL_RATE`] and lets them flow for `lead` before the test
+/// acts; returns when the calls started, and the UAC.
+pub fn place_calls(bed: &ControllerBed, calls: u32, lead: Duration) -> (Moment, Uac) {
+    let started = Moment::now();
+    let mut uac = bed.start_calls(calls, CALL_RATE, "uac").expect("UAC");
+    uac.run_for(lead).expect("calls flowing");
+    (started, uac)
+}
+
+/// `v` sorted.
+pub fn sorted(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    v.sort();
+    v
+}
+
+/// Waits for a table of `priority` made of exactly `members`.
+pub fn wait_for_set(
+    log: &DaemonLog,
+    from: usize,
+    timeout: Duration,
+    priority: u16,
+    members: &[SocketAddr],
+) -> Timed<TableEvent> {
+    let want = sorted(members.to_vec());
+    log.wait_table(
+        from,
+        timeout,
+        &format!("a priority-{priority} table of {want:?}"),
+        |t| t.priority == Some(u32::from(priority)) && t.addresses() == want,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Fails the test with everything needed to understand a failed check; removes the
+/// logs of a passing one.
+pub fn verdict(name: &str, out: &Outcome, since: &Moment, problems: Vec<String>) {
+    if !problems.is_empty() {
+        panic!(
+            "{name}:\n  - {}\ntables (relative to the start of the calls):\n{}{}\nlogs: {}",
+            problems.join("\n  - "),
+            out.table_history(since.at),
+            out.failure_breakdown(),
+            out.dir.display()
+        );
+    }
+    remove_logs(&out.dir);
+}
+
+/// Prints a measured number of test `name` (seen with `--nocapture`).
+pub fn report(name: &str, line: String) {
+    eprintln!("[{name}] {line}");
 }
 
 #[cfg(test)]
