@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use sip_dispatch_common::{
     Backend, HashKey,
     hash::siphash13,
@@ -33,7 +33,6 @@ use crate::{
     dns::{DnsServer, Zone},
     events::{DaemonLog, Event, Moment, TableEvent, Timed},
     netns, preflight,
-    process::Process,
     scenario::{progress, run_dir, start_backends, start_xdp_pass},
     sipp::{self, Uac, UacReport, UacSpec, Uas, UasReport},
     topology::{Family, Topology, TopologySpec},
@@ -270,32 +269,15 @@ impl ControllerBed {
         timeout: Duration,
     ) -> Result<(std::process::ExitStatus, String)> {
         let disp = self.topo.dispatcher()?;
-        let mut p = Process::spawn(
+        let ended = dispatcher::run_failing_within(
+            &self.cfg.binary,
             disp.ns_name(),
-            &self.cfg.binary.to_string_lossy(),
-            run.args(),
+            &run.args(),
             &self.dir,
             "sip-dispatch-refused",
+            timeout,
         )?;
-        let status = p.wait_timeout(timeout)?;
-        let stopped = match status {
-            Some(_) => p.collect()?,
-            None => {
-                let out = p.stop()?;
-                bail!(
-                    "sip-dispatch still ran after {timeout:?} (stdout: {:?}); stderr:\n{}",
-                    out.stdout,
-                    p.stderr_tail(20)
-                );
-            }
-        };
-        let stderr = std::fs::read_to_string(&stopped.stderr_path).unwrap_or_default();
-        ensure!(
-            !stopped.stdout.contains(dispatcher::READY_PREFIX),
-            "sip-dispatch got ready: {}",
-            stopped.stdout
-        );
-        Ok((stopped.status, stderr))
+        Ok((ended.status, ended.stderr))
     }
 
     /// Starts a UAC placing `calls` calls at `rate` cps to the VIP.

@@ -455,6 +455,8 @@ pub struct FailedStart {
     pub errors: Vec<String>,
     /// Its whole stderr.
     pub stderr: String,
+    /// Its whole stdout.
+    pub stdout: String,
 }
 
 /// Runs `binary args...` in `ns`, expecting it to exit (bounded by [`READY_TIMEOUT`])
@@ -466,15 +468,44 @@ pub fn run_failing(
     dir: &Path,
     label: &str,
 ) -> Result<FailedStart> {
+    run_failing_within(binary, ns, args, dir, label, READY_TIMEOUT)
+}
+
+/// [`run_failing`] with its own bound on the time to exit.
+pub fn run_failing_within(
+    binary: &Path,
+    ns: &str,
+    args: &[String],
+    dir: &Path,
+    label: &str,
+    within: Duration,
+) -> Result<FailedStart> {
+    let ended = run_to_exit(binary, ns, args, dir, label, within)?;
+    if ended.stdout.contains(READY_PREFIX) {
+        bail!(
+            "{label} became ready ({}) although it should not start",
+            ended.status
+        );
+    }
+    Ok(ended)
+}
+
+/// Runs `binary args...` in `ns` and waits (at most `within`) for it to exit; stops it
+/// and fails if it does not. Judging how it ended is the caller's.
+pub fn run_to_exit(
+    binary: &Path,
+    ns: &str,
+    args: &[String],
+    dir: &Path,
+    label: &str,
+    within: Duration,
+) -> Result<FailedStart> {
     let mut process = Process::spawn(ns, &binary.to_string_lossy(), args, dir, label)?;
-    let Some(status) = process.wait_timeout(READY_TIMEOUT)? else {
+    let Some(status) = process.wait_timeout(within)? else {
         let _ = process.stop();
-        bail!("{label} did not exit within {READY_TIMEOUT:?}");
+        bail!("{label} did not exit within {within:?}");
     };
     let stopped = process.collect()?;
-    if stopped.stdout.contains(READY_PREFIX) {
-        bail!("{label} became ready ({status}) although it should not start");
-    }
     let stderr = std::fs::read_to_string(process.stderr_path())
         .with_context(|| format!("reading {}", process.stderr_path().display()))?;
     let errors = stderr
@@ -486,6 +517,7 @@ pub fn run_failing(
         status,
         errors,
         stderr,
+        stdout: stopped.stdout,
     })
 }
 

@@ -22,9 +22,7 @@ use sip_dispatch_common::{HashKey, hash::siphash13, slot_of};
 use sip_dispatch_testbed::{
     Family,
     bed::BpfFs,
-    dispatcher, link, netns, preflight,
-    process::Process,
-    scenario,
+    dispatcher, link, netns, preflight, scenario,
     topology::{Topology, TopologySpec},
 };
 
@@ -105,27 +103,18 @@ impl Bed {
     fn refused(&self, label: &str, args: &[String], expect: &[&str]) -> Result<(), String> {
         let mut all = vec!["run".to_owned()];
         all.extend_from_slice(args);
-        let mut p = Process::spawn(
+        let ended = dispatcher::run_to_exit(
+            &self.binary,
             &self.ns(),
-            &self.binary.to_string_lossy(),
             &all,
             &self.dir,
             label,
+            REFUSE_WITHIN,
         )
         .map_err(|e| format!("{label}: {e:#}"))?;
-        let status = p
-            .wait_timeout(REFUSE_WITHIN)
-            .map_err(|e| format!("{e:#}"))?;
-        let stopped = match status {
-            Some(_) => p.collect(),
-            None => p.stop(),
-        }
-        .map_err(|e| format!("{label}: {e:#}"))?;
-        let stderr = std::fs::read_to_string(p.stderr_path()).unwrap_or_default();
+        let stderr = ended.stderr;
         let mut problems = Vec::new();
-        if status.is_none() {
-            problems.push(format!("still running after {REFUSE_WITHIN:?}"));
-        } else if stopped.status.success() {
+        if ended.status.success() {
             problems.push("exited 0".to_owned());
         }
         let lines: Vec<&str> = stderr.lines().collect();
