@@ -269,14 +269,16 @@ impl ControllerBed {
         timeout: Duration,
     ) -> Result<(std::process::ExitStatus, String)> {
         let disp = self.topo.dispatcher()?;
-        let ended = dispatcher::run_failing_within(
+        let label = "sip-dispatch-refused";
+        let ended = dispatcher::run_to_exit(
             &self.cfg.binary,
             disp.ns_name(),
             &run.args(),
             &self.dir,
-            "sip-dispatch-refused",
+            label,
             timeout,
-        )?;
+        )?
+        .never_ready(label)?;
         Ok((ended.status, ended.stderr))
     }
 

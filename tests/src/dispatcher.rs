@@ -468,26 +468,20 @@ pub fn run_failing(
     dir: &Path,
     label: &str,
 ) -> Result<FailedStart> {
-    run_failing_within(binary, ns, args, dir, label, READY_TIMEOUT)
+    run_to_exit(binary, ns, args, dir, label, READY_TIMEOUT)?.never_ready(label)
 }
 
-/// [`run_failing`] with its own bound on the time to exit.
-pub fn run_failing_within(
-    binary: &Path,
-    ns: &str,
-    args: &[String],
-    dir: &Path,
-    label: &str,
-    within: Duration,
-) -> Result<FailedStart> {
-    let ended = run_to_exit(binary, ns, args, dir, label, within)?;
-    if ended.stdout.contains(READY_PREFIX) {
-        bail!(
-            "{label} became ready ({}) although it should not start",
-            ended.status
-        );
+impl FailedStart {
+    /// Itself, or an error if it printed its ready line (it should not have started).
+    pub fn never_ready(self, label: &str) -> Result<FailedStart> {
+        if self.stdout.contains(READY_PREFIX) {
+            bail!(
+                "{label} became ready ({}) although it should not start",
+                self.status
+            );
+        }
+        Ok(self)
     }
-    Ok(ended)
 }
 
 /// Runs `binary args...` in `ns` and waits (at most `within`) for it to exit; stops it
