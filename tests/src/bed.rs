@@ -192,6 +192,17 @@ impl Drop for BpfFs {
     }
 }
 
+/// How long a daemon may take to adopt a pinned XDP link.
+const TAKEOVER_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) until `daemon` logs that it took over the pinned XDP link.
+pub fn wait_takeover(daemon: &Dispatcher, label: &str) {
+    daemon
+        .log()
+        .wait_message(0, TAKEOVER_WITHIN, &["took over the XDP link"])
+        .unwrap_or_else(|e| panic!("{label}: {e:#}"));
+}
+
 /// What is wrong with a UAC run that should have completed `calls` calls.
 pub fn uac_problems(uac: &UacReport, calls: u32) -> Vec<String> {
     let mut p = Vec::new();

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use sip_dispatch_common::{
     Backend, HashKey,
     hash::siphash13,
@@ -32,8 +32,7 @@ use crate::{
     dispatcher::{self, Dispatcher, ExitStats, RunConfig, XdpMode},
     dns::{DnsServer, Zone},
     events::{DaemonLog, Event, Moment, TableEvent, Timed},
-    netns,
-    process::Process,
+    netns, preflight,
     scenario::{progress, run_dir, start_backends, start_xdp_pass},
     sipp::{self, Uac, UacReport, UacSpec, Uas, UasReport},
     topology::{Family, Topology, TopologySpec},
@@ -270,32 +269,17 @@ impl ControllerBed {
         timeout: Duration,
     ) -> Result<(std::process::ExitStatus, String)> {
         let disp = self.topo.dispatcher()?;
-        let mut p = Process::spawn(
+        let label = "sip-dispatch-refused";
+        let ended = dispatcher::run_to_exit(
+            &self.cfg.binary,
             disp.ns_name(),
-            &self.cfg.binary.to_string_lossy(),
-            run.args(),
+            &run.args(),
             &self.dir,
-            "sip-dispatch-refused",
-        )?;
-        let status = p.wait_timeout(timeout)?;
-        let stopped = match status {
-            Some(_) => p.collect()?,
-            None => {
-                let out = p.stop()?;
-                bail!(
-                    "sip-dispatch still ran after {timeout:?} (stdout: {:?}); stderr:\n{}",
-                    out.stdout,
-                    p.stderr_tail(20)
-                );
-            }
-        };
-        let stderr = std::fs::read_to_string(&stopped.stderr_path).unwrap_or_default();
-        ensure!(
-            !stopped.stdout.contains(dispatcher::READY_PREFIX),
-            "sip-dispatch got ready: {}",
-            stopped.stdout
-        );
-        Ok((stopped.status, stderr))
+            label,
+            timeout,
+        )?
+        .never_ready(label)?;
+        Ok((ended.status, ended.stderr))
     }
 
     /// Starts a UAC placing `calls` calls at `rate` cps to the VIP.
@@ -853,6 +837,77 @@ pub fn tolerance_pp(n: u64) -> f64 {
 /// Keeps the run directory only if the test failed: call at the end of a passing test.
 pub fn remove_logs(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Calls per second of [`place_calls`]: SIPp on 2 cores keeps this without
+/// retransmissions.
+pub const CALL_RATE: u32 = 200;
+
+/// Builds the bed of test `name` under `workdir` (RFC 2782's five targets unless
+/// `configure` changes the configuration). Fails the test when the bed cannot be built.
+pub fn test_bed(
+    workdir: PathBuf,
+    name: &str,
+    configure: impl FnOnce(&mut BedConfig),
+) -> ControllerBed {
+    preflight::require_dns().expect("preflight");
+    let binary = dispatcher::binary_path().expect("sip-dispatch binary");
+    let mut cfg = BedConfig::new(name, binary, workdir);
+    configure(&mut cfg);
+    ControllerBed::build(cfg).unwrap_or_else(|e| panic!("{name}: building the bed: {e:#}"))
+}
+
+/// Starts `calls` calls at [`CALL_RATE`] and lets them flow for `lead` before the test
+/// acts; returns when the calls started, and the UAC.
+pub fn place_calls(bed: &ControllerBed, calls: u32, lead: Duration) -> (Moment, Uac) {
+    let started = Moment::now();
+    let mut uac = bed.start_calls(calls, CALL_RATE, "uac").expect("UAC");
+    uac.run_for(lead).expect("calls flowing");
+    (started, uac)
+}
+
+/// `v` sorted.
+pub fn sorted(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    v.sort();
+    v
+}
+
+/// Waits for a table of `priority` made of exactly `members`.
+pub fn wait_for_set(
+    log: &DaemonLog,
+    from: usize,
+    timeout: Duration,
+    priority: u16,
+    members: &[SocketAddr],
+) -> Timed<TableEvent> {
+    let want = sorted(members.to_vec());
+    log.wait_table(
+        from,
+        timeout,
+        &format!("a priority-{priority} table of {want:?}"),
+        |t| t.priority == Some(u32::from(priority)) && t.addresses() == want,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Fails the test with everything needed to understand a failed check; removes the
+/// logs of a passing one.
+pub fn verdict(name: &str, out: &Outcome, since: &Moment, problems: Vec<String>) {
+    if !problems.is_empty() {
+        panic!(
+            "{name}:\n  - {}\ntables (relative to the start of the calls):\n{}{}\nlogs: {}",
+            problems.join("\n  - "),
+            out.table_history(since.at),
+            out.failure_breakdown(),
+            out.dir.display()
+        );
+    }
+    remove_logs(&out.dir);
+}
+
+/// Prints a measured number of test `name` (seen with `--nocapture`).
+pub fn report(name: &str, line: String) {
+    eprintln!("[{name}] {line}");
 }
 
 #[cfg(test)]

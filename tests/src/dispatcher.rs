@@ -3,6 +3,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    io::{BufRead as _, Write as _},
     net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
@@ -69,6 +70,27 @@ pub fn cli(binary: &Path, control: &Path, args: &[&str]) -> Result<std::process:
         .args(&all)
         .output()
         .with_context(|| format!("running {}", binary.display()))
+}
+
+/// How long [`control_request`] waits for the daemon's answer (a table build at 512
+/// backends in a debug build takes seconds).
+const CONTROL_ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
+/// One request written as JSON straight to the control socket at `path` (bypassing the
+/// CLI); the daemon's whole answer (`ok`, `result` or `error`), whatever `ok` says.
+pub fn control_request(path: &Path, request: &serde_json::Value) -> Result<serde_json::Value> {
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connecting {}", path.display()))?;
+    stream
+        .set_read_timeout(Some(CONTROL_ANSWER_WITHIN))
+        .context("setting the read timeout")?;
+    writeln!(&stream, "{request}").with_context(|| format!("sending {request}"))?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .with_context(|| format!("reading the answer to {request}"))?;
+    serde_json::from_str(answer.trim())
+        .with_context(|| format!("the answer to {request} is not JSON: {answer:?}"))
 }
 
 /// The workspace root (the parent of this crate).
@@ -433,6 +455,8 @@ pub struct FailedStart {
     pub errors: Vec<String>,
     /// Its whole stderr.
     pub stderr: String,
+    /// Its whole stdout.
+    pub stdout: String,
 }
 
 /// Runs `binary args...` in `ns`, expecting it to exit (bounded by [`READY_TIMEOUT`])
@@ -444,15 +468,38 @@ pub fn run_failing(
     dir: &Path,
     label: &str,
 ) -> Result<FailedStart> {
+    run_to_exit(binary, ns, args, dir, label, READY_TIMEOUT)?.never_ready(label)
+}
+
+impl FailedStart {
+    /// Itself, or an error if it printed its ready line (it should not have started).
+    pub fn never_ready(self, label: &str) -> Result<FailedStart> {
+        if self.stdout.contains(READY_PREFIX) {
+            bail!(
+                "{label} became ready ({}) although it should not start",
+                self.status
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// Runs `binary args...` in `ns` and waits (at most `within`) for it to exit; stops it
+/// and fails if it does not. Judging how it ended is the caller's.
+pub fn run_to_exit(
+    binary: &Path,
+    ns: &str,
+    args: &[String],
+    dir: &Path,
+    label: &str,
+    within: Duration,
+) -> Result<FailedStart> {
     let mut process = Process::spawn(ns, &binary.to_string_lossy(), args, dir, label)?;
-    let Some(status) = process.wait_timeout(READY_TIMEOUT)? else {
+    let Some(status) = process.wait_timeout(within)? else {
         let _ = process.stop();
-        bail!("{label} did not exit within {READY_TIMEOUT:?}");
+        bail!("{label} did not exit within {within:?}");
     };
     let stopped = process.collect()?;
-    if stopped.stdout.contains(READY_PREFIX) {
-        bail!("{label} became ready ({status}) although it should not start");
-    }
     let stderr = std::fs::read_to_string(process.stderr_path())
         .with_context(|| format!("reading {}", process.stderr_path().display()))?;
     let errors = stderr
@@ -464,6 +511,7 @@ pub fn run_failing(
         status,
         errors,
         stderr,
+        stdout: stopped.stdout,
     })
 }
 

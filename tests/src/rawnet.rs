@@ -1,12 +1,13 @@
-//! Raw network plumbing for the threads that generate traffic (the flood test here, the
-//! benchmark in xtask): entering a namespace, pinning to a CPU, socket options, and an
-//! AF_PACKET socket that writes frames straight into a veth.
+//! Raw network plumbing for test threads (the flood, slow-path and endpoint tests, the
+//! responder) and the benchmark in xtask: entering a namespace (or running a closure on
+//! a thread inside one), pinning to a CPU, socket options, and an AF_PACKET socket that
+//! writes frames straight into a veth.
 use std::{
     fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 
 /// Moves the calling thread into the named network namespace (`/run/netns/NAME`).
 pub fn enter_netns(ns: &str) -> Result<()> {
@@ -17,6 +18,18 @@ pub fn enter_netns(ns: &str) -> Result<()> {
         bail!("setns({path}): {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Runs `f` on a short-lived thread inside the network namespace `ns` and returns what it
+/// returns. Sockets `f` creates belong to `ns`, whichever thread uses them later.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || -> Result<T> {
+        enter_netns(&ns)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread in the namespace panicked"))?
 }
 
 /// Pins the calling thread to one CPU.

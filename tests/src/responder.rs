@@ -17,30 +17,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// Moves the calling thread into the network namespace `ns` (`ip netns` name). Sockets
-/// it creates afterwards belong to that namespace, whichever thread uses them later.
-pub fn enter_netns(ns: &str) -> Result<()> {
-    let path = format!("/run/netns/{ns}");
-    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-    // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "entering namespace {ns}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
+use crate::rawnet;
 
 /// A UDP socket bound to `addr` inside namespace `ns` (made on a short-lived thread).
 pub fn udp_socket_in(ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&ns)?;
-        UdpSocket::bind(addr).with_context(|| format!("binding {addr} in {ns}"))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the socket thread panicked"))?
+    let name = ns.to_owned();
+    rawnet::in_netns(ns, move || {
+        UdpSocket::bind(addr).with_context(|| format!("binding {addr} in {name}"))
+    })?
 }
 
 /// What the responder saw.
@@ -121,7 +105,7 @@ impl Drop for Responder {
 }
 
 fn bind_all(ns: &str, addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>> {
-    enter_netns(ns)?;
+    rawnet::enter_netns(ns)?;
     addrs
         .iter()
         .map(|a| {

@@ -17,9 +17,7 @@
 //! namespace. Needs root and the sip-dispatch binary (`$SIP_DISPATCH_BIN`, else
 //! `target/debug/sip-dispatch`); fails, never skips. Run with `--test-threads=1`.
 use std::{
-    io::{Read as _, Write as _},
     net::{Ipv6Addr, SocketAddr},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -56,19 +54,8 @@ fn workdir() -> PathBuf {
 /// One request over the control socket; the answer's `result` and how long it took.
 fn control(path: &Path, request: &Value) -> (Value, Duration) {
     let started = Instant::now();
-    let mut stream =
-        UnixStream::connect(path).unwrap_or_else(|e| panic!("connecting {}: {e}", path.display()));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("read timeout");
-    writeln!(stream, "{request}").expect("sending the request");
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .unwrap_or_else(|e| panic!("reading the answer to {request}: {e}"));
+    let v = dispatcher::control_request(path, request).unwrap_or_else(|e| panic!("{e:#}"));
     let took = started.elapsed();
-    let v: Value = serde_json::from_str(answer.trim())
-        .unwrap_or_else(|e| panic!("answer to {request} is not JSON ({e}): {answer}"));
     assert_eq!(v["ok"], true, "{request} failed: {v}");
     (v["result"].clone(), took)
 }

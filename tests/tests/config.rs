@@ -11,9 +11,8 @@
 //! `target/debug/sip-dispatch`): without them the tests fail, they never skip.
 //! Run with `--test-threads=1`.
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -21,9 +20,9 @@ use std::{
 use serde_json::Value;
 use sip_dispatch_common::{HashKey, hash::siphash13, slot_of};
 use sip_dispatch_testbed::{
-    Family, dispatcher, link, netns, preflight,
-    process::Process,
-    scenario,
+    Family,
+    bed::BpfFs,
+    dispatcher, link, netns, preflight, scenario,
     topology::{Topology, TopologySpec},
 };
 
@@ -104,27 +103,18 @@ impl Bed {
     fn refused(&self, label: &str, args: &[String], expect: &[&str]) -> Result<(), String> {
         let mut all = vec!["run".to_owned()];
         all.extend_from_slice(args);
-        let mut p = Process::spawn(
+        let ended = dispatcher::run_to_exit(
+            &self.binary,
             &self.ns(),
-            &self.binary.to_string_lossy(),
             &all,
             &self.dir,
             label,
+            REFUSE_WITHIN,
         )
         .map_err(|e| format!("{label}: {e:#}"))?;
-        let status = p
-            .wait_timeout(REFUSE_WITHIN)
-            .map_err(|e| format!("{e:#}"))?;
-        let stopped = match status {
-            Some(_) => p.collect(),
-            None => p.stop(),
-        }
-        .map_err(|e| format!("{label}: {e:#}"))?;
-        let stderr = std::fs::read_to_string(p.stderr_path()).unwrap_or_default();
+        let stderr = ended.stderr;
         let mut problems = Vec::new();
-        if status.is_none() {
-            problems.push(format!("still running after {REFUSE_WITHIN:?}"));
-        } else if stopped.status.success() {
+        if ended.status.success() {
             problems.push("exited 0".to_owned());
         }
         let lines: Vec<&str> = stderr.lines().collect();
@@ -180,17 +170,6 @@ impl Bed {
         v["slot"]
             .as_u64()
             .unwrap_or_else(|| panic!("no slot in {v}"))
-    }
-
-    /// One raw request on the control socket; its JSON response.
-    fn raw_request(&self, request: &str) -> Value {
-        let mut s = UnixStream::connect(self.control()).expect("connecting the control socket");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
-        s.write_all(b"\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).expect("a response");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("response {line:?}: {e}"))
     }
 }
 
@@ -573,7 +552,9 @@ fn the_hash_key_file_is_created_once_and_reused() {
             "bad request".into(),
         ),
     ] {
-        let r = bed.raw_request(&request);
+        let json: Value = serde_json::from_str(&request).expect("a JSON request");
+        let r = dispatcher::control_request(&bed.control(), &json)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let error = r["error"].as_str().unwrap_or_default();
         assert!(
             r["ok"] == false && error.contains(&want) && !error.contains('\n'),
@@ -647,37 +628,6 @@ fn the_hash_key_file_is_created_once_and_reused() {
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), text);
 }
 
-/// A bpf filesystem mounted on a fresh directory of the root namespace (visible to every
-/// `ip netns exec`, so pins outlive a daemon); unmounted on drop.
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn mount(tag: &str) -> BpfFs {
-        let dir = PathBuf::from(format!("/run/sdt-bpffs-{tag}"));
-        std::fs::create_dir_all(&dir).expect("creating the bpffs mount point");
-        let fs = BpfFs(dir);
-        let out = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&fs.0)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "mount -t bpf bpf {}: {}",
-            fs.0.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        fs
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).output();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// An upgrade from a daemon without a key file (here: one given `--hash-key`) that left
 /// its maps pinned: the first start with a key file writes the pinned key into it, so
 /// calls keep their backends across the upgrade.
@@ -685,7 +635,7 @@ impl Drop for BpfFs {
 fn a_new_key_file_takes_the_key_of_the_pinned_maps() {
     let bed = Bed::build("key-adopt");
     let bpffs = BpfFs::mount(bed.topo.tag());
-    let pins = bpffs.0.join(bed.iface());
+    let pins = bpffs.path().join(bed.iface());
     let (vip, be) = (bed.vip(Family::V4), bed.backend(Family::V4));
     let key_file = bed.dir.join("keys").join("hash-key");
     let args = |extra: &[&str]| -> Vec<String> {

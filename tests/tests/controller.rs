@@ -17,44 +17,23 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use sip_dispatch_testbed::{
     Family,
     controller::{
-        BedConfig, ControllerBed, DOWN_AFTER, HEALTH_INTERVAL, Outage, Outcome, RFC2782_TARGETS,
-        SRV_NAME, Shares, Target, UP_AFTER, ZONE_TTL, remove_logs, srv_zone, tolerance_pp,
+        ControllerBed, DOWN_AFTER, HEALTH_INTERVAL, Outage, RFC2782_TARGETS, SRV_NAME, Shares,
+        Target, UP_AFTER, ZONE_TTL, place_calls, remove_logs, report, sorted, srv_zone, test_bed,
+        tolerance_pp, verdict, wait_for_set,
     },
-    dispatcher::{self, BackendArg},
+    dispatcher::BackendArg,
     dns::DnsServer,
     events::{DaemonLog, Event, Moment, TableEvent, Timed},
     preflight,
-    sipp::Uac,
     topology::{Topology, TopologySpec},
 };
 
-/// Calls per second: SIPp on 2 cores keeps this without retransmissions.
-const RATE: u32 = 200;
 /// How long the daemon may take to publish a table after it got ready or after a change
 /// that the test does not time itself.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn workdir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-controller")
-}
-
-/// Builds the bed of test `name` (RFC 2782's five targets unless `configure` changes
-/// the configuration).
-fn bed(name: &str, configure: impl FnOnce(&mut BedConfig)) -> ControllerBed {
-    preflight::require_dns().expect("preflight");
-    let binary = dispatcher::binary_path().expect("sip-dispatch binary");
-    let mut cfg = BedConfig::new(name, binary, workdir());
-    configure(&mut cfg);
-    ControllerBed::build(cfg).unwrap_or_else(|e| panic!("{name}: building the bed: {e:#}"))
-}
-
-/// Starts `calls` calls at [`RATE`] and lets them flow for `lead` before the test acts;
-/// returns when the calls started, and the UAC.
-fn place_calls(bed: &ControllerBed, calls: u32, lead: Duration) -> (Moment, Uac) {
-    let started = Moment::now();
-    let mut uac = bed.start_calls(calls, RATE, "uac").expect("UAC");
-    uac.run_for(lead).expect("calls flowing");
-    (started, uac)
 }
 
 /// Detection bound of the defaults: interval x down-after + 1 s.
@@ -67,11 +46,6 @@ fn return_bound() -> f64 {
     HEALTH_INTERVAL.as_secs_f64() * f64::from(UP_AFTER) + 1.0
 }
 
-fn sorted(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    v.sort();
-    v
-}
-
 /// The addresses of `targets` of priority `p`.
 fn at_priority(bed: &ControllerBed, targets: &[Target], p: u16) -> Vec<SocketAddr> {
     sorted(
@@ -81,42 +55,6 @@ fn at_priority(bed: &ControllerBed, targets: &[Target], p: u16) -> Vec<SocketAdd
             .map(|t| bed.backend(t.host))
             .collect(),
     )
-}
-
-/// Waits for a table of `priority` made of exactly `members`.
-fn wait_for_set(
-    log: &DaemonLog,
-    from: usize,
-    timeout: Duration,
-    priority: u16,
-    members: &[SocketAddr],
-) -> Timed<TableEvent> {
-    let want = sorted(members.to_vec());
-    log.wait_table(
-        from,
-        timeout,
-        &format!("a priority-{priority} table of {want:?}"),
-        |t| t.priority == Some(u32::from(priority)) && t.addresses() == want,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// Fails the test with everything needed to understand a failed check.
-fn verdict(name: &str, out: &Outcome, since: &Moment, problems: Vec<String>) {
-    if !problems.is_empty() {
-        panic!(
-            "{name}:\n  - {}\ntables (relative to the start of the calls):\n{}{}\nlogs: {}",
-            problems.join("\n  - "),
-            out.table_history(since.at),
-            out.failure_breakdown(),
-            out.dir.display()
-        );
-    }
-    remove_logs(&out.dir);
-}
-
-fn report(name: &str, line: String) {
-    eprintln!("[{name}] {line}");
 }
 
 /// The harness alone: named serves the zone to the dispatcher's namespace, a reload is
@@ -203,7 +141,7 @@ fn start_rfc2782(bed: &mut ControllerBed) -> (DaemonLog, Timed<TableEvent>) {
 }
 
 fn srv_weights(family: Family, name: &str) {
-    let mut bed = bed(name, |cfg| cfg.family = family);
+    let mut bed = test_bed(workdir(), name, |cfg| cfg.family = family);
     let (log, first) = start_rfc2782(&mut bed);
     let dns_event = log
         .wait(0, EVENT_TIMEOUT, "the first `dns` line", |e| match e {
@@ -318,7 +256,7 @@ fn srv_weights_rfc2782_ipv6() {
 #[test]
 fn killed_backend_is_detected_and_its_calls_spread_by_weight() {
     let name = "kill-one";
-    let mut bed = bed(name, |_| {});
+    let mut bed = test_bed(workdir(), name, |_| {});
     let (log, _first) = start_rfc2782(&mut bed);
     let b1 = bed.backend(1);
     let survivors = bed.weights(&RFC2782_TARGETS[1..4]);
@@ -436,7 +374,7 @@ fn bed_weights_all(bed: &ControllerBed) -> Vec<(SocketAddr, u32)> {
 #[test]
 fn priority_20_takes_over_and_gives_back() {
     let name = "failover";
-    let mut bed = bed(name, |_| {});
+    let mut bed = test_bed(workdir(), name, |_| {});
     let (log, _first) = start_rfc2782(&mut bed);
     let prio10 = at_priority(&bed, &RFC2782_TARGETS, 10);
     let b5 = bed.backend(5);
@@ -573,7 +511,7 @@ fn priority_20_takes_over_and_gives_back() {
 #[test]
 fn zone_change_is_applied_within_ttl() {
     let name = "zone-change";
-    let mut bed = bed(name, |cfg| cfg.hosts = 6);
+    let mut bed = test_bed(workdir(), name, |cfg| cfg.hosts = 6);
     let (log, _first) = start_rfc2782(&mut bed);
     let new_targets = [
         Target::new(1, 10, 10),
@@ -686,7 +624,7 @@ fn zone_change_is_applied_within_ttl() {
 #[test]
 fn dns_outage_keeps_the_last_known_backends() {
     let name = "dns-outage";
-    let mut bed = bed(name, |_| {});
+    let mut bed = test_bed(workdir(), name, |_| {});
     let (log, first) = start_rfc2782(&mut bed);
     let weights = bed_weights_all(&bed);
 
@@ -776,7 +714,7 @@ fn dns_outage_keeps_the_last_known_backends() {
 #[test]
 fn start_without_dns_and_without_static_backends_fails() {
     let name = "no-dns-no-static";
-    let mut bed = bed(name, |cfg| {
+    let mut bed = test_bed(workdir(), name, |cfg| {
         cfg.hosts = 1;
         cfg.targets = vec![Target::new(1, 10, 1)];
     });
@@ -813,7 +751,7 @@ fn start_without_dns_and_without_static_backends_fails() {
 #[test]
 fn start_without_dns_uses_static_backends_until_dns_answers() {
     let name = "no-dns-static";
-    let mut bed = bed(name, |cfg| cfg.hosts = 6);
+    let mut bed = test_bed(workdir(), name, |cfg| cfg.hosts = 6);
     bed.dns.stop().expect("stopping named");
     let b6 = bed.backend(6);
     let mut run = bed.run_config().expect("run config");
@@ -883,7 +821,7 @@ fn start_without_dns_uses_static_backends_until_dns_answers() {
 #[test]
 fn srv_target_addresses_share_the_record_weight() {
     let name = "srv-sharing";
-    let mut bed = bed(name, |cfg| {
+    let mut bed = test_bed(workdir(), name, |cfg| {
         cfg.hosts = 4;
         cfg.targets = vec![];
     });

@@ -20,7 +20,7 @@ use std::{
 use serde_json::Value;
 use sip_dispatch_testbed::{
     Family,
-    bed::{Bed, BpfFs, text, uac_problems, verdict},
+    bed::{Bed, BpfFs, text, uac_problems, verdict, wait_takeover},
     dispatcher::{self, Dispatcher, FailedStart},
     link, netns,
     sipp::{UacSpec, backends_by_call, exactly_one_backend},
@@ -69,20 +69,6 @@ fn forwarding(bed: &Bed) -> String {
 
 fn prog_id(bed: &Bed) -> Option<u32> {
     link::xdp_prog_id(&bed.disp_ns(), &bed.iface()).expect("ip link")
-}
-
-/// Waits (bounded) until the daemon logs that it took over the pinned link.
-fn wait_takeover(daemon: &Dispatcher, label: &str) {
-    let log = daemon.log();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !log.tail(400).contains("took over the XDP link") {
-        assert!(
-            Instant::now() < deadline,
-            "{label} never logged `took over the XDP link`:\n{}",
-            log.tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The service id of each VIP in the pinned services map, read with bpftool.

@@ -13,22 +13,18 @@
 //! serving `example.net` with a TTL of 2 s, `--dns-min-ttl 1`. Needs root, SIPp, named,
 //! dig and the sip-dispatch binary (`$SIP_DISPATCH_BIN`, else `target/debug/sip-dispatch`):
 //! without them the tests fail, they never skip. Run with `--test-threads=1`.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use sip_dispatch_testbed::{
     controller::{
-        BedConfig, ControllerBed, Outcome, SRV_NAME, Shares, Target, ZONE_TTL, remove_logs,
-        tolerance_pp,
+        ControllerBed, Outcome, SRV_NAME, Shares, Target, ZONE_TTL, place_calls, remove_logs,
+        report, sorted, test_bed, tolerance_pp, verdict, wait_for_set,
     },
-    dispatcher::{self, BackendArg},
+    dispatcher::{BackendArg, RunConfig},
     dns::Record,
     events::{DaemonLog, Event, Moment, TableEvent, Timed},
-    preflight,
-    sipp::Uac,
 };
 
-/// Calls per second: SIPp on 2 cores keeps this without retransmissions.
-const RATE: u32 = 200;
 /// How long the daemon may take to publish a table or log a line the test waits for.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The SRV owner name inside the zone.
@@ -38,40 +34,28 @@ fn workdir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-dns-answers")
 }
 
-fn bed(name: &str, configure: impl FnOnce(&mut BedConfig)) -> ControllerBed {
-    preflight::require_dns().expect("preflight");
-    let binary = dispatcher::binary_path().expect("sip-dispatch binary");
-    let mut cfg = BedConfig::new(name, binary, workdir());
-    configure(&mut cfg);
-    ControllerBed::build(cfg).unwrap_or_else(|e| panic!("{name}: building the bed: {e:#}"))
+/// The bed of test `name` with `hosts` backend hosts; the zone's SRV targets are b1 and
+/// b2, both at priority 10 with weight 50.
+fn two_target_bed(name: &str, hosts: u8) -> ControllerBed {
+    test_bed(workdir(), name, |cfg| {
+        cfg.hosts = hosts;
+        cfg.targets = vec![Target::new(1, 10, 50), Target::new(2, 10, 50)];
+    })
 }
 
-fn place_calls(bed: &ControllerBed, calls: u32, lead: Duration) -> (Moment, Uac) {
-    let started = Moment::now();
-    let mut uac = bed.start_calls(calls, RATE, "uac").expect("UAC");
-    uac.run_for(lead).expect("calls flowing");
-    (started, uac)
-}
-
-fn sorted(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    v.sort();
-    v
-}
-
-fn wait_for_set(
-    log: &DaemonLog,
-    from: usize,
-    priority: u16,
-    members: &[SocketAddr],
-) -> Timed<TableEvent> {
-    let want = sorted(members.to_vec());
-    log.wait_table(
-        from,
+/// Starts the daemon with `run` and waits for its first table: b1 and b2 at priority 10.
+fn start_daemon(bed: &mut ControllerBed, run: &RunConfig) -> (DaemonLog, Timed<TableEvent>) {
+    let log = bed
+        .start_daemon(run)
+        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
+    let first = wait_for_set(
+        &log,
+        0,
         EVENT_TIMEOUT,
-        &format!("a priority-{priority} table of {want:?}"),
-        |t| t.priority == Some(u32::from(priority)) && t.addresses() == want,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"))
+        10,
+        &[bed.backend(1), bed.backend(2)],
+    );
+    (log, first)
 }
 
 /// The `dns NAME records=.. backends=..` lines from line `from` on: (records, backends).
@@ -99,33 +83,13 @@ fn dns_failures(out: &Outcome, from: usize) -> usize {
         .count()
 }
 
-fn verdict(name: &str, out: &Outcome, since: &Moment, problems: Vec<String>) {
-    if !problems.is_empty() {
-        panic!(
-            "{name}:\n  - {}\ntables (relative to the start of the calls):\n{}{}\nlogs: {}",
-            problems.join("\n  - "),
-            out.table_history(since.at),
-            out.failure_breakdown(),
-            out.dir.display()
-        );
-    }
-    remove_logs(&out.dir);
-}
-
-fn report(name: &str, line: String) {
-    eprintln!("[{name}] {line}");
-}
-
 /// The zone goes from two targets to a lone "." target mid-run: the name then has no
 /// backends (logged once, no `dns ... failed`, resolutions go on at the TTL), and the
 /// static backend b3 (priority 30) takes every new call.
 #[test]
 fn dot_target_means_no_service_and_statics_take_over() {
     let name = "dot-target";
-    let mut bed = bed(name, |cfg| {
-        cfg.hosts = 3;
-        cfg.targets = vec![Target::new(1, 10, 50), Target::new(2, 10, 50)];
-    });
+    let mut bed = two_target_bed(name, 3);
     let (b1, b2, b3) = (bed.backend(1), bed.backend(2), bed.backend(3));
     let mut run = bed.run_config().expect("run config");
     run.backends.push(BackendArg {
@@ -133,10 +97,7 @@ fn dot_target_means_no_service_and_statics_take_over() {
         weight: 1,
         priority: Some(30),
     });
-    let log = bed
-        .start_daemon(&run)
-        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
-    let first = wait_for_set(&log, 0, 10, &[b1, b2]);
+    let (log, first) = start_daemon(&mut bed, &run);
 
     let calls = 2400;
     let (started, uac) = place_calls(&bed, calls, Duration::from_secs(3));
@@ -145,7 +106,7 @@ fn dot_target_means_no_service_and_statics_take_over() {
     zone.records.retain(|r| !matches!(r, Record::Srv { .. }));
     zone.srv(SRV_OWNER, 0, 0, 0, ".");
     let reload = bed.dns.reload(zone).expect("reload");
-    let statics = wait_for_set(&log, cursor, 30, &[b3]);
+    let statics = wait_for_set(&log, cursor, EVENT_TIMEOUT, 30, &[b3]);
     let notice = log
         .wait_message(cursor, EVENT_TIMEOUT, &[SRV_NAME, "no service here"])
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -222,16 +183,10 @@ fn dot_target_means_no_service_and_statics_take_over() {
 #[test]
 fn failed_address_lookup_keeps_the_last_known_addresses() {
     let name = "stale-target";
-    let mut bed = bed(name, |cfg| {
-        cfg.hosts = 2;
-        cfg.targets = vec![Target::new(1, 10, 50), Target::new(2, 10, 50)];
-    });
+    let mut bed = two_target_bed(name, 2);
     let (b1, b2) = (bed.backend(1), bed.backend(2));
     let run = bed.run_config().expect("run config");
-    let log = bed
-        .start_daemon(&run)
-        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
-    let first = wait_for_set(&log, 0, 10, &[b1, b2]);
+    let (log, first) = start_daemon(&mut bed, &run);
     let full_zone = bed.dns.zone().clone();
 
     let calls = 3000;
@@ -343,10 +298,7 @@ fn failed_address_lookup_keeps_the_last_known_addresses() {
 #[test]
 fn special_and_own_addresses_in_an_answer_are_refused() {
     let name = "refused-addresses";
-    let mut bed = bed(name, |cfg| {
-        cfg.hosts = 2;
-        cfg.targets = vec![Target::new(1, 10, 50), Target::new(2, 10, 50)];
-    });
+    let mut bed = two_target_bed(name, 2);
     let (b1, b2) = (bed.backend(1), bed.backend(2));
     let disp = bed.topology().dispatcher().expect("dispatcher");
     let (own4, own6) = (disp.ipv4.to_string(), disp.ipv6.to_string());
@@ -367,10 +319,7 @@ fn special_and_own_addresses_in_an_answer_are_refused() {
     }
     bed.dns.reload(zone).expect("reload");
     let run = bed.run_config().expect("run config");
-    let log = bed
-        .start_daemon(&run)
-        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
-    let first = wait_for_set(&log, 0, 10, &[b1, b2]);
+    let (log, first) = start_daemon(&mut bed, &run);
 
     let calls = 1600;
     let (started, uac) = place_calls(&bed, calls, Duration::ZERO);
@@ -453,16 +402,9 @@ fn special_and_own_addresses_in_an_answer_are_refused() {
 #[test]
 fn dot_target_without_statics_answers_503() {
     let name = "dot-target-503";
-    let mut bed = bed(name, |cfg| {
-        cfg.hosts = 2;
-        cfg.targets = vec![Target::new(1, 10, 50), Target::new(2, 10, 50)];
-    });
-    let (b1, b2) = (bed.backend(1), bed.backend(2));
+    let mut bed = two_target_bed(name, 2);
     let run = bed.run_config().expect("run config");
-    let log = bed
-        .start_daemon(&run)
-        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
-    wait_for_set(&log, 0, 10, &[b1, b2]);
+    let (log, _) = start_daemon(&mut bed, &run);
     let cursor = log.cursor();
     let mut zone = bed.dns.zone().clone();
     zone.records.retain(|r| !matches!(r, Record::Srv { .. }));
@@ -529,7 +471,7 @@ fn dot_target_without_statics_answers_503() {
 #[test]
 fn start_with_only_a_dot_target_and_no_static_fails_saying_why() {
     let name = "dot-at-start";
-    let mut bed = bed(name, |cfg| {
+    let mut bed = test_bed(workdir(), name, |cfg| {
         cfg.hosts = 1;
         cfg.targets = vec![];
     });

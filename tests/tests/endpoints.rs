@@ -26,17 +26,6 @@ fn workdir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-endpoints")
 }
 
-/// Runs `f` on a thread inside network namespace `ns` (sockets it opens live there).
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        rawnet::enter_netns(&ns).unwrap_or_else(|e| panic!("entering {ns}: {e:#}"));
-        f()
-    })
-    .join()
-    .expect("the thread in the namespace panicked")
-}
-
 /// The socket inodes among the open files of process `pid`.
 fn socket_inodes(pid: i32) -> BTreeSet<u64> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -193,11 +182,12 @@ fn slow_path_sockets_and_counters(name: &str, family: Family) {
     let client = SocketAddr::new(bed.topo.client().ip(family), 0);
     let vip = bed.vip;
     let started = Instant::now();
-    let (sock, from) = in_netns(bed.topo.client().ns_name(), move || {
+    let (sock, from) = rawnet::in_netns(bed.topo.client().ns_name(), move || {
         let sock = std::net::UdpSocket::bind(client).expect("client socket");
         let from = sock.local_addr().expect("client address");
         (sock, from)
-    });
+    })
+    .expect("a thread in the namespace");
     rawnet::set_option(
         &sock,
         libc::SOL_SOCKET,
@@ -405,9 +395,10 @@ fn no_backend_503(name: &str, family: Family) {
     });
     let client = SocketAddr::new(bed.topo.client().ip(family), 0);
     let vip = bed.vip;
-    let sock = in_netns(bed.topo.client().ns_name(), move || {
+    let sock = rawnet::in_netns(bed.topo.client().ns_name(), move || {
         std::net::UdpSocket::bind(client).expect("client socket")
-    });
+    })
+    .expect("a thread in the namespace");
     let from = sock.local_addr().expect("client address");
     let nat: SocketAddr = match family {
         Family::V4 => "10.0.0.5:5060".parse().unwrap(),
@@ -669,7 +660,7 @@ fn metrics_answer_a_scrape_past_200_idle_connections() {
     let mut run = bed.run_config(1);
     run.extra = vec!["--metrics".into(), metrics.to_string()];
     let daemon = bed.start_daemon(&run);
-    let (idle, scrape, idle_then_asked, burst) = in_netns(&bed.disp_ns(), move || {
+    let (idle, scrape, idle_then_asked, burst) = rawnet::in_netns(&bed.disp_ns(), move || {
         let connect = || std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(5));
         let idle: Vec<_> = (0..IDLE)
             .map(|_| connect().expect("idle connection"))
@@ -689,7 +680,8 @@ fn metrics_answer_a_scrape_past_200_idle_connections() {
             })
             .count();
         (IDLE, scrape, asked, (burst_ok, started.elapsed()))
-    });
+    })
+    .expect("a thread in the namespace");
     drop(daemon);
     let (took, page) = scrape;
     eprintln!(
@@ -755,7 +747,7 @@ fn metrics_accept_backs_off_when_file_descriptors_run_out() {
         .expect("running prlimit");
     assert!(out.status.success(), "prlimit: {}", text(&out.stderr));
 
-    let (conns, ticks, busy) = in_netns(&bed.disp_ns(), move || {
+    let (conns, ticks, busy) = rawnet::in_netns(&bed.disp_ns(), move || {
         let conns: Vec<_> = (0..CONNECTIONS)
             .filter_map(|_| {
                 std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(5)).ok()
@@ -767,17 +759,19 @@ fn metrics_accept_backs_off_when_file_descriptors_run_out() {
         let ticks = cpu_ticks(pid) - before;
         let busy = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
         (conns, ticks, busy)
-    });
+    })
+    .expect("a thread in the namespace");
     let connected = conns.len();
     drop(conns);
     // Back to normal: the accepted connections time out, the others were closed by us.
     let closed = Instant::now();
     let deadline = closed + Duration::from_secs(20);
     let scrape = loop {
-        let page = in_netns(&bed.disp_ns(), move || {
+        let page = rawnet::in_netns(&bed.disp_ns(), move || {
             std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(5))
                 .and_then(http_get)
-        });
+        })
+        .expect("a thread in the namespace");
         if page
             .as_ref()
             .is_ok_and(|p| p.starts_with("HTTP/1.1 200 OK"))

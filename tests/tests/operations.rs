@@ -22,7 +22,9 @@ use std::{
 
 use serde_json::Value;
 use sip_dispatch_testbed::{
-    bed::{Bed, BpfFs, listed, share_sum, state, text, uac_problems, verdict, wait_list},
+    bed::{
+        Bed, BpfFs, listed, share_sum, state, text, uac_problems, verdict, wait_list, wait_takeover,
+    },
     dispatcher::{self, Dispatcher, ExitStats},
     link, netns,
     sipp::{Scenario, Uas, backends_by_call, exactly_one_backend},
@@ -521,16 +523,7 @@ fn upgrade_and_restart_with_keep_attached_drop_no_call() {
         uac.run_for(Duration::from_secs(2))
             .expect("calls flowing without a daemon");
         let next = start(binary, label);
-        let log = next.log();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !log.tail(400).contains("took over the XDP link") {
-            assert!(
-                Instant::now() < deadline,
-                "{label} never logged `took over the XDP link`:\n{}",
-                log.tail(40)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_takeover(&next, label);
         gaps.push(stop_at.elapsed());
         programs.push(link::xdp_prog_id(&disp_ns, &iface).ok().flatten());
         uac.run_for(Duration::from_secs(4)).expect("calls flowing");
