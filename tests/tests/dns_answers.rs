@@ -501,7 +501,7 @@ fn start_with_only_a_dot_target_and_no_static_fails_saying_why() {
 #[test]
 fn a_record_with_port_0_is_no_backend() {
     let name = "port-0-record";
-    let mut bed = bed(name, |cfg| {
+    let mut bed = test_bed(workdir(), name, |cfg| {
         cfg.hosts = 2;
         cfg.targets = vec![Target::new(1, 10, 50)];
     });
@@ -514,7 +514,7 @@ fn a_record_with_port_0_is_no_backend() {
     let log = bed
         .start_daemon(&run)
         .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
-    let first = wait_for_set(&log, 0, 10, &[b1]);
+    let first = wait_for_set(&log, 0, EVENT_TIMEOUT, 10, &[b1]);
 
     let calls = 800;
     let (started, uac) = place_calls(&bed, calls, Duration::ZERO);

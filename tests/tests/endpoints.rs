@@ -507,9 +507,10 @@ fn no_backend_503_fits_the_interface_mtu() {
     });
     let client = SocketAddr::new(bed.topo.client().ip(Family::V4), 0);
     let vip = bed.vip;
-    let sock = in_netns(bed.topo.client().ns_name(), move || {
+    let sock = rawnet::in_netns(bed.topo.client().ns_name(), move || {
         std::net::UdpSocket::bind(client).expect("client socket")
-    });
+    })
+    .expect("entering the client namespace");
     let from = sock.local_addr().expect("client address");
     let cap = MTU - 20 - 8;
     let size_503 = |req: &[u8]| {
