@@ -545,77 +545,25 @@ pub fn xdp_pass(args: XdpPassArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::SocketAddr,
-        sync::atomic::{AtomicUsize, Ordering},
-        time::Duration,
-    };
-
-    use hickory_resolver::proto::{
-        op::{Message, OpCode},
-        rr::{Name, RData, Record, RecordType, rdata},
-    };
+    use std::{sync::atomic::Ordering, time::Duration};
 
     use super::*;
-
-    /// A DNS server on loopback that answers each SRV query after `delay` with one target
-    /// (`t.test.`, port 5060) and its A query at once; the most SRV queries it held at once.
-    async fn slow_srv_server(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-        let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let addr = sock.local_addr().unwrap();
-        let (most, in_flight) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let max = most.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                let Ok(query) = Message::from_vec(&buf[..n]) else {
-                    continue;
-                };
-                let Some(q) = query.queries.first().cloned() else {
-                    continue;
-                };
-                let mut reply = Message::response(query.metadata.id, OpCode::Query);
-                reply.metadata.authoritative = true;
-                reply.add_query(q.clone());
-                let srv = q.query_type() == RecordType::SRV;
-                if srv {
-                    let target = Name::from_ascii("t.test.").unwrap();
-                    let data = RData::SRV(rdata::SRV::new(10, 1, 5060, target));
-                    reply.add_answer(Record::from_rdata(q.name().clone(), 60, data));
-                } else if q.query_type() == RecordType::A {
-                    let a = RData::A(rdata::A::new(198, 18, 1, 1));
-                    reply.add_answer(Record::from_rdata(q.name().clone(), 60, a));
-                }
-                let (sock, in_flight, max) = (sock.clone(), in_flight.clone(), max.clone());
-                tokio::spawn(async move {
-                    if srv {
-                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                        max.fetch_max(now, Ordering::SeqCst);
-                        tokio::time::sleep(delay).await;
-                        in_flight.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    let _ = sock.send_to(&reply.to_vec().unwrap(), from).await;
-                });
-            }
-        });
-        (addr, most)
-    }
+    use crate::srv::test_dns::{Answers, SlowDns};
 
     #[tokio::test]
     async fn start_up_resolves_srv_names_concurrently_within_the_bound() {
         let delay = Duration::from_millis(300);
-        let (server, most) = slow_srv_server(delay).await;
-        let resolver = srv::resolver(&srv::DnsConfig {
-            server: Some(server),
-            min_ttl: Duration::from_secs(1),
-            max_ttl: Duration::from_secs(60),
+        let dns = SlowDns::start(Answers {
+            srv_delay: delay,
+            ..Answers::default()
         })
-        .unwrap();
+        .await;
+        let resolver = dns.resolver();
         let names: BTreeSet<String> = (0..12).map(|i| format!("_sip._udp.s{i}.test.")).collect();
         let started = std::time::Instant::now();
         let answers = resolve_names(&resolver, &names).await;
         let took = started.elapsed();
-        let most = most.load(Ordering::SeqCst);
+        let most = dns.max_in_flight.load(Ordering::SeqCst);
         assert_eq!(
             answers.keys().collect::<Vec<_>>(),
             names.iter().collect::<Vec<_>>()
