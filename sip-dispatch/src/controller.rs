@@ -1048,54 +1048,6 @@ impl Controller {
 }
 
 #[cfg(test)]
-mod dns_answer_tests {
-    use std::{net::IpAddr, time::Duration};
-
-    use super::*;
-    use crate::srv::SrvTarget;
-
-    fn answer(first: u32, n: u32) -> SrvAnswer {
-        let addrs: Vec<IpAddr> = (first..first + n)
-            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 + i)))
-            .collect();
-        SrvAnswer {
-            targets: addrs
-                .chunks(16)
-                .enumerate()
-                .map(|(i, a)| SrvTarget {
-                    priority: 10,
-                    weight: 1,
-                    port: 5060,
-                    target: format!("t{i}.example.net."),
-                    addrs: a.to_vec(),
-                })
-                .collect(),
-            ttl: Duration::from_secs(60),
-            reported: Default::default(),
-        }
-    }
-
-    #[test]
-    fn backends_in_all_counts_every_service_and_shared_addresses_once() {
-        let vip_a: SocketAddr = "198.18.0.100:5060".parse().unwrap();
-        let vip_b: SocketAddr = "198.18.0.101:5060".parse().unwrap();
-        let mut a = Service::new(0, vip_a, vec![], &["a.".to_string()]);
-        let b = Service::new(1, vip_b, vec![], &["b.".to_string()]);
-        a.set_srv("a.", &answer(1000, 2000));
-        let mut services = vec![a, b];
-        // b's answer overlaps a's by 1000 addresses: counted once.
-        assert_eq!(backends_with(&services, "b.", &answer(2000, 2000)), 3000);
-        // 2000 + 2097 new ones pass MAX_BACKENDS.
-        let big = answer(4000, 2097);
-        assert!(backends_with(&services, "b.", &big) > MAX_BACKENDS as usize);
-        // Replacing a's own answer does not count its old set.
-        assert_eq!(backends_with(&services, "a.", &big), 2097);
-        services[1].set_srv("b.", &answer(3000, 100));
-        assert_eq!(backends_with(&services, "a.", &answer(0, 0)), 100);
-    }
-}
-
-#[cfg(test)]
 mod backend_limit_tests {
     use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
@@ -1260,5 +1212,24 @@ mod backend_limit_tests {
         assert_eq!(s.unlisted_member(&built), None);
         s.statics.retain(|c| c.addr != addr(1));
         assert_eq!(s.unlisted_member(&built), Some(addr(1)));
+    }
+
+    #[test]
+    fn backends_in_all_counts_every_service_and_shared_addresses_once() {
+        let vip_a: SocketAddr = "198.18.0.100:5060".parse().unwrap();
+        let vip_b: SocketAddr = "198.18.0.101:5060".parse().unwrap();
+        let mut a = Service::new(0, vip_a, vec![], &["a.".to_string()]);
+        let b = Service::new(1, vip_b, vec![], &["b.".to_string()]);
+        a.set_srv("a.", &answer(1000, 2000));
+        let mut services = vec![a, b];
+        // b's answer overlaps a's by 1000 addresses: counted once.
+        assert_eq!(backends_with(&services, "b.", &answer(2000, 2000)), 3000);
+        // 2000 + 2097 new ones pass MAX_BACKENDS.
+        let big = answer(4000, 2097);
+        assert!(backends_with(&services, "b.", &big) > MAX_BACKENDS as usize);
+        // Replacing a's own answer does not count its old set.
+        assert_eq!(backends_with(&services, "a.", &big), 2097);
+        services[1].set_srv("b.", &answer(3000, 100));
+        assert_eq!(backends_with(&services, "a.", &answer(0, 0)), 100);
     }
 }
