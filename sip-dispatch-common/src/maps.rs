@@ -22,6 +22,13 @@ pub const MAP_TX_PORTS: &str = "sd_txports_v1";
 /// Per-CPU scratch space the XDP program copies the UDP payload into.
 pub const MAP_SCRATCH: &str = "sd_scratch_v2";
 
+/// LRU hash [`AffinityKey`] -> [`AffinityEntry`]: which backend a call went to.
+/// Not in [`ALL_MAPS`] yet: the program does not declare it.
+pub const MAP_AFFINITY: &str = "sd_affinity_v1";
+/// Mmap-able array of [`BackendFlags`], indexed by backend id ([`MAX_BACKENDS`] entries).
+/// Not in [`ALL_MAPS`] yet: the program does not declare it.
+pub const MAP_BACKEND_FLAGS: &str = "sd_bflags_v1";
+
 /// Every map of the object, all pinned under the pin directory.
 pub const ALL_MAPS: [&str; 8] = [
     MAP_SERVICES,
@@ -132,6 +139,72 @@ pub struct Scratch {
     pub xdp: [u64; SCRATCH_XDP_WORDS],
 }
 
+/// Key of the affinity map: the full 64-bit Call-ID hash (not the slot) and the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub hash: u64,
+    pub service: u32,
+    pub _zero: u32,
+}
+
+/// [`AffinityEntry::flags`]: a BYE of the call was seen.
+pub const AFF_BYE: u32 = 1;
+/// [`AffinityEntry::flags`]: a CANCEL of the call was seen.
+pub const AFF_CANCEL: u32 = 2;
+
+/// Where a call went. `backend` and `generation` share one aligned word (see
+/// [`AffinityEntry::target_word`]): writers store them together, so no CPU reads a new
+/// id with an old generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityEntry {
+    pub backend: u32,
+    /// The generation of `backend` when the entry was written ([`BackendFlags::generation`]).
+    pub generation: u32,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC) of the last message that touched it.
+    pub last_seen_ns: u64,
+    /// [`AFF_BYE`], [`AFF_CANCEL`].
+    pub flags: u32,
+    pub _zero: u32,
+}
+
+impl AffinityEntry {
+    /// `backend` and `generation` as the one word at offset 0 (little-endian: `backend` in the
+    /// low half), for a single aligned 8-byte store or load.
+    #[inline(always)]
+    pub const fn target_word(backend: u32, generation: u32) -> u64 {
+        backend as u64 | (generation as u64) << 32
+    }
+}
+
+/// [`BackendFlags::flags`]: entries pointing at this backend are valid (cleared by
+/// disable and by removal from every service).
+pub const BF_AFFINITY: u32 = 1;
+/// [`BackendFlags::flags`]: the backend passes its health checks.
+pub const BF_UP: u32 = 2;
+/// [`BackendFlags::flags`]: the backend takes new calls (cleared by drain and weight 0).
+pub const BF_NEW: u32 = 4;
+
+/// What the controller tells the fast path about one backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendFlags {
+    /// Bumped each time the id is freed: an entry written for an earlier user of the id
+    /// no longer matches.
+    pub generation: u32,
+    /// [`BF_AFFINITY`], [`BF_UP`], [`BF_NEW`].
+    pub flags: u32,
+}
+
+const _: () = assert!(size_of::<AffinityKey>() == 16, "AffinityKey has padding");
+const _: () = assert!(
+    size_of::<AffinityEntry>() == 24,
+    "AffinityEntry has padding"
+);
+const _: () = assert!(size_of::<BackendFlags>() == 8, "BackendFlags has padding");
+const _: () = assert!(core::mem::offset_of!(AffinityEntry, generation) == 4);
+
 /// Per-CPU counters of the fast path, indexed by the enum value.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +284,9 @@ mod aya_pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::BackendFlags {}
 }
 
 /// Index of a Call-ID hash in a service's slot table.
@@ -238,6 +314,10 @@ mod tests {
         for n in ALL_MAPS {
             assert!(n.len() <= 15, "{n} is longer than 15 characters");
         }
+        for n in [MAP_AFFINITY, MAP_BACKEND_FLAGS] {
+            assert!(n.len() <= 15, "{n} is longer than 15 characters");
+            assert!(!ALL_MAPS.contains(&n), "{n} is declared in step 2");
+        }
     }
 
     #[test]
@@ -247,5 +327,19 @@ mod tests {
         assert_eq!(core::mem::size_of::<ServiceInfo>(), 8);
         assert_eq!(core::mem::size_of::<BackendStats>(), 16);
         assert_eq!(core::mem::size_of::<Config>(), 16);
+        assert_eq!(core::mem::size_of::<AffinityKey>(), 16);
+        assert_eq!(core::mem::size_of::<AffinityEntry>(), 24);
+        assert_eq!(core::mem::size_of::<BackendFlags>(), 8);
+    }
+
+    #[test]
+    fn affinity_target_word_is_backend_then_generation() {
+        let e = AffinityEntry {
+            backend: 0x0102_0304,
+            generation: 0x0a0b_0c0d,
+            ..AffinityEntry::default()
+        };
+        let word = u64::from_le_bytes(bytemuck::bytes_of(&e)[..8].try_into().unwrap());
+        assert_eq!(word, AffinityEntry::target_word(e.backend, e.generation));
     }
 }
