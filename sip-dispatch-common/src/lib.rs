@@ -22,6 +22,8 @@ pub mod parse;
 pub mod sip;
 #[cfg(feature = "user")]
 pub mod table;
+#[cfg(test)]
+mod test_rng;
 
 pub use hash::{CallIdHasher, HashKey};
 pub use maps::*;

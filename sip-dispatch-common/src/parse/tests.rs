@@ -2,6 +2,7 @@ use super::golden::GOLDEN_MESSAGES;
 use super::*;
 use crate::hash::siphash13;
 use crate::maps::{FAST_PATH_PROMISE, SCAN_WINDOW};
+use crate::test_rng::Rng;
 use std::{format, string::String, vec::Vec};
 
 use super::reference::{DECOYS, expected_scan, reference, split_lines, strip_blanks};
@@ -468,31 +469,6 @@ fn check_prefixes(msg: &[u8]) {
 
 // ---------------------------------------------------------------------------------------
 // Generated messages, checked against the reference.
-
-/// splitmix64: a small deterministic generator for the test messages.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn percent(&mut self, p: usize) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 const START_LINES: &[&str] = &[
     "INVITE sip:bob@biloxi.com SIP/2.0",

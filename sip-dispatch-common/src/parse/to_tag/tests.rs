@@ -2,6 +2,7 @@ use super::reference::{DECOYS, Expect, reference};
 use super::torture::TO_TORTURE;
 use super::*;
 use crate::maps::SCAN_WINDOW;
+use crate::test_rng::Rng;
 use std::{format, string::String, vec::Vec};
 
 use ToTag::{BeyondWindow, NoTo, Tagged, Untagged};
@@ -182,31 +183,6 @@ fn call_id_torture_messages_agree_with_the_reference() {
 
 // ---------------------------------------------------------------------------------------
 // A generated corpus.
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn percent(&mut self, p: usize) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 const START_LINES: &[&str] = &[
     "INVITE sip:bob@biloxi.com SIP/2.0",
