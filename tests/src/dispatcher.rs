@@ -190,6 +190,9 @@ pub struct RunConfig {
     /// [`TEST_HASH_KEY`], so tests know where each Call-ID lands without depending on
     /// the machine's `/var/lib/sip-dispatch`. A `--hash-key` in `extra` overrides it.
     pub hash_key_file: Option<PathBuf>,
+    /// `--state-file PATH`. When None, [`Dispatcher::start`] passes
+    /// `<its dir>/state.json` (see [`with_private_state_file`]).
+    pub state_file: Option<PathBuf>,
     /// Further arguments, appended as given (health-check settings and the like).
     pub extra: Vec<String>,
 }
@@ -248,6 +251,7 @@ impl RunConfig {
             dns_min_ttl: None,
             control: None,
             hash_key_file: Some(test_key_file()),
+            state_file: None,
             extra: Vec::new(),
         }
     }
@@ -285,6 +289,10 @@ impl RunConfig {
             args.push("--hash-key-file".to_owned());
             args.push(path.to_string_lossy().into_owned());
         }
+        if let Some(path) = &self.state_file {
+            args.push("--state-file".to_owned());
+            args.push(path.to_string_lossy().into_owned());
+        }
         args.push("--xdp-mode".to_owned());
         args.push(self.mode.to_string());
         args.extend(self.extra.iter().cloned());
@@ -301,6 +309,27 @@ pub const CONTROL_DIR: &str = "/run/sip-dispatch-testbed";
 pub fn control_socket(tag: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(CONTROL_DIR).with_context(|| format!("creating {CONTROL_DIR}"))?;
     Ok(Path::new(CONTROL_DIR).join(format!("{tag}.sock")))
+}
+
+/// The state file a test daemon uses unless its arguments name one.
+pub fn private_state_file(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+/// `args`, with `--state-file <dir>/state.json` appended when they are a `run` that
+/// names no state file: its default (`/var/lib/sip-dispatch/<iface>.state.json`)
+/// depends only on the interface name, which many tests share in their own
+/// namespaces, so no test daemon may use it.
+pub fn with_private_state_file(args: &[String], dir: &Path) -> Vec<String> {
+    let mut all = args.to_vec();
+    let names_one = args
+        .iter()
+        .any(|a| a == "--state-file" || a.starts_with("--state-file="));
+    if args.first().is_some_and(|a| a == "run") && !names_one {
+        all.push("--state-file".to_owned());
+        all.push(private_state_file(dir).to_string_lossy().into_owned());
+    }
+    all
 }
 
 /// A running `sip-dispatch` (either subcommand).
@@ -338,7 +367,8 @@ impl Dispatcher {
             write_test_key_file()?;
         }
         let program = binary.to_string_lossy();
-        let mut process = Process::spawn(ns, &program, args, dir, label)?;
+        let args = with_private_state_file(args, dir);
+        let mut process = Process::spawn(ns, &program, &args, dir, label)?;
         let ready_line = process.wait_for_line(READY_PREFIX, READY_TIMEOUT)?;
         Ok(Dispatcher {
             process,
@@ -494,7 +524,8 @@ pub fn run_to_exit(
     label: &str,
     within: Duration,
 ) -> Result<FailedStart> {
-    let mut process = Process::spawn(ns, &binary.to_string_lossy(), args, dir, label)?;
+    let args = with_private_state_file(args, dir);
+    let mut process = Process::spawn(ns, &binary.to_string_lossy(), &args, dir, label)?;
     let Some(status) = process.wait_timeout(within)? else {
         let _ = process.stop();
         bail!("{label} did not exit within {within:?}");
