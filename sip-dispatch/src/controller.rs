@@ -1388,6 +1388,35 @@ mod backend_limit_tests {
         assert_eq!(replaced.last(), Some(&Err(Full(MAX_BACKENDS))));
     }
 
+    /// `reload` semantics for the state file: the reloaded configuration's static
+    /// backends replace those added with the CLI and bring back those removed with it,
+    /// so neither is kept (nor written) any more.
+    #[test]
+    fn a_reload_replaces_cli_added_backends_and_brings_back_removed_ones() {
+        let mut s = Service::new(0, vip(1), statics(0, 3), &[]);
+        s.statics.retain(|c| c.addr != addr(1));
+        s.removed.insert(addr(1));
+        s.statics.extend(statics(7, 1));
+        s.cli_added.insert(addr(7));
+        let spec = ServiceSpec {
+            vip: vip(1),
+            backends: statics(0, 3)
+                .iter()
+                .map(|c| BackendSpec {
+                    addr: c.addr,
+                    weight: 1,
+                    priority: 0,
+                })
+                .collect(),
+            srv: vec![],
+        };
+        let changes = s.reconfigure(&spec);
+        let listed: Vec<SocketAddr> = s.candidates().into_iter().map(|(c, _)| c.addr).collect();
+        assert_eq!(listed, [addr(0), addr(1), addr(2)]);
+        assert!(s.cli_added.is_empty() && s.removed.is_empty());
+        assert_eq!(changes.len(), 2, "{changes:?}");
+    }
+
     #[test]
     fn a_build_listing_a_removed_backend_is_known_as_such() {
         let mut s = Service::new(0, vip(1), statics(0, 3), &[]);
