@@ -268,11 +268,12 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         check_adopted_link(&dp, adopted_link)?;
         // Under the pin lock, like the key file, and before it: a start refused for a
         // bad state file creates no key file.
+        let state_lock = crate::state::lock(&settings.state_file)?;
         let saved = crate::state::read(&settings.state_file)?;
         use_hash_key(&mut settings, &args)?;
-        anyhow::Ok((keep, saved))
+        anyhow::Ok((keep, (state_lock, saved)))
     })();
-    let (keep_until_attached, saved_state) = match checked {
+    let (keep_until_attached, (_state_lock, saved_state)) = match checked {
         Ok(checked) => checked,
         Err(e) => {
             abandon_start(&mut dp, adopted_link, false, forwarding);

@@ -123,6 +123,55 @@ pub fn write(path: &Path, state: &OperatorState) -> anyhow::Result<()> {
         .with_context(|| format!("writing state file {}", path.display()))
 }
 
+/// The lock on a state file (on `PATH.lock`): held for the daemon's life, so that two
+/// daemons never overwrite each other's state. The kernel releases it when the daemon
+/// ends, however it ends.
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// Takes the lock of the state file `path` without waiting (creating its directory,
+/// mode 0700, when missing).
+pub fn lock(path: &Path) -> anyhow::Result<StateLock> {
+    use std::os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    };
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {} (mode 0700)", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    // SAFETY: flock on the valid descriptor `file` owns; the result is checked.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            anyhow::bail!(
+                "state file {} is in use by another sip-dispatch ({} is locked): give each daemon its own --state-file",
+                path.display(),
+                lock_path.display()
+            );
+        }
+        return Err(err).with_context(|| format!("locking {}", lock_path.display()));
+    }
+    Ok(StateLock { _file: file })
+}
+
 /// Settings of the file for addresses no service lists yet (an SRV name not resolved
 /// yet): they apply when the address appears.
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
@@ -240,6 +289,18 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         write(&path, &sample()).unwrap();
         assert_eq!(mode(&path), 0o600);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn one_daemon_per_state_file() {
+        let d = dir("lock");
+        let path = d.join("eth1.state.json");
+        let held = lock(&path).unwrap();
+        let e = format!("{:#}", lock(&path).err().expect("a second lock is refused"));
+        assert!(e.contains("in use by another sip-dispatch"), "{e}");
+        drop(held);
+        lock(&path).expect("free again once the first one is gone");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
