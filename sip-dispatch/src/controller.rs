@@ -188,6 +188,33 @@ struct Known {
     weight_override: Option<u32>,
 }
 
+impl Known {
+    /// A backend that some service lists now, with what the state file kept for it.
+    fn appearing(addr: SocketAddr, pending: &mut state::Pending) -> Known {
+        let mut known = Known {
+            health: Health::unprobed(),
+            weight_override: None,
+        };
+        let (admin, weight) = pending.take(addr);
+        if let Some(admin) = admin {
+            known.health.admin = match admin {
+                AdminSetting::Drained => Admin::Drained,
+                AdminSetting::Disabled => Admin::Disabled,
+            };
+            known.health.reason = "set by the operator (state file)".into();
+            log::info!(
+                "backend {addr} state={} reason=\"set by the operator (state file)\"",
+                known.health.display_state()
+            );
+        }
+        if let Some(weight) = weight {
+            log::info!("backend {addr} weight={weight} (set-weight, state file)");
+            known.weight_override = Some(weight);
+        }
+        known
+    }
+}
+
 pub fn log_answer(name: &str, answer: &SrvAnswer) {
     log::info!(
         "dns {name} records={} backends={} ttl={}s",
@@ -382,26 +409,7 @@ impl Controller {
             if self.backends.contains_key(addr) {
                 continue;
             }
-            let mut known = Known {
-                health: Health::unprobed(),
-                weight_override: None,
-            };
-            let (admin, weight) = self.pending.take(*addr);
-            if let Some(admin) = admin {
-                known.health.admin = match admin {
-                    AdminSetting::Drained => Admin::Drained,
-                    AdminSetting::Disabled => Admin::Disabled,
-                };
-                known.health.reason = "set by the operator (state file)".into();
-                log::info!(
-                    "backend {addr} state={} reason=\"set by the operator (state file)\"",
-                    known.health.display_state()
-                );
-            }
-            if let Some(weight) = weight {
-                log::info!("backend {addr} weight={weight} (set-weight, state file)");
-                known.weight_override = Some(weight);
-            }
+            let known = Known::appearing(*addr, &mut self.pending);
             self.backends.insert(*addr, known);
         }
         self.backends.retain(|addr, _| listed.contains(addr));
@@ -1415,6 +1423,31 @@ mod backend_limit_tests {
         assert_eq!(listed, [addr(0), addr(1), addr(2)]);
         assert!(s.cli_added.is_empty() && s.removed.is_empty());
         assert_eq!(changes.len(), 2, "{changes:?}");
+    }
+
+    /// The state file's settings of an address no service listed at start (an SRV
+    /// backend not resolved yet) apply when it appears, once.
+    #[test]
+    fn pending_state_applies_when_the_address_appears() {
+        let mut pending = state::Pending {
+            admin: [
+                (addr(1), AdminSetting::Drained),
+                (addr(2), AdminSetting::Disabled),
+            ]
+            .into(),
+            weights: [(addr(1), 3)].into(),
+        };
+        let k = Known::appearing(addr(1), &mut pending);
+        assert_eq!(k.health.admin, Admin::Drained);
+        assert_eq!(k.weight_override, Some(3));
+        assert!(!k.health.takes_traffic());
+        let k = Known::appearing(addr(2), &mut pending);
+        assert_eq!(k.health.display_state(), "disabled");
+        assert_eq!(k.weight_override, None);
+        // Applied once: the next appearance of addr(1) is a plain new backend.
+        let k = Known::appearing(addr(1), &mut pending);
+        assert_eq!((k.health.admin, k.weight_override), (Admin::Enabled, None));
+        assert_eq!(pending, state::Pending::default());
     }
 
     #[test]
