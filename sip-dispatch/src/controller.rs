@@ -195,23 +195,28 @@ impl Known {
             health: Health::unprobed(),
             weight_override: None,
         };
+        known.take_pending(addr, pending);
+        known
+    }
+
+    /// Takes what the state file kept for `addr`, if anything.
+    fn take_pending(&mut self, addr: SocketAddr, pending: &mut state::Pending) {
         let (admin, weight) = pending.take(addr);
         if let Some(admin) = admin {
-            known.health.admin = match admin {
+            self.health.admin = match admin {
                 AdminSetting::Drained => Admin::Drained,
                 AdminSetting::Disabled => Admin::Disabled,
             };
-            known.health.reason = "set by the operator (state file)".into();
+            self.health.reason = "set by the operator (state file)".into();
             log::info!(
                 "backend {addr} state={} reason=\"set by the operator (state file)\"",
-                known.health.display_state()
+                self.health.display_state()
             );
         }
         if let Some(weight) = weight {
             log::info!("backend {addr} weight={weight} (set-weight, state file)");
-            known.weight_override = Some(weight);
+            self.weight_override = Some(weight);
         }
-        known
     }
 }
 
@@ -944,6 +949,9 @@ impl Controller {
                 .collect(),
         };
         self.state_file = Some(path);
+        for (addr, k) in self.backends.iter_mut() {
+            k.take_pending(*addr, &mut self.pending);
+        }
         self.sync_backends();
     }
 
