@@ -870,7 +870,7 @@ impl Controller {
         if total > MAX_BACKENDS_IN_ALL {
             bail!(
                 "backend {address}: {total} backends in all services, at most \
-                         {MAX_BACKENDS_IN_ALL}"
+                 {MAX_BACKENDS_IN_ALL}"
             );
         }
         Ok(())
