@@ -190,8 +190,8 @@ pub struct RunConfig {
     /// [`TEST_HASH_KEY`], so tests know where each Call-ID lands without depending on
     /// the machine's `/var/lib/sip-dispatch`. A `--hash-key` in `extra` overrides it.
     pub hash_key_file: Option<PathBuf>,
-    /// `--state-file PATH`. When None, [`Dispatcher::start`] passes
-    /// `<its dir>/state.json` (see [`with_private_state_file`]).
+    /// `--state-file PATH`. When None, [`Dispatcher::start`] passes a private one in
+    /// its directory (see [`private_state_file`]).
     pub state_file: Option<PathBuf>,
     /// Further arguments, appended as given (health-check settings and the like).
     pub extra: Vec<String>,
@@ -311,15 +311,26 @@ pub fn control_socket(tag: &str) -> Result<PathBuf> {
     Ok(Path::new(CONTROL_DIR).join(format!("{tag}.sock")))
 }
 
-/// The state file a test daemon uses unless its arguments name one.
-pub fn private_state_file(dir: &Path) -> PathBuf {
-    dir.join("state.json")
+/// The state file a test daemon started with `args` in `dir` uses unless its arguments
+/// name one: one per control socket (`<dir>/state-<socket name>.json`, else
+/// `<dir>/state.json`), so that daemons running at once in one test (each has its own
+/// control socket) do not share one, and a restart with the same socket finds its
+/// predecessor's.
+pub fn private_state_file(dir: &Path, args: &[String]) -> PathBuf {
+    let control = args.iter().enumerate().find_map(|(i, a)| match a.as_str() {
+        "--control" => args.get(i + 1).map(String::as_str),
+        _ => a.strip_prefix("--control="),
+    });
+    match control.and_then(|c| Path::new(c).file_stem()) {
+        Some(stem) => dir.join(format!("state-{}.json", stem.to_string_lossy())),
+        None => dir.join("state.json"),
+    }
 }
 
-/// `args`, with `--state-file <dir>/state.json` appended when they are a `run` that
-/// names no state file: its default (`/var/lib/sip-dispatch/<iface>.state.json`)
-/// depends only on the interface name, which many tests share in their own
-/// namespaces, so no test daemon may use it.
+/// `args`, with `--state-file` [`private_state_file`] appended when they are a `run`
+/// that names no state file: its default (`/var/lib/sip-dispatch/<iface>.state.json`)
+/// depends only on the interface name, which many tests share in their own namespaces,
+/// so no test daemon may use it.
 pub fn with_private_state_file(args: &[String], dir: &Path) -> Vec<String> {
     let mut all = args.to_vec();
     let names_one = args
@@ -327,7 +338,7 @@ pub fn with_private_state_file(args: &[String], dir: &Path) -> Vec<String> {
         .any(|a| a == "--state-file" || a.starts_with("--state-file="));
     if args.first().is_some_and(|a| a == "run") && !names_one {
         all.push("--state-file".to_owned());
-        all.push(private_state_file(dir).to_string_lossy().into_owned());
+        all.push(private_state_file(dir, args).to_string_lossy().into_owned());
     }
     all
 }

@@ -315,7 +315,7 @@ fn failed_start_problems(label: &str, failed: &FailedStart, what: &[&str]) -> Ve
 /// (naming the directory and A's pid) and creates no key file. After A is killed,
 /// daemons that cannot start (a bad value; a control socket that cannot be created,
 /// which fails only after the XDP object is loaded against the pins, and creates no key
-/// file) change nothing: the same program stays in the link and calls keep succeeding.
+/// file; a state file that cannot be read) change nothing: the same program stays in the link and calls keep succeeding.
 /// Then a good daemon B takes over; fresh starts that fail (before and at the link step,
 /// where B holds the interface) remove the pins they made and no others, and leave B's
 /// link alone.
@@ -425,6 +425,44 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
     let late_error = failed.errors.first().cloned().unwrap_or_default();
     check_untouched("a late failure", &mut problems);
     uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    // A state file this daemon cannot read (read under the pin lock, after the object
+    // is loaded against the pins): refused with one line naming it, nothing changed.
+    let bad_state = dir.join("bad-state.json");
+    std::fs::write(&bad_state, "{\"version\":1,\"admin\":[]}").expect("writing the state file");
+    let state_key = dir.join("state-key");
+    let bad_state_args: Vec<String> =
+        with_value(&args, "--hash-key-file", &state_key.to_string_lossy())
+            .into_iter()
+            .chain([
+                "--state-file".to_owned(),
+                bad_state.to_string_lossy().into_owned(),
+            ])
+            .collect();
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &bad_state_args, &dir, "bad-state")
+        .expect("the daemon with a bad state file");
+    let bad_state_text = format!("state file {}", bad_state.display());
+    problems.extend(failed_start_problems(
+        "bad state file",
+        &failed,
+        &[&bad_state_text, "malformed"],
+    ));
+    if !failed.stderr.contains(
+        "start failed before taking over: the pinned XDP link and its maps are left as they were",
+    ) {
+        problems.push(format!(
+            "bad state file: no log line saying the link was left as it was:\n{}",
+            failed.stderr
+        ));
+    }
+    if state_key.exists() {
+        problems.push(format!(
+            "the daemon refused for its state file created {}",
+            state_key.display()
+        ));
+    }
+    let bad_state_error = failed.errors.first().cloned().unwrap_or_default();
+    check_untouched("a bad state file", &mut problems);
 
     let b = Dispatcher::start(&bed.binary, &ns, &args, &dir, "daemon-b").expect("daemon B");
     wait_takeover(&b, "daemon-b");
@@ -544,7 +582,7 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
     problems.extend(exactly_one_backend(&per_call, &reports));
     eprintln!(
         "[{NAME}] program {prog_a:?} stayed through: {second_error:?}; {bad_value_error:?}; \
-         {late_error:?}; B took over with {prog_b:?} and stayed through {attach_error:?}; \
+         {late_error:?}; {bad_state_error:?}; B took over with {prog_b:?} and stayed through {attach_error:?}; \
          UAC {} ok / {} failed of {calls}",
         uac.successful, uac.failed
     );
@@ -762,7 +800,7 @@ fn operator_state_survives(name: &str, ending: Ending) {
     if matches!(ending, Ending::SigtermKeepAttached) {
         args.push("--keep-attached".into());
     }
-    let state_path = dispatcher::private_state_file(&bed.dir);
+    let state_path = dispatcher::private_state_file(&bed.dir, &args);
     let (b1, b2, b3, b4) = (
         bed.backend(1),
         bed.backend(2),
