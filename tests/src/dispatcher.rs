@@ -629,6 +629,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_run_gets_a_private_state_file_per_control_socket() {
+        let dir = Path::new("/tmp/run");
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let run = args(&[
+            "run",
+            "--iface",
+            "v-disp",
+            "--control",
+            "/run/x/sdt1n0.sock",
+        ]);
+        let with = with_private_state_file(&run, dir);
+        assert_eq!(
+            with[run.len()..],
+            args(&["--state-file", "/tmp/run/state-sdt1n0.json"])
+        );
+        let plain = with_private_state_file(&args(&["run", "--iface", "v-disp"]), dir);
+        assert_eq!(plain[3..], args(&["--state-file", "/tmp/run/state.json"]));
+        // Named already, or not `run`: unchanged.
+        let named = args(&["run", "--state-file", "/elsewhere.json"]);
+        assert_eq!(with_private_state_file(&named, dir), named);
+        let pass = args(&["xdp-pass", "--iface", "v-disp"]);
+        assert_eq!(with_private_state_file(&pass, dir), pass);
+    }
+
+    #[test]
     fn exit_stats_parse() {
         let out = "sip-dispatch: ready iface=v-disp mode=native backends=2\n\
             sip-dispatch: exit-stats {\"counters\":{\"seen\":10,\"xdp_tx\":9,\"pass\":1},\
