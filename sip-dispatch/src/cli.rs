@@ -199,6 +199,11 @@ pub struct RunArgs {
     /// forwarding goes on with the last tables until a new daemon takes over.
     #[arg(long)]
     pub keep_attached: bool,
+    /// File where drain, disable, set-weight and backends added or removed with the CLI
+    /// are kept across restarts (JSON, mode 0600).
+    /// Default: /var/lib/sip-dispatch/<iface>.state.json
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -104,6 +104,15 @@ fn backends(command: BackendsCommand, client: &ClientArgs) -> anyhow::Result<()>
     print(client, &v, |v| format!("ok: {v}"))
 }
 
+/// A value with where it came from, e.g. `3(cli)`, unless that is `usual` (or unknown,
+/// from an older daemon).
+fn with_origin(value: &Value, origin: &Value, usual: &str) -> String {
+    match origin.as_str() {
+        Some(o) if !o.is_empty() && o != usual => format!("{}({o})", text(value)),
+        _ => text(value),
+    }
+}
+
 fn backends_table(v: &Value) -> String {
     let mut out = String::new();
     for s in v["services"].as_array().into_iter().flatten() {
@@ -114,7 +123,7 @@ fn backends_table(v: &Value) -> String {
             text(&s["priority"])
         );
         out += &format!(
-            "{:<26} {:<24} {:>4} {:>6} {:<9} {:>8} {:>4} {:>8} {:>7} {:>10}  {}\n",
+            "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>7} {:>10}  {}\n",
             "backend",
             "source",
             "prio",
@@ -129,12 +138,12 @@ fn backends_table(v: &Value) -> String {
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             out += &format!(
-                "{:<26} {:<24} {:>4} {:>6} {:<9} {:>8} {:>4} {:>8} {:>6.1}% {:>10}  {}\n",
+                "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10}  {}\n",
                 text(&b["address"]),
-                text(&b["source"]),
+                with_origin(&b["source"], &b["added_by"], "config"),
                 text(&b["priority"]),
-                text(&b["weight"]),
-                text(&b["state"]),
+                with_origin(&b["weight"], &b["weight_from"], "config"),
+                with_origin(&b["state"], &b["state_from"], "health"),
                 b["rtt_ms"]
                     .as_f64()
                     .map_or("-".into(), |r| format!("{r:.2}")),

@@ -44,6 +44,7 @@ struct File {
     hash_key_file: Option<PathBuf>,
     pin_path: Option<PathBuf>,
     control: Option<PathBuf>,
+    state_file: Option<PathBuf>,
     metrics: Option<Spanned<String>>,
     dns_server: Option<Spanned<String>>,
     dns_min_ttl: Option<Spanned<u64>>,
@@ -101,6 +102,8 @@ pub struct Settings {
     pub reset: bool,
     pub keep_attached: bool,
     pub control: PathBuf,
+    /// Where the operator's changes are kept ([`crate::state`]).
+    pub state_file: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub dns: DnsConfig,
     pub health: HealthConfig,
@@ -400,6 +403,11 @@ impl Settings {
                 .clone()
                 .or(file.control)
                 .unwrap_or_else(|| crate::control::default_socket(&iface)),
+            state_file: args
+                .state_file
+                .clone()
+                .or(file.state_file)
+                .unwrap_or_else(|| crate::state::default_path(&iface)),
             reset: args.reset,
             keep_attached: args.keep_attached,
             iface,

@@ -27,6 +27,7 @@ use crate::{
     select::{Candidate, Selection, select},
     slowpath,
     srv::{SrvAnswer, SrvEvent, Watchers},
+    state::{self, AdminSetting, OperatorState},
     stats::{BackendInfo, Reloads},
     table_builds::{Built, TableBuilds},
 };
@@ -52,6 +53,10 @@ pub struct Service {
     generation: u64,
     /// The slow path reads the table in force from here.
     tables: watch::Sender<Option<Arc<SlotTable>>>,
+    /// Static backends added with `backends add` (the others come from the settings).
+    pub cli_added: BTreeSet<SocketAddr>,
+    /// Configured static backends removed with `backends remove`.
+    pub removed: BTreeSet<SocketAddr>,
 }
 
 impl Service {
@@ -66,6 +71,8 @@ impl Service {
             built_seq: 0,
             generation: 0,
             tables: watch::channel(None).0,
+            cli_added: BTreeSet::new(),
+            removed: BTreeSet::new(),
         }
     }
 
@@ -131,6 +138,8 @@ impl Service {
             }
         }
         self.statics = statics;
+        self.cli_added.clear();
+        self.removed.clear();
         let names: BTreeSet<&String> = spec.srv.iter().collect();
         self.srv.retain(|name, _| {
             let keep = names.contains(name);
@@ -177,6 +186,38 @@ struct Known {
     health: Health,
     /// `set-weight` from the operator, kept across DNS updates.
     weight_override: Option<u32>,
+}
+
+impl Known {
+    /// A backend that some service lists now, with what the state file kept for it.
+    fn appearing(addr: SocketAddr, pending: &mut state::Pending) -> Known {
+        let mut known = Known {
+            health: Health::unprobed(),
+            weight_override: None,
+        };
+        known.take_pending(addr, pending);
+        known
+    }
+
+    /// Takes what the state file kept for `addr`, if anything.
+    fn take_pending(&mut self, addr: SocketAddr, pending: &mut state::Pending) {
+        let (admin, weight) = pending.take(addr);
+        if let Some(admin) = admin {
+            self.health.admin = match admin {
+                AdminSetting::Drained => Admin::Drained,
+                AdminSetting::Disabled => Admin::Disabled,
+            };
+            self.health.reason = "set by the operator (state file)".into();
+            log::info!(
+                "backend {addr} state={} reason=\"set by the operator (state file)\"",
+                self.health.display_state()
+            );
+        }
+        if let Some(weight) = weight {
+            log::info!("backend {addr} weight={weight} (set-weight, state file)");
+            self.weight_override = Some(weight);
+        }
+    }
 }
 
 pub fn log_answer(name: &str, answer: &SrvAnswer) {
@@ -262,6 +303,10 @@ pub struct Controller {
     builds: TableBuilds,
     /// Replies to commands that changed tables, held until those tables are in force.
     waiting: Vec<WaitingReply>,
+    /// Where the operator's changes are kept (None: nowhere, as in unit tests).
+    state_file: Option<std::path::PathBuf>,
+    /// Settings of the state file for addresses not listed yet.
+    pending: state::Pending,
 }
 
 /// A reply sent once every service `(index, request number)` names has its build back.
@@ -311,6 +356,8 @@ impl Controller {
             dns_refused: BTreeSet::new(),
             builds: TableBuilds::new(key),
             waiting: Vec::new(),
+            state_file: None,
+            pending: state::Pending::default(),
         };
         c.sync_backends();
         c
@@ -364,10 +411,11 @@ impl Controller {
             .map(|(c, _)| c.addr)
             .collect();
         for addr in &listed {
-            self.backends.entry(*addr).or_insert_with(|| Known {
-                health: Health::unprobed(),
-                weight_override: None,
-            });
+            if self.backends.contains_key(addr) {
+                continue;
+            }
+            let known = Known::appearing(*addr, &mut self.pending);
+            self.backends.insert(*addr, known);
         }
         self.backends.retain(|addr, _| listed.contains(addr));
     }
@@ -638,7 +686,10 @@ impl Controller {
                 return;
             }
             BackendsList => Answer::BackendsList,
-            change => Answer::Ready(response(self.handle(change))),
+            change => {
+                let result = self.handle(change).map(|v| self.saved(v));
+                Answer::Ready(response(result))
+            }
         };
         let builds: Vec<(usize, u64)> = self
             .services
@@ -679,7 +730,7 @@ impl Controller {
                 Some((addr, outcome)) = self.probe_rx.recv() => self.on_probe(addr, outcome, true),
                 Some(event) = self.srv.rx.recv() => self.on_srv(event),
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
-                    match self.reload() {
+                    match self.reload().map(|v| self.saved(v)) {
                         Ok(done) => log::info!("reload (SIGHUP): {done}"),
                         Err(e) => log::error!("reload (SIGHUP): {e:#}"),
                     }
@@ -728,35 +779,7 @@ impl Controller {
             } => {
                 let i = self.service_index(service)?;
                 let vip = self.services[i].vip;
-                if address.port() == 0 {
-                    bail!("backend {address}: port 0");
-                }
-                let local =
-                    crate::addrs::local_addresses().context("listing this host's addresses")?;
-                crate::addrs::check_backend(address.ip(), &local).map_err(anyhow::Error::msg)?;
-                if address.is_ipv6() != vip.is_ipv6() {
-                    bail!("backend {address} and VIP {vip} are of different address families");
-                }
-                if self.services.iter().any(|s| s.vip == address) {
-                    bail!("backend {address} is a VIP of this dispatcher (a forwarding loop)");
-                }
-                if self.services[i]
-                    .candidates()
-                    .iter()
-                    .any(|(c, _)| c.addr == address)
-                {
-                    bail!("backend {address} is already configured for {vip}");
-                }
-                if weight > u16::MAX as u32 {
-                    bail!("weight {weight} is above 65535");
-                }
-                let total = backends_adding(&self.services, address);
-                if total > MAX_BACKENDS_IN_ALL {
-                    bail!(
-                        "backend {address}: {total} backends in all services, at most \
-                         {MAX_BACKENDS_IN_ALL}"
-                    );
-                }
+                self.check_add(i, address, weight)?;
                 self.services[i].statics.push(Candidate {
                     addr: address,
                     priority,
@@ -764,6 +787,7 @@ impl Controller {
                     sharing: 1,
                     healthy: true,
                 });
+                self.services[i].cli_added.insert(address);
                 self.changed_backends();
                 Ok(serde_json::json!({"added": address, "service": vip}))
             }
@@ -773,7 +797,12 @@ impl Controller {
                 for s in &mut self.services {
                     let before = s.statics.len();
                     s.statics.retain(|c| c.addr != address);
-                    removed |= s.statics.len() != before;
+                    if s.statics.len() != before {
+                        removed = true;
+                        if !s.cli_added.remove(&address) {
+                            s.removed.insert(address);
+                        }
+                    }
                 }
                 if !removed {
                     bail!("backend {address} comes from DNS SRV: change the zone, or disable it");
@@ -810,6 +839,172 @@ impl Controller {
                 Ok(serde_json::json!({"address": address, "weight": weight}))
             }
         }
+    }
+
+    /// Whether `address` may be added to service `i` with `weight`: the rules of
+    /// `backends add`, also applied to the backends the state file adds.
+    fn check_add(&self, i: usize, address: SocketAddr, weight: u32) -> anyhow::Result<()> {
+        let vip = self.services[i].vip;
+        if address.port() == 0 {
+            bail!("backend {address}: port 0");
+        }
+        let local = crate::addrs::local_addresses().context("listing this host's addresses")?;
+        crate::addrs::check_backend(address.ip(), &local).map_err(anyhow::Error::msg)?;
+        if address.is_ipv6() != vip.is_ipv6() {
+            bail!("backend {address} and VIP {vip} are of different address families");
+        }
+        if self.services.iter().any(|s| s.vip == address) {
+            bail!("backend {address} is a VIP of this dispatcher (a forwarding loop)");
+        }
+        if self.services[i]
+            .candidates()
+            .iter()
+            .any(|(c, _)| c.addr == address)
+        {
+            bail!("backend {address} is already configured for {vip}");
+        }
+        if weight > u16::MAX as u32 {
+            bail!("weight {weight} is above 65535");
+        }
+        let total = backends_adding(&self.services, address);
+        if total > MAX_BACKENDS_IN_ALL {
+            bail!(
+                "backend {address}: {total} backends in all services, at most \
+                 {MAX_BACKENDS_IN_ALL}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Takes the operator's state read from `path` at start (before the first tables):
+    /// removes what it removed, adds what it added (with the rules of `backends add`; a
+    /// bad entry is skipped with a warning), and sets states and weights of the
+    /// addresses listed, the others when they appear. Changes are written back there.
+    pub fn restore(&mut self, path: std::path::PathBuf, saved: OperatorState) {
+        let file = path.display().to_string();
+        for r in saved.removed {
+            let Some(s) = self.services.iter_mut().find(|s| s.vip == r.service) else {
+                log::warn!(
+                    "state file {file}: removal of {} skipped: no service {}",
+                    r.address,
+                    r.service
+                );
+                continue;
+            };
+            let before = s.statics.len();
+            s.statics.retain(|c| c.addr != r.address);
+            if s.statics.len() == before {
+                log::info!(
+                    "state file {file}: removal of {} from {} dropped: the configuration no longer lists it",
+                    r.address,
+                    r.service
+                );
+            } else {
+                log::info!(
+                    "backend {} removed from {} (state file)",
+                    r.address,
+                    r.service
+                );
+                s.removed.insert(r.address);
+            }
+        }
+        for a in saved.added {
+            let checked = self.service_index(Some(a.service)).and_then(|i| {
+                let priority = u16::try_from(a.priority)
+                    .map_err(|_| anyhow::anyhow!("priority {} is above 65535", a.priority))?;
+                self.check_add(i, a.address, a.weight)?;
+                Ok((i, priority))
+            });
+            match checked {
+                Ok((i, priority)) => {
+                    log::info!("backend {} added to {} (state file)", a.address, a.service);
+                    self.services[i].statics.push(Candidate {
+                        addr: a.address,
+                        priority,
+                        weight: a.weight,
+                        sharing: 1,
+                        healthy: true,
+                    });
+                    self.services[i].cli_added.insert(a.address);
+                }
+                Err(e) => log::warn!(
+                    "state file {file}: added backend {} of {} skipped: {e:#}",
+                    a.address,
+                    a.service
+                ),
+            }
+        }
+        self.pending = state::Pending {
+            admin: saved.admin,
+            weights: saved
+                .weights
+                .into_iter()
+                .filter(|(addr, w)| {
+                    let ok = *w <= u32::from(u16::MAX);
+                    if !ok {
+                        log::warn!("state file {file}: weight {w} of {addr} skipped: above 65535");
+                    }
+                    ok
+                })
+                .collect(),
+        };
+        self.state_file = Some(path);
+        for (addr, k) in self.backends.iter_mut() {
+            k.take_pending(*addr, &mut self.pending);
+        }
+        self.sync_backends();
+    }
+
+    /// The operator's state as the state file keeps it.
+    fn operator_state(&self) -> OperatorState {
+        let mut st = OperatorState {
+            admin: self.pending.admin.clone(),
+            weights: self.pending.weights.clone(),
+            ..OperatorState::default()
+        };
+        for (addr, k) in &self.backends {
+            match k.health.admin {
+                Admin::Drained => st.admin.insert(*addr, AdminSetting::Drained),
+                Admin::Disabled => st.admin.insert(*addr, AdminSetting::Disabled),
+                Admin::Enabled => st.admin.remove(addr),
+            };
+            if let Some(w) = k.weight_override {
+                st.weights.insert(*addr, w);
+            }
+        }
+        for s in &self.services {
+            for c in s.statics.iter().filter(|c| s.cli_added.contains(&c.addr)) {
+                st.added.push(state::Added {
+                    service: s.vip,
+                    address: c.addr,
+                    weight: c.weight,
+                    priority: u32::from(c.priority),
+                });
+            }
+            for addr in &s.removed {
+                st.removed.push(state::Removed {
+                    service: s.vip,
+                    address: *addr,
+                });
+            }
+        }
+        st
+    }
+
+    /// Writes the state file after a change, before its reply: a failure is logged and
+    /// told in the reply (`warning`); the change itself stays applied.
+    fn saved(&mut self, mut reply: serde_json::Value) -> serde_json::Value {
+        let Some(path) = &self.state_file else {
+            return reply;
+        };
+        if let Err(e) = state::write(path, &self.operator_state()) {
+            let warning = format!("applied, but not saved (it is lost at restart): {e:#}");
+            log::warn!("{warning}");
+            if let Some(o) = reply.as_object_mut() {
+                o.insert("warning".into(), warning.into());
+            }
+        }
+        reply
     }
 
     /// Reads the settings again and applies them (all or nothing), then resolves every
@@ -882,6 +1077,7 @@ impl Controller {
             .values_mut()
             .filter_map(|k| k.weight_override.take())
             .count();
+        self.pending.reloaded();
         if overridden > 0 {
             changes.push(format!(
                 "{overridden} set-weight override(s) replaced by the configured weights"
@@ -1015,6 +1211,12 @@ impl Controller {
                     address: c.addr,
                     weight: eff.weight,
                     priority: c.priority,
+                    added_by: state::added_by(s.cli_added.contains(&c.addr)),
+                    weight_from: state::weight_from(
+                        k.weight_override.is_some() || s.cli_added.contains(&c.addr),
+                        source != SOURCE_STATIC,
+                    ),
+                    state_from: state::state_from(k.health.admin != Admin::Enabled),
                     source,
                     state: k.health.display_state(),
                     reason: k.health.reason.clone(),
@@ -1200,6 +1402,60 @@ mod backend_limit_tests {
         ids.table_installed(0, old);
         let replaced: Vec<_> = (over..2 * over).map(|i| ids.allocate(addr(i))).collect();
         assert_eq!(replaced.last(), Some(&Err(Full(MAX_BACKENDS))));
+    }
+
+    /// `reload` semantics for the state file: the reloaded configuration's static
+    /// backends replace those added with the CLI and bring back those removed with it,
+    /// so neither is kept (nor written) any more.
+    #[test]
+    fn a_reload_replaces_cli_added_backends_and_brings_back_removed_ones() {
+        let mut s = Service::new(0, vip(1), statics(0, 3), &[]);
+        s.statics.retain(|c| c.addr != addr(1));
+        s.removed.insert(addr(1));
+        s.statics.extend(statics(7, 1));
+        s.cli_added.insert(addr(7));
+        let spec = ServiceSpec {
+            vip: vip(1),
+            backends: statics(0, 3)
+                .iter()
+                .map(|c| BackendSpec {
+                    addr: c.addr,
+                    weight: 1,
+                    priority: 0,
+                })
+                .collect(),
+            srv: vec![],
+        };
+        let changes = s.reconfigure(&spec);
+        let listed: Vec<SocketAddr> = s.candidates().into_iter().map(|(c, _)| c.addr).collect();
+        assert_eq!(listed, [addr(0), addr(1), addr(2)]);
+        assert!(s.cli_added.is_empty() && s.removed.is_empty());
+        assert_eq!(changes.len(), 2, "{changes:?}");
+    }
+
+    /// The state file's settings of an address no service listed at start (an SRV
+    /// backend not resolved yet) apply when it appears, once.
+    #[test]
+    fn pending_state_applies_when_the_address_appears() {
+        let mut pending = state::Pending {
+            admin: [
+                (addr(1), AdminSetting::Drained),
+                (addr(2), AdminSetting::Disabled),
+            ]
+            .into(),
+            weights: [(addr(1), 3)].into(),
+        };
+        let k = Known::appearing(addr(1), &mut pending);
+        assert_eq!(k.health.admin, Admin::Drained);
+        assert_eq!(k.weight_override, Some(3));
+        assert!(!k.health.takes_traffic());
+        let k = Known::appearing(addr(2), &mut pending);
+        assert_eq!(k.health.display_state(), "disabled");
+        assert_eq!(k.weight_override, None);
+        // Applied once: the next appearance of addr(1) is a plain new backend.
+        let k = Known::appearing(addr(1), &mut pending);
+        assert_eq!((k.health.admin, k.weight_override), (Admin::Enabled, None));
+        assert_eq!(pending, state::Pending::default());
     }
 
     #[test]

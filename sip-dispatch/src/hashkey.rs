@@ -124,20 +124,39 @@ pub fn to_hex(key: HashKey) -> String {
 /// linked into place), creating the directory with mode 0700 when missing. Returns the
 /// key now in the file: another process that wrote it first wins.
 pub fn persist(path: &Path, key: HashKey) -> anyhow::Result<HashKey> {
+    let text = format!("{}\n", to_hex(key));
+    match write_private(path, text.as_bytes(), Placing::LinkIfMissing) {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => read(path)?
+            .with_context(|| format!("hash key file {} vanished while writing", path.display())),
+        Err(e) => Err(e).with_context(|| format!("writing hash key file {}", path.display())),
+    }
+}
+
+/// How [`write_private`] puts the finished temporary file in place.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Placing {
+    /// Linked in: fails with `AlreadyExists` when `path` exists (the first writer wins).
+    LinkIfMissing,
+    /// Renamed over whatever `path` holds.
+    Replace,
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file of mode 0600 in the same
+/// directory, synced, then put in place and the directory synced, so a crash leaves
+/// the old file or the new one, never a part. Creates the directory with mode 0700 when
+/// missing.
+pub fn write_private(path: &Path, bytes: &[u8], placing: Placing) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {} (mode 0700)", dir.display()))?;
+        DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     let name = path
         .file_name()
-        .with_context(|| format!("hash key file {} has no file name", path.display()))?;
+        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidInput, "the path has no file name"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".{}.tmp", std::process::id()));
@@ -149,22 +168,21 @@ pub fn persist(path: &Path, key: HashKey) -> anyhow::Result<HashKey> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(format!("{}\n", to_hex(key)).as_bytes())?;
+        f.write_all(bytes)?;
         f.sync_all()
     })();
-    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let placed = written.and_then(|()| match placing {
+        Placing::LinkIfMissing => std::fs::hard_link(&tmp, path),
+        Placing::Replace => std::fs::rename(&tmp, path),
+    });
     let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(key)
-        }
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => read(path)?
-            .with_context(|| format!("hash key file {} vanished while writing", path.display())),
-        Err(e) => Err(e).with_context(|| format!("writing hash key file {}", path.display())),
+    placed?;
+    // The file is complete either way; a directory that cannot be synced only makes
+    // the rename less durable.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
     }
+    Ok(())
 }
 
 /// The key in force in the maps a previous daemon left pinned in `pin_dir`, if any: a

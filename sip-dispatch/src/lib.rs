@@ -20,6 +20,7 @@ pub mod select;
 pub mod service_ids;
 pub mod slowpath;
 pub mod srv;
+pub mod state;
 pub mod stats;
 pub mod sysctl;
 pub mod table_builds;

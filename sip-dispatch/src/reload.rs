@@ -64,6 +64,7 @@ pub fn restart_only_changes(running: &Settings, next: &Settings) -> Vec<String> 
         ("hash-key", key_changed(running, next)),
         ("pin-path", running.pin_path != next.pin_path),
         ("control", running.control != next.control),
+        ("state-file", running.state_file != next.state_file),
         ("metrics", running.metrics != next.metrics),
     ]
     .into_iter()

@@ -266,11 +266,15 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     let checked = (|| {
         let keep = assign_service_ids(&mut dp, &mut services)?;
         check_adopted_link(&dp, adopted_link)?;
+        // Under the pin lock, like the key file, and before it: a start refused for a
+        // bad state file creates no key file.
+        let state_lock = crate::state::lock(&settings.state_file)?;
+        let saved = crate::state::read(&settings.state_file)?;
         use_hash_key(&mut settings, &args)?;
-        anyhow::Ok(keep)
+        anyhow::Ok((keep, (state_lock, saved)))
     })();
-    let keep_until_attached = match checked {
-        Ok(keep) => keep,
+    let (keep_until_attached, (_state_lock, saved_state)) = match checked {
+        Ok(checked) => checked,
         Err(e) => {
             abandon_start(&mut dp, adopted_link, false, forwarding);
             return Err(e);
@@ -284,6 +288,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     // first probes), and the link last.
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
+    ctl.restore(settings.state_file.clone(), saved_state);
     let mut wrote = false;
     let mode = match take_over(&mut ctl, xdp_mode, keep_until_attached, &mut wrote).await {
         Ok(mode) => mode,

@@ -16,6 +16,12 @@ pub struct BackendInfo {
     pub priority: u16,
     /// `static`, or the SRV name it came from.
     pub source: String,
+    /// `config` or `cli` (`backends add`).
+    pub added_by: &'static str,
+    /// `config`, `dns` or `cli` (`set-weight`).
+    pub weight_from: &'static str,
+    /// `health`, or `cli` (drained or disabled by the operator).
+    pub state_from: &'static str,
     pub state: &'static str,
     pub reason: String,
     /// Smoothed health-check round trip.
@@ -37,6 +43,13 @@ pub struct BackendSnapshot {
     pub weight: u32,
     pub priority: u16,
     pub source: String,
+    /// Where the backend, its weight and its state came from (see [`BackendInfo`]).
+    #[serde(default)]
+    pub added_by: String,
+    #[serde(default)]
+    pub weight_from: String,
+    #[serde(default)]
+    pub state_from: String,
     pub state: String,
     pub reason: String,
     pub rtt_ms: Option<f64>,
@@ -99,6 +112,9 @@ pub fn snapshot(
                 weight: b.weight,
                 priority: b.priority,
                 source: b.source.clone(),
+                added_by: b.added_by.to_string(),
+                weight_from: b.weight_from.to_string(),
+                state_from: b.state_from.to_string(),
                 state: b.state.to_string(),
                 reason: b.reason.clone(),
                 rtt_ms: b.rtt.map(|d| d.as_secs_f64() * 1000.0),

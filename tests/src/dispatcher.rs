@@ -190,6 +190,9 @@ pub struct RunConfig {
     /// [`TEST_HASH_KEY`], so tests know where each Call-ID lands without depending on
     /// the machine's `/var/lib/sip-dispatch`. A `--hash-key` in `extra` overrides it.
     pub hash_key_file: Option<PathBuf>,
+    /// `--state-file PATH`. When None, [`Dispatcher::start`] passes a private one in
+    /// its directory (see [`private_state_file`]).
+    pub state_file: Option<PathBuf>,
     /// Further arguments, appended as given (health-check settings and the like).
     pub extra: Vec<String>,
 }
@@ -248,6 +251,7 @@ impl RunConfig {
             dns_min_ttl: None,
             control: None,
             hash_key_file: Some(test_key_file()),
+            state_file: None,
             extra: Vec::new(),
         }
     }
@@ -285,6 +289,10 @@ impl RunConfig {
             args.push("--hash-key-file".to_owned());
             args.push(path.to_string_lossy().into_owned());
         }
+        if let Some(path) = &self.state_file {
+            args.push("--state-file".to_owned());
+            args.push(path.to_string_lossy().into_owned());
+        }
         args.push("--xdp-mode".to_owned());
         args.push(self.mode.to_string());
         args.extend(self.extra.iter().cloned());
@@ -301,6 +309,38 @@ pub const CONTROL_DIR: &str = "/run/sip-dispatch-testbed";
 pub fn control_socket(tag: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(CONTROL_DIR).with_context(|| format!("creating {CONTROL_DIR}"))?;
     Ok(Path::new(CONTROL_DIR).join(format!("{tag}.sock")))
+}
+
+/// The state file a test daemon started with `args` in `dir` uses unless its arguments
+/// name one: one per control socket (`<dir>/state-<socket name>.json`, else
+/// `<dir>/state.json`), so that daemons running at once in one test (each has its own
+/// control socket) do not share one, and a restart with the same socket finds its
+/// predecessor's.
+pub fn private_state_file(dir: &Path, args: &[String]) -> PathBuf {
+    let control = args.iter().enumerate().find_map(|(i, a)| match a.as_str() {
+        "--control" => args.get(i + 1).map(String::as_str),
+        _ => a.strip_prefix("--control="),
+    });
+    match control.and_then(|c| Path::new(c).file_stem()) {
+        Some(stem) => dir.join(format!("state-{}.json", stem.to_string_lossy())),
+        None => dir.join("state.json"),
+    }
+}
+
+/// `args`, with `--state-file` [`private_state_file`] appended when they are a `run`
+/// that names no state file: its default (`/var/lib/sip-dispatch/<iface>.state.json`)
+/// depends only on the interface name, which many tests share in their own namespaces,
+/// so no test daemon may use it.
+pub fn with_private_state_file(args: &[String], dir: &Path) -> Vec<String> {
+    let mut all = args.to_vec();
+    let names_one = args
+        .iter()
+        .any(|a| a == "--state-file" || a.starts_with("--state-file="));
+    if args.first().is_some_and(|a| a == "run") && !names_one {
+        all.push("--state-file".to_owned());
+        all.push(private_state_file(dir, args).to_string_lossy().into_owned());
+    }
+    all
 }
 
 /// A running `sip-dispatch` (either subcommand).
@@ -338,7 +378,8 @@ impl Dispatcher {
             write_test_key_file()?;
         }
         let program = binary.to_string_lossy();
-        let mut process = Process::spawn(ns, &program, args, dir, label)?;
+        let args = with_private_state_file(args, dir);
+        let mut process = Process::spawn(ns, &program, &args, dir, label)?;
         let ready_line = process.wait_for_line(READY_PREFIX, READY_TIMEOUT)?;
         Ok(Dispatcher {
             process,
@@ -494,7 +535,8 @@ pub fn run_to_exit(
     label: &str,
     within: Duration,
 ) -> Result<FailedStart> {
-    let mut process = Process::spawn(ns, &binary.to_string_lossy(), args, dir, label)?;
+    let args = with_private_state_file(args, dir);
+    let mut process = Process::spawn(ns, &binary.to_string_lossy(), &args, dir, label)?;
     let Some(status) = process.wait_timeout(within)? else {
         let _ = process.stop();
         bail!("{label} did not exit within {within:?}");
@@ -585,6 +627,31 @@ impl ExitStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_run_gets_a_private_state_file_per_control_socket() {
+        let dir = Path::new("/tmp/run");
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let run = args(&[
+            "run",
+            "--iface",
+            "v-disp",
+            "--control",
+            "/run/x/sdt1n0.sock",
+        ]);
+        let with = with_private_state_file(&run, dir);
+        assert_eq!(
+            with[run.len()..],
+            args(&["--state-file", "/tmp/run/state-sdt1n0.json"])
+        );
+        let plain = with_private_state_file(&args(&["run", "--iface", "v-disp"]), dir);
+        assert_eq!(plain[3..], args(&["--state-file", "/tmp/run/state.json"]));
+        // Named already, or not `run`: unchanged.
+        let named = args(&["run", "--state-file", "/elsewhere.json"]);
+        assert_eq!(with_private_state_file(&named, dir), named);
+        let pass = args(&["xdp-pass", "--iface", "v-disp"]);
+        assert_eq!(with_private_state_file(&pass, dir), pass);
+    }
 
     #[test]
     fn exit_stats_parse() {

@@ -315,7 +315,7 @@ fn failed_start_problems(label: &str, failed: &FailedStart, what: &[&str]) -> Ve
 /// (naming the directory and A's pid) and creates no key file. After A is killed,
 /// daemons that cannot start (a bad value; a control socket that cannot be created,
 /// which fails only after the XDP object is loaded against the pins, and creates no key
-/// file) change nothing: the same program stays in the link and calls keep succeeding.
+/// file; a state file that cannot be read) change nothing: the same program stays in the link and calls keep succeeding.
 /// Then a good daemon B takes over; fresh starts that fail (before and at the link step,
 /// where B holds the interface) remove the pins they made and no others, and leave B's
 /// link alone.
@@ -425,6 +425,44 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
     let late_error = failed.errors.first().cloned().unwrap_or_default();
     check_untouched("a late failure", &mut problems);
     uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    // A state file this daemon cannot read (read under the pin lock, after the object
+    // is loaded against the pins): refused with one line naming it, nothing changed.
+    let bad_state = dir.join("bad-state.json");
+    std::fs::write(&bad_state, "{\"version\":1,\"admin\":[]}").expect("writing the state file");
+    let state_key = dir.join("state-key");
+    let bad_state_args: Vec<String> =
+        with_value(&args, "--hash-key-file", &state_key.to_string_lossy())
+            .into_iter()
+            .chain([
+                "--state-file".to_owned(),
+                bad_state.to_string_lossy().into_owned(),
+            ])
+            .collect();
+    let failed = dispatcher::run_failing(&bed.binary, &ns, &bad_state_args, &dir, "bad-state")
+        .expect("the daemon with a bad state file");
+    let bad_state_text = format!("state file {}", bad_state.display());
+    problems.extend(failed_start_problems(
+        "bad state file",
+        &failed,
+        &[&bad_state_text, "malformed"],
+    ));
+    if !failed.stderr.contains(
+        "start failed before taking over: the pinned XDP link and its maps are left as they were",
+    ) {
+        problems.push(format!(
+            "bad state file: no log line saying the link was left as it was:\n{}",
+            failed.stderr
+        ));
+    }
+    if state_key.exists() {
+        problems.push(format!(
+            "the daemon refused for its state file created {}",
+            state_key.display()
+        ));
+    }
+    let bad_state_error = failed.errors.first().cloned().unwrap_or_default();
+    check_untouched("a bad state file", &mut problems);
 
     let b = Dispatcher::start(&bed.binary, &ns, &args, &dir, "daemon-b").expect("daemon B");
     wait_takeover(&b, "daemon-b");
@@ -544,7 +582,7 @@ fn daemons_that_cannot_start_leave_the_pinned_link_alone() {
     problems.extend(exactly_one_backend(&per_call, &reports));
     eprintln!(
         "[{NAME}] program {prog_a:?} stayed through: {second_error:?}; {bad_value_error:?}; \
-         {late_error:?}; B took over with {prog_b:?} and stayed through {attach_error:?}; \
+         {late_error:?}; {bad_state_error:?}; B took over with {prog_b:?} and stayed through {attach_error:?}; \
          UAC {} ok / {} failed of {calls}",
         uac.successful, uac.failed
     );
@@ -724,4 +762,226 @@ fn a_restart_with_reordered_services_keeps_each_service_id() {
     );
     drop(bpffs);
     verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// How daemon A ends in the operator-state test.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    Sigkill,
+    /// SIGTERM with `--keep-attached`: a clean stop that leaves forwarding on.
+    SigtermKeepAttached,
+}
+
+/// The backends of the first service in `backends list --json`.
+fn listed_now(bed: &Bed) -> BTreeMap<SocketAddr, Value> {
+    sip_dispatch_testbed::bed::listed(&bed.cli_json(&["backends", "list", "--json"]))
+}
+
+/// The state file, parsed.
+fn state_file(path: &Path) -> Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+}
+
+/// Operator state outlives the daemon (README "What survives a restart"): under SIPp
+/// load, drain b1, set-weight b2 3 and add b4 by CLI; daemon A then ends (SIGKILL, or a
+/// clean SIGTERM with --keep-attached) and B starts on the same pins and state file.
+/// B lists b1 drained, b2 at weight 3 and b4, each from the CLI; no call started after
+/// the drain reply reaches b1, before or after the restart; no call fails. A `reload`
+/// then drops the weight override and the CLI-added backend, and the state file keeps
+/// only the drain.
+fn operator_state_survives(name: &str, ending: Ending) {
+    let calls = 1500;
+    let mut bed = Bed::build(&workdir(), name, 4, Duration::from_secs(60));
+    let bpffs = BpfFs::mount(bed.topo.tag());
+    let pins = bpffs.path().join(bed.iface());
+    let mut args = pinned_args(&bed, &pins);
+    if matches!(ending, Ending::SigtermKeepAttached) {
+        args.push("--keep-attached".into());
+    }
+    let state_path = dispatcher::private_state_file(&bed.dir, &args);
+    let (b1, b2, b3, b4) = (
+        bed.backend(1),
+        bed.backend(2),
+        bed.backend(3),
+        bed.backend(4),
+    );
+    let (ns, dir) = (bed.disp_ns(), bed.dir.clone());
+    let start = |label: &str| {
+        Dispatcher::start(&bed.binary, &ns, &args, &dir, label)
+            .unwrap_or_else(|e| panic!("starting {label}: {e:#}"))
+    };
+    let mut problems = Vec::new();
+
+    let a = start("daemon-a");
+    sip_dispatch_testbed::bed::wait_list(&bed, Duration::from_secs(10), "b1..b3 up", |l| {
+        [b1, b2, b3]
+            .iter()
+            .all(|&b| sip_dispatch_testbed::bed::state(l, b) == Some("up"))
+    });
+    let mut uac = bed.start_uac(&bed.uac_spec(calls, 100), "uac");
+    uac.run_for(Duration::from_secs(1)).expect("calls flowing");
+    let drain = bed.cli_json(&["backends", "drain", &b1.to_string(), "--json"]);
+    // Every INVITE sent from here on was sent while the drain was in force.
+    let drained_at = epoch_secs();
+    let replies = [
+        drain,
+        bed.cli_json(&["backends", "set-weight", &b2.to_string(), "3", "--json"]),
+        bed.cli_json(&["backends", "add", &b4.to_string(), "--json"]),
+    ];
+    for r in &replies {
+        if r.get("warning").is_some() {
+            problems.push(format!("a change was not saved: {r}"));
+        }
+    }
+    let saved = state_file(&state_path);
+    let expect_saved = serde_json::json!({
+        "version": 1,
+        "admin": {b1.to_string(): "drained"},
+        "weights": {b2.to_string(): 3},
+        "added": [{"service": bed.vip.to_string(), "address": b4.to_string(), "weight": 1, "priority": 0}],
+        "removed": [],
+    });
+    if saved != expect_saved {
+        problems.push(format!(
+            "state file after the changes: {saved}, expected {expect_saved}"
+        ));
+    }
+    uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    match ending {
+        Ending::Sigkill => a.kill(libc::SIGKILL).expect("daemon A ends by SIGKILL"),
+        Ending::SigtermKeepAttached => {
+            a.stop().expect("daemon A stops cleanly on SIGTERM");
+        }
+    }
+    uac.run_for(Duration::from_secs(2))
+        .expect("calls flowing without a daemon");
+    let b = start("daemon-b");
+    wait_takeover(&b, "daemon-b");
+    let after_restart = listed_now(&bed);
+    let field =
+        |a: SocketAddr, f: &str| after_restart.get(&a).map_or(Value::Null, |b| b[f].clone());
+    for (addr, f, want) in [
+        (b1, "state", "drained"),
+        (b1, "state_from", "cli"),
+        (b2, "weight_from", "cli"),
+        (b4, "added_by", "cli"),
+        (b3, "added_by", "config"),
+        (b3, "weight_from", "config"),
+    ] {
+        if field(addr, f) != want {
+            problems.push(format!(
+                "after the restart {addr} has {f} {}, expected {want:?}",
+                field(addr, f)
+            ));
+        }
+    }
+    if field(b2, "weight") != 3 {
+        problems.push(format!(
+            "after the restart b2 has weight {}, expected 3",
+            field(b2, "weight")
+        ));
+    }
+    uac.run_for(Duration::from_secs(2)).expect("calls flowing");
+
+    let reloaded = bed.cli_json(&["reload", "--json"]);
+    let after_reload = listed_now(&bed);
+    let saved_after_reload = state_file(&state_path);
+    let expect_after_reload = serde_json::json!({
+        "version": 1,
+        "admin": {b1.to_string(): "drained"},
+        "weights": {},
+        "added": [],
+        "removed": [],
+    });
+    if saved_after_reload != expect_after_reload {
+        problems.push(format!(
+            "state file after reload: {saved_after_reload}, expected {expect_after_reload}"
+        ));
+    }
+    if after_reload.contains_key(&b4) {
+        problems.push(format!("{b4} (added by the CLI) still listed after reload"));
+    }
+    let b2_after = after_reload.get(&b2).cloned().unwrap_or_default();
+    if b2_after["weight"] != 1 || b2_after["weight_from"] != "config" {
+        problems.push(format!(
+            "b2 after reload: {b2_after}, expected weight 1 from config"
+        ));
+    }
+    if sip_dispatch_testbed::bed::state(&after_reload, b1) != Some("drained") {
+        problems.push(format!("b1 not drained after reload: {after_reload:?}"));
+    }
+
+    let uac = uac.finish().expect("UAC");
+    let per_call = uac.calls().expect("UAC calls");
+    let b_out = b.stop();
+    let reports = bed.stop_backends();
+    problems.extend(uac_problems(&uac, calls));
+    if per_call.len() != calls as usize {
+        problems.push(format!("UAC log has {} calls of {calls}", per_call.len()));
+    }
+    let by_call = backends_by_call(&reports);
+    let started_after: Vec<&String> = per_call
+        .iter()
+        .filter(|(_, c)| c.invite_at > drained_at)
+        .map(|(id, _)| id)
+        .collect();
+    let on_b1: Vec<&&String> = started_after
+        .iter()
+        .filter(|id| by_call.get(**id).is_some_and(|s| s.contains(&b1)))
+        .collect();
+    if !on_b1.is_empty() {
+        problems.push(format!(
+            "{} of {} calls started after the drain reply reached b1 {b1}, e.g. {:?}",
+            on_b1.len(),
+            started_after.len(),
+            &on_b1[..on_b1.len().min(3)]
+        ));
+    }
+    let mut started_after_per_backend: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    for id in &started_after {
+        for addr in by_call.get(*id).into_iter().flatten() {
+            *started_after_per_backend.entry(*addr).or_default() += 1;
+        }
+    }
+    if started_after_per_backend.get(&b4).copied().unwrap_or(0) == 0 {
+        problems.push(format!("b4 {b4} (added by the CLI) took no call"));
+    }
+    match &b_out {
+        Ok(out) if out.contains(dispatcher::EXIT_STATS_PREFIX) => {}
+        other => problems.push(format!("daemon B did not stop cleanly: {other:?}")),
+    }
+    eprintln!(
+        "[{name}] {ending:?}: UAC {} ok / {} failed of {calls}; {} calls started after the \
+         drain reply, per backend {:?}; reload changes {}",
+        uac.successful,
+        uac.failed,
+        started_after.len(),
+        started_after_per_backend
+            .iter()
+            .map(|(a, n)| (a.to_string(), *n))
+            .collect::<Vec<_>>(),
+        reloaded["changes"]
+    );
+    drop(bpffs);
+    verdict(name, &bed.dir.clone(), problems);
+}
+
+fn epoch_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+#[test]
+fn operator_state_survives_sigkill_and_a_restart_on_the_same_pins() {
+    operator_state_survives("state-sigkill", Ending::Sigkill);
+}
+
+#[test]
+fn operator_state_survives_a_clean_stop_with_keep_attached() {
+    operator_state_survives("state-keep", Ending::SigtermKeepAttached);
 }
