@@ -336,7 +336,13 @@ pub fn with_private_state_file(args: &[String], dir: &Path) -> Vec<String> {
     let names_one = args
         .iter()
         .any(|a| a == "--state-file" || a.starts_with("--state-file="));
-    if args.first().is_some_and(|a| a == "run") && !names_one {
+    // `run` is the subcommand, also behind `env VAR=VALUE BINARY` (the tests that set a
+    // debug switch start the daemon so).
+    let is_run = args
+        .iter()
+        .take_while(|a| !a.starts_with('-'))
+        .any(|a| a == "run");
+    if is_run && !names_one {
         all.push("--state-file".to_owned());
         all.push(private_state_file(dir, args).to_string_lossy().into_owned());
     }
@@ -646,6 +652,12 @@ mod tests {
         );
         let plain = with_private_state_file(&args(&["run", "--iface", "v-disp"]), dir);
         assert_eq!(plain[3..], args(&["--state-file", "/tmp/run/state.json"]));
+        let wrapped = args(&["X=1", "/bin/sip-dispatch", "run", "--iface", "v-disp"]);
+        assert_eq!(
+            with_private_state_file(&wrapped, dir)[5..],
+            args(&["--state-file", "/tmp/run/state.json"]),
+            "behind env too"
+        );
         // Named already, or not `run`: unchanged.
         let named = args(&["run", "--state-file", "/elsewhere.json"]);
         assert_eq!(with_private_state_file(&named, dir), named);
