@@ -119,10 +119,28 @@ impl AcceptBackoff {
         d
     }
 
-    pub async fn failed(&mut self, listener: &str, e: &std::io::Error) {
+    async fn failed(&mut self, listener: &str, e: &std::io::Error) {
         let d = self.next_delay();
         log::warn!("{listener}: accept failed: {e} (retrying in {d:?})");
         tokio::time::sleep(d).await;
+    }
+
+    /// What an accept gave: the connection, or None after the pause a failure earns.
+    pub async fn accepted<T, A>(
+        &mut self,
+        listener: &str,
+        result: std::io::Result<(T, A)>,
+    ) -> Option<T> {
+        match result {
+            Ok((stream, _)) => {
+                self.succeeded();
+                Some(stream)
+            }
+            Err(e) => {
+                self.failed(listener, &e).await;
+                None
+            }
+        }
     }
 }
 
@@ -172,15 +190,11 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
     let lingering = Arc::new(Semaphore::new(MAX_REFUSED_LINGERING));
     let mut backoff = AcceptBackoff::new();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.succeeded();
-                stream
-            }
-            Err(e) => {
-                backoff.failed("control socket", &e).await;
-                continue;
-            }
+        let Some(stream) = backoff
+            .accepted("control socket", listener.accept().await)
+            .await
+        else {
+            continue;
         };
         if let Some(response) = refusal(&stream) {
             refuse(stream, &response, &lingering);

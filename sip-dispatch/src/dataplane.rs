@@ -143,28 +143,27 @@ impl Dataplane {
     /// `abandon`): closes our link fd and removes the pins, the link pin last of all
     /// holders, which detaches the program.
     pub fn detach(&mut self) {
+        self.drop_link();
+        if let Some(dir) = &self.pin_dir {
+            remove_pins(dir);
+        }
+    }
+
+    /// Detaches our link, if we attached one.
+    fn drop_link(&mut self) {
         if let Some(link) = self.link.take()
             && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
             && let Ok(prog) = <&mut Xdp>::try_from(p)
             && let Err(e) = prog.detach(link)
         {
             log::warn!("detaching XDP from {}: {e}", self.iface);
-        }
-        if let Some(dir) = &self.pin_dir {
-            remove_pins(dir);
         }
     }
 
     /// Undoes a start that failed with no pinned link to keep: closes our link, if any,
     /// and removes the pins this daemon made; the pins it found (adopted maps) stay.
     pub fn abandon(&mut self) {
-        if let Some(link) = self.link.take()
-            && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
-            && let Ok(prog) = <&mut Xdp>::try_from(p)
-            && let Err(e) = prog.detach(link)
-        {
-            log::warn!("detaching XDP from {}: {e}", self.iface);
-        }
+        self.drop_link();
         let Some(dir) = &self.pin_dir else {
             return;
         };

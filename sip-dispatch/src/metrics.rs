@@ -81,15 +81,11 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Command>) {
     let cache: Arc<Cache> = Arc::default();
     let mut backoff = AcceptBackoff::new();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.succeeded();
-                stream
-            }
-            Err(e) => {
-                backoff.failed("metrics listener", &e).await;
-                continue;
-            }
+        let Some(stream) = backoff
+            .accepted("metrics listener", listener.accept().await)
+            .await
+        else {
+            continue;
         };
         let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => p,
