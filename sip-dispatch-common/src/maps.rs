@@ -13,8 +13,9 @@ pub const MAP_TABLES: &str = "sd_tables_v2";
 pub const MAP_BACKENDS: &str = "sd_backends_v1";
 /// Per-CPU array of [`BackendStats`], indexed by backend id.
 pub const MAP_BACKEND_STATS: &str = "sd_bstats_v1";
-/// Per-CPU array of u64, indexed by [`Counter`]. (v2: `drop_redirect_failed` added.)
-pub const MAP_COUNTERS: &str = "sd_counters_v2";
+/// Per-CPU array of u64, indexed by [`Counter`]. (v2: `drop_redirect_failed` added; v3:
+/// the `affinity_*` counters.)
+pub const MAP_COUNTERS: &str = "sd_counters_v3";
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "sd_config_v1";
 /// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
@@ -22,15 +23,24 @@ pub const MAP_TX_PORTS: &str = "sd_txports_v1";
 /// Per-CPU scratch space the XDP program copies the UDP payload into.
 pub const MAP_SCRATCH: &str = "sd_scratch_v2";
 
-/// LRU hash [`AffinityKey`] -> [`AffinityEntry`]: which backend a call went to.
-/// Not in [`ALL_MAPS`] yet: the program does not declare it.
+/// LRU hash [`AffinityKey`] -> [`AffinityEntry`]: which backend a call went to. Its
+/// size is set at load (`--affinity-entries`).
 pub const MAP_AFFINITY: &str = "sd_affinity_v1";
 /// Mmap-able array of [`BackendFlags`], indexed by backend id ([`MAX_BACKENDS`] entries).
-/// Not in [`ALL_MAPS`] yet: the program does not declare it.
 pub const MAP_BACKEND_FLAGS: &str = "sd_bflags_v1";
+/// Flags of [`MAP_BACKEND_FLAGS`]: `BPF_F_MMAPABLE`, so the controller writes it in place.
+pub const BACKEND_FLAGS_MAP_FLAGS: u32 = 1 << 10;
+
+/// Entries of [`MAP_AFFINITY`] unless `--affinity-entries` says otherwise.
+pub const AFFINITY_ENTRIES_DEFAULT: u32 = 262_144;
+/// The range `--affinity-entries` accepts.
+pub const AFFINITY_ENTRIES_MIN: u32 = 1024;
+pub const AFFINITY_ENTRIES_MAX: u32 = 8_388_608;
+/// The program's `.rodata` switch (1: affinity on), set at load.
+pub const GLOBAL_AFFINITY_ON: &str = "AFFINITY_ON";
 
 /// Every map of the object, all pinned under the pin directory.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_TABLES,
     MAP_BACKENDS,
@@ -39,6 +49,8 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_CONFIG,
     MAP_TX_PORTS,
     MAP_SCRATCH,
+    MAP_AFFINITY,
+    MAP_BACKEND_FLAGS,
 ];
 
 /// The XDP program that dispatches SIP.
@@ -236,10 +248,21 @@ pub enum Counter {
     /// Dropped: XDP_REDIRECT failed after the frame was rewritten for its backend (the
     /// port left the redirect map between the check and the redirect).
     DropRedirectFailed,
+    /// Affinity: the message followed its call's entry (not the slot table).
+    AffinityHit,
+    /// Affinity: the call had no entry.
+    AffinityMiss,
+    /// Affinity: an entry was created for the table's pick.
+    AffinityInsert,
+    /// Affinity: an entry was rewritten with the table's pick (its backend was disabled,
+    /// removed, down, or drained and idle).
+    AffinityOverridden,
+    /// Affinity: creating an entry failed (the message still went to the table's pick).
+    AffinityInsertFailed,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
         Counter::NotService,
@@ -254,6 +277,11 @@ impl Counter {
         Counter::PassCallIdBeyondWindow,
         Counter::PassNoTxPort,
         Counter::DropRedirectFailed,
+        Counter::AffinityHit,
+        Counter::AffinityMiss,
+        Counter::AffinityInsert,
+        Counter::AffinityOverridden,
+        Counter::AffinityInsertFailed,
     ];
 
     /// Stable snake_case name, used in logs, JSON and metrics.
@@ -272,6 +300,11 @@ impl Counter {
             Counter::PassCallIdBeyondWindow => "pass_call_id_beyond_window",
             Counter::PassNoTxPort => "pass_no_tx_port",
             Counter::DropRedirectFailed => "drop_redirect_failed",
+            Counter::AffinityHit => "affinity_hit",
+            Counter::AffinityMiss => "affinity_miss",
+            Counter::AffinityInsert => "affinity_insert",
+            Counter::AffinityOverridden => "affinity_overridden",
+            Counter::AffinityInsertFailed => "affinity_insert_failed",
         }
     }
 }
@@ -313,10 +346,6 @@ mod tests {
     fn map_names_fit_the_kernel_limit() {
         for n in ALL_MAPS {
             assert!(n.len() <= 15, "{n} is longer than 15 characters");
-        }
-        for n in [MAP_AFFINITY, MAP_BACKEND_FLAGS] {
-            assert!(n.len() <= 15, "{n} is longer than 15 characters");
-            assert!(!ALL_MAPS.contains(&n), "{n} is declared in step 2");
         }
     }
 

@@ -6,6 +6,9 @@
 //! it out (XDP_TX, or XDP_REDIRECT through the tx ports devmap). Everything else passes
 //! to the kernel stack untouched; what was meant for a service but could not be handled
 //! is counted by reason.
+//!
+//! With call affinity on, a message of a call the affinity map knows follows the call's
+//! entry instead of the table, by the rules of `sip_dispatch_common::affinity::choose`.
 #![no_std]
 #![no_main]
 
@@ -16,8 +19,8 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, PerCpuArray},
-    helpers::generated::{bpf_fib_lookup, bpf_loop, bpf_xdp_load_bytes},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_loop, bpf_xdp_load_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -28,11 +31,13 @@ use network_types::{
     vlan::VlanHdr,
 };
 use sip_dispatch_common::{
-    Backend, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
+    AFFINITY_ENTRIES_MIN, AffinityEntry, AffinityKey, BACKEND_FLAGS_MAP_FLAGS, Backend,
+    BackendFlags, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
     MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SCRATCH_XDP_WORDS, SLOTS, Scan, ScanOutcome, Scanner,
     Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
+    affinity::{EntryWrite, Route, choose, classify_word},
     csum::CsumDelta,
-    parse::{ByteWindow, Step},
+    parse::{ByteWindow, Step, ToTag, ToTagScanner, ToTagStep},
     slot_of,
 };
 
@@ -53,7 +58,7 @@ static TABLES: ArrayOfMaps<
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map(name = "sd_bstats_v1")]
 static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
-#[btf_map(name = "sd_counters_v2")]
+#[btf_map(name = "sd_counters_v3")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 #[btf_map(name = "sd_config_v1")]
 static CONFIG: Array<Config, 1> = Array::new();
@@ -61,6 +66,22 @@ static CONFIG: Array<Config, 1> = Array::new();
 static TX_PORTS: DevMapHash<64> = DevMapHash::new();
 #[btf_map(name = "sd_scratch_v2")]
 static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+/// The size here is a placeholder: the loader sets it (`--affinity-entries`).
+#[btf_map(name = "sd_affinity_v1")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { AFFINITY_ENTRIES_MIN as usize }> =
+    LruHashMap::new();
+#[btf_map(name = "sd_bflags_v1")]
+static BACKEND_FLAGS: Array<
+    BackendFlags,
+    { MAX_BACKENDS as usize },
+    { BACKEND_FLAGS_MAP_FLAGS as usize },
+> = Array::new();
+
+/// 1: call affinity on (`--affinity on`), set by the loader. It lives in `.rodata`, which
+/// the loader freezes, so the verifier knows its value and drops the branch not taken:
+/// with affinity off the program is today's stateless one.
+#[unsafe(no_mangle)]
+static AFFINITY_ON: u8 = 1;
 
 #[xdp]
 pub fn sip_dispatch(ctx: XdpContext) -> u32 {
@@ -133,12 +154,11 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
 
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(Counter::PassNoCallId)?;
     let hash = call_id_hash(ctx, scratch, &dg)?;
-    let backend_id = *TABLES
-        .get_value(service_id, &slot_of(hash))
-        .ok_or(Counter::PassNoBackend)?;
-    if backend_id == NO_BACKEND {
-        return Err(Counter::PassNoBackend);
-    }
+    let backend_id = if unsafe { core::ptr::read_volatile(&AFFINITY_ON) } != 0 {
+        pick_with_affinity(scratch, service_id, hash)?
+    } else {
+        table_pick(service_id, hash)?
+    };
     let backend = *BACKENDS.get(backend_id).ok_or(Counter::PassNoBackend)?;
     if backend.family != dg.family {
         return Err(Counter::PassNoBackend);
@@ -174,6 +194,156 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
         Err(_) => {
             count(Counter::DropRedirectFailed);
             Ok(XDP_DROP)
+        }
+    }
+}
+
+/// The slot table's backend for a Call-ID hash.
+#[inline(always)]
+fn table_pick(service_id: u32, hash: u64) -> Result<u32, Counter> {
+    let id = *TABLES
+        .get_value(service_id, &slot_of(hash))
+        .ok_or(Counter::PassNoBackend)?;
+    if id == NO_BACKEND {
+        return Err(Counter::PassNoBackend);
+    }
+    Ok(id)
+}
+
+#[inline(always)]
+fn backend_flags(id: u32) -> BackendFlags {
+    BACKEND_FLAGS.get(id).copied().unwrap_or_default()
+}
+
+/// The backend for a message with call affinity: the call's entry or the table, as
+/// `choose` says, and the entry written as it says. Entries are updated in place (an
+/// LRU update allocates a node, as Katran notes); a new one is inserted only for a
+/// request without one.
+#[inline(always)]
+fn pick_with_affinity(scratch: *mut Scratch, service_id: u32, hash: u64) -> Result<u32, Counter> {
+    let job = job_of(scratch);
+    let len = unsafe { (*job).len };
+    let complete = unsafe { (*job).complete };
+    let class = classify_word(Window(scratch).aligned_word_at(0), len);
+    let key = AffinityKey {
+        hash,
+        service: service_id,
+        _zero: 0,
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let slot = AFFINITY.get_ptr_mut(&key);
+    let entry = slot.map(|p| unsafe { *p });
+    let flags = match &entry {
+        Some(e) => backend_flags(e.backend),
+        None => BackendFlags::default(),
+    };
+    let choice = choose(class, entry.as_ref(), flags, now, || {
+        has_to_tag(scratch, len, complete)
+    });
+    if entry.is_none() {
+        count(Counter::AffinityMiss);
+    }
+    if let Route::Follow(id) = choice.route {
+        count(Counter::AffinityHit);
+        if let (EntryWrite::Touch { set_flags }, Some(p)) = (choice.write, slot) {
+            unsafe {
+                (*p).last_seen_ns = now;
+                (*p).flags |= set_flags;
+            }
+        }
+        return Ok(id);
+    }
+    let id = table_pick(service_id, hash)?;
+    let generation = backend_flags(id).generation;
+    match (choice.write, slot) {
+        (EntryWrite::Rewrite { flags }, Some(p)) => {
+            count(Counter::AffinityOverridden);
+            // One aligned store of id and generation: no CPU sees one without the other.
+            unsafe {
+                core::ptr::write_volatile(
+                    p.cast::<u64>(),
+                    AffinityEntry::target_word(id, generation),
+                );
+                (*p).last_seen_ns = now;
+                (*p).flags = flags;
+            }
+        }
+        (EntryWrite::Insert, _) => {
+            let fresh = AffinityEntry {
+                backend: id,
+                generation,
+                last_seen_ns: now,
+                flags: 0,
+                _zero: 0,
+            };
+            // BPF_NOEXIST: another CPU may have created it since the lookup; its entry
+            // names the same table pick.
+            if AFFINITY.insert(&key, &fresh, BPF_NOEXIST).is_ok() {
+                count(Counter::AffinityInsert);
+            } else if AFFINITY.get_ptr(&key).is_none() {
+                count(Counter::AffinityInsertFailed);
+            }
+        }
+        _ => {}
+    }
+    Ok(id)
+}
+
+const BPF_NOEXIST: u64 = 1;
+
+/// Whether the message's To header has a tag: a second pass over the scratch copy, only
+/// for a request whose call has an entry that is neither a retransmission's nor ended.
+/// Beyond the window counts as no tag (the table decides, as without affinity).
+#[inline(always)]
+fn has_to_tag(scratch: *mut Scratch, len: usize, complete: bool) -> bool {
+    let job = tag_job_of(scratch);
+    unsafe {
+        (*job).scanner = ToTagScanner::new();
+        (*job).at = 0;
+        (*job).len = len;
+        (*job).done = ToTag::BeyondWindow as u64;
+        (*job).finished = 0;
+    }
+    // Verifier constraint: as for the Call-ID scan, a plain loop is too branchy; every
+    // step takes at least one byte, so `len` steps suffice.
+    unsafe {
+        bpf_loop(
+            len as u32,
+            to_tag_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    let tag = unsafe {
+        if (*job).finished != 0 {
+            (*job).done
+        } else {
+            (*job).scanner.finish(complete) as u64
+        }
+    };
+    tag == ToTag::Tagged as u64
+}
+
+/// One step of the To-tag scan; 0 continues, 1 stops (see `scan_step`).
+#[inline(never)]
+extern "C" fn to_tag_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let job = unsafe { &mut *tag_job_of(scratch) };
+    let (at, len) = (job.at, job.len);
+    if at >= len {
+        return 1;
+    }
+    match job.scanner.step(&Window(scratch), at, len) {
+        ToTagStep::Done(tag) => {
+            job.done = tag as u64;
+            job.finished = 1;
+            1
+        }
+        ToTagStep::Next(next) => {
+            job.at = next;
+            0
         }
     }
 }
@@ -336,6 +506,7 @@ fn call_id_hash(ctx: &XdpContext, scratch: *mut Scratch, dg: &Datagram) -> Resul
         store_words(&raw mut (*job).scanner, Scanner::new(key));
         (*job).at = 0;
         (*job).len = len;
+        (*job).complete = complete;
         (*job).done = None;
     }
     // Verifier constraint: a plain loop over up to 2048 bytes with a branchy body
@@ -397,12 +568,24 @@ struct ScanJob {
     /// Next offset to scan, and the bytes in scratch.
     at: usize,
     len: usize,
+    /// The bytes in scratch are the whole payload.
+    complete: bool,
     done: Option<Scan>,
+}
+
+/// The state of one To-tag scan. Plain words: the answer is a `ToTag` value.
+struct ToTagJob {
+    scanner: ToTagScanner,
+    at: usize,
+    len: usize,
+    done: u64,
+    finished: u64,
 }
 
 /// What the program keeps in `Scratch::xdp`.
 struct Private {
     job: ScanJob,
+    tag: ToTagJob,
     fib: FibLookup,
 }
 
@@ -415,6 +598,11 @@ fn private(scratch: *mut Scratch) -> *mut Private {
 #[inline(always)]
 fn job_of(scratch: *mut Scratch) -> *mut ScanJob {
     unsafe { &raw mut (*private(scratch)).job }
+}
+
+#[inline(always)]
+fn tag_job_of(scratch: *mut Scratch) -> *mut ToTagJob {
+    unsafe { &raw mut (*private(scratch)).tag }
 }
 
 /// One step of the Call-ID scan (a line, a few words of the value, or a byte between

@@ -6,6 +6,10 @@
 //! references it: a table still in the kernel (because a later publish failed, or the
 //! XDP program is on an older one) would otherwise send calls to whatever address the
 //! id is given next. Freed ids are reused lowest first.
+//!
+//! Each id has a generation, bumped when the id is freed: an affinity entry written for
+//! the id's earlier address no longer matches its generation, so it is never followed to
+//! the next address the id is given.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
@@ -20,6 +24,8 @@ pub struct BackendIds {
     capacity: u32,
     /// Per table index (a service id): the ids its installed table references.
     installed: BTreeMap<u32, BTreeSet<u32>>,
+    /// Per id: its generation (see the module docs).
+    generations: Vec<u32>,
 }
 
 /// Every id is in use.
@@ -43,6 +49,19 @@ impl BackendIds {
             next: 0,
             capacity,
             installed: BTreeMap::new(),
+            generations: vec![0; capacity as usize],
+        }
+    }
+
+    /// The generation of `id` (0 for an id beyond the capacity).
+    pub fn generation(&self, id: u32) -> u32 {
+        self.generations.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// Takes over the generations a previous daemon left (index = id).
+    pub fn adopt_generations(&mut self, generations: &[u32]) {
+        for (g, found) in self.generations.iter_mut().zip(generations) {
+            *g = *found;
         }
     }
 
@@ -129,6 +148,9 @@ impl BackendIds {
         for (addr, id) in &gone {
             self.by_addr.remove(addr);
             self.free.insert(*id);
+            if let Some(g) = self.generations.get_mut(*id as usize) {
+                *g = g.wrapping_add(1);
+            }
         }
         gone
     }
@@ -160,6 +182,26 @@ mod tests {
         assert_eq!(ids.allocate(addr(4)), Ok((0, true)));
         assert_eq!(ids.allocate(addr(5)), Ok((1, true)));
         assert_eq!(ids.allocate(addr(6)), Ok((3, true)));
+    }
+
+    #[test]
+    fn a_freed_id_comes_back_with_the_next_generation() {
+        let mut ids = BackendIds::new(4);
+        let (a, _) = ids.allocate(addr(1)).unwrap();
+        assert_eq!(ids.generation(a), 0);
+        ids.release_unlisted(|_| false);
+        assert_eq!(ids.generation(a), 1);
+        assert_eq!(ids.allocate(addr(2)), Ok((a, true)));
+        assert_eq!(ids.generation(a), 1, "allocating does not bump it");
+        // Taking back an id no table used is no new user.
+        ids.unallocate(addr(2));
+        assert_eq!(ids.generation(a), 1);
+        ids.adopt_generations(&[u32::MAX, 7]);
+        assert_eq!((ids.generation(0), ids.generation(1)), (u32::MAX, 7));
+        ids.allocate(addr(3)).unwrap();
+        ids.release_unlisted(|_| false);
+        assert_eq!(ids.generation(0), 0, "generations wrap");
+        assert_eq!(ids.generation(99), 0);
     }
 
     #[test]

@@ -204,6 +204,36 @@ pub struct RunArgs {
     /// Default: /var/lib/sip-dispatch/<iface>.state.json
     #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// Call affinity: messages of a call in progress keep going to the backend it started
+    /// on across table changes (on), or every message goes by the table (off: purely
+    /// stateless). A change needs a restart.
+    #[arg(long, value_enum)]
+    pub affinity: Option<OnOff>,
+    /// Calls the affinity map holds (about 104 bytes each, charged to the daemon's
+    /// cgroup; default 262144 = about 26 MiB). Make it at least peak calls per second x
+    /// (longest call + call-idle) seconds.
+    #[arg(long, value_parser = parse_affinity_entries)]
+    pub affinity_entries: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+pub fn parse_affinity_entries(s: &str) -> Result<u32, String> {
+    use sip_dispatch_common::{AFFINITY_ENTRIES_MAX, AFFINITY_ENTRIES_MIN};
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("affinity-entries {s:?} is not a number"))?;
+    if !(u64::from(AFFINITY_ENTRIES_MIN)..=u64::from(AFFINITY_ENTRIES_MAX)).contains(&n) {
+        return Err(format!(
+            "affinity-entries {n} is out of range: must be at least {AFFINITY_ENTRIES_MIN} and at \
+             most {AFFINITY_ENTRIES_MAX}"
+        ));
+    }
+    Ok(n as u32)
 }
 
 #[derive(Args, Debug)]

@@ -55,6 +55,8 @@ struct File {
     up_after: Option<Spanned<u32>>,
     alive_codes: Option<Spanned<String>>,
     health_uri: Option<Spanned<String>>,
+    affinity: Option<Spanned<String>>,
+    affinity_entries: Option<Spanned<u64>>,
     #[serde(default)]
     service: Vec<FileService>,
 }
@@ -108,6 +110,7 @@ pub struct Settings {
     pub dns: DnsConfig,
     pub health: HealthConfig,
     pub services: Vec<ServiceSpec>,
+    pub affinity: crate::dataplane::Affinity,
 }
 
 /// Reads a value the file gave as text, naming file, line and key when it is wrong.
@@ -253,6 +256,27 @@ impl Settings {
                     None => (hashkey::generate()?, KeyOrigin::NewKeyFile(path)),
                 }
             }
+        };
+        let affinity_on = match (args.affinity, &file.affinity) {
+            (Some(a), _) => a,
+            (None, Some(a)) => r.parse("affinity", a, |s| {
+                clap::ValueEnum::from_str(s, false)
+                    .map_err(|_| format!("invalid affinity {s:?} (on or off)"))
+            })?,
+            (None, None) => crate::cli::OnOff::On,
+        };
+        let affinity_entries = match (args.affinity_entries, &file.affinity_entries) {
+            (Some(n), _) => n,
+            (None, Some(n)) => crate::cli::parse_affinity_entries(&n.get_ref().to_string())
+                .map_err(|e| {
+                    let line = r.line(n.span());
+                    anyhow::anyhow!("{}:{line}: key `affinity-entries`: {e}", r.path.display())
+                })?,
+            (None, None) => sip_dispatch_common::AFFINITY_ENTRIES_DEFAULT,
+        };
+        let affinity = crate::dataplane::Affinity {
+            on: affinity_on == crate::cli::OnOff::On,
+            entries: affinity_entries,
         };
         let metrics = match (args.metrics, &file.metrics) {
             (Some(m), _) => Some(m),
@@ -418,6 +442,7 @@ impl Settings {
             dns,
             health,
             services,
+            affinity,
         })
     }
 }

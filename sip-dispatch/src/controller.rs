@@ -283,6 +283,25 @@ pub fn backends_reconfigured(services: &[Service], specs: &[ServiceSpec]) -> usi
     all.len()
 }
 
+/// The fast path's flags of a listed backend (see `sip_dispatch_common::affinity`):
+/// its calls keep it unless the operator disabled it; it takes a retransmitted INVITE
+/// while up; it keeps the INVITEs of its calls while it takes new ones (not drained,
+/// not set to weight 0).
+pub fn affinity_flags(health: &Health, weight_zero: bool) -> u32 {
+    use sip_dispatch_common::{BF_AFFINITY, BF_NEW, BF_UP, health::State};
+    if health.admin == Admin::Disabled {
+        return 0;
+    }
+    let mut flags = BF_AFFINITY;
+    if health.probed && health.state == State::Up {
+        flags |= BF_UP;
+    }
+    if health.admin == Admin::Enabled && !weight_zero {
+        flags |= BF_NEW;
+    }
+    flags
+}
+
 pub struct Controller {
     dp: Dataplane,
     key: HashKey,
@@ -641,10 +660,28 @@ impl Controller {
     /// table fits keeps failing over however many ids other services need. A backend
     /// keeps its id (and its counters) for as long as it is listed.
     fn install(&mut self, i: usize, table: SlotTable) -> anyhow::Result<()> {
+        // New members get their ids and flags before a table sends calls to them.
+        for m in &table.members {
+            self.dp.backend_id(m.backend.to_socket_addr())?;
+        }
+        self.sync_flags();
         let service = &self.services[i];
         self.dp.install_service(service.id, service.vip, &table)?;
         service.tables.send_replace(Some(Arc::new(table)));
         Ok(())
+    }
+
+    /// Tells the fast path what each backend id's state means for call affinity (the
+    /// map is written only where it changes).
+    fn sync_flags(&mut self) {
+        for (addr, id) in self.dp.backend_ids() {
+            let flags = self.backends.get(&addr).map_or(0, |k| {
+                affinity_flags(&k.health, k.weight_override == Some(0))
+            });
+            if let Err(e) = self.dp.set_backend_flags(id, flags) {
+                log::warn!("backend {addr}: {e:#}");
+            }
+        }
     }
 
     /// Sends the replies whose tables are all back.
@@ -739,6 +776,7 @@ impl Controller {
                 Some((request, reply)) = commands.recv() => self.command(request, reply),
                 _ = &mut stop => break,
             }
+            self.sync_flags();
         }
         for (_, handle) in self.probers.drain() {
             handle.abort();
@@ -1298,6 +1336,34 @@ mod backend_limit_tests {
 
     fn vip(n: u8) -> SocketAddr {
         SocketAddr::from(([198, 19, 0, n], 5060))
+    }
+
+    #[test]
+    fn affinity_flags_follow_the_backend_states() {
+        use crate::health::State;
+        use sip_dispatch_common::{BF_AFFINITY as A, BF_NEW as N, BF_UP as U};
+        let with = |state, admin| Health {
+            admin,
+            ..Health::new(state, "test")
+        };
+        let cases = [
+            (with(State::Up, Admin::Enabled), false, A | U | N),
+            (with(State::Up, Admin::Enabled), true, A | U),
+            (with(State::Up, Admin::Drained), false, A | U),
+            (with(State::Down, Admin::Enabled), false, A | N),
+            (with(State::Down, Admin::Drained), false, A),
+            (with(State::Up, Admin::Disabled), false, 0),
+            (Health::unprobed(), false, A | N),
+        ];
+        for (health, weight_zero, want) in cases {
+            assert_eq!(
+                affinity_flags(&health, weight_zero),
+                want,
+                "{:?} {:?} weight 0: {weight_zero}",
+                health.state,
+                health.admin
+            );
+        }
     }
 
     #[test]

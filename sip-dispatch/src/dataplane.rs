@@ -19,10 +19,11 @@ use aya::{
     },
 };
 use sip_dispatch_common::{
-    ALL_MAPS, Backend, BackendStats, Config, Counter, HashKey, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_CONFIG, MAP_COUNTERS, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS,
-    MAX_SERVICES, NO_BACKEND, PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey,
-    TABLE_MAP_FLAGS,
+    AFFINITY_ENTRIES_DEFAULT, AFFINITY_ENTRIES_MIN, ALL_MAPS, AffinityEntry, AffinityKey, Backend,
+    BackendFlags, BackendStats, Config, Counter, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY,
+    MAP_BACKEND_FLAGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_SCRATCH,
+    MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROG_DISPATCH,
+    PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -43,6 +44,38 @@ impl AttachMode {
     }
 }
 
+/// Call affinity as the program is loaded with it (`--affinity`, `--affinity-entries`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Affinity {
+    pub on: bool,
+    /// Entries of the affinity map.
+    pub entries: u32,
+}
+
+impl Default for Affinity {
+    fn default() -> Self {
+        Affinity {
+            on: true,
+            entries: AFFINITY_ENTRIES_DEFAULT,
+        }
+    }
+}
+
+impl Affinity {
+    /// The map's size: with affinity off nothing uses it, so it takes the least room.
+    pub fn map_entries(self) -> u32 {
+        if self.on {
+            self.entries
+        } else {
+            AFFINITY_ENTRIES_MIN
+        }
+    }
+}
+
+/// Where a resized affinity map's previous pin waits until the take-over (or goes back
+/// on a failed start).
+const AFFINITY_OLD_PIN: &str = "sd_affinity_v1.old";
+
 /// Dropping it never detaches: a pinned link (and its maps) outlives the daemon, however
 /// it ends. Only `detach`, on a clean stop, removes the pins; an unpinned link (kernel
 /// tests, benchmarks) goes with its last fd.
@@ -57,6 +90,9 @@ pub struct Dataplane {
     _pin_lock: Option<crate::bpffs::PinDirLock>,
     /// The pins that were there before `load` (adopted): a failed start keeps them.
     found_pins: Vec<PathBuf>,
+    affinity: Affinity,
+    /// What was last written to the backend flags map, per id.
+    flags_written: Vec<Option<BackendFlags>>,
 }
 
 impl Dataplane {
@@ -67,7 +103,16 @@ impl Dataplane {
     /// running program uses is written here (missing maps are created and pinned): the
     /// hash key waits for `write_hash_key`, so a daemon that fails to start before its
     /// take-over leaves a pinned, forwarding link as it was.
-    pub fn load(pin_dir: &Path, iface: &str, reset: bool, key: HashKey) -> anyhow::Result<Self> {
+    ///
+    /// An affinity map pinned with another size is resized: moved aside, replaced by a new
+    /// one holding its newest entries, and removed at the take-over.
+    pub fn load(
+        pin_dir: &Path,
+        iface: &str,
+        reset: bool,
+        key: HashKey,
+        affinity: Affinity,
+    ) -> anyhow::Result<Self> {
         crate::bpffs::prepare_pin_dir(pin_dir)?;
         // Before anything in the directory is read or removed (also by --reset).
         let lock = crate::bpffs::lock_pin_dir(pin_dir)?;
@@ -82,26 +127,133 @@ impl Dataplane {
                 std::fs::remove_file(p)
                     .with_context(|| format!("removing stale pin {}", p.display()))?;
             }
+            let _ = std::fs::remove_file(pin_dir.join(AFFINITY_OLD_PIN));
         } else {
             check_pinned_layout(pin_dir)?;
         }
+        let resized = if reset {
+            None
+        } else {
+            set_affinity_aside(pin_dir, affinity.map_entries())?
+        };
         let adopting = !reset && !pinned.is_empty();
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let ebpf = loader.load(OBJECT).context("loading the XDP object")?;
-        let mut dp = Self::init(ebpf, Some(pin_dir.to_path_buf()), iface, key)?;
+        let on = u8::from(affinity.on);
+        loader
+            .map_max_entries(MAP_AFFINITY, affinity.map_entries())
+            .override_global(GLOBAL_AFFINITY_ON, &on, true);
+        let loaded = loader
+            .load(OBJECT)
+            .context("loading the XDP object")
+            .and_then(|ebpf| Self::init(ebpf, Some(pin_dir.to_path_buf()), iface, key, affinity));
+        let mut dp = match loaded {
+            Ok(dp) => dp,
+            Err(e) => {
+                if resized.is_some() {
+                    put_affinity_back(pin_dir);
+                }
+                return Err(e);
+            }
+        };
         dp._pin_lock = Some(lock);
         if !reset {
             dp.found_pins = pinned;
+            // The new map is ours; the old one is what a failed start puts back.
+            dp.found_pins.retain(|p| resized.is_none() || !p.ends_with(MAP_AFFINITY));
         }
         if adopting {
             dp.adopt_backend_ids()?;
             log::info!("adopted the maps pinned in {}", pin_dir.display());
         }
+        if let Some(old) = resized {
+            dp.copy_affinity_from(old)?;
+        }
         Ok(dp)
+    }
+
+    /// Fills the (new) affinity map with the newest entries of `old`, as many as fit.
+    fn copy_affinity_from(&mut self, old: MapData) -> anyhow::Result<()> {
+        let old = aya::maps::Map::LruHashMap(old);
+        let old: HashMap<&MapData, AffinityKey, AffinityEntry> = HashMap::try_from(&old)?;
+        let mut entries: Vec<(AffinityKey, AffinityEntry)> =
+            old.iter().filter_map(Result::ok).collect();
+        let capacity = self.affinity.map_entries() as usize;
+        // Newest first, then inserted oldest first, so that the LRU keeps the newest.
+        entries.sort_unstable_by_key(|(_, e)| std::cmp::Reverse(e.last_seen_ns));
+        entries.truncate(capacity);
+        let mut map: HashMap<&mut MapData, AffinityKey, AffinityEntry> =
+            HashMap::try_from(self.map_mut(MAP_AFFINITY)?)?;
+        let mut copied = 0usize;
+        for (k, e) in entries.iter().rev() {
+            if map.insert(k, e, 0).is_ok() {
+                copied += 1;
+            }
+        }
+        log::info!(
+            "affinity map resized to {capacity} entries: {copied} call(s) carried over"
+        );
+        Ok(())
+    }
+
+    /// The size of the affinity map, and whether the program uses it.
+    pub fn affinity(&self) -> Affinity {
+        self.affinity
+    }
+
+    /// Writes what the fast path needs to know of backend `id` (its generation is ours),
+    /// unless that is what the map holds already.
+    pub fn set_backend_flags(&mut self, id: u32, flags: u32) -> anyhow::Result<()> {
+        let value = BackendFlags {
+            generation: self.ids.generation(id),
+            flags,
+        };
+        let Some(slot) = self.flags_written.get(id as usize) else {
+            bail!("backend id {id} out of range");
+        };
+        if *slot == Some(value) {
+            return Ok(());
+        }
+        let mut map: Array<&mut MapData, BackendFlags> =
+            Array::try_from(self.map_mut(MAP_BACKEND_FLAGS)?)?;
+        map.set(id, value, 0)
+            .with_context(|| format!("writing the flags of backend {id}"))?;
+        self.flags_written[id as usize] = Some(value);
+        Ok(())
+    }
+
+    /// The affinity entry of a call, if the map has one.
+    pub fn affinity_entry(&self, key: &AffinityKey) -> anyhow::Result<Option<AffinityEntry>> {
+        let map: HashMap<&MapData, AffinityKey, AffinityEntry> =
+            HashMap::try_from(self.map(MAP_AFFINITY)?)?;
+        match map.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the affinity map"),
+        }
+    }
+
+    /// Writes a call's affinity entry (the slow path's writes, and tests).
+    pub fn set_affinity_entry(
+        &mut self,
+        key: &AffinityKey,
+        entry: &AffinityEntry,
+    ) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, AffinityKey, AffinityEntry> =
+            HashMap::try_from(self.map_mut(MAP_AFFINITY)?)?;
+        map.insert(key, entry, 0)
+            .context("writing the affinity map")
+    }
+
+    /// The ids that have an address, with it.
+    pub fn backend_ids(&self) -> Vec<(std::net::SocketAddr, u32)> {
+        self.ids
+            .addrs()
+            .filter_map(|a| Some((a, self.ids.get(a)?)))
+            .collect()
     }
 
     /// Takes over the backend ids a previous daemon wrote, so that its tables (still in
@@ -124,6 +276,13 @@ impl Dataplane {
             .map(|(_, info)| info.id)
             .collect();
         self.ids.adopt(&found, &tables);
+        let flags: Array<&MapData, BackendFlags> =
+            Array::try_from(self.map(MAP_BACKEND_FLAGS)?)?;
+        let generations = (0..MAX_BACKENDS)
+            .map(|id| flags.get(&id, 0).map(|f| f.generation))
+            .collect::<Result<Vec<u32>, _>>()
+            .context("reading the backend generations")?;
+        self.ids.adopt_generations(&generations);
         Ok(())
     }
 
@@ -178,6 +337,7 @@ impl Dataplane {
                 Err(e) => log::warn!("removing pin {}: {e}", p.display()),
             }
         }
+        put_affinity_back(dir);
         let _ = std::fs::remove_dir(dir);
     }
 
@@ -188,11 +348,14 @@ impl Dataplane {
 
     /// Loads the object with private, unpinned maps (kernel tests, benchmarks). Its
     /// link, once attached, goes when the value is dropped.
-    pub fn load_unpinned(key: HashKey) -> anyhow::Result<Self> {
+    pub fn load_unpinned(key: HashKey, affinity: Affinity) -> anyhow::Result<Self> {
+        let on = u8::from(affinity.on);
         let ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_AFFINITY, affinity.map_entries())
+            .override_global(GLOBAL_AFFINITY_ON, &on, true)
             .load(OBJECT)
             .context("loading the XDP object")?;
-        let mut dp = Self::init(ebpf, None, "", key)?;
+        let mut dp = Self::init(ebpf, None, "", key, affinity)?;
         dp.write_hash_key()?;
         Ok(dp)
     }
@@ -219,6 +382,7 @@ impl Dataplane {
         pin_dir: Option<PathBuf>,
         iface: &str,
         key: HashKey,
+        affinity: Affinity,
     ) -> anyhow::Result<Self> {
         let mut dp = Dataplane {
             ebpf,
@@ -229,6 +393,8 @@ impl Dataplane {
             key,
             _pin_lock: None,
             found_pins: Vec::new(),
+            affinity,
+            flags_written: vec![None; MAX_BACKENDS as usize],
         };
         dp.dispatch_program()?
             .load()
@@ -443,11 +609,21 @@ impl Dataplane {
 
     /// Frees the ids of addresses `listed` rejects, except those an installed table
     /// still references (they go once their table is replaced); returns the freed ones.
+    ///
+    /// A freed id gets its next generation and no flags: affinity entries written for
+    /// its address are not followed any more.
     pub fn release_unlisted(
         &mut self,
         listed: impl Fn(std::net::SocketAddr) -> bool,
     ) -> Vec<(std::net::SocketAddr, u32)> {
-        self.ids.release_unlisted(listed)
+        let freed = self.ids.release_unlisted(listed);
+        for (addr, id) in &freed {
+            if let Err(e) = self.set_backend_flags(*id, 0) {
+                // Its entries stay valid until the id is reused and written again.
+                log::warn!("backend {addr}: {e:#}");
+            }
+        }
+        freed
     }
 
     /// Swaps in a service's slot table, allocating ids for new backends.
@@ -545,6 +721,7 @@ pub const LINK_PIN: &str = "link_v1";
 /// and the map pins in `dir`.
 pub fn remove_pins(dir: &Path) -> usize {
     let mut removed = remove_outdated_pins(dir);
+    let _ = std::fs::remove_file(dir.join(AFFINITY_OLD_PIN));
     for name in ALL_MAPS.iter().chain([&LINK_PIN]) {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
@@ -568,14 +745,14 @@ fn is_outdated_map_pin(name: &str) -> bool {
 }
 
 /// Removes the map pins an earlier version left in `dir` (once its program is gone from
-/// the link, nothing uses them); returns how many.
+/// the link, nothing uses them), and a resized affinity map's old pin; returns how many.
 pub fn remove_outdated_pins(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
     for name in entries.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
-        if is_outdated_map_pin(&name) {
+        if is_outdated_map_pin(&name) || name == AFFINITY_OLD_PIN {
             match std::fs::remove_file(dir.join(&name)) {
                 Ok(()) => {
                     log::info!("removed {name}, a map pin of another version");
@@ -588,8 +765,45 @@ pub fn remove_outdated_pins(dir: &Path) -> usize {
     removed
 }
 
+/// If the affinity map pinned in `dir` has another size than `entries`, moves its pin
+/// aside (the running program keeps using the map) and returns the map, to copy from.
+fn set_affinity_aside(dir: &Path, entries: u32) -> anyhow::Result<Option<MapData>> {
+    let pin = dir.join(MAP_AFFINITY);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let map = MapData::from_pin(&pin)
+        .with_context(|| format!("opening the pinned map {}", pin.display()))?;
+    let found = map
+        .info()
+        .with_context(|| format!("reading the pinned map {}", pin.display()))?
+        .max_entries();
+    if found == entries {
+        return Ok(None);
+    }
+    let aside = dir.join(AFFINITY_OLD_PIN);
+    std::fs::rename(&pin, &aside)
+        .with_context(|| format!("moving {} aside to resize it", pin.display()))?;
+    log::info!("affinity map: {found} entries pinned, {entries} wanted: resizing");
+    Ok(Some(map))
+}
+
+/// Undoes `set_affinity_aside` after a failed start (nothing if it did not move a pin).
+fn put_affinity_back(dir: &Path) {
+    let aside = dir.join(AFFINITY_OLD_PIN);
+    if !aside.exists() {
+        return;
+    }
+    let pin = dir.join(MAP_AFFINITY);
+    let _ = std::fs::remove_file(&pin);
+    if let Err(e) = std::fs::rename(&aside, &pin) {
+        log::warn!("putting back {}: {e}", pin.display());
+    }
+}
+
 /// The layout each map must have: (name, type, key size, value size, max entries).
-fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 8] {
+/// The affinity map's size is not checked here: a pin of another size is resized.
+fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 10] {
     use std::mem::size_of;
     [
         (
@@ -624,6 +838,20 @@ fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 8] {
             size_of::<Scratch>() as u32,
             1,
         ),
+        (
+            MAP_AFFINITY,
+            MapType::LruHash,
+            size_of::<AffinityKey>() as u32,
+            size_of::<AffinityEntry>() as u32,
+            0,
+        ),
+        (
+            MAP_BACKEND_FLAGS,
+            MapType::Array,
+            4,
+            size_of::<BackendFlags>() as u32,
+            MAX_BACKENDS,
+        ),
     ]
 }
 
@@ -637,11 +865,16 @@ fn check_pinned_layout(dir: &Path) -> anyhow::Result<()> {
         let info = MapData::from_pin(&path)
             .and_then(|m| m.info())
             .with_context(|| format!("reading the pinned map {}", path.display()))?;
+        let entries = if name == MAP_AFFINITY {
+            0
+        } else {
+            info.max_entries()
+        };
         let found = (
             info.map_type().ok(),
             info.key_size(),
             info.value_size(),
-            info.max_entries(),
+            entries,
         );
         if found != (Some(kind), key, value, max) {
             bail!(

@@ -66,6 +66,11 @@ pub fn restart_only_changes(running: &Settings, next: &Settings) -> Vec<String> 
         ("control", running.control != next.control),
         ("state-file", running.state_file != next.state_file),
         ("metrics", running.metrics != next.metrics),
+        ("affinity", running.affinity.on != next.affinity.on),
+        (
+            "affinity-entries",
+            running.affinity.entries != next.affinity.entries,
+        ),
     ]
     .into_iter()
     .filter(|(_, differs)| *differs)

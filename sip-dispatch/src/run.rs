@@ -161,6 +161,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         metrics,
         dns,
         health,
+        affinity,
         ..
     } = settings.clone();
     let mut services: Vec<Service> = settings
@@ -234,7 +235,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     // to take over, nothing it uses is changed: first the pin lock, the verifier, every
     // socket, the service ids and the key file (each can fail), then the hash key, the
     // tables and the link.
-    let mut dp = Dataplane::load(&pin_path, &iface, reset, provisional_key)?;
+    let mut dp = Dataplane::load(&pin_path, &iface, reset, provisional_key, affinity)?;
     // (Read under the pin lock: no other daemon changes it now.)
     let adopted_link = pin_path.join(crate::dataplane::LINK_PIN).exists();
     let mut forwarding = Vec::new();

@@ -11,7 +11,7 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use sip_dispatch::{
-    dataplane::Dataplane,
+    dataplane::{Affinity, Dataplane},
     frames::{FrameSpec, parse},
 };
 use sip_dispatch_common::{
@@ -74,6 +74,10 @@ fn weighted(addrs: &[(&str, u32)]) -> Vec<Weighted> {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_affinity(Default::default())
+    }
+
+    fn with_affinity(affinity: Affinity) -> Harness {
         assert_eq!(
             unsafe { libc::geteuid() },
             0,
@@ -144,7 +148,7 @@ impl Harness {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or_else(|| if_index(VETH));
 
-        let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT)
+        let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, affinity)
             .unwrap_or_else(|e| panic!("loading the XDP program: {e:#}"));
         let v4 = build_table(
             &weighted(&[
@@ -250,8 +254,17 @@ fn invite(call_id_header: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The change in each counter between two snapshots, non-zero ones only.
+/// The change in each dispatch counter between two snapshots, non-zero ones only (the
+/// affinity counters are checked by the affinity tests, with [`all_delta`]).
 fn delta(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> Vec<(Counter, u64)> {
+    all_delta(before, after)
+        .into_iter()
+        .filter(|(c, _)| !c.name().starts_with("affinity_"))
+        .collect()
+}
+
+/// The change in every counter between two snapshots, non-zero ones only.
+fn all_delta(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> Vec<(Counter, u64)> {
     before
         .iter()
         .zip(after)
@@ -777,5 +790,283 @@ fn golden_messages_hash_the_same_in_the_kernel() {
                 .backend
                 .to_socket_addr();
         assert_eq!(parse(&out).unwrap().dst, want, "{call_id}");
+    }
+}
+
+mod affinity {
+    //! Call affinity in the kernel: which backend a message goes to once the call has an
+    //! entry, across table swaps and backend state changes (the rules of
+    //! `sip_dispatch_common::affinity::choose`), and what the counters say.
+    use super::*;
+    use sip_dispatch_common::{
+        AffinityEntry, AffinityKey, BF_AFFINITY, BF_NEW, BF_UP, affinity::RETRANSMIT_WINDOW_NS,
+    };
+
+    const A: &str = "198.18.1.21:5060";
+    const ALL: u32 = BF_AFFINITY | BF_UP | BF_NEW;
+
+    fn request(method: &str, call_id: &str, to_tag: Option<&str>) -> Vec<u8> {
+        let tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+        format!(
+            "{method} sip:service@198.18.1.100:5060 SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 198.18.1.10:5070;branch=z9hG4bK-{method}\r\n\
+             From: <sip:sipp@198.18.1.10:5070>;tag=1\r\n\
+             To: <sip:service@198.18.1.100:5060>{tag}\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: 1 {method}\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn response(call_id: &str) -> Vec<u8> {
+        format!(
+            "SIP/2.0 200 OK\r\n\
+             Via: SIP/2.0/UDP 198.18.1.10:5070;branch=z9hG4bK-1\r\n\
+             To: <sip:service@198.18.1.100:5060>;tag=9\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: 1 INVITE\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// Sends `msg` to the v4 VIP; returns where it went and the counters that moved.
+    fn send(h: &mut Harness, msg: &[u8]) -> (SocketAddr, Vec<(Counter, u64)>) {
+        let frame = FrameSpec::udp(CLIENT4.parse().unwrap(), VIP4.parse().unwrap(), msg).build();
+        let before = h.counters();
+        let (verdict, out) = h.run(&frame, true);
+        let moved = all_delta(&before, &h.counters())
+            .into_iter()
+            .filter(|(c, _)| c.name().starts_with("affinity_"))
+            .collect();
+        assert_eq!(verdict, XDP_TX, "{}", String::from_utf8_lossy(msg));
+        (parse(&out).expect("output parses").dst, moved)
+    }
+
+    fn id_of(h: &Harness, addr: &str) -> u32 {
+        h.dp.known_backend_id(addr.parse().unwrap()).unwrap()
+    }
+
+    fn set_flags(h: &mut Harness, addr: &str, flags: u32) {
+        let id = id_of(h, addr);
+        h.dp.set_backend_flags(id, flags).unwrap();
+    }
+
+    /// A harness whose v4 backends all take calls, and a Call-ID the v4 table sends to A.
+    fn with_call_on_a() -> (Harness, String) {
+        let mut h = Harness::new();
+        for b in ["198.18.1.21:5060", "198.18.1.22:5062", "198.18.1.23:5064"] {
+            set_flags(&mut h, b, ALL);
+        }
+        let call_id = (0..)
+            .map(|i| format!("affinity-{i}@198.18.1.10"))
+            .find(|c| h.predicted(false, &request("INVITE", c, None)) == A.parse().unwrap())
+            .unwrap();
+        (h, call_id)
+    }
+
+    /// The v4 service's table without A: every call of A's slots moves.
+    fn swap_in_table_without_a(h: &mut Harness) -> SlotTable {
+        let t = build_table(
+            &weighted(&[("198.18.1.22:5062", 1), ("198.18.1.23:5064", 1)]),
+            HashKey::DEFAULT,
+        )
+        .unwrap();
+        h.dp.install_service(0, VIP4.parse().unwrap(), &t).unwrap();
+        t
+    }
+
+    fn key(h: &Harness, call_id: &str) -> AffinityKey {
+        let scan = scan_message(&request("INVITE", call_id, None), HashKey::DEFAULT);
+        let _ = h;
+        AffinityKey {
+            hash: scan.hash,
+            service: 0,
+            _zero: 0,
+        }
+    }
+
+    fn entry(h: &Harness, call_id: &str) -> Option<AffinityEntry> {
+        h.dp.affinity_entry(&key(h, call_id)).unwrap()
+    }
+
+    fn a() -> SocketAddr {
+        A.parse().unwrap()
+    }
+
+    #[test]
+    fn in_dialog_messages_follow_the_call_across_a_table_swap() {
+        use Counter::*;
+        let (mut h, call) = with_call_on_a();
+        let (to, moved) = send(&mut h, &request("INVITE", &call, None));
+        assert_eq!(to, a());
+        assert_eq!(moved, vec![(AffinityMiss, 1), (AffinityInsert, 1)]);
+        let e = entry(&h, &call).expect("the INVITE created an entry");
+        assert_eq!(e.backend, id_of(&h, A));
+        let moved_to = swap_in_table_without_a(&mut h)
+            .member_for_hash(key(&h, &call).hash)
+            .unwrap()
+            .backend
+            .to_socket_addr();
+        assert_ne!(moved_to, a());
+        for msg in [
+            request("ACK", &call, Some("9")),
+            response(&call),
+            request("INFO", &call, Some("9")),
+            request("INVITE", &call, None),
+            request("BYE", &call, Some("9")),
+        ] {
+            let (to, moved) = send(&mut h, &msg);
+            let text = String::from_utf8_lossy(&msg[..8]).to_string();
+            assert_eq!(to, a(), "{text} left its call's backend");
+            assert_eq!(moved, vec![(AffinityHit, 1)], "{text}");
+        }
+        assert_ne!(entry(&h, &call).unwrap().flags & 1, 0, "the BYE is recorded");
+        // A new call in the same slot goes by the new table.
+        let other = (0..)
+            .map(|i| format!("new-{i}@198.18.1.10"))
+            .find(|c| h.predicted(false, &request("INVITE", c, None)) == a())
+            .unwrap();
+        assert_eq!(send(&mut h, &request("INVITE", &other, None)).0, moved_to);
+    }
+
+    #[test]
+    fn a_drained_or_down_backend_keeps_its_dialogs_but_not_new_calls() {
+        use Counter::*;
+        let (mut h, call) = with_call_on_a();
+        send(&mut h, &request("INVITE", &call, None));
+        let moved_to = swap_in_table_without_a(&mut h)
+            .member_for_hash(key(&h, &call).hash)
+            .unwrap()
+            .backend
+            .to_socket_addr();
+        // Drained: a retransmitted INVITE still reaches A (within Timer B).
+        set_flags(&mut h, A, BF_AFFINITY | BF_UP);
+        assert_eq!(send(&mut h, &request("INVITE", &call, None)).0, a());
+        // ... but not once the entry is idle past the retransmission window: the
+        // Call-ID is a new call then.
+        let mut e = entry(&h, &call).unwrap();
+        e.last_seen_ns = 0;
+        h.dp.set_affinity_entry(&key(&h, &call), &e).unwrap();
+        assert!(now_ns() > RETRANSMIT_WINDOW_NS, "the machine is up for 32 s");
+        // A re-INVITE (To tag) is in-dialog: it stays, idle or not.
+        assert_eq!(send(&mut h, &request("INVITE", &call, Some("9"))).0, a());
+        e.last_seen_ns = 0;
+        h.dp.set_affinity_entry(&key(&h, &call), &e).unwrap();
+        let (to, moved) = send(&mut h, &request("INVITE", &call, None));
+        assert_eq!(to, moved_to);
+        assert_eq!(moved, vec![(AffinityOverridden, 1)]);
+        assert_eq!(entry(&h, &call).unwrap().backend, id_of(&h, &moved_to.to_string()));
+
+        // Down: in-dialog messages stay with A, a retransmitted INVITE goes to the table.
+        let (mut h, call) = with_call_on_a();
+        send(&mut h, &request("INVITE", &call, None));
+        swap_in_table_without_a(&mut h);
+        set_flags(&mut h, A, BF_AFFINITY);
+        assert_eq!(send(&mut h, &request("BYE", &call, Some("9"))).0, a());
+        assert_eq!(send(&mut h, &request("ACK", &call, Some("9"))).0, a());
+        let (to, moved) = send(&mut h, &request("INVITE", &call, None));
+        assert_ne!(to, a());
+        assert_eq!(moved, vec![(AffinityOverridden, 1)]);
+    }
+
+    #[test]
+    fn disable_and_a_reused_id_end_affinity() {
+        use Counter::*;
+        // Disabled: the flags say no affinity; the BYE goes by the table and the entry is
+        // rewritten to the table's pick.
+        let (mut h, call) = with_call_on_a();
+        send(&mut h, &request("INVITE", &call, None));
+        swap_in_table_without_a(&mut h);
+        set_flags(&mut h, A, 0);
+        let (to, moved) = send(&mut h, &request("BYE", &call, Some("9")));
+        assert_ne!(to, a());
+        assert_eq!(moved, vec![(AffinityOverridden, 1)]);
+
+        // Removed and the id reused by another address: the entry's generation is old.
+        let (mut h, call) = with_call_on_a();
+        send(&mut h, &request("INVITE", &call, None));
+        let a_id = id_of(&h, A);
+        swap_in_table_without_a(&mut h);
+        let freed = h.dp.release_unlisted(|x| x != a());
+        assert_eq!(freed, vec![(a(), a_id)]);
+        let newcomer = "198.18.1.22:5099";
+        let t = build_table(
+            &weighted(&[(newcomer, 1), ("198.18.1.23:5064", 1)]),
+            HashKey::DEFAULT,
+        )
+        .unwrap();
+        h.dp.install_service(0, VIP4.parse().unwrap(), &t).unwrap();
+        assert_eq!(id_of(&h, newcomer), a_id, "the lowest free id is reused");
+        set_flags(&mut h, newcomer, ALL);
+        let (to, moved) = send(&mut h, &request("BYE", &call, Some("9")));
+        assert_eq!(
+            to,
+            t.member_for_hash(key(&h, &call).hash)
+                .unwrap()
+                .backend
+                .to_socket_addr()
+        );
+        assert_eq!(moved, vec![(AffinityOverridden, 1)]);
+    }
+
+    #[test]
+    fn responses_and_in_dialog_requests_never_create_entries() {
+        use Counter::*;
+        let (mut h, _) = with_call_on_a();
+        for (i, msg) in [
+            response("r-1@x"),
+            request("ACK", "r-2@x", Some("9")),
+            request("BYE", "r-3@x", Some("9")),
+            request("CANCEL", "r-4@x", None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (to, moved) = send(&mut h, &msg);
+            assert_eq!(to, h.predicted(false, &msg), "message {i}");
+            assert_eq!(moved, vec![(AffinityMiss, 1)], "message {i}");
+        }
+        for c in ["r-1@x", "r-2@x", "r-3@x", "r-4@x"] {
+            assert_eq!(entry(&h, c), None, "{c}");
+        }
+    }
+
+    #[test]
+    fn with_affinity_off_every_message_goes_by_the_table() {
+        let mut h = Harness::with_affinity(Affinity {
+            on: false,
+            ..Default::default()
+        });
+        for b in ["198.18.1.21:5060", "198.18.1.22:5062", "198.18.1.23:5064"] {
+            set_flags(&mut h, b, ALL);
+        }
+        let call = (0..)
+            .map(|i| format!("off-{i}@198.18.1.10"))
+            .find(|c| h.predicted(false, &request("INVITE", c, None)) == a())
+            .unwrap();
+        let (to, moved) = send(&mut h, &request("INVITE", &call, None));
+        assert_eq!((to, moved), (a(), vec![]));
+        let t = swap_in_table_without_a(&mut h);
+        let (to, moved) = send(&mut h, &request("BYE", &call, Some("9")));
+        assert_eq!(
+            to,
+            t.member_for_hash(key(&h, &call).hash)
+                .unwrap()
+                .backend
+                .to_socket_addr()
+        );
+        assert!(moved.is_empty());
+        assert_eq!(entry(&h, &call), None);
+    }
+
+    fn now_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     }
 }

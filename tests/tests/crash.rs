@@ -31,16 +31,18 @@ fn workdir() -> PathBuf {
 }
 
 /// The pins a daemon leaves: the link and every map of this build.
-const PINS: [&str; 9] = [
+const PINS: [&str; 11] = [
     "link_v1",
     "sd_services_v1",
     "sd_tables_v2",
     "sd_backends_v1",
     "sd_bstats_v1",
-    "sd_counters_v2",
+    "sd_counters_v3",
     "sd_config_v1",
     "sd_txports_v1",
     "sd_scratch_v2",
+    "sd_affinity_v1",
+    "sd_bflags_v1",
 ];
 
 /// The names in the pin directory (empty if it is gone).

@@ -140,7 +140,7 @@ fn kamailio_model(hashes: &[u64], n: usize, removed: usize) -> (f64, f64, f64) {
 
 pub fn run(plan: &Plan) -> Result<TableResults> {
     let key = HashKey::DEFAULT;
-    let mut dp = Dataplane::load_unpinned(key)?;
+    let mut dp = Dataplane::load_unpinned(key, Default::default())?;
     let call_hashes: Vec<u64> = (0..plan.call_ids)
         .map(|i| siphash13(key, format!("{i}-sdbench-7f3a@198.18.0.10").as_bytes()))
         .collect();

@@ -167,7 +167,7 @@ fn weighted(addrs: &[&str]) -> Result<Vec<Weighted>> {
 
 /// The VIP's backends are services that send everything back to the VIP.
 fn load_dispatcher(ifindex: u32) -> Result<Dataplane> {
-    let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT)?;
+    let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, Default::default())?;
     let table = build_table(&weighted(&BACKENDS)?, HashKey::DEFAULT)?;
     dp.install_service(0, VIP.parse()?, &table)?;
     let back = build_table(&weighted(&[VIP])?, HashKey::DEFAULT)?;
