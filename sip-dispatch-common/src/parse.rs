@@ -475,7 +475,7 @@ pub fn scan_message(msg: &[u8], key: HashKey) -> Scan {
 }
 
 pub mod to_tag;
-pub use to_tag::{ToTag, ToTagScanner, ToTagStep, scan_to_tag};
+pub use to_tag::{ToTag, ToTagScanner, ToTagStep, scan_to_tag, to_tag_of};
 
 #[cfg(any(test, feature = "user"))]
 pub mod golden;

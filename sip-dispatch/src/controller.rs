@@ -52,7 +52,7 @@ pub struct Service {
     built_seq: u64,
     generation: u64,
     /// The slow path reads the table in force from here.
-    tables: watch::Sender<Option<Arc<SlotTable>>>,
+    tables: watch::Sender<Option<Arc<slowpath::InstalledTable>>>,
     /// Static backends added with `backends add` (the others come from the settings).
     pub cli_added: BTreeSet<SocketAddr>,
     /// Configured static backends removed with `backends remove`.
@@ -177,7 +177,7 @@ impl Service {
         self.tables.subscribe()
     }
 
-    fn table(&self) -> Option<Arc<SlotTable>> {
+    fn table(&self) -> Option<Arc<slowpath::InstalledTable>> {
         self.tables.borrow().clone()
     }
 }
@@ -666,8 +666,11 @@ impl Controller {
         }
         self.sync_flags();
         let service = &self.services[i];
-        self.dp.install_service(service.id, service.vip, &table)?;
-        service.tables.send_replace(Some(Arc::new(table)));
+        let members = self.dp.install_service(service.id, service.vip, &table)?;
+        let ids = members.iter().map(|(id, _, _)| *id).collect();
+        service
+            .tables
+            .send_replace(Some(Arc::new(slowpath::InstalledTable { table, ids })));
         Ok(())
     }
 
@@ -1179,14 +1182,47 @@ impl Controller {
             .filter(|b| *b != b' ' && *b != b'\t')
             .collect();
         let hash = sip_dispatch_common::hash::siphash13(self.key, &compact);
-        let backend = service
-            .table()
-            .and_then(|t| t.member_for_hash(hash).map(|m| m.backend.to_socket_addr()));
+        let backend = service.table().and_then(|t| {
+            t.table
+                .member_for_hash(hash)
+                .map(|m| m.backend.to_socket_addr())
+        });
         Ok(serde_json::json!({
             "call_id": call_id,
             "service": service.vip,
             "slot": sip_dispatch_common::slot_of(hash),
             "backend": backend,
+            "affinity": self.affinity_json(service.id, hash)?,
+        }))
+    }
+
+    /// `which`: the call's affinity entry, if the map has one.
+    fn affinity_json(&self, service: u32, hash: u64) -> anyhow::Result<serde_json::Value> {
+        use sip_dispatch_common::{AFF_BYE, AFF_CANCEL, AffinityKey, BF_AFFINITY};
+        let key = AffinityKey {
+            hash,
+            service,
+            _zero: 0,
+        };
+        let Some(e) = self.dp.affinity_entry(&key)? else {
+            return Ok(serde_json::Value::Null);
+        };
+        let backend = self
+            .dp
+            .backend_ids()
+            .into_iter()
+            .find(|(_, id)| *id == e.backend)
+            .map(|(addr, _)| addr);
+        let flags = self.dp.backend_flags(e.backend);
+        let idle = slowpath::monotonic_ns().saturating_sub(e.last_seen_ns);
+        Ok(serde_json::json!({
+            "backend": backend,
+            "valid": backend.is_some()
+                && flags.generation == e.generation
+                && flags.flags & BF_AFFINITY != 0,
+            "idle_s": idle / 1_000_000_000,
+            "bye_seen": e.flags & AFF_BYE != 0,
+            "cancel_seen": e.flags & AFF_CANCEL != 0,
         }))
     }
 
@@ -1200,9 +1236,10 @@ impl Controller {
                 let shares: HashMap<SocketAddr, f64> = s
                     .table()
                     .map(|t| {
-                        t.members
+                        t.table
+                            .members
                             .iter()
-                            .zip(t.shares())
+                            .zip(t.table.shares())
                             .map(|(m, x)| (m.backend.to_socket_addr(), x))
                             .collect()
                     })

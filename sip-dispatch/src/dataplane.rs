@@ -163,7 +163,8 @@ impl Dataplane {
         if !reset {
             dp.found_pins = pinned;
             // The new map is ours; the old one is what a failed start puts back.
-            dp.found_pins.retain(|p| resized.is_none() || !p.ends_with(MAP_AFFINITY));
+            dp.found_pins
+                .retain(|p| resized.is_none() || !p.ends_with(MAP_AFFINITY));
         }
         if adopting {
             dp.adopt_backend_ids()?;
@@ -193,9 +194,7 @@ impl Dataplane {
                 copied += 1;
             }
         }
-        log::info!(
-            "affinity map resized to {capacity} entries: {copied} call(s) carried over"
-        );
+        log::info!("affinity map resized to {capacity} entries: {copied} call(s) carried over");
         Ok(())
     }
 
@@ -248,6 +247,45 @@ impl Dataplane {
             .context("writing the affinity map")
     }
 
+    /// The slow path's view of the affinity maps for service `service` (None with
+    /// affinity off): copies of the map fds, so it works beside the controller.
+    pub fn affinity_maps(
+        &self,
+        service: u32,
+    ) -> anyhow::Result<Option<crate::affinity_maps::AffinityMaps>> {
+        if !self.affinity.on {
+            return Ok(None);
+        }
+        let dup = |name: &str| -> anyhow::Result<MapData> {
+            use std::os::fd::AsFd as _;
+            let data = match self.map(name)? {
+                aya::maps::Map::Array(m) | aya::maps::Map::LruHashMap(m) => m,
+                _ => bail!("map {name} has an unexpected type"),
+            };
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .with_context(|| format!("duplicating the fd of {name}"))?;
+            Ok(MapData::from_fd(fd)?)
+        };
+        Ok(Some(crate::affinity_maps::AffinityMaps::new(
+            service,
+            dup(MAP_AFFINITY)?,
+            dup(MAP_BACKEND_FLAGS)?,
+            dup(MAP_BACKENDS)?,
+        )?))
+    }
+
+    /// What the backend flags map holds for `id` (as last written by this daemon).
+    pub fn backend_flags(&self, id: u32) -> BackendFlags {
+        self.flags_written
+            .get(id as usize)
+            .copied()
+            .flatten()
+            .unwrap_or_default()
+    }
+
     /// The ids that have an address, with it.
     pub fn backend_ids(&self) -> Vec<(std::net::SocketAddr, u32)> {
         self.ids
@@ -276,8 +314,7 @@ impl Dataplane {
             .map(|(_, info)| info.id)
             .collect();
         self.ids.adopt(&found, &tables);
-        let flags: Array<&MapData, BackendFlags> =
-            Array::try_from(self.map(MAP_BACKEND_FLAGS)?)?;
+        let flags: Array<&MapData, BackendFlags> = Array::try_from(self.map(MAP_BACKEND_FLAGS)?)?;
         let generations = (0..MAX_BACKENDS)
             .map(|id| flags.get(&id, 0).map(|f| f.generation))
             .collect::<Result<Vec<u32>, _>>()

@@ -1,6 +1,7 @@
 //! sip-dispatch's controller, as a library: the binary (`main.rs`) is its CLI, and the
 //! kernel tests drive the same [`dataplane::Dataplane`] the daemon uses.
 pub mod addrs;
+pub mod affinity_maps;
 pub mod backend_ids;
 pub mod bpffs;
 pub mod cli;

@@ -202,7 +202,17 @@ pub fn render(s: &Snapshot) -> String {
         "Packets seen by the XDP program, by outcome.",
     );
     let mut lines = String::new();
+    let mut affinity = String::new();
     for (reason, v) in &s.counters {
+        // Affinity events are not packet outcomes (a packet has one of each).
+        if let Some(event) = reason.strip_prefix("affinity_") {
+            let _ = writeln!(
+                affinity,
+                "sip_dispatch_affinity_events_total{{path=\"fast\",event=\"{event}\"}} {}",
+                v.as_u64().unwrap_or(0)
+            );
+            continue;
+        }
         let _ = writeln!(
             lines,
             "sip_dispatch_fastpath_packets_total{{outcome=\"{reason}\"}} {}",
@@ -274,12 +284,26 @@ pub fn render(s: &Snapshot) -> String {
     );
     if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&s.slow_path) {
         for (outcome, v) in map {
+            if let Some(event) = outcome.strip_prefix("affinity_") {
+                let _ = writeln!(
+                    affinity,
+                    "sip_dispatch_affinity_events_total{{path=\"slow\",event=\"{event}\"}} {v}"
+                );
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "sip_dispatch_slowpath_datagrams_total{{outcome=\"{outcome}\"}} {v}"
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP sip_dispatch_affinity_events_total Call affinity: fast path hit, miss, insert, \
+         overridden, insert_failed; slow path followed, written.\n\
+         # TYPE sip_dispatch_affinity_events_total counter"
+    );
+    out.push_str(&affinity);
     let _ = writeln!(
         out,
         "# HELP sip_dispatch_dns_failures_total Failed DNS SRV resolutions.\n\
@@ -310,6 +334,7 @@ mod tests {
     fn renders_every_family_with_labels() {
         let mut counters = serde_json::Map::new();
         counters.insert("xdp_tx".into(), 42.into());
+        counters.insert("affinity_hit".into(), 5.into());
         let s = Snapshot {
             counters,
             backends: vec![BackendSnapshot {
@@ -350,6 +375,8 @@ mod tests {
             format!("sip_dispatch_backend_rtt_seconds{labels} 0.0015"),
             format!("sip_dispatch_health_check_failures_total{labels} 1"),
             "sip_dispatch_slowpath_datagrams_total{outcome=\"forwarded\"} 0".to_string(),
+            "sip_dispatch_affinity_events_total{path=\"fast\",event=\"hit\"} 5".to_string(),
+            "sip_dispatch_affinity_events_total{path=\"slow\",event=\"followed\"} 0".to_string(),
             "sip_dispatch_dns_failures_total 3".to_string(),
             "sip_dispatch_config_reloads_total{result=\"failed\"} 1".to_string(),
             "sip_dispatch_config_last_reload_successful 0".to_string(),

@@ -299,20 +299,27 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         }
     };
     crate::dataplane::remove_outdated_pins(&pin_path);
-    let slow: Vec<_> = ctl
-        .services()
-        .iter()
-        .zip(slow_sockets)
-        .map(|(s, sock)| {
-            tokio::spawn(slowpath::serve(
-                sock,
-                key,
-                s.tables(),
-                ctl.slow_path.clone(),
-                slowpath::max_503_len(&iface, s.vip.is_ipv6()),
-            ))
-        })
-        .collect();
+    let mut slow = Vec::new();
+    for (i, sock) in slow_sockets.into_iter().enumerate() {
+        let s = &ctl.services()[i];
+        let (id, tables, v6) = (s.id, s.tables(), s.vip.is_ipv6());
+        let affinity = match ctl.dataplane().affinity_maps(id) {
+            Ok(maps) => maps.map(|m| Box::new(m) as Box<dyn slowpath::AffinityStore + Send>),
+            // Forwarding goes on by the table alone; the fast path keeps affinity.
+            Err(e) => {
+                log::error!("slow path: no call affinity: {e:#}");
+                None
+            }
+        };
+        slow.push(tokio::spawn(slowpath::serve(
+            sock,
+            key,
+            tables,
+            ctl.slow_path.clone(),
+            slowpath::max_503_len(&iface, v6),
+            affinity,
+        )));
+    }
     let backends = ctl.backend_infos().len();
     let vips: Vec<String> = ctl.services().iter().map(|s| s.vip.to_string()).collect();
     log::info!(

@@ -11,6 +11,10 @@
 //! in its top Via (RFC 3581), rate-limited per source and in total so that spoofed
 //! traffic cannot turn the dispatcher into a reflector, and never larger than one
 //! unfragmented datagram; responses and ACKs are dropped. Every outcome is counted.
+//!
+//! With call affinity on, the slow path reads and writes the same affinity map by the
+//! same rules (`sip_dispatch_common::affinity::choose`) as the fast path, so a call's
+//! messages go to one backend whichever path each takes.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -24,8 +28,9 @@ use std::{
 use anyhow::Context as _;
 use serde::Serialize;
 use sip_dispatch_common::{
-    HashKey, MAX_BACKENDS, ScanOutcome,
-    parse::scan_message,
+    AffinityEntry, AffinityKey, BackendFlags, HashKey, MAX_BACKENDS, ScanOutcome,
+    affinity::{EntryWrite, Route, choose, classify},
+    parse::{ToTag, scan_message, to_tag_of},
     sip::{NoAnswer, service_unavailable},
     table::SlotTable,
 };
@@ -127,9 +132,126 @@ pub fn decide(msg: &[u8], table: Option<&SlotTable>, key: HashKey) -> Decision {
     }
     match table.and_then(|t| t.member_for_hash(scan.hash)) {
         Some(m) => Decision::Forward(m.backend.to_socket_addr()),
-        None if kind == SipKind::Request => Decision::Reject,
-        None => Decision::Drop(DropReason::NoBackend),
+        None => no_backend(kind),
     }
+}
+
+fn no_backend(kind: SipKind) -> Decision {
+    match kind {
+        SipKind::Request => Decision::Reject,
+        SipKind::NoAnswer => Decision::Drop(DropReason::NoBackend),
+    }
+}
+
+/// A service's table as installed in the kernel: the table, and the backend id of each
+/// member (by member index).
+#[derive(Debug)]
+pub struct InstalledTable {
+    pub table: SlotTable,
+    pub ids: Vec<u32>,
+}
+
+impl InstalledTable {
+    /// The backend and its id for a Call-ID hash.
+    fn pick(&self, hash: u64) -> Option<(SocketAddr, u32)> {
+        let slot = *self
+            .table
+            .slots
+            .get(sip_dispatch_common::slot_of(hash) as usize)?;
+        let member = self.table.members.get(slot as usize)?;
+        Some((
+            member.backend.to_socket_addr(),
+            *self.ids.get(slot as usize)?,
+        ))
+    }
+}
+
+/// What the slow path needs of the affinity maps: the fast path's map in the daemon,
+/// an in-memory one in unit tests.
+pub trait AffinityStore {
+    /// The service id the entries are keyed with.
+    fn service(&self) -> u32;
+    fn entry(&self, key: &AffinityKey) -> Option<AffinityEntry>;
+    /// The flags of a backend id (all zero when unknown).
+    fn flags(&self, id: u32) -> BackendFlags;
+    /// The address of a backend id.
+    fn backend(&self, id: u32) -> Option<SocketAddr>;
+    /// Writes an entry; `create` says whether it may create one (else only replace).
+    fn write(&mut self, key: &AffinityKey, entry: &AffinityEntry, create: bool);
+}
+
+/// What happened to a message's affinity entry in the slow path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityOutcome {
+    /// It followed its call's entry.
+    pub followed: bool,
+    /// The entry was created or rewritten.
+    pub written: bool,
+}
+
+/// [`decide`] with call affinity: the rules of `affinity::choose` over `store`, the table
+/// for what they leave to it. `now_ns` is CLOCK_MONOTONIC, the clock of the entries.
+pub fn decide_with_affinity(
+    msg: &[u8],
+    installed: Option<&InstalledTable>,
+    key: HashKey,
+    store: &mut dyn AffinityStore,
+    now_ns: u64,
+) -> (Decision, AffinityOutcome) {
+    let mut outcome = AffinityOutcome::default();
+    let Some(kind) = sip_kind(msg) else {
+        return (Decision::Drop(DropReason::NotSip), outcome);
+    };
+    let scan = scan_message(msg, key);
+    if scan.outcome != ScanOutcome::Found {
+        return (Decision::Drop(DropReason::NoCallId), outcome);
+    }
+    let akey = AffinityKey {
+        hash: scan.hash,
+        service: store.service(),
+        _zero: 0,
+    };
+    let entry = store.entry(&akey);
+    let flags = entry.map_or_else(BackendFlags::default, |e| store.flags(e.backend));
+    let choice = choose(classify(msg), entry.as_ref(), flags, now_ns, || {
+        to_tag_of(msg) == ToTag::Tagged
+    });
+    if let (Route::Follow(id), Some(e)) = (choice.route, entry)
+        && let Some(backend) = store.backend(id)
+    {
+        outcome.followed = true;
+        if let EntryWrite::Touch { set_flags } = choice.write {
+            let touched = AffinityEntry {
+                last_seen_ns: now_ns,
+                flags: e.flags | set_flags,
+                ..e
+            };
+            store.write(&akey, &touched, false);
+        }
+        return (Decision::Forward(backend), outcome);
+    }
+    let Some((backend, id)) = installed.and_then(|t| t.pick(scan.hash)) else {
+        return (no_backend(kind), outcome);
+    };
+    let fresh = |flags| AffinityEntry {
+        backend: id,
+        generation: store.flags(id).generation,
+        last_seen_ns: now_ns,
+        flags,
+        _zero: 0,
+    };
+    match choice.write {
+        EntryWrite::Rewrite { flags } => {
+            store.write(&akey, &fresh(flags), false);
+            outcome.written = true;
+        }
+        EntryWrite::Insert => {
+            store.write(&akey, &fresh(0), true);
+            outcome.written = true;
+        }
+        EntryWrite::Keep | EntryWrite::Touch { .. } => {}
+    }
+    (Decision::Forward(backend), outcome)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +377,10 @@ pub struct Counters {
     pub send_errors: AtomicU64,
     /// 503s not sent because they would not fit in one datagram (see [`max_503_len`]).
     pub too_large_503: AtomicU64,
+    /// Messages that followed their call's affinity entry.
+    pub affinity_followed: AtomicU64,
+    /// Affinity entries created or rewritten.
+    pub affinity_written: AtomicU64,
     /// What was forwarded, per backend.
     per_backend: Mutex<HashMap<SocketAddr, Forwarded>>,
 }
@@ -284,6 +410,10 @@ pub struct CountersSnapshot {
     pub send_errors: u64,
     #[serde(default)]
     pub too_large_503: u64,
+    #[serde(default)]
+    pub affinity_followed: u64,
+    #[serde(default)]
+    pub affinity_written: u64,
 }
 
 impl Counters {
@@ -299,6 +429,8 @@ impl Counters {
             rate_limited_503: g(&self.rate_limited_503),
             send_errors: g(&self.send_errors),
             too_large_503: g(&self.too_large_503),
+            affinity_followed: g(&self.affinity_followed),
+            affinity_written: g(&self.affinity_written),
         }
     }
 
@@ -338,12 +470,26 @@ impl Counters {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The current table of a service, as the controller last published it.
-pub type TableWatch = watch::Receiver<Option<Arc<SlotTable>>>;
+pub type TableWatch = watch::Receiver<Option<Arc<InstalledTable>>>;
 
 /// The sockets of one service's slow path: the one on the VIP that receives, and the
 /// raw one that forwards as the client.
@@ -378,12 +524,15 @@ pub async fn bind(vip: SocketAddr) -> anyhow::Result<Sockets> {
 
 /// Serves the slow path of one service until the task is dropped; its 503s are at most
 /// `max_503` bytes long (see [`max_503_len`]).
+///
+/// `affinity`: the affinity maps, when call affinity is on.
 pub async fn serve(
     sockets: Sockets,
     key: HashKey,
     tables: TableWatch,
     counters: Arc<Counters>,
     max_503: usize,
+    mut affinity: Option<Box<dyn AffinityStore + Send>>,
 ) {
     let Sockets { vip: sock, raw } = sockets;
     let mut limiter = RateLimiter::new(5.0, 200.0);
@@ -405,8 +554,22 @@ pub async fn serve(
             };
             bump(&counters.received);
             let msg = &buf[..n];
-            let table = tables.borrow().clone();
-            match decide(msg, table.as_deref(), key) {
+            let installed = tables.borrow().clone();
+            let decision = match affinity.as_deref_mut() {
+                Some(store) => {
+                    let (d, outcome) =
+                        decide_with_affinity(msg, installed.as_deref(), key, store, monotonic_ns());
+                    if outcome.followed {
+                        bump(&counters.affinity_followed);
+                    }
+                    if outcome.written {
+                        bump(&counters.affinity_written);
+                    }
+                    d
+                }
+                None => decide(msg, installed.as_ref().map(|i| &i.table), key),
+            };
+            match decision {
                 Decision::Forward(backend) => match raw.send(client, backend, msg).await {
                     Ok(()) => {
                         bump(&counters.forwarded);
@@ -513,6 +676,122 @@ mod tests {
                 Decision::Drop(DropReason::NoBackend)
             );
         }
+    }
+
+    /// An affinity map in memory.
+    #[derive(Default)]
+    struct MemStore {
+        entries: HashMap<(u64, u32), AffinityEntry>,
+        flags: HashMap<u32, BackendFlags>,
+        backends: HashMap<u32, SocketAddr>,
+    }
+
+    impl AffinityStore for MemStore {
+        fn service(&self) -> u32 {
+            3
+        }
+        fn entry(&self, key: &AffinityKey) -> Option<AffinityEntry> {
+            self.entries.get(&(key.hash, key.service)).copied()
+        }
+        fn flags(&self, id: u32) -> BackendFlags {
+            self.flags.get(&id).copied().unwrap_or_default()
+        }
+        fn backend(&self, id: u32) -> Option<SocketAddr> {
+            self.backends.get(&id).copied()
+        }
+        fn write(&mut self, key: &AffinityKey, entry: &AffinityEntry, create: bool) {
+            let k = (key.hash, key.service);
+            if create != self.entries.contains_key(&k) {
+                self.entries.insert(k, *entry);
+            }
+        }
+    }
+
+    fn installed(addrs: &[&str], ids: &[u32]) -> InstalledTable {
+        let members: Vec<Weighted> = addrs
+            .iter()
+            .map(|a| Weighted {
+                backend: Backend::from_socket_addr(a.parse().unwrap()),
+                weight: 1,
+            })
+            .collect();
+        InstalledTable {
+            table: build_table(&members, HashKey::DEFAULT).unwrap(),
+            ids: ids.to_vec(),
+        }
+    }
+
+    #[test]
+    fn with_affinity_a_call_keeps_its_backend_across_a_table_change() {
+        use sip_dispatch_common::{AFF_BYE, BF_AFFINITY, BF_NEW, BF_UP};
+        let first = installed(&["198.18.0.21:5060"], &[7]);
+        let second = installed(&["198.18.0.22:5060"], &[8]);
+        let mut store = MemStore::default();
+        store
+            .backends
+            .insert(7, "198.18.0.21:5060".parse().unwrap());
+        store
+            .backends
+            .insert(8, "198.18.0.22:5060".parse().unwrap());
+        let all = BF_AFFINITY | BF_UP | BF_NEW;
+        store.flags.insert(
+            7,
+            BackendFlags {
+                generation: 4,
+                flags: all,
+            },
+        );
+        store.flags.insert(
+            8,
+            BackendFlags {
+                generation: 0,
+                flags: all,
+            },
+        );
+        let k = HashKey::DEFAULT;
+        let invite = INVITE.as_bytes();
+        let bye = INVITE
+            .replace("INVITE sip", "BYE sip")
+            .replace("<sip:svc@198.18.0.100>", "<sip:svc@198.18.0.100>;tag=9");
+        let hash = scan_message(invite, k).hash;
+
+        // A BYE of an unknown call goes by the table and creates nothing.
+        let (d, o) = decide_with_affinity(bye.as_bytes(), Some(&first), k, &mut store, 100);
+        assert_eq!(d, Decision::Forward("198.18.0.21:5060".parse().unwrap()));
+        assert_eq!(o, AffinityOutcome::default());
+        assert!(store.entries.is_empty());
+
+        let (d, o) = decide_with_affinity(invite, Some(&first), k, &mut store, 100);
+        assert_eq!(d, Decision::Forward("198.18.0.21:5060".parse().unwrap()));
+        assert!(o.written && !o.followed);
+        let e = store.entries[&(hash, 3)];
+        assert_eq!((e.backend, e.generation, e.last_seen_ns), (7, 4, 100));
+
+        // The table moves the call's slot; its BYE stays, and is recorded.
+        let now = 100 + 2_000_000_000;
+        let (d, o) = decide_with_affinity(bye.as_bytes(), Some(&second), k, &mut store, now);
+        assert_eq!(d, Decision::Forward("198.18.0.21:5060".parse().unwrap()));
+        assert!(o.followed);
+        let e = store.entries[&(hash, 3)];
+        assert_eq!((e.flags & AFF_BYE, e.last_seen_ns), (AFF_BYE, now));
+
+        // Disabled: the next message goes by the table and takes the entry along.
+        store.flags.insert(
+            7,
+            BackendFlags {
+                generation: 4,
+                flags: 0,
+            },
+        );
+        let (d, o) = decide_with_affinity(bye.as_bytes(), Some(&second), k, &mut store, now);
+        assert_eq!(d, Decision::Forward("198.18.0.22:5060".parse().unwrap()));
+        assert!(o.written && !o.followed);
+        assert_eq!(store.entries[&(hash, 3)].backend, 8);
+
+        // No table and no valid entry: a request gets a 503, as without affinity.
+        store.entries.clear();
+        let (d, _) = decide_with_affinity(invite, None, k, &mut store, now);
+        assert_eq!(d, Decision::Reject);
     }
 
     #[test]

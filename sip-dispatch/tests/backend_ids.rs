@@ -29,7 +29,8 @@ fn weighted(addrs: &[SocketAddr]) -> Vec<Weighted> {
 
 #[test]
 fn an_id_in_the_installed_table_is_kept_until_the_table_is_replaced() {
-    let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT).expect("loading the XDP object");
+    let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, Default::default())
+        .expect("loading the XDP object");
     let (a, b, c, d) = (
         addr("198.18.1.21:5060"),
         addr("198.18.1.22:5060"),

@@ -922,7 +922,11 @@ mod affinity {
             assert_eq!(to, a(), "{text} left its call's backend");
             assert_eq!(moved, vec![(AffinityHit, 1)], "{text}");
         }
-        assert_ne!(entry(&h, &call).unwrap().flags & 1, 0, "the BYE is recorded");
+        assert_ne!(
+            entry(&h, &call).unwrap().flags & 1,
+            0,
+            "the BYE is recorded"
+        );
         // A new call in the same slot goes by the new table.
         let other = (0..)
             .map(|i| format!("new-{i}@198.18.1.10"))
@@ -949,7 +953,10 @@ mod affinity {
         let mut e = entry(&h, &call).unwrap();
         e.last_seen_ns = 0;
         h.dp.set_affinity_entry(&key(&h, &call), &e).unwrap();
-        assert!(now_ns() > RETRANSMIT_WINDOW_NS, "the machine is up for 32 s");
+        assert!(
+            now_ns() > RETRANSMIT_WINDOW_NS,
+            "the machine is up for 32 s"
+        );
         // A re-INVITE (To tag) is in-dialog: it stays, idle or not.
         assert_eq!(send(&mut h, &request("INVITE", &call, Some("9"))).0, a());
         e.last_seen_ns = 0;
@@ -957,7 +964,10 @@ mod affinity {
         let (to, moved) = send(&mut h, &request("INVITE", &call, None));
         assert_eq!(to, moved_to);
         assert_eq!(moved, vec![(AffinityOverridden, 1)]);
-        assert_eq!(entry(&h, &call).unwrap().backend, id_of(&h, &moved_to.to_string()));
+        assert_eq!(
+            entry(&h, &call).unwrap().backend,
+            id_of(&h, &moved_to.to_string())
+        );
 
         // Down: in-dialog messages stay with A, a retransmitted INVITE goes to the table.
         let (mut h, call) = with_call_on_a();
@@ -1059,6 +1069,51 @@ mod affinity {
         );
         assert!(moved.is_empty());
         assert_eq!(entry(&h, &call), None);
+    }
+
+    /// Calls started on the first table, the table swapped, backends in every state:
+    /// each message goes to the same backend through the XDP program and through the
+    /// slow path's decision over the same maps.
+    #[test]
+    fn fast_and_slow_path_agree_with_affinity() {
+        use sip_dispatch::slowpath::{Decision, InstalledTable, decide_with_affinity};
+        let (mut h, _) = with_call_on_a();
+        let calls: Vec<String> = (0..60).map(|i| format!("agree-{i}@198.18.1.10")).collect();
+        for c in &calls {
+            send(&mut h, &request("INVITE", c, None));
+        }
+        let t = build_table(
+            &weighted(&[("198.18.1.22:5062", 1), ("198.18.1.23:5064", 1)]),
+            HashKey::DEFAULT,
+        )
+        .unwrap();
+        let members = h.dp.install_service(0, VIP4.parse().unwrap(), &t).unwrap();
+        let installed = InstalledTable {
+            table: t,
+            ids: members.iter().map(|m| m.0).collect(),
+        };
+        let mut store = h.dp.affinity_maps(0).unwrap().expect("affinity is on");
+        let states = [ALL, BF_AFFINITY | BF_UP, BF_AFFINITY, 0];
+        let mut followed = 0;
+        for (i, c) in calls.iter().enumerate() {
+            set_flags(&mut h, A, states[i % states.len()]);
+            for msg in [
+                request("INVITE", c, None),
+                request("ACK", c, Some("9")),
+                response(c),
+                request("UPDATE", c, Some("9")),
+                request("BYE", c, Some("9")),
+            ] {
+                let now = sip_dispatch::slowpath::monotonic_ns();
+                let (slow, outcome) =
+                    decide_with_affinity(&msg, Some(&installed), HashKey::DEFAULT, &mut store, now);
+                let (fast, _) = send(&mut h, &msg);
+                let text = String::from_utf8_lossy(&msg[..10]).to_string();
+                assert_eq!(slow, Decision::Forward(fast), "{c}: {text}");
+                followed += usize::from(outcome.followed);
+            }
+        }
+        assert!(followed > 0, "no message followed an entry");
     }
 
     fn now_ns() -> u64 {
