@@ -281,7 +281,7 @@ pub fn run(bed: &Bed, plan: &Plan) -> Result<E2eResults> {
         let result = match v.key {
             "sip-dispatch" => (|| {
                 let pass = bed.hold_xdp_pass()?;
-                let daemon = bed.start_daemon(XdpMode::Native, "sip-dispatch-e2e")?;
+                let daemon = bed.start_daemon(XdpMode::Native, &[], "sip-dispatch-e2e")?;
                 let r = uac(bed, plan, v);
                 daemon.stop_with_stats()?;
                 pass.stop()?;

@@ -175,8 +175,14 @@ impl Bed {
 
     /// `sip-dispatch run` on the dispatcher's veth, waiting for its ready line and for
     /// every backend in its table.
-    pub fn start_daemon(&self, mode: DaemonMode, label: &str) -> Result<Dispatcher> {
+    pub fn start_daemon(
+        &self,
+        mode: DaemonMode,
+        extra: &[&str],
+        label: &str,
+    ) -> Result<Dispatcher> {
         let mut run = RunConfig::new(&self.disp_if, self.vip, mode);
+        run.extra = extra.iter().map(|a| a.to_string()).collect();
         run.backends = self
             .backends
             .iter()
@@ -363,15 +369,17 @@ impl Tasks {
 pub enum Sut {
     Ceiling,
     Native,
+    NativeAffinityOff,
     Skb,
     Stack,
     Kamailio,
 }
 
 impl Sut {
-    pub const ALL: [Sut; 5] = [
+    pub const ALL: [Sut; 6] = [
         Sut::Ceiling,
         Sut::Native,
+        Sut::NativeAffinityOff,
         Sut::Skb,
         Sut::Stack,
         Sut::Kamailio,
@@ -381,6 +389,7 @@ impl Sut {
         match self {
             Sut::Ceiling => "ceiling",
             Sut::Native => "native",
+            Sut::NativeAffinityOff => "native_affinity_off",
             Sut::Skb => "skb",
             Sut::Stack => "stack",
             Sut::Kamailio => "kamailio",
@@ -391,6 +400,7 @@ impl Sut {
         match self {
             Sut::Ceiling => "MAC-swap XDP_TX (ceiling)",
             Sut::Native => "sip-dispatch, native XDP",
+            Sut::NativeAffinityOff => "sip-dispatch, native XDP, --affinity off",
             Sut::Skb => "sip-dispatch, skb XDP",
             Sut::Stack => "no XDP: stack to a UDP socket (not forwarded)",
             Sut::Kamailio => "Kamailio 5.6 ds_select_dst + forward",
@@ -420,14 +430,20 @@ impl Running {
                 r.prog_id = Some(mac.value as u32);
                 r.xdp.push(mac);
             }
-            Sut::Native | Sut::Skb => {
-                let mode = if sut == Sut::Native {
+            Sut::Native | Sut::NativeAffinityOff | Sut::Skb => {
+                let mode = if sut == Sut::Skb {
+                    DaemonMode::Skb
+                } else {
                     r.xdp.push(bed.hold_xdp_pass()?);
                     DaemonMode::Native
-                } else {
-                    DaemonMode::Skb
                 };
-                r.daemon = Some(bed.start_daemon(mode, &format!("sip-dispatch-{}", sut.key()))?);
+                let extra: &[&str] = if sut == Sut::NativeAffinityOff {
+                    &["--affinity", "off"]
+                } else {
+                    &[]
+                };
+                r.daemon =
+                    Some(bed.start_daemon(mode, extra, &format!("sip-dispatch-{}", sut.key()))?);
                 r.prog_id = Some(
                     xdp_prog_id(&bed.disp_ns, &bed.disp_if)?
                         .context("no XDP program on the dispatcher's interface")?,

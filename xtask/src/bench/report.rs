@@ -565,6 +565,21 @@ impl Report {
                 if p.every_repeat_counted { "yes" } else { "NO" }
             );
         }
+        if let Some(a) = &tr.affinity {
+            let _ = writeln!(
+                m,
+                "\nCall affinity, the typical INVITE (same tables, every backend up):\n\n\
+                 | program | ns/packet | vs affinity off |\n|---|---|---|\n\
+                 | `--affinity off` | {:.0} | 1.00x |\n\
+                 | on, the call's entry followed (hit) | {:.0} | {} |\n\
+                 | on, a BYE of an unknown call (miss, nothing created) | {:.0} | {} |",
+                a.off_ns,
+                a.hit_ns,
+                ratio_text(a.hit_ratio),
+                a.miss_ns,
+                ratio_text(a.miss_ratio)
+            );
+        }
         if let Some(th) = &self.throughput {
             let _ = writeln!(
                 m,
@@ -577,7 +592,7 @@ impl Report {
                 "| program | live ns/packet | runs counted | TestRun ns/packet |\n|---|---|---|---|"
             );
             let inv = tr.get("invite");
-            for key in ["native", "skb", "ceiling"] {
+            for key in ["native", "native_affinity_off", "skb", "ceiling"] {
                 if let Some(r) = th.get(key)
                     && let Some(ns) = r.live_ns_per_packet
                 {

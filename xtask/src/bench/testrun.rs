@@ -23,11 +23,11 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use serde::Serialize;
 use sip_dispatch::{
-    dataplane::{Dataplane, load_program},
+    dataplane::{Affinity, Dataplane, load_program},
     frames,
 };
 use sip_dispatch_common::{
-    Backend, Counter, HashKey, PROG_MAC_SWAP,
+    BF_AFFINITY, BF_NEW, BF_UP, Backend, Counter, HashKey, PROG_MAC_SWAP,
     table::{Weighted, build_table},
 };
 use sip_dispatch_testbed::{cancel, cmd};
@@ -73,9 +73,23 @@ pub struct PacketCost {
     pub every_repeat_counted: bool,
 }
 
+/// The typical INVITE's cost with call affinity off and on, side by side.
+#[derive(Clone, Debug, Serialize)]
+pub struct AffinityCost {
+    /// `--affinity off`: the stateless program.
+    pub off_ns: f64,
+    /// On, the call's entry valid (a retransmitted INVITE): followed, no table lookup.
+    pub hit_ns: f64,
+    /// On, a BYE of a call without an entry: looked up, not created, table.
+    pub miss_ns: f64,
+    pub hit_ratio: f64,
+    pub miss_ratio: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct TestRunResults {
     pub packets: Vec<PacketCost>,
+    pub affinity: Option<AffinityCost>,
 }
 
 impl TestRunResults {
@@ -165,17 +179,87 @@ fn weighted(addrs: &[&str]) -> Result<Vec<Weighted>> {
         .collect()
 }
 
-/// The VIP's backends are services that send everything back to the VIP.
-fn load_dispatcher(ifindex: u32) -> Result<Dataplane> {
-    let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, Default::default())?;
+/// The VIP's backends are services that send everything back to the VIP. Every
+/// backend is up and takes calls (as the controller's flags say for healthy backends).
+fn load_dispatcher(ifindex: u32, affinity: Affinity) -> Result<Dataplane> {
+    let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, affinity)?;
     let table = build_table(&weighted(&BACKENDS)?, HashKey::DEFAULT)?;
     dp.install_service(0, VIP.parse()?, &table)?;
     let back = build_table(&weighted(&[VIP])?, HashKey::DEFAULT)?;
     for (i, b) in BACKENDS.iter().enumerate() {
         dp.install_service(i as u32 + 1, b.parse()?, &back)?;
     }
+    for (_, id) in dp.backend_ids() {
+        dp.set_backend_flags(id, BF_AFFINITY | BF_UP | BF_NEW)?;
+    }
     dp.add_tx_port(ifindex)?;
     Ok(dp)
+}
+
+/// The typical INVITE through the program with affinity off and on (a hit), and a BYE
+/// of an unknown call with affinity on (a miss), trial by trial in turn.
+fn measure_affinity(plan: &Plan, ifindex: u32, invite: &Packet) -> Result<AffinityCost> {
+    let mut off = load_dispatcher(
+        ifindex,
+        Affinity {
+            on: false,
+            ..Default::default()
+        },
+    )?;
+    let mut on = load_dispatcher(ifindex, Affinity::default())?;
+    let text = String::from_utf8_lossy(&invite.frame);
+    let header_end = text
+        .find("\r\n")
+        .context("the INVITE has no request line")?;
+    // Same length and Call-ID; a BYE never creates an entry, so each repetition misses.
+    let bye_frame = {
+        let line = &text[..header_end];
+        let bye_line = line.replacen("INVITE", "BYE   ", 1);
+        let mut f = invite.frame.clone();
+        let at = f
+            .windows(line.len())
+            .position(|w| w == line.as_bytes())
+            .context("request line not found")?;
+        f[at..at + line.len()].copy_from_slice(bye_line.as_bytes());
+        f
+    };
+    let mut miss = load_dispatcher(ifindex, Affinity::default())?;
+    let run = Runner::new(ifindex, invite.frame.len());
+    let mut medians = Vec::new();
+    for (dp, frame) in [
+        (&mut off, &invite.frame),
+        (&mut on, &invite.frame),
+        (&mut miss, &bye_frame),
+    ] {
+        let prog = dp.dispatch_program()?;
+        let (v, _) = run.once(prog, frame)?;
+        ensure!(v == XDP_TX, "affinity case {}: verdict {v}", medians.len());
+        let repeat = run.repeat_for(prog, frame, plan.testrun_trial)?;
+        let mut kernel = Vec::new();
+        for _ in 0..plan.testrun_trials {
+            kernel.push(run.timed(prog, frame, repeat)?.1);
+        }
+        medians.push(median(kernel) as f64);
+    }
+    ensure!(
+        counter(&miss, Counter::AffinityInsert)? == 0,
+        "a BYE created an affinity entry"
+    );
+    let hits = counter(&on, Counter::AffinityHit)?;
+    ensure!(hits > 0, "the affinity-on INVITE never followed its entry");
+    let (off_ns, hit_ns, miss_ns) = (medians[0], medians[1], medians[2]);
+    let cost = AffinityCost {
+        off_ns,
+        hit_ns,
+        miss_ns,
+        hit_ratio: hit_ns / off_ns.max(1.0),
+        miss_ratio: miss_ns / off_ns.max(1.0),
+    };
+    note(format!(
+        "affinity: INVITE off {off_ns:.0} ns, on (hit) {hit_ns:.0} ns ({:.2}x), BYE on (miss) {miss_ns:.0} ns ({:.2}x)",
+        cost.hit_ratio, cost.miss_ratio
+    ));
+    Ok(cost)
 }
 
 struct Runner {
@@ -288,7 +372,7 @@ fn check_path(run: &Runner, prog: &Xdp, p: &Packet) -> Result<&'static str> {
 
 fn measure(plan: &Plan) -> Result<TestRunResults> {
     let ifindex = private_netns()?;
-    let mut dp = load_dispatcher(ifindex)?;
+    let mut dp = load_dispatcher(ifindex, Affinity::default())?;
     let mac_obj = load_program(PROG_MAC_SWAP)?;
     let packets = messages::packets(
         CLIENT.parse()?,
@@ -356,5 +440,14 @@ fn measure(plan: &Plan) -> Result<TestRunResults> {
         ));
         results.push(cost);
     }
-    Ok(TestRunResults { packets: results })
+    let invite = results
+        .iter()
+        .find(|c| c.packet.key == "invite")
+        .map(|c| c.packet.clone())
+        .context("no INVITE among the packets")?;
+    let affinity = Some(measure_affinity(plan, ifindex, &invite)?);
+    Ok(TestRunResults {
+        packets: results,
+        affinity,
+    })
 }
