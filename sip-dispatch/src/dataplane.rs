@@ -73,8 +73,8 @@ impl Affinity {
 }
 
 /// Where a resized affinity map's previous pin waits until the take-over (or goes back
-/// on a failed start).
-const AFFINITY_OLD_PIN: &str = "sd_affinity_v1.old";
+/// on a failed start). No dot: bpffs refuses names with one.
+const AFFINITY_OLD_PIN: &str = "sd_affinity_v1_old";
 
 /// Dropping it never detaches: a pinned link (and its maps) outlives the daemon, however
 /// it ends. Only `detach`, on a clean stop, removes the pins; an unpinned link (kernel
