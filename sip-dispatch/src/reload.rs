@@ -182,6 +182,36 @@ mod tests {
     }
 
     #[test]
+    fn affinity_settings_need_a_restart() {
+        let base = [
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+            "--hash-key",
+            "000102030405060708090a0b0c0d0e0f",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(extra);
+            settings(&a)
+        };
+        assert_eq!(
+            restart_only_changes(&with(&[]), &with(&["--affinity", "on"])),
+            Vec::<String>::new(),
+            "on is the default"
+        );
+        assert_eq!(
+            restart_only_changes(&with(&[]), &with(&["--affinity", "off"])),
+            ["`affinity`"]
+        );
+        assert_eq!(
+            restart_only_changes(&with(&[]), &with(&["--affinity-entries", "2048"])),
+            ["`affinity-entries`"]
+        );
+    }
+
+    #[test]
     fn restart_only_settings_are_named() {
         let a = settings(&[
             "--vip",

@@ -250,6 +250,23 @@ fn bad_values_are_refused_with_one_line_and_nothing_attached() {
             vec!["'0'", "--down-after"],
         ),
         (
+            "affinity-entries-small",
+            with(&v4, &["--affinity-entries", "100"]),
+            vec![
+                "affinity-entries 100 is out of range: must be at least 1024 and at most 8388608",
+            ],
+        ),
+        (
+            "affinity-entries-huge",
+            with(&v4, &["--affinity-entries", "99999999999999999999"]),
+            vec!["affinity-entries \"99999999999999999999\" is not a number"],
+        ),
+        (
+            "affinity-maybe",
+            with(&v4, &["--affinity", "maybe"]),
+            vec!["'maybe'", "--affinity"],
+        ),
+        (
             "up-after-101",
             with(&v4, &["--up-after", "101"]),
             vec!["'101'", "--up-after"],
@@ -352,6 +369,20 @@ fn bad_values_are_refused_with_one_line_and_nothing_attached() {
             "dns-min-ttl = 5".into(),
             "dns-min-ttl = 0".into(),
             format!("{path}:4: key `dns-min-ttl`: must be at least 1 and at most 86400, not 0"),
+        ),
+        (
+            "file-affinity-entries",
+            "dns-min-ttl = 5".into(),
+            "dns-min-ttl = 5\naffinity-entries = 10".into(),
+            format!(
+                "{path}:5: key `affinity-entries`: affinity-entries 10 is out of range: must be at least 1024 and at most 8388608"
+            ),
+        ),
+        (
+            "file-affinity",
+            "dns-min-ttl = 5".into(),
+            "dns-min-ttl = 5\naffinity = \"maybe\"".into(),
+            format!("{path}:5: key `affinity`: invalid affinity \"maybe\" (on or off)"),
         ),
         (
             "file-vip-any",
