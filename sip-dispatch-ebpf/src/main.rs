@@ -232,7 +232,17 @@ fn pick_with_affinity(scratch: *mut Scratch, service_id: u32, hash: u64) -> Resu
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let slot = AFFINITY.get_ptr_mut(&key);
-    let entry = slot.map(|p| unsafe { *p });
+    // The id and generation as the one aligned word writers store (see the rewrite).
+    let entry = slot.map(|p| unsafe {
+        let target = core::ptr::read_volatile(p.cast::<u64>());
+        AffinityEntry {
+            backend: target as u32,
+            generation: (target >> 32) as u32,
+            last_seen_ns: (*p).last_seen_ns,
+            flags: (*p).flags,
+            _zero: 0,
+        }
+    });
     let flags = match &entry {
         Some(e) => backend_flags(e.backend),
         None => BackendFlags::default(),
