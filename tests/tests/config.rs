@@ -252,9 +252,7 @@ fn bad_values_are_refused_with_one_line_and_nothing_attached() {
         (
             "affinity-entries-small",
             with(&v4, &["--affinity-entries", "100"]),
-            vec![
-                "affinity-entries 100 is out of range: must be at least 1024 and at most 8388608",
-            ],
+            vec!["affinity-entries 100 is out of range: must be at least 1024 and at most 8388608"],
         ),
         (
             "affinity-entries-huge",
