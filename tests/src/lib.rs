@@ -16,6 +16,7 @@ pub mod events;
 pub mod flood;
 pub mod link;
 pub mod netns;
+pub mod nft;
 pub mod preflight;
 pub mod process;
 pub mod rawnet;
