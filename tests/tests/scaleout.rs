@@ -9,6 +9,10 @@
 //! on the second dispatcher shows that the messages did cross (calls then split across
 //! backends), so the first check can fail.
 //!
+//! A drain on both dispatchers while held calls keep to fixed next hops splits no call:
+//! each node's affinity map keeps the calls it saw on their backend (a stateless build
+//! splits every call in progress at the drained backend, so that check can fail too).
+//!
 //! Needs root, SIPp and the sip-dispatch binary (`$SIP_DISPATCH_BIN`, else
 //! `target/debug/sip-dispatch`): without them the test fails, it never skips.
 use std::{
@@ -24,7 +28,7 @@ use sip_dispatch_testbed::{
     Family, XdpMode,
     dispatcher::{self, BackendArg, Dispatcher, RunConfig},
     netns, preflight, scenario,
-    sipp::{self, UacCall, UacReport, UacSpec, Uas, backends_by_call, exactly_one_backend},
+    sipp::{self, Uac, UacCall, UacReport, UacSpec, Uas, backends_by_call, exactly_one_backend},
     topology::{Host, Topology, TopologySpec},
 };
 
@@ -259,6 +263,125 @@ fn two_dispatchers_behind_ecmp_agree_on_every_call() {
     assert!(
         problems.is_empty(),
         "ecmp:\n  - {}\nlogs: {}",
+        problems.join("\n  - "),
+        farm.dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&farm.dir);
+}
+
+/// `backends drain ADDR --json` on one dispatcher; its reply.
+fn drain(binary: &Path, control: &Path, backend: SocketAddr) -> Value {
+    let out = dispatcher::cli(
+        binary,
+        control,
+        &["backends", "drain", &backend.to_string(), "--json"],
+    )
+    .expect("running the CLI");
+    assert!(
+        out.status.success(),
+        "drain {backend} via {}: {}",
+        control.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "drain printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Both dispatchers drain b2 at t = 3 s while held calls flow over fixed ECMP next hops
+/// (one socket per call and L4 hashing: each call's messages keep to one dispatcher).
+/// Each node's affinity map keeps the calls it saw on their backend, so no call splits,
+/// and no call started after both drains reaches b2 (README "Scale-out": affinity
+/// protects calls whose messages keep to one dispatcher; operators drain on every node).
+#[test]
+fn two_dispatchers_drained_together_split_no_call() {
+    let mut farm = Farm::build(3);
+    let (d1, c1) = farm.start(0, &[]);
+    let (d2, c2) = farm.start(1, &[]);
+    let b2 = farm.uas[1].as_ref().expect("b2 runs").address;
+    let calls = 300;
+    let mut spec = UacSpec::calls(farm.topo.client().ip(Family::V4), farm.vip, calls, 50);
+    spec.call_id = "%u-drain@%s".into();
+    spec.extra = ["-d", "3000", "-t", "un", "-max_socket", "1000"]
+        .map(str::to_owned)
+        .to_vec();
+    spec.bound += Duration::from_secs(3);
+    let mut uac = Uac::start(farm.topo.client().ns_name(), &spec, &farm.dir, "drain").expect("UAC");
+    uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+    let replies = [drain(&farm.binary, &c1, b2), drain(&farm.binary, &c2, b2)];
+    // Every call whose INVITE was sent from here on was placed while both drains held.
+    let drained_at = sip_dispatch_testbed::events::epoch_secs(std::time::SystemTime::now());
+    let report = uac.finish().expect("UAC");
+    let per_call = report.calls().expect("UAC calls");
+    let tx = [xdp_tx(&farm.binary, &c1), xdp_tx(&farm.binary, &c2)];
+    let stopped = [d1.stop(), d2.stop()];
+    let reports: Vec<_> = farm
+        .uas
+        .iter_mut()
+        .filter_map(Option::take)
+        .map(|u| u.stop().expect("stopping a UAS"))
+        .collect();
+
+    let mut problems = Vec::new();
+    if report.failed != 0
+        || report.successful != u64::from(calls)
+        || per_call.len() != calls as usize
+    {
+        problems.push(format!("UAC: {}", report.failure_summary()));
+    }
+    problems.extend(exactly_one_backend(&per_call, &reports));
+    let by = backends_by_call(&reports);
+    let split = per_call
+        .keys()
+        .filter(|id| by.get(*id).is_some_and(|b| b.len() > 1))
+        .count();
+    let started_after: Vec<&String> = per_call
+        .iter()
+        .filter(|(_, c)| c.invite_at > drained_at)
+        .map(|(id, _)| id)
+        .collect();
+    let on_b2 = started_after
+        .iter()
+        .filter(|id| by.get(**id).is_some_and(|s| s.contains(&b2)))
+        .count();
+    if on_b2 > 0 {
+        problems.push(format!(
+            "{on_b2} of {} calls started after both drains reached b2 {b2}",
+            started_after.len()
+        ));
+    }
+    if tx.iter().any(|&t| t < u64::from(calls) / 2) {
+        problems.push(format!(
+            "both dispatchers should have forwarded a good part of the {} messages, xdp_tx: {tx:?}",
+            3 * calls
+        ));
+    }
+    for (i, s) in stopped.iter().enumerate() {
+        if let Err(e) = s {
+            problems.push(format!("dispatcher {}: {e:#}", i + 1));
+        }
+    }
+    eprintln!(
+        "[ecmp-drain] {calls} calls held 3 s over fixed next hops, b2 drained on both at 3 s \
+         (replies {} and {}): {} ok / {} failed; {split} calls split across backends; {} started \
+         after the drains, {on_b2} of them at b2; xdp_tx per dispatcher {tx:?}; calls per \
+         backend {:?}",
+        replies[0],
+        replies[1],
+        report.successful,
+        report.failed,
+        started_after.len(),
+        reports
+            .iter()
+            .map(|r| (r.address.to_string(), r.calls.len()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        problems.is_empty(),
+        "ecmp-drain:\n  - {}\nlogs: {}",
         problems.join("\n  - "),
         farm.dir.display()
     );
