@@ -218,6 +218,8 @@ struct Recorded {
     drained: Option<(SocketAddr, f64)>,
     drain_wait: Option<BackgroundCli>,
     added: Option<(SocketAddr, f64)>,
+    /// The backend whose weight was set, and the weight.
+    reweighted: Option<(SocketAddr, u32)>,
     flap: Option<FlapSeen>,
     /// The removed backend, when the request was sent and when it was answered.
     removed: Option<(SocketAddr, f64, f64)>,
@@ -230,7 +232,6 @@ struct Recorded {
 struct Outcome {
     name: &'static str,
     calls: u32,
-    addrs: Vec<SocketAddr>,
     rec: Recorded,
     uac: UacReport,
     per_call: BTreeMap<String, UacCall>,
@@ -365,15 +366,17 @@ fn run(plan: &Plan) -> Outcome {
                 rec.drained = Some((b(backend), Moment::now().epoch()));
                 note
             }
-            Change::SetWeight(n, w) => bed
-                .cli_json(&[
+            Change::SetWeight(n, w) => {
+                let reply = bed.cli_json(&[
                     "backends",
                     "set-weight",
                     &b(n).to_string(),
                     &w.to_string(),
                     "--json",
-                ])
-                .to_string(),
+                ]);
+                rec.reweighted = Some((b(n), w));
+                reply.to_string()
+            }
             Change::HealthFlap(n, length) => {
                 let backend_ns = bed
                     .topo
@@ -446,7 +449,6 @@ fn run(plan: &Plan) -> Outcome {
     Outcome {
         name: plan.name,
         calls: plan.calls,
-        addrs,
         rec,
         uac,
         per_call,
@@ -633,10 +635,16 @@ fn summary(o: &Outcome, l: &Landing) -> String {
 fn flap_problems(o: &Outcome, flap: &FlapSeen) -> Vec<String> {
     let mut p = Vec::new();
     if let Err(e) = &flap.down {
-        p.push(format!("b1 never went down during the flap: {e}"));
+        p.push(format!(
+            "{} never went down during the flap: {e}",
+            flap.backend
+        ));
     }
     if let Err(e) = &flap.up {
-        p.push(format!("b1 never came back up after the flap: {e}"));
+        p.push(format!(
+            "{} never came back up after the flap: {e}",
+            flap.backend
+        ));
     }
     match &flap.dropped {
         Ok(0) => p.push("the flap's nft rule dropped nothing".to_owned()),
@@ -734,14 +742,13 @@ fn affinity_problems(o: &Outcome, l: &Landing) -> Vec<String> {
         None => p.push("no `drain --wait` ran".to_owned()),
     }
     // After the restart the operator's drain and weight are back, from the CLI.
-    let (drained, reweighted) = (o.addrs[1], o.addrs[2]);
-    match &o.rec.list_after_restart {
-        Some(list) => {
+    match (&o.rec.list_after_restart, o.rec.drained, o.rec.reweighted) {
+        (Some(list), Some((drained, _)), Some((reweighted, weight))) => {
             let field = |a: SocketAddr, f: &str| list.get(&a).map_or(Value::Null, |b| b[f].clone());
             for (addr, f, want) in [
                 (drained, "state", Value::from("drained")),
                 (drained, "state_from", Value::from("cli")),
-                (reweighted, "weight", Value::from(3)),
+                (reweighted, "weight", Value::from(weight)),
                 (reweighted, "weight_from", Value::from("cli")),
             ] {
                 if field(addr, f) != want {
@@ -752,7 +759,7 @@ fn affinity_problems(o: &Outcome, l: &Landing) -> Vec<String> {
                 }
             }
         }
-        None => p.push("no restart happened".to_owned()),
+        _ => p.push("no restart after a drain and a weight change happened".to_owned()),
     }
     for (name, at_least) in [("affinity_hit", 1), ("affinity_overridden", 1)] {
         match counter(&o.stats, name) {
