@@ -9,12 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::{Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::{
     Family, XdpMode,
     dispatcher::{self, BackendArg, Dispatcher, RunConfig},
-    netns, preflight, scenario,
+    netns, preflight,
+    process::{Line, Process},
+    scenario,
     sipp::{self, UacReport, UacSpec, Uas, UasReport},
     topology::{Topology, TopologySpec},
 };
@@ -126,6 +129,35 @@ impl Bed {
         dispatcher::cli(&self.binary, &self.control, args).expect("running the CLI")
     }
 
+    /// The CLI run in the background (from the dispatcher's namespace), e.g. `backends
+    /// drain ADDR --wait`, which returns only when the backend's calls are done. It is
+    /// stopped if it still runs after `bound`.
+    pub fn cli_background(&self, args: &[&str], label: &str, bound: Duration) -> BackgroundCli {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        all.insert(1, format!("--control={}", self.control.display()));
+        let binary = self.binary.to_string_lossy().into_owned();
+        let (ns, dir, label) = (self.disp_ns(), self.dir.clone(), label.to_owned());
+        let started = Instant::now();
+        let thread = std::thread::spawn(move || -> Result<BackgroundExit> {
+            let mut cli = Process::spawn(&ns, &binary, &all, &dir, &label)?;
+            let status = cli.wait_timeout(bound)?;
+            let ended = Instant::now();
+            let Some(status) = status else {
+                let _ = cli.stop();
+                bail!("`{}` still ran after {bound:?}", cli.command_line());
+            };
+            let stdout = cli.stdout_lines();
+            cli.collect()?;
+            Ok(BackgroundExit {
+                status,
+                ended,
+                stdout: stdout.lines(),
+                stderr: cli.stderr_tail(20),
+            })
+        });
+        BackgroundCli { started, thread }
+    }
+
     /// The CLI, expecting success and JSON on stdout.
     pub fn cli_json(&self, args: &[&str]) -> Value {
         let out = self.cli(args);
@@ -154,6 +186,34 @@ impl Drop for Bed {
         if let Some(p) = self.xdp_pass.take() {
             let _ = p.stop();
         }
+    }
+}
+
+/// A CLI command running in the background (see [`Bed::cli_background`]).
+pub struct BackgroundCli {
+    /// When it was started.
+    pub started: Instant,
+    thread: std::thread::JoinHandle<Result<BackgroundExit>>,
+}
+
+/// How a background CLI command ended.
+#[derive(Debug)]
+pub struct BackgroundExit {
+    pub status: std::process::ExitStatus,
+    /// When it ended (seen within 10 ms).
+    pub ended: Instant,
+    /// Its stdout lines, each stamped when read.
+    pub stdout: Vec<Line>,
+    /// The end of its stderr.
+    pub stderr: String,
+}
+
+impl BackgroundCli {
+    /// Waits for it (bounded by the `bound` it was started with).
+    pub fn finish(self) -> Result<BackgroundExit> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("the thread running the CLI panicked"))?
     }
 }
 

@@ -5,7 +5,8 @@
 //! Everything runs inside namespaces this crate creates (`sdt<pid>n<seq>-<role>`), using
 //! only 198.18.0.0/24 and 2001:db8::/64 (and 198.19.0.0/16 for the flood generator's
 //! spoofed sources); nothing touches the root namespace's interfaces.
-//! Needs root, `ip`, `ethtool` and `sipp`; the controller tests also `named` and `dig`.
+//! Needs root, `ip`, `ethtool` and `sipp`; the controller tests also `named` and `dig`, the
+//! affinity test `nft`.
 pub mod bed;
 pub mod cancel;
 pub mod cmd;
@@ -16,6 +17,7 @@ pub mod events;
 pub mod flood;
 pub mod link;
 pub mod netns;
+pub mod nft;
 pub mod preflight;
 pub mod process;
 pub mod rawnet;

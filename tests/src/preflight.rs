@@ -34,6 +34,9 @@ pub fn which(program: &str) -> Option<PathBuf> {
 /// Tools the controller tests add: a real DNS server and a client to query it.
 pub const DNS_TOOLS: &[(&str, &str)] = &[("named", "bind9"), ("dig", "bind9-dnsutils")];
 
+/// The firewall the affinity test blocks a backend's health checks with.
+pub const NFT_TOOLS: &[(&str, &str)] = &[("nft", "nftables")];
+
 /// Fails with one message naming every missing tool and its package.
 pub fn require_tools() -> Result<()> {
     require(TOOLS)
@@ -58,6 +61,12 @@ fn require(tools: &[(&str, &str)]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// [`require_all`] and the [`NFT_TOOLS`].
+pub fn require_nft() -> Result<()> {
+    require_all()?;
+    require(NFT_TOOLS)
 }
 
 /// [`require_root`] and [`require_tools`].

@@ -153,6 +153,76 @@ pub fn parse_uac_calls(text: &str) -> BTreeMap<String, UacCall> {
     calls
 }
 
+/// When the UAC first sent the INVITE and the BYE of one call (seconds since the Unix
+/// epoch), to tell which calls were in progress at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UacDialog {
+    pub invite_at: f64,
+    /// `None` if the UAC never sent a BYE (the call failed before).
+    pub bye_at: Option<f64>,
+}
+
+impl UacDialog {
+    /// Whether the call had begun (its INVITE sent) before `t` and not yet ended (its BYE
+    /// not sent, or sent after `t`).
+    pub fn in_progress_at(&self, t: f64) -> bool {
+        self.invite_at < t && self.bye_at.is_none_or(|bye| bye > t)
+    }
+}
+
+/// Parses the UAC's `-trace_shortmsg` log: per Call-ID, the first INVITE and the first
+/// BYE it sent.
+pub fn parse_uac_dialogs(text: &str) -> BTreeMap<String, UacDialog> {
+    let mut dialogs: BTreeMap<String, UacDialog> = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 7 || f[3] != "S" {
+            continue;
+        }
+        let Ok(at) = f[2].parse::<f64>() else {
+            continue;
+        };
+        let entry = dialogs.entry(f[4].to_owned()).or_insert(UacDialog {
+            invite_at: f64::INFINITY,
+            bye_at: None,
+        });
+        if f[6].starts_with("INVITE ") {
+            entry.invite_at = entry.invite_at.min(at);
+        } else if f[6].starts_with("BYE ") {
+            entry.bye_at = Some(entry.bye_at.map_or(at, |b| b.min(at)));
+        }
+    }
+    dialogs.retain(|_, d| d.invite_at.is_finite());
+    dialogs
+}
+
+/// One request a UAS received, from its `-trace_shortmsg` log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub call_id: String,
+    /// `INVITE`, `ACK`, `BYE`, `OPTIONS`, ...
+    pub method: String,
+}
+
+/// The requests (not responses) received, in log order.
+pub fn parse_received_requests(text: &str) -> Vec<Received> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.len() < 7 || f[3] != "R" || f[6].starts_with("SIP/2.0") {
+                return None;
+            }
+            Some(Received {
+                at: f[2].parse().ok()?,
+                call_id: f[4].to_owned(),
+                method: f[5].split_whitespace().last()?.to_owned(),
+            })
+        })
+        .collect()
+}
+
 /// What one UAS saw.
 #[derive(Debug, Clone)]
 pub struct UasReport {
@@ -166,6 +236,17 @@ pub struct UasReport {
     /// SIPp's own final counters (informational: see the module documentation).
     pub stat: StatRow,
     pub exit_code: Option<i32>,
+    /// Its `-trace_shortmsg` log (see [`UasReport::received`]).
+    pub messages: PathBuf,
+}
+
+impl UasReport {
+    /// Every request it received, with its time (see [`parse_received_requests`]).
+    pub fn received(&self) -> Result<Vec<Received>> {
+        let text = std::fs::read_to_string(&self.messages)
+            .with_context(|| format!("reading {}", self.messages.display()))?;
+        Ok(parse_received_requests(&text))
+    }
 }
 
 /// Per Call-ID: the backends whose UAS logged any request of it (its INVITE, ACK or BYE).
@@ -358,6 +439,7 @@ impl Uas {
             health_checks: 0,
             stat,
             exit_code,
+            messages: self.messages_path.clone(),
         };
         for (call_id, msgs) in parse_short_messages(&text) {
             if msgs.complete() {
@@ -451,6 +533,13 @@ impl UacReport {
         let text = std::fs::read_to_string(&self.messages)
             .with_context(|| format!("reading {}", self.messages.display()))?;
         Ok(parse_uac_calls(&text))
+    }
+
+    /// When each call's INVITE and BYE were sent, from the message log.
+    pub fn dialogs(&self) -> Result<BTreeMap<String, UacDialog>> {
+        let text = std::fs::read_to_string(&self.messages)
+            .with_context(|| format!("reading {}", self.messages.display()))?;
+        Ok(parse_uac_dialogs(&text))
     }
 }
 
@@ -714,6 +803,32 @@ mod tests {
         let two = calls["2-sdt@198.18.0.10"];
         assert!(!two.ok);
         assert!((two.invite_at - 1795311212.486567).abs() < 1e-6);
+    }
+
+    #[test]
+    fn uac_dialogs_from_the_message_log() {
+        let d = parse_uac_dialogs(UAC_SHORT);
+        assert_eq!(d.len(), 2);
+        let one = d["1-sdt@198.18.0.10"];
+        assert!((one.invite_at - 1795311212.478398).abs() < 1e-6);
+        assert!((one.bye_at.unwrap() - 1795311212.486534).abs() < 1e-6);
+        assert!(one.in_progress_at(1795311212.48));
+        assert!(!one.in_progress_at(1795311212.47), "before its INVITE");
+        assert!(!one.in_progress_at(1795311212.49), "after its BYE");
+        // No BYE yet: in progress from its (first) INVITE on.
+        let two = d["2-sdt@198.18.0.10"];
+        assert_eq!(two.bye_at, None);
+        assert!((two.invite_at - 1795311212.486567).abs() < 1e-6);
+        assert!(two.in_progress_at(1795311299.0));
+    }
+
+    #[test]
+    fn received_requests_with_times() {
+        let r = parse_received_requests(SHORT);
+        let methods: Vec<&str> = r.iter().map(|m| m.method.as_str()).collect();
+        assert_eq!(methods, ["OPTIONS", "INVITE", "ACK", "BYE", "BYE"]);
+        assert_eq!(r[1].call_id, "1-5814@198.18.0.10");
+        assert!((r[3].at - 1795309214.71016).abs() < 1e-6);
     }
 
     #[test]

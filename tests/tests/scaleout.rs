@@ -9,10 +9,17 @@
 //! on the second dispatcher shows that the messages did cross (calls then split across
 //! backends), so the first check can fail.
 //!
+//! A drain on both dispatchers while held calls keep to fixed next hops splits no call:
+//! each node's affinity map keeps the calls it saw on their backend (a stateless build
+//! splits every call in progress at the drained backend, so that check can fail too).
+//! The same drain while the route flips measures how many calls in progress at the
+//! drained backend split when their messages reach both nodes, and checks that no other
+//! call does.
+//!
 //! Needs root, SIPp and the sip-dispatch binary (`$SIP_DISPATCH_BIN`, else
 //! `target/debug/sip-dispatch`): without them the test fails, it never skips.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::mpsc,
@@ -24,7 +31,7 @@ use sip_dispatch_testbed::{
     Family, XdpMode,
     dispatcher::{self, BackendArg, Dispatcher, RunConfig},
     netns, preflight, scenario,
-    sipp::{self, UacCall, UacReport, UacSpec, Uas, backends_by_call, exactly_one_backend},
+    sipp::{self, Uac, UacCall, UacReport, UacSpec, Uas, backends_by_call, exactly_one_backend},
     topology::{Host, Topology, TopologySpec},
 };
 
@@ -145,6 +152,17 @@ impl Farm {
         calls: u32,
         tag: &str,
     ) -> (UacReport, BTreeMap<String, UacCall>, u32) {
+        self.calls_while_flipping_with(calls, tag, |_| ())
+    }
+
+    /// [`Farm::calls_while_flipping`], with `midway` given the running UAC (to let calls
+    /// flow for a while, then change something).
+    fn calls_while_flipping_with(
+        &self,
+        calls: u32,
+        tag: &str,
+        midway: impl FnOnce(&mut Uac),
+    ) -> (UacReport, BTreeMap<String, UacCall>, u32) {
         let mut spec = UacSpec::calls(self.topo.client().ip(Family::V4), self.vip, calls, 100);
         spec.call_id = format!("%u-{tag}@%s");
         spec.extra = ["-d", CALL_MS, "-t", "un", "-max_socket", "1000"]
@@ -164,8 +182,12 @@ impl Farm {
                 }
                 Ok(flips)
             });
-            let report = sipp::Uac::start(self.topo.client().ns_name(), &spec, &self.dir, tag)
-                .and_then(sipp::Uac::finish);
+            let report = Uac::start(self.topo.client().ns_name(), &spec, &self.dir, tag).and_then(
+                |mut uac| {
+                    midway(&mut uac);
+                    uac.finish()
+                },
+            );
             drop(stop);
             let flips = flipper.join().expect("flipper thread");
             (report, flips)
@@ -259,6 +281,243 @@ fn two_dispatchers_behind_ecmp_agree_on_every_call() {
     assert!(
         problems.is_empty(),
         "ecmp:\n  - {}\nlogs: {}",
+        problems.join("\n  - "),
+        farm.dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&farm.dir);
+}
+
+/// `backends drain ADDR --json` on one dispatcher; its reply.
+fn drain(binary: &Path, control: &Path, backend: SocketAddr) -> Value {
+    let out = dispatcher::cli(
+        binary,
+        control,
+        &["backends", "drain", &backend.to_string(), "--json"],
+    )
+    .expect("running the CLI");
+    assert!(
+        out.status.success(),
+        "drain {backend} via {}: {}",
+        control.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "drain printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Drains `backend` on both dispatchers (one after the other); the replies, when the
+/// first request was sent and when the second was answered (epoch seconds): every call
+/// whose INVITE was sent after that was placed while both drains held.
+fn drain_on_both(
+    binary: &Path,
+    controls: [&Path; 2],
+    backend: SocketAddr,
+) -> ([Value; 2], f64, f64) {
+    let now = || sip_dispatch_testbed::events::epoch_secs(std::time::SystemTime::now());
+    let sent = now();
+    let replies = controls.map(|c| drain(binary, c, backend));
+    (replies, sent, now())
+}
+
+/// Both dispatchers drain b2 at t = 3 s while held calls flow over fixed ECMP next hops
+/// (one socket per call and L4 hashing: each call's messages keep to one dispatcher).
+/// Each node's affinity map keeps the calls it saw on their backend, so no call splits,
+/// and no call started after both drains reaches b2 (README "Scale-out": affinity
+/// protects calls whose messages keep to one dispatcher; operators drain on every node).
+#[test]
+fn two_dispatchers_drained_together_split_no_call() {
+    let mut farm = Farm::build(3);
+    let (d1, c1) = farm.start(0, &[]);
+    let (d2, c2) = farm.start(1, &[]);
+    let b2 = farm.uas[1].as_ref().expect("b2 runs").address;
+    let calls = 300;
+    let mut spec = UacSpec::calls(farm.topo.client().ip(Family::V4), farm.vip, calls, 50);
+    spec.call_id = "%u-drain@%s".into();
+    spec.extra = ["-d", "3000", "-t", "un", "-max_socket", "1000"]
+        .map(str::to_owned)
+        .to_vec();
+    spec.bound += Duration::from_secs(3);
+    let mut uac = Uac::start(farm.topo.client().ns_name(), &spec, &farm.dir, "drain").expect("UAC");
+    uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+    let (replies, _, drained_at) = drain_on_both(&farm.binary, [&c1, &c2], b2);
+    let report = uac.finish().expect("UAC");
+    let per_call = report.calls().expect("UAC calls");
+    let tx = [xdp_tx(&farm.binary, &c1), xdp_tx(&farm.binary, &c2)];
+    let stopped = [d1.stop(), d2.stop()];
+    let reports: Vec<_> = farm
+        .uas
+        .iter_mut()
+        .filter_map(Option::take)
+        .map(|u| u.stop().expect("stopping a UAS"))
+        .collect();
+
+    let mut problems = Vec::new();
+    if report.failed != 0
+        || report.successful != u64::from(calls)
+        || per_call.len() != calls as usize
+    {
+        problems.push(format!("UAC: {}", report.failure_summary()));
+    }
+    problems.extend(exactly_one_backend(&per_call, &reports));
+    let by = backends_by_call(&reports);
+    let split = per_call
+        .keys()
+        .filter(|id| by.get(*id).is_some_and(|b| b.len() > 1))
+        .count();
+    let started_after: Vec<&String> = per_call
+        .iter()
+        .filter(|(_, c)| c.invite_at > drained_at)
+        .map(|(id, _)| id)
+        .collect();
+    let on_b2 = started_after
+        .iter()
+        .filter(|id| by.get(**id).is_some_and(|s| s.contains(&b2)))
+        .count();
+    if on_b2 > 0 {
+        problems.push(format!(
+            "{on_b2} of {} calls started after both drains reached b2 {b2}",
+            started_after.len()
+        ));
+    }
+    if tx.iter().any(|&t| t < u64::from(calls) / 2) {
+        problems.push(format!(
+            "both dispatchers should have forwarded a good part of the {} messages, xdp_tx: {tx:?}",
+            3 * calls
+        ));
+    }
+    for (i, s) in stopped.iter().enumerate() {
+        if let Err(e) = s {
+            problems.push(format!("dispatcher {}: {e:#}", i + 1));
+        }
+    }
+    eprintln!(
+        "[ecmp-drain] {calls} calls held 3 s over fixed next hops, b2 drained on both at 3 s \
+         (replies {} and {}): {} ok / {} failed; {split} calls split across backends; {} started \
+         after the drains, {on_b2} of them at b2; xdp_tx per dispatcher {tx:?}; calls per \
+         backend {:?}",
+        replies[0],
+        replies[1],
+        report.successful,
+        report.failed,
+        started_after.len(),
+        reports
+            .iter()
+            .map(|r| (r.address.to_string(), r.calls.len()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        problems.is_empty(),
+        "ecmp-drain:\n  - {}\nlogs: {}",
+        problems.join("\n  - "),
+        farm.dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&farm.dir);
+}
+
+/// Both dispatchers drain b2 at t = 3 s while the route flips every 250 ms, so the BYE of
+/// many calls reaches the other dispatcher than their INVITE. That node has no entry for
+/// the call (an ACK or BYE never creates one) and follows its new table, so a call in
+/// progress at b2 may split there (README "Scale-out"). Measured: how many split;
+/// asserted: no other call splits, none fails, and no call started after both drains
+/// reaches b2.
+#[test]
+fn two_dispatchers_drained_while_flipping_split_only_calls_of_the_drained_backend() {
+    let mut farm = Farm::build(3);
+    let (d1, c1) = farm.start(0, &[]);
+    let (d2, c2) = farm.start(1, &[]);
+    let b2 = farm.uas[1].as_ref().expect("b2 runs").address;
+    let calls = 600;
+    let mut drained = None;
+    let (report, per_call, flips) = farm.calls_while_flipping_with(calls, "flipdrain", |uac| {
+        uac.run_for(Duration::from_secs(3)).expect("calls flowing");
+        drained = Some(drain_on_both(&farm.binary, [&c1, &c2], b2));
+    });
+    let (_, first_sent, both_replied) = drained.expect("the drains ran");
+    let dialogs = report.dialogs().expect("UAC dialogs");
+    let stopped = [d1.stop(), d2.stop()];
+    let reports: Vec<_> = farm
+        .uas
+        .iter_mut()
+        .filter_map(Option::take)
+        .map(|u| u.stop().expect("stopping a UAS"))
+        .collect();
+
+    let mut problems = Vec::new();
+    if report.failed != 0
+        || report.successful != u64::from(calls)
+        || per_call.len() != calls as usize
+    {
+        problems.push(format!("UAC: {}", report.failure_summary()));
+    }
+    let by = backends_by_call(&reports);
+    let at_b2 = reports
+        .iter()
+        .find(|r| r.address == b2)
+        .expect("b2's report");
+    // In progress at b2 during the drains: its INVITE reached b2 before both drains were
+    // answered, and its BYE was sent after the first drain was sent (or never).
+    let in_progress_at_b2: BTreeSet<&String> = dialogs
+        .iter()
+        .filter(|(id, d)| {
+            let invited =
+                at_b2.calls.contains(*id) || at_b2.incomplete.get(*id).is_some_and(|m| m.invite);
+            invited && d.invite_at < both_replied && d.bye_at.is_none_or(|bye| bye > first_sent)
+        })
+        .map(|(id, _)| id)
+        .collect();
+    let split: Vec<&String> = per_call
+        .keys()
+        .filter(|id| by.get(*id).is_some_and(|b| b.len() > 1))
+        .collect();
+    let others: Vec<_> = split
+        .iter()
+        .filter(|id| !in_progress_at_b2.contains(**id))
+        .map(|id| (id, by.get(*id)))
+        .collect();
+    if !others.is_empty() {
+        problems.push(format!(
+            "{} calls split that were not in progress at the drained b2, e.g. {:?}",
+            others.len(),
+            &others[..others.len().min(3)]
+        ));
+    }
+    let started_after = per_call
+        .values()
+        .filter(|c| c.invite_at > both_replied)
+        .count();
+    let new_on_b2 = per_call
+        .iter()
+        .filter(|(id, c)| {
+            c.invite_at > both_replied && by.get(*id).is_some_and(|s| s.contains(&b2))
+        })
+        .count();
+    if new_on_b2 > 0 {
+        problems.push(format!(
+            "{new_on_b2} of {started_after} calls started after both drains reached b2 {b2}"
+        ));
+    }
+    for (i, s) in stopped.iter().enumerate() {
+        if let Err(e) = s {
+            problems.push(format!("dispatcher {}: {e:#}", i + 1));
+        }
+    }
+    eprintln!(
+        "[ecmp-flip-drain] {calls} calls held {CALL_MS} ms, {flips} route swaps, b2 drained \
+         on both at 3 s: {} ok / {} failed; {} calls split across backends, of the {} in \
+         progress at b2 during the drains; {started_after} started after the drains, \
+         {new_on_b2} of them at b2",
+        report.successful,
+        report.failed,
+        split.len(),
+        in_progress_at_b2.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "ecmp-flip-drain:\n  - {}\nlogs: {}",
         problems.join("\n  - "),
         farm.dir.display()
     );

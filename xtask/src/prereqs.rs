@@ -41,6 +41,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "dig",
         "checks what the test DNS server answers after a zone reload",
     ),
+    (
+        "nftables",
+        "nft",
+        "blocks a backend's health checks (OPTIONS only) for the affinity test's health flap",
+    ),
 ];
 
 /// What `cargo xtask bench` adds to the test bed's packages (same columns).
