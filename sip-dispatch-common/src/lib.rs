@@ -12,6 +12,7 @@ extern crate std;
 #[cfg(feature = "user")]
 pub mod addr;
 pub mod affinity;
+pub mod census;
 pub mod csum;
 pub mod hash;
 #[cfg(feature = "user")]

@@ -40,7 +40,7 @@ pub const AFFINITY_ENTRIES_MAX: u32 = 8_388_608;
 pub const GLOBAL_AFFINITY_ON: &str = "AFFINITY_ON";
 
 /// Every map of the object, all pinned under the pin directory.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_TABLES,
     MAP_BACKENDS,
@@ -51,6 +51,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_SCRATCH,
     MAP_AFFINITY,
     MAP_BACKEND_FLAGS,
+    crate::census::MAP_HELD,
 ];
 
 /// The XDP program that dispatches SIP.

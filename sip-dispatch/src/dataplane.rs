@@ -235,6 +235,17 @@ impl Dataplane {
         }
     }
 
+    /// Every entry of the affinity map, walked from userspace (two syscalls an entry:
+    /// for tests and measurements; the daemon counts with `census_runner`).
+    pub fn affinity_entries(&self) -> anyhow::Result<Vec<AffinityEntry>> {
+        let map: HashMap<&MapData, AffinityKey, AffinityEntry> =
+            HashMap::try_from(self.map(MAP_AFFINITY)?)?;
+        map.iter()
+            .map(|r| r.map(|(_, e)| e))
+            .collect::<Result<_, _>>()
+            .context("walking the affinity map")
+    }
+
     /// Writes a call's affinity entry (the slow path's writes, and tests).
     pub fn set_affinity_entry(
         &mut self,
@@ -284,6 +295,22 @@ impl Dataplane {
             .copied()
             .flatten()
             .unwrap_or_default()
+    }
+
+    /// The held-call census on fds of its own, to run off the controller's thread.
+    pub fn census_runner(&mut self) -> anyhow::Result<crate::census::Runner> {
+        use std::os::fd::AsFd as _;
+        let held = match self.map(sip_dispatch_common::census::MAP_HELD)? {
+            aya::maps::Map::Array(m) => m,
+            _ => bail!(
+                "map {} is not an array",
+                sip_dispatch_common::census::MAP_HELD
+            ),
+        };
+        let held = MapData::from_fd(crate::census::dup(held.fd().as_fd())?)
+            .context("opening the census counts")?;
+        let program = crate::census::dup(census_program(&mut self.ebpf)?.fd()?.as_fd())?;
+        Ok(crate::census::Runner::new(program, held))
     }
 
     /// The ids that have an address, with it.
@@ -436,6 +463,10 @@ impl Dataplane {
         dp.dispatch_program()?
             .load()
             .context("the kernel verifier rejected the XDP program")?;
+        // Loaded for the held-call census (`crate::census`), never attached.
+        census_program(&mut dp.ebpf)?
+            .load()
+            .context("the kernel verifier rejected the census program")?;
         Ok(dp)
     }
 
@@ -838,9 +869,17 @@ fn put_affinity_back(dir: &Path) {
     }
 }
 
+fn census_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+    use sip_dispatch_common::census::PROG_CENSUS;
+    Ok(ebpf
+        .program_mut(PROG_CENSUS)
+        .ok_or_else(|| anyhow!("program {PROG_CENSUS} missing from the XDP object"))?
+        .try_into()?)
+}
+
 /// The layout each map must have: (name, type, key size, value size, max entries).
 /// The affinity map's size is not checked here: a pin of another size is resized.
-fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 10] {
+fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 11] {
     use std::mem::size_of;
     [
         (
@@ -888,6 +927,13 @@ fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 10] {
             4,
             size_of::<BackendFlags>() as u32,
             MAX_BACKENDS,
+        ),
+        (
+            sip_dispatch_common::census::MAP_HELD,
+            MapType::Array,
+            4,
+            8,
+            sip_dispatch_common::census::HELD_SLOTS,
         ),
     ]
 }

@@ -4,6 +4,7 @@ pub mod addrs;
 pub mod affinity_maps;
 pub mod backend_ids;
 pub mod bpffs;
+pub mod census;
 pub mod cli;
 pub mod commands;
 pub mod config;

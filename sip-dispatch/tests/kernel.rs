@@ -1116,6 +1116,125 @@ mod affinity {
         assert!(followed > 0, "no message followed an entry");
     }
 
+    /// The held-call census (the `affinity_census` program, run through
+    /// BPF_PROG_TEST_RUN) counts per backend the entries that hold a call, as
+    /// `census::holds_call` says; and messages through the fast path move the count.
+    #[test]
+    fn the_census_counts_held_calls_per_backend() {
+        use sip_dispatch_common::{AFF_BYE, AFF_CANCEL, census::holds_call};
+        const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+        let (mut h, call) = with_call_on_a();
+        let a = id_of(&h, A);
+        let b = id_of(&h, "198.18.1.22:5062");
+        let c = id_of(&h, "198.18.1.23:5064");
+        let census = |h: &mut Harness| {
+            h.dp.census_runner()
+                .unwrap()
+                .run(&[a, b, c], IDLE)
+                .unwrap_or_else(|e| panic!("census: {e:#}"))
+        };
+        let empty = census(&mut h);
+        assert_eq!((empty.entries, empty.stale), (0, 0));
+        assert_eq!(empty.held.values().sum::<u64>(), 0);
+
+        // A call through the fast path holds A until its BYE.
+        send(&mut h, &request("INVITE", &call, None));
+        let one = census(&mut h);
+        assert_eq!(one.held[&a], 1);
+        assert_eq!((one.entries, one.stale), (1, 0));
+        send(&mut h, &request("BYE", &call, Some("t")));
+        let ended = census(&mut h);
+        assert_eq!((ended.held[&a], ended.entries, ended.stale), (0, 1, 1));
+
+        // Crafted entries, one of each kind.
+        let now = now_ns();
+        assert!(now > 60_000_000_000, "the test needs a minute of uptime");
+        let fresh = now - 1_000_000_000;
+        let idle = now - 60_000_000_000;
+        // No id was freed yet: every one is at generation 0.
+        let generation = 0u32;
+        let mut n = 0u64;
+        let mut put =
+            |h: &mut Harness, backend: u32, id_gen: u32, last_seen_ns: u64, flags: u32| {
+                n += 1;
+                let key = AffinityKey {
+                    hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    service: 0,
+                    _zero: 0,
+                };
+                let e = AffinityEntry {
+                    backend,
+                    generation: id_gen,
+                    last_seen_ns,
+                    flags,
+                    _zero: 0,
+                };
+                h.dp.set_affinity_entry(&key, &e).unwrap();
+            };
+        for _ in 0..3 {
+            put(&mut h, a, generation, fresh, 0);
+        }
+        put(&mut h, a, generation, fresh, AFF_BYE);
+        put(&mut h, a, generation, fresh, AFF_CANCEL);
+        put(&mut h, a, generation, idle, 0);
+        put(&mut h, a, generation + 1, fresh, 0);
+        put(&mut h, b, generation, fresh, 0);
+        put(&mut h, b, generation, now + 5_000_000, 0); // the coarse clock lags
+        put(&mut h, c, generation, fresh, 0);
+        put(&mut h, 9999, generation, fresh, 0); // no such id
+        let got = census(&mut h);
+        assert_eq!(got.entries, 12, "{got:?}");
+        assert_eq!(
+            (got.held[&a], got.held[&b], got.held[&c]),
+            (3, 2, 1),
+            "{got:?}"
+        );
+        assert_eq!(got.stale, 12 - 6);
+        // Disabling C ends its calls' affinity: it holds none.
+        set_flags(&mut h, "198.18.1.23:5064", 0);
+        assert_eq!(census(&mut h).held[&c], 0);
+
+        // A full map of the default size: the kernel agrees with a userspace walk of
+        // the same map, and costs far less (numbers in the output).
+        let full = h.dp.affinity().map_entries() as u64;
+        let filled = std::time::Instant::now();
+        for i in 0..full + 100 {
+            let backend = [a, b, c][(i % 3) as usize];
+            let last_seen = if i % 5 == 0 { idle } else { fresh };
+            let flags = if i % 7 == 0 { AFF_BYE } else { 0 };
+            put(&mut h, backend, generation, last_seen, flags);
+        }
+        eprintln!("wrote {} entries in {:?}", full + 100, filled.elapsed());
+        let got = census(&mut h);
+        let walked = std::time::Instant::now();
+        let map = h.dp.affinity_entries().unwrap();
+        let walk_took = walked.elapsed();
+        assert_eq!(got.entries, map.len() as u64);
+        // The LRU evicts a little before it is full (its free lists are per CPU).
+        assert!(
+            got.entries <= full && got.entries > full * 99 / 100,
+            "{}",
+            got.entries
+        );
+        let flags_of = |id: u32| sip_dispatch_common::BackendFlags {
+            generation,
+            flags: if id == c { 0 } else { ALL },
+        };
+        for id in [a, b, c] {
+            let want = map
+                .iter()
+                .filter(|e| {
+                    e.backend == id && holds_call(e, flags_of(id), now_ns(), IDLE.as_nanos() as u64)
+                })
+                .count() as u64;
+            assert_eq!(got.held[&id], want, "backend {id}");
+        }
+        let kernel = (0..5).map(|_| census(&mut h).took).min().unwrap();
+        eprintln!(
+            "census of {full} entries: kernel walk {kernel:?} (best of 5), userspace walk {walk_took:?}"
+        );
+    }
+
     fn now_ns() -> u64 {
         let mut ts = libc::timespec {
             tv_sec: 0,

@@ -31,7 +31,7 @@ fn workdir() -> PathBuf {
 }
 
 /// The pins a daemon leaves: the link and every map of this build.
-const PINS: [&str; 11] = [
+const PINS: [&str; 12] = [
     "link_v1",
     "sd_services_v1",
     "sd_tables_v2",
@@ -43,6 +43,7 @@ const PINS: [&str; 11] = [
     "sd_scratch_v2",
     "sd_affinity_v1",
     "sd_bflags_v1",
+    "sd_held_v1",
 ];
 
 /// The names in the pin directory (empty if it is gone).
