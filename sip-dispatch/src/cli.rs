@@ -91,10 +91,20 @@ pub enum BackendsCommand {
         #[arg(value_parser = parse_socket_addr)]
         address: SocketAddr,
     },
-    /// No new calls (weight 0); health checks go on.
+    /// No new calls (weight 0); calls in progress continue; health checks go on.
     Drain {
         #[arg(value_parser = parse_socket_addr)]
         address: SocketAddr,
+        /// Then print the calls the backend still holds about once a second until there
+        /// are none. Exit status: 0 none held, 2 timeout, 3 the drain ended meanwhile
+        /// (enabled, disabled or removed), 1 error. Needs call affinity (not with
+        /// `run --affinity off`: the dispatcher then cannot see calls).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (e.g. 30s, 10m, 2h) [default: wait
+        /// forever].
+        #[arg(long, requires = "wait", value_parser = parse_wait_timeout)]
+        timeout: Option<Duration>,
     },
     /// Back in service after drain or disable.
     Enable {
@@ -214,6 +224,61 @@ pub struct RunArgs {
     /// (longest call + call-idle) seconds.
     #[arg(long, value_parser = parse_affinity_entries)]
     pub affinity_entries: Option<u32>,
+    /// A call counts as held by its backend (`backends list` CALLS, `drain --wait`) until
+    /// its BYE or CANCEL passes the dispatcher, or until none of its messages did for
+    /// this long (10s to 24h, e.g. 90s, 10m, 2h; reloadable) [default: 10m]. With
+    /// --affinity off no calls are counted.
+    #[arg(long, value_parser = parse_call_idle)]
+    pub call_idle: Option<Duration>,
+}
+
+/// Allowed `--call-idle` (and `call-idle`).
+pub const CALL_IDLE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(86_400));
+/// `--call-idle` unless given.
+pub const CALL_IDLE_DEFAULT: Duration = Duration::from_secs(600);
+
+/// A duration that may be given in minutes or hours too: `90s`, `10m`, `1.5h`, `500ms`.
+/// `None` unless it is a finite number with one of those units.
+fn parse_long_duration(s: &str) -> Option<Duration> {
+    let (number, unit) = [("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
+        .into_iter()
+        .find_map(|(u, scale)| Some((s.strip_suffix(u)?, scale)))?;
+    let value: f64 = number.parse().ok().filter(|v: &f64| v.is_finite())?;
+    if value < 0.0 {
+        return Some(Duration::ZERO);
+    }
+    Some(Duration::try_from_secs_f64(value * unit).unwrap_or(Duration::MAX))
+}
+
+/// A duration of `name` in minutes or hours too, within `range` (both ends allowed);
+/// `range_text` says the range in the error.
+fn parse_long_duration_in(
+    name: &str,
+    s: &str,
+    (min, max): (Duration, Duration),
+    range_text: &str,
+) -> Result<Duration, String> {
+    match parse_long_duration(s) {
+        Some(d) if d >= min && d <= max => Ok(d),
+        Some(_) => Err(format!("{name} {s:?} is out of range: {range_text}")),
+        None => Err(format!(
+            "{name} {s:?} is not a duration: expected {range_text}, e.g. 90s, 10m or 2h"
+        )),
+    }
+}
+
+pub fn parse_call_idle(s: &str) -> Result<Duration, String> {
+    parse_long_duration_in("call-idle", s, CALL_IDLE, "10s to 24h")
+}
+
+/// `drain --wait --timeout`: 1s to 7 days.
+pub fn parse_wait_timeout(s: &str) -> Result<Duration, String> {
+    parse_long_duration_in(
+        "timeout",
+        s,
+        (Duration::from_secs(1), Duration::from_secs(7 * 86_400)),
+        "1s to 168h",
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -512,6 +577,94 @@ mod tests {
             parse_health_timeout("1e30s").unwrap_err(),
             "health-timeout \"1e30s\" is out of range: 10ms to 3600s"
         );
+    }
+
+    #[test]
+    fn call_idle_is_bounded_and_takes_minutes_and_hours() {
+        let s = Duration::from_secs;
+        for (given, want) in [
+            ("10s", s(10)),
+            ("10m", s(600)),
+            ("1.5h", s(5400)),
+            ("24h", s(86_400)),
+            ("86400s", s(86_400)),
+            ("10000ms", s(10)),
+        ] {
+            assert_eq!(parse_call_idle(given), Ok(want), "{given}");
+        }
+        for bad in ["9s", "9999ms", "24.001h", "0m", "-1m", "1e300h", "1e20s"] {
+            assert_eq!(
+                parse_call_idle(bad).unwrap_err(),
+                format!("call-idle {bad:?} is out of range: 10s to 24h")
+            );
+        }
+        for bad in [
+            "", "10", "m", "10 m", "tenm", "NaNh", "infm", "10d", "1h30m",
+        ] {
+            let e = parse_call_idle(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!(
+                    "call-idle {bad:?} is not a duration: expected 10s to 24h"
+                )),
+                "{e}"
+            );
+        }
+        let run = |args: &[&str]| {
+            Cli::try_parse_from(
+                [["sip-dispatch", "run", "--iface", "d0"].as_slice(), args].concat(),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let Ok(Cli {
+            command: Command::Run(a),
+            ..
+        }) = run(&["--call-idle", "2h"])
+        else {
+            panic!("--call-idle 2h")
+        };
+        assert_eq!(a.call_idle, Some(s(7200)));
+        let e = run(&["--call-idle", "5s"]).unwrap_err();
+        assert!(
+            e.contains("call-idle \"5s\" is out of range: 10s to 24h"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn drain_takes_wait_and_a_timeout_only_with_it() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                [
+                    ["sip-dispatch", "backends", "drain", "198.18.0.22:5060"].as_slice(),
+                    args,
+                ]
+                .concat(),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let drain = |args: &[&str]| match parse(args) {
+            Ok(Cli {
+                command:
+                    Command::Backends {
+                        command: BackendsCommand::Drain { wait, timeout, .. },
+                        ..
+                    },
+                ..
+            }) => (wait, timeout),
+            other => panic!("{args:?}: {:?}", other.err()),
+        };
+        assert_eq!(drain(&[]), (false, None));
+        assert_eq!(drain(&["--wait"]), (true, None));
+        assert_eq!(
+            drain(&["--wait", "--timeout", "30s"]),
+            (true, Some(Duration::from_secs(30)))
+        );
+        assert!(
+            parse(&["--timeout", "30s"]).is_err(),
+            "--timeout needs --wait"
+        );
+        let e = parse(&["--wait", "--timeout", "0s"]).unwrap_err();
+        assert!(e.contains("timeout \"0s\" is out of range"), "{e}");
     }
 
     #[test]

@@ -92,7 +92,12 @@ fn backends(command: BackendsCommand, client: &ClientArgs) -> anyhow::Result<()>
             service,
         },
         BackendsCommand::Remove { address } => Request::BackendRemove { address },
-        BackendsCommand::Drain { address } => admin(address, "drain"),
+        BackendsCommand::Drain {
+            address,
+            wait: true,
+            timeout,
+        } => return drain_and_wait(client, address, timeout),
+        BackendsCommand::Drain { address, .. } => admin(address, "drain"),
         BackendsCommand::Enable { address } => admin(address, "enable"),
         BackendsCommand::Disable { address } => admin(address, "disable"),
         BackendsCommand::SetWeight { address, weight } => Request::BackendWeight {
@@ -102,6 +107,143 @@ fn backends(command: BackendsCommand, client: &ClientArgs) -> anyhow::Result<()>
     };
     let v = request(client, &req)?;
     print(client, &v, |v| format!("ok: {v}"))
+}
+
+/// A command's end that is no error but has its own exit status (`drain --wait`):
+/// `main` prints the message, if any, and exits with the code.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// How `backends drain --wait` ends; the discriminant is the exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// The backend holds no call.
+    Done = 0,
+    /// `--timeout` passed with calls still held.
+    TimedOut = 2,
+    /// The drain ended: the backend was enabled, disabled or removed.
+    Ended = 3,
+}
+
+/// What one look at `backends list` showed of the draining backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    Drained {
+        calls: u64,
+    },
+    /// Listed in another state (enabled: its health state; or disabled).
+    Other {
+        state: String,
+    },
+    /// Listed by no service any more.
+    Gone,
+}
+
+/// `address` in a `backends list` answer. Calls are per address, whatever the service
+/// (every row of it shows the same count). An error when the daemon counts no calls.
+pub fn seen_in(list: &Value, address: std::net::SocketAddr) -> anyhow::Result<Seen> {
+    let rows: Vec<&Value> = list["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["backends"].as_array().into_iter().flatten())
+        .filter(|b| b["address"].as_str().and_then(|a| a.parse().ok()) == Some(address))
+        .collect();
+    if rows.is_empty() {
+        return Ok(Seen::Gone);
+    }
+    let Some(calls) = rows.iter().filter_map(|b| b["calls"].as_u64()).max() else {
+        bail!(
+            "the daemon counts no calls of {address} (it runs with --affinity off, so it cannot \
+             see calls): --wait cannot wait for them"
+        );
+    };
+    if let Some(other) = rows.iter().find(|b| b["state"] != "drained") {
+        return Ok(Seen::Other {
+            state: text(&other["state"]),
+        });
+    }
+    Ok(Seen::Drained { calls })
+}
+
+/// Whether `drain --wait` ends after a poll that saw `seen`, `elapsed` after it
+/// started; None: poll again.
+pub fn drain_end(seen: &Seen, elapsed: Duration, timeout: Option<Duration>) -> Option<DrainEnd> {
+    match seen {
+        Seen::Gone | Seen::Other { .. } => Some(DrainEnd::Ended),
+        Seen::Drained { calls: 0 } => Some(DrainEnd::Done),
+        Seen::Drained { .. } if timeout.is_some_and(|t| elapsed >= t) => Some(DrainEnd::TimedOut),
+        Seen::Drained { .. } => None,
+    }
+}
+
+/// `backends drain ADDR --wait`: drains (answered once the tables are in force), then
+/// prints the calls the backend holds about once a second until none are left.
+fn drain_and_wait(
+    client: &ClientArgs,
+    address: std::net::SocketAddr,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    // Refused before anything changes when the daemon cannot count calls.
+    seen_in(&request(client, &Request::BackendsList)?, address)?;
+    let v = request(
+        client,
+        &Request::BackendAdmin {
+            address,
+            admin: "drain".into(),
+        },
+    )?;
+    print(client, &v, |v| format!("ok: {v}"))?;
+    loop {
+        let seen = seen_in(&request(client, &Request::BackendsList)?, address)?;
+        match &seen {
+            Seen::Drained { calls } if client.json => {
+                println!(
+                    "{}",
+                    serde_json::json!({"address": address, "calls": calls})
+                );
+            }
+            Seen::Drained { calls } => println!("{address}: {calls} calls held"),
+            _ => {}
+        }
+        std::io::stdout().flush()?;
+        let elapsed = started.elapsed();
+        let Some(end) = drain_end(&seen, elapsed, timeout) else {
+            let pause = timeout.map_or(Duration::from_secs(1), |t| {
+                t.saturating_sub(elapsed).min(Duration::from_secs(1))
+            });
+            std::thread::sleep(pause);
+            continue;
+        };
+        let message = match (&seen, end) {
+            (_, DrainEnd::Done) => return Ok(()),
+            (Seen::Drained { calls }, DrainEnd::TimedOut) => format!(
+                "{address}: still {calls} calls held after {}",
+                crate::cli::show_duration(timeout.unwrap_or_default())
+            ),
+            (Seen::Other { state }, _) => {
+                format!("{address} is no longer drained (now {state}): stopped waiting")
+            }
+            _ => format!("{address} is no longer listed: stopped waiting"),
+        };
+        return Err(Exit {
+            code: end as u8,
+            message,
+        }
+        .into());
+    }
 }
 
 /// A value with where it came from, e.g. `3(cli)`, unless that is `usual` (or unknown,
@@ -123,7 +265,7 @@ fn backends_table(v: &Value) -> String {
             text(&s["priority"])
         );
         out += &format!(
-            "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>7} {:>10}  {}\n",
+            "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>7} {:>10} {:>6}  {}\n",
             "backend",
             "source",
             "prio",
@@ -134,11 +276,12 @@ fn backends_table(v: &Value) -> String {
             "last ms",
             "share",
             "packets",
+            "calls",
             "reason"
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             out += &format!(
-                "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10}  {}\n",
+                "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10} {:>6}  {}\n",
                 text(&b["address"]),
                 with_origin(&b["source"], &b["added_by"], "config"),
                 text(&b["priority"]),
@@ -153,6 +296,7 @@ fn backends_table(v: &Value) -> String {
                     .map_or("-".into(), |r| format!("{r:.2}")),
                 b["share"].as_f64().unwrap_or(0.0) * 100.0,
                 text(&b["packets"]),
+                text(&b["calls"]),
                 text(&b["reason"]),
             );
         }
@@ -239,6 +383,12 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
     for (name, value) in v["slow_path"].as_object().into_iter().flatten() {
         out += &format!("  {name:<28} {:>14}\n", value.as_u64().unwrap_or(0));
     }
+    if let (Some(n), Some(cap)) = (
+        v["affinity_entries"].as_u64(),
+        v["affinity_capacity"].as_u64().filter(|c| *c > 0),
+    ) {
+        out += &format!("affinity map {n} of {cap} entries\n");
+    }
     out += &format!("dns failures {}\n", v["dns_failures"]);
     let r = &v["reloads"];
     out += &format!(
@@ -257,6 +407,81 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const B: &str = "198.18.0.22:5060";
+
+    fn list(rows: &[serde_json::Value]) -> Value {
+        serde_json::json!({"services": [
+            {"vip": "198.18.0.100:5060", "backends": [{"address": "198.18.0.21:5060", "state": "up", "calls": 9}]},
+            {"vip": "198.18.0.101:5060", "backends": rows},
+        ]})
+    }
+
+    #[test]
+    fn what_a_poll_sees_of_the_draining_backend() {
+        let b = B.parse().unwrap();
+        let row = |state: &str, calls: Option<u64>| match calls {
+            Some(c) => serde_json::json!({"address": B, "state": state, "calls": c}),
+            None => serde_json::json!({"address": B, "state": state}),
+        };
+        assert_eq!(
+            seen_in(&list(&[row("drained", Some(12))]), b).unwrap(),
+            Seen::Drained { calls: 12 }
+        );
+        assert_eq!(
+            seen_in(&list(&[row("up", Some(3))]), b).unwrap(),
+            Seen::Other { state: "up".into() }
+        );
+        assert_eq!(seen_in(&list(&[]), b).unwrap(), Seen::Gone);
+        let e = seen_in(&list(&[row("drained", None)]), b).unwrap_err();
+        assert!(format!("{e}").contains("--affinity off"), "{e}");
+        // IPv6 addresses compare as addresses, not as text.
+        let v6: std::net::SocketAddr = "[2001:db8::22]:5060".parse().unwrap();
+        let l = list(&[
+            serde_json::json!({"address": "[2001:db8:0::22]:5060", "state": "drained", "calls": 0}),
+        ]);
+        assert_eq!(seen_in(&l, v6).unwrap(), Seen::Drained { calls: 0 });
+    }
+
+    #[test]
+    fn drain_wait_exit_statuses() {
+        let s = Duration::from_secs;
+        let held = |calls| Seen::Drained { calls };
+        let cases = [
+            (held(0), s(0), None, Some(DrainEnd::Done)),
+            (held(0), s(99), Some(s(1)), Some(DrainEnd::Done)),
+            (held(5), s(0), None, None),
+            (held(5), s(3600), None, None),
+            (held(5), s(0), Some(s(1)), None),
+            (held(5), s(1), Some(s(1)), Some(DrainEnd::TimedOut)),
+            (
+                Seen::Other { state: "up".into() },
+                s(0),
+                None,
+                Some(DrainEnd::Ended),
+            ),
+            (
+                Seen::Other {
+                    state: "disabled".into(),
+                },
+                s(0),
+                Some(s(9)),
+                Some(DrainEnd::Ended),
+            ),
+            (Seen::Gone, s(0), None, Some(DrainEnd::Ended)),
+        ];
+        for (seen, elapsed, timeout, want) in cases {
+            assert_eq!(
+                drain_end(&seen, elapsed, timeout),
+                want,
+                "{seen:?} {elapsed:?} {timeout:?}"
+            );
+        }
+        assert_eq!(
+            [DrainEnd::Done, DrainEnd::TimedOut, DrainEnd::Ended].map(|e| e as u8),
+            [0, 2, 3]
+        );
+    }
 
     #[test]
     fn stats_of_backends_at_the_top_of_the_counter_range_do_not_overflow() {

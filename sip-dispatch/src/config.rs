@@ -57,6 +57,7 @@ struct File {
     health_uri: Option<Spanned<String>>,
     affinity: Option<Spanned<String>>,
     affinity_entries: Option<Spanned<u64>>,
+    call_idle: Option<Spanned<String>>,
     #[serde(default)]
     service: Vec<FileService>,
 }
@@ -111,6 +112,8 @@ pub struct Settings {
     pub health: HealthConfig,
     pub services: Vec<ServiceSpec>,
     pub affinity: crate::dataplane::Affinity,
+    /// `--call-idle`: how long a call without messages still counts as held.
+    pub call_idle: Duration,
 }
 
 /// Reads a value the file gave as text, naming file, line and key when it is wrong.
@@ -318,6 +321,13 @@ impl Settings {
             parse_health_interval,
             Duration::from_secs(1),
         )?;
+        let call_idle = duration(
+            args.call_idle,
+            "call-idle",
+            &file.call_idle,
+            crate::cli::parse_call_idle,
+            crate::cli::CALL_IDLE_DEFAULT,
+        )?;
         let health = HealthConfig {
             interval,
             // The default timeout shrinks with a shorter interval; a given one must fit.
@@ -443,6 +453,7 @@ impl Settings {
             health,
             services,
             affinity,
+            call_idle,
         })
     }
 }
@@ -900,6 +911,18 @@ srv = ["_sip._udp.example.net"]
                 "timeout-nan.toml:4: key `health-timeout`: health-timeout \"NaNs\" is not a duration",
             ),
             (
+                "idle.toml",
+                "health-interval = \"2s\"",
+                "call-idle = \"5s\"",
+                "idle.toml:4: key `call-idle`: call-idle \"5s\" is out of range: 10s to 24h",
+            ),
+            (
+                "idle-unit.toml",
+                "health-interval = \"2s\"",
+                "call-idle = \"10\"",
+                "idle-unit.toml:4: key `call-idle`: call-idle \"10\" is not a duration: expected 10s to 24h",
+            ),
+            (
                 "down.toml",
                 "down-after = 4",
                 "down-after = 101",
@@ -1021,6 +1044,43 @@ srv = ["_sip._udp.example.net"]
             e.to_string(),
             "health-timeout 300ms is longer than health-interval 200ms"
         );
+    }
+
+    #[test]
+    fn call_idle_comes_from_the_flag_the_file_or_the_default() {
+        let base = [
+            "--iface",
+            "eth1",
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            Settings::resolve(&args(&all))
+        };
+        assert_eq!(with(&[]).unwrap().call_idle, Duration::from_secs(600));
+        let s = with(&["--call-idle", "90s"]).unwrap();
+        assert_eq!(s.call_idle, Duration::from_secs(90));
+        let dir = std::env::temp_dir().join(format!("sd-call-idle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("c.toml");
+        std::fs::write(&cfg, "call-idle = \"2h\"\n").unwrap();
+        let file = cfg.to_str().unwrap();
+        assert_eq!(
+            with(&["--config", file]).unwrap().call_idle,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            with(&["--config", file, "--call-idle", "30s"])
+                .unwrap()
+                .call_idle,
+            Duration::from_secs(30),
+            "the flag wins"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

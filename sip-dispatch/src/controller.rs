@@ -326,6 +326,10 @@ pub struct Controller {
     state_file: Option<std::path::PathBuf>,
     /// Settings of the state file for addresses not listed yet.
     pending: state::Pending,
+    /// The held-call census and the requests waiting for it.
+    censuses: crate::census::Censuses,
+    /// `--call-idle`.
+    call_idle: std::time::Duration,
 }
 
 /// A reply sent once every service `(index, request number)` names has its build back.
@@ -377,6 +381,8 @@ impl Controller {
             waiting: Vec::new(),
             state_file: None,
             pending: state::Pending::default(),
+            censuses: Default::default(),
+            call_idle: crate::cli::CALL_IDLE_DEFAULT,
         };
         c.sync_backends();
         c
@@ -711,10 +717,69 @@ impl Controller {
         }
     }
 
+    /// `--call-idle` (at start, and on reload).
+    pub fn set_call_idle(&mut self, idle: std::time::Duration) {
+        if idle != self.call_idle {
+            self.call_idle = idle;
+            self.censuses.invalidate();
+        }
+    }
+
+    /// Answers a request; `backends list` and `stats` (hence the metrics) show held
+    /// calls, so they first wait for a census unless the last one is under a second old.
+    fn command(
+        &mut self,
+        request: control::Request,
+        reply: tokio::sync::oneshot::Sender<control::Response>,
+    ) {
+        use control::Request::{BackendsList, Stats};
+        let shows_calls = matches!(request, BackendsList | Stats) && self.dp.affinity().on;
+        if !shows_calls || self.censuses.fresh() {
+            return self.command_now(request, reply);
+        }
+        if !self.censuses.running() {
+            match self.start_census() {
+                Ok(census) => self.censuses.start(census),
+                Err(e) => {
+                    log::warn!("affinity census: {e:#}");
+                    return self.command_now(request, reply);
+                }
+            }
+        }
+        self.censuses.wait((request, reply));
+    }
+
+    /// Starts a census of held calls on the blocking pool.
+    fn start_census(
+        &mut self,
+    ) -> anyhow::Result<JoinHandle<anyhow::Result<crate::census::Census>>> {
+        let runner = self.dp.census_runner()?;
+        let ids: Vec<u32> = self
+            .dp
+            .backend_ids()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        let idle = self.call_idle;
+        Ok(tokio::task::spawn_blocking(move || runner.run(&ids, idle)))
+    }
+
+    /// Answers the requests that waited for a census; those that a change of state made
+    /// it too old for wait for the next one.
+    fn census_done(&mut self, waiting: Vec<control::Command>, ok: bool) {
+        for (request, reply) in waiting {
+            if ok && !self.censuses.current() {
+                self.command(request, reply);
+            } else {
+                self.command_now(request, reply);
+            }
+        }
+    }
+
     /// Carries out a control request and answers it: `stats` and `which` at once;
     /// changes once the tables they caused are in force, and `backends list` once the
     /// tables being built are (so that its shares match its states).
-    fn command(
+    fn command_now(
         &mut self,
         request: control::Request,
         reply: tokio::sync::oneshot::Sender<control::Response>,
@@ -777,6 +842,7 @@ impl Controller {
                 }
                 built = self.builds.finished() => self.on_built(built),
                 Some((request, reply)) = commands.recv() => self.command(request, reply),
+                (waiting, ok) = self.censuses.finished() => self.census_done(waiting, ok),
                 _ = &mut stop => break,
             }
             self.sync_flags();
@@ -848,6 +914,7 @@ impl Controller {
                 if !removed {
                     bail!("backend {address} comes from DNS SRV: change the zone, or disable it");
                 }
+                self.censuses.invalidate();
                 self.changed_backends();
                 Ok(serde_json::json!({"removed": address}))
             }
@@ -858,6 +925,8 @@ impl Controller {
                     "disable" => Admin::Disabled,
                     other => bail!("unknown admin state {other:?} (enable, drain or disable)"),
                 };
+                self.known(address)?;
+                self.censuses.invalidate();
                 let k = self.known_mut(address)?;
                 if k.health.admin == Admin::Disabled && admin != Admin::Disabled {
                     // Back in service: its first probe decides again.
@@ -1132,6 +1201,15 @@ impl Controller {
             }
             changes.push("health-check settings changed".to_string());
         }
+        if next.call_idle != self.call_idle {
+            changes.push(format!(
+                "call-idle {} (was {})",
+                crate::cli::show_duration(next.call_idle),
+                crate::cli::show_duration(self.call_idle)
+            ));
+            self.set_call_idle(next.call_idle);
+        }
+        self.censuses.invalidate();
         self.watch_srv(&BTreeMap::new())?;
         self.changed_backends();
         Ok(changes)
@@ -1306,6 +1384,7 @@ impl Controller {
                         .map_or(0, |d| d.as_secs()),
                     checks: k.health.checks,
                     check_failures: k.health.check_failures,
+                    calls: self.calls_held(c.addr),
                 });
             }
         }
@@ -1314,13 +1393,30 @@ impl Controller {
 
     /// Counters and backend states, as the exit line and the stats show them.
     pub fn snapshot(&self) -> anyhow::Result<crate::stats::Snapshot> {
-        crate::stats::snapshot(
+        let mut s = crate::stats::snapshot(
             &self.dp,
             &self.backend_infos(),
             self.dns_failures,
             self.reloads,
             &self.slow_path,
-        )
+        )?;
+        let affinity = self.dp.affinity();
+        if affinity.on {
+            s.affinity_entries = self.censuses.last().map_or(0, |c| c.entries);
+            s.affinity_capacity = affinity.entries.into();
+        }
+        Ok(s)
+    }
+
+    /// The calls the last census saw `addr` hold (None with affinity off, or before
+    /// the first census).
+    fn calls_held(&self, addr: SocketAddr) -> Option<u64> {
+        if !self.dp.affinity().on {
+            return None;
+        }
+        let census = self.censuses.last()?;
+        let id = self.dp.known_backend_id(addr);
+        Some(id.and_then(|id| census.held.get(&id).copied()).unwrap_or(0))
     }
 }
 

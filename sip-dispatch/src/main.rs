@@ -32,6 +32,13 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<commands::Exit>() => {
+            let exit = e.downcast_ref::<commands::Exit>();
+            if let Some(m) = exit.map(|x| &x.message).filter(|m| !m.is_empty()) {
+                eprintln!("sip-dispatch: {m}");
+            }
+            std::process::ExitCode::from(exit.map_or(1, |x| x.code))
+        }
         Err(e) => {
             // One line that names the problem, with its causes.
             eprintln!("sip-dispatch: error: {e:#}");

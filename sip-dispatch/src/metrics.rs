@@ -323,6 +323,14 @@ pub fn render(s: &Snapshot) -> String {
         s.reloads.failed,
         u8::from(!s.reloads.last_failed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP sip_dispatch_affinity_entries Calls in the affinity map, held or not yet evicted (0 with --affinity off).\n\
+         # TYPE sip_dispatch_affinity_entries gauge\nsip_dispatch_affinity_entries {}\n\
+         # HELP sip_dispatch_affinity_capacity Entries the affinity map holds at most (--affinity-entries; 0 with --affinity off).\n\
+         # TYPE sip_dispatch_affinity_capacity gauge\nsip_dispatch_affinity_capacity {}",
+        s.affinity_entries, s.affinity_capacity
+    );
     out
 }
 
@@ -357,6 +365,7 @@ mod tests {
                 check_failures: 1,
                 packets: 7,
                 bytes: 700,
+                calls: Some(4),
             }],
             dns_failures: 3,
             reloads: crate::stats::Reloads {
@@ -365,6 +374,8 @@ mod tests {
                 last_failed: true,
             },
             slow_path: Default::default(),
+            affinity_entries: 1500,
+            affinity_capacity: 262_144,
         };
         let text = render(&s);
         let labels = r#"{service="198.18.0.100:5060",backend="198.18.0.21:5060",source="_sip._udp.example.net"}"#;
@@ -380,6 +391,8 @@ mod tests {
             "sip_dispatch_dns_failures_total 3".to_string(),
             "sip_dispatch_config_reloads_total{result=\"failed\"} 1".to_string(),
             "sip_dispatch_config_last_reload_successful 0".to_string(),
+            "sip_dispatch_affinity_entries 1500".to_string(),
+            "sip_dispatch_affinity_capacity 262144".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
@@ -409,6 +422,8 @@ mod tests {
                     dns_failures: 0,
                     reloads: Default::default(),
                     slow_path: Default::default(),
+                    affinity_entries: 0,
+                    affinity_capacity: 0,
                 };
                 let _ = reply.send(crate::control::Response::ok(
                     serde_json::to_value(&s).unwrap(),

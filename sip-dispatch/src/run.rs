@@ -289,6 +289,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     // first probes), and the link last.
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
+    ctl.set_call_idle(settings.call_idle);
     ctl.restore(settings.state_file.clone(), saved_state);
     let mut wrote = false;
     let mode = match take_over(&mut ctl, xdp_mode, keep_until_attached, &mut wrote).await {

@@ -34,6 +34,9 @@ pub struct BackendInfo {
     pub last_change: u64,
     pub checks: u64,
     pub check_failures: u64,
+    /// Calls it holds as far as the dispatcher can tell (the census); None with
+    /// `--affinity off` or before the first census.
+    pub calls: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,6 +67,9 @@ pub struct BackendSnapshot {
     pub check_failures: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// See [`BackendInfo::calls`]; left out when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<u64>,
 }
 
 /// Outcomes of `reload` (and SIGHUP) since the daemon started.
@@ -83,6 +89,11 @@ pub struct Snapshot {
     #[serde(default)]
     pub reloads: Reloads,
     pub slow_path: crate::slowpath::CountersSnapshot,
+    /// Entries in the affinity map (0 with `--affinity off`), and its size (0 then).
+    #[serde(default)]
+    pub affinity_entries: u64,
+    #[serde(default)]
+    pub affinity_capacity: u64,
 }
 
 pub fn snapshot(
@@ -126,6 +137,7 @@ pub fn snapshot(
                 check_failures: b.check_failures,
                 packets: s.packets.saturating_add(slow.packets),
                 bytes: s.bytes.saturating_add(slow.bytes),
+                calls: b.calls,
             })
         })
         .collect::<anyhow::Result<_>>()?;
@@ -137,5 +149,7 @@ pub fn snapshot(
         dns_failures,
         reloads,
         slow_path: slow_path.snapshot(),
+        affinity_entries: 0,
+        affinity_capacity: 0,
     })
 }
