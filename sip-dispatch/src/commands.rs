@@ -125,6 +125,18 @@ impl std::fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
+/// The exit status of a command line clap refuses: 2, except for `backends drain ...
+/// --wait`, whose 2 means a timeout: there a bad address or option is an error like any
+/// other (1).
+pub fn usage_error_status(args: &[String]) -> u8 {
+    let has = |word: &str| args.iter().skip(1).any(|a| a == word);
+    if has("backends") && has("drain") && has("--wait") {
+        1
+    } else {
+        2
+    }
+}
+
 /// How `backends drain --wait` ends; the discriminant is the exit status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DrainEnd {
@@ -441,6 +453,25 @@ mod tests {
             serde_json::json!({"address": "[2001:db8:0::22]:5060", "state": "drained", "calls": 0}),
         ]);
         assert_eq!(seen_in(&l, v6).unwrap(), Seen::Drained { calls: 0 });
+    }
+
+    #[test]
+    fn a_refused_drain_wait_command_line_exits_1_not_2() {
+        let status = |line: &str| {
+            let args: Vec<String> = line.split(' ').map(String::from).collect();
+            usage_error_status(&args)
+        };
+        assert_eq!(status("sip-dispatch backends drain nope --wait"), 1);
+        assert_eq!(
+            status("sip-dispatch backends --control=/x drain 198.18.0.22:5060 --wait --timeout 0s"),
+            1
+        );
+        assert_eq!(
+            status("sip-dispatch backends drain 198.18.0.22:5060 --wait --timeout 0s"),
+            1
+        );
+        assert_eq!(status("sip-dispatch backends drain nope"), 2);
+        assert_eq!(status("sip-dispatch run --iface x --wait"), 2);
     }
 
     #[test]

@@ -20,7 +20,10 @@ fn main() -> std::process::ExitCode {
                     .next()
                     .unwrap_or("error: invalid arguments")
             );
-            return std::process::ExitCode::from(2);
+            let args: Vec<String> = std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            return std::process::ExitCode::from(commands::usage_error_status(&args));
         }
         Err(e) => e.exit(),
     };

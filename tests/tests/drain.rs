@@ -104,6 +104,26 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
         "no call yet, yet: {idle:#?}"
     );
 
+    // Errors exit 1 (2 and 3 have their meanings): a bad address, an unknown backend.
+    for (args, says) in [
+        (
+            ["backends", "drain", "198.18.0.29", "--wait"],
+            "invalid address",
+        ),
+        (
+            ["backends", "drain", "198.18.0.29:5060", "--wait"],
+            "unknown backend",
+        ),
+    ] {
+        let out = bed.cli(&args);
+        let err = text(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && err.contains(says) && err.lines().count() == 1,
+            "{args:?}: {} {err:?}",
+            out.status
+        );
+    }
+
     let mut spec = bed.uac_spec(CALLS, 10);
     spec.extra = vec!["-d".into(), "4000".into()];
     let mut uac = bed.start_uac(&spec, "uac");
