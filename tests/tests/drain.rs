@@ -1,6 +1,7 @@
 //! Graceful drain (README "Graceful drain"): `backends list` counts the calls each
 //! backend still holds, and `backends drain ADDR --wait` returns when the drained
-//! backend's last call has ended, with the exit status saying how it ended.
+//! backend's last call has ended, with the exit status saying how it ended; occupancy
+//! in `stats` and the metrics; `call-idle` reloads and changes only the count.
 //!
 //! Real SIPp calls held 4 s, ACK and BYE through the VIP, a real daemon in native XDP
 //! mode; when each call ended at each backend comes from the SIPp UAS message logs.
@@ -20,6 +21,7 @@ use std::{
 use serde_json::Value;
 use sip_dispatch_testbed::{
     bed::{Bed, listed, text, uac_problems, verdict, wait_list},
+    rawnet,
     sipp::{Received, exactly_one_backend},
 };
 
@@ -75,6 +77,17 @@ fn wait_exit(child: &mut std::process::Child, within: Duration, what: &str) -> i
     }
 }
 
+/// The metrics page at `addr` (one GET; the server closes after it).
+fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: sd\r\n\r\n")?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 /// `N calls held` of a `drain --wait` progress line for `a`.
 fn held_in(line: &str, a: SocketAddr) -> Option<u64> {
     line.strip_prefix(&format!("{a}: "))?
@@ -94,7 +107,10 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
     const CALLS: u32 = 150;
     let mut bed = Bed::build(&workdir(), NAME, 3, Duration::from_secs(90));
     let (b1, b2) = (bed.backend(1), bed.backend(2));
-    let daemon = bed.start_daemon(&bed.run_config(3));
+    let metrics: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+    let mut run = bed.run_config(3);
+    run.extra = vec!["--metrics".into(), metrics.to_string()];
+    let daemon = bed.start_daemon(&run);
     wait_list(&bed, Duration::from_secs(10), "three backends up", |l| {
         l.len() == 3 && l.values().all(|b| b["state"] == "up")
     });
@@ -146,6 +162,18 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
     let entries = stats["affinity_entries"].as_u64().unwrap_or(0);
     assert!(entries >= 6, "affinity_entries {entries}: {stats}");
     assert_eq!(stats["affinity_capacity"], 262_144, "{stats}");
+    let page = rawnet::in_netns(&bed.disp_ns(), move || scrape(metrics))
+        .expect("a thread in the namespace")
+        .expect("scraping the metrics");
+    let gauge = |name: &str| -> Option<u64> {
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+    };
+    assert!(
+        gauge("sip_dispatch_affinity_entries").is_some_and(|n| n >= 6)
+            && gauge("sip_dispatch_affinity_capacity") == Some(262_144),
+        "{page}"
+    );
 
     // The drain of b1 ends meanwhile (enable): exit 3.
     let (mut wait_b1, lines_b1) =
@@ -319,6 +347,94 @@ fn drain_wait_is_refused_with_affinity_off() {
             stats["affinity_entries"], stats["affinity_capacity"]
         ));
     }
+    if let Err(e) = daemon.stop() {
+        problems.push(format!("daemon: {e:#}"));
+    }
+    verdict(NAME, &bed.dir.clone(), problems);
+}
+
+/// The calls every backend of the first service holds, summed (None if one has no count).
+fn calls_in_all(list: &std::collections::BTreeMap<SocketAddr, Value>) -> Option<u64> {
+    list.values().map(|b| b["calls"].as_u64()).sum()
+}
+
+/// `call-idle` is reloadable and changes only the count: 50 calls held 25 s all count
+/// with 10m; after a reload to 10s none does once they have been silent for 10 s; after
+/// a reload back to 10m all count again (their entries were there all along), and the
+/// calls complete. A bad value is refused at reload with one line, changing nothing.
+#[test]
+fn call_idle_reloads_and_changes_only_the_count() {
+    const NAME: &str = "call-idle";
+    const CALLS: u32 = 50;
+    let bed = Bed::build(&workdir(), NAME, 2, Duration::from_secs(90));
+    let config = bed.dir.join("sip-dispatch.toml");
+    let write = |idle: &str| {
+        std::fs::write(&config, format!("call-idle = \"{idle}\"\n")).expect("writing the config")
+    };
+    write("10m");
+    let mut run = bed.run_config(2);
+    run.extra = vec!["--config".into(), config.to_string_lossy().into_owned()];
+    let daemon = bed.start_daemon(&run);
+    wait_list(&bed, Duration::from_secs(10), "two backends up", |l| {
+        l.len() == 2 && l.values().all(|b| b["state"] == "up")
+    });
+
+    let mut spec = bed.uac_spec(CALLS, 10);
+    spec.extra = vec!["-d".into(), "25000".into()];
+    spec.bound = Duration::from_secs(60);
+    let uac = bed.start_uac(&spec, "uac");
+    let mut problems = Vec::new();
+    let all = |l: &std::collections::BTreeMap<SocketAddr, Value>| calls_in_all(l) == Some(50);
+    wait_list(&bed, Duration::from_secs(15), "50 calls held", all);
+
+    let reload = |bed: &Bed| -> Vec<String> {
+        let v = bed.cli_json(&["reload", "--json"]);
+        v["changes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(String::from))
+            .collect()
+    };
+    write("10s");
+    let changes = reload(&bed);
+    if !changes.iter().any(|c| c == "call-idle 10s (was 600s)") {
+        problems.push(format!("reload to 10s: changes {changes:?}"));
+    }
+    let silent = Instant::now();
+    wait_list(
+        &bed,
+        Duration::from_secs(20),
+        "no call held after 10 s of silence",
+        |l| calls_in_all(l) == Some(0),
+    );
+    eprintln!(
+        "[{NAME}] 0 calls held {:?} after the reload to 10s",
+        silent.elapsed()
+    );
+
+    write("5s");
+    let out = bed.cli(&["reload"]);
+    let err = text(&out.stderr);
+    if out.status.success()
+        || err.lines().count() != 1
+        || !err.contains("call-idle \"5s\" is out of range: 10s to 24h")
+    {
+        problems.push(format!("reload of call-idle 5s: {} {err:?}", out.status));
+    }
+
+    write("10m");
+    let changes = reload(&bed);
+    if !changes.iter().any(|c| c == "call-idle 600s (was 10s)") {
+        problems.push(format!("reload to 10m: changes {changes:?}"));
+    }
+    let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
+    if calls_in_all(&list) != Some(50) {
+        problems.push(format!("after the reload back to 10m: {list:#?}"));
+    }
+
+    let uac = uac.finish().expect("UAC");
+    problems.extend(uac_problems(&uac, CALLS));
     if let Err(e) = daemon.stop() {
         problems.push(format!("daemon: {e:#}"));
     }
