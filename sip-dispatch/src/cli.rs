@@ -73,7 +73,8 @@ pub struct ClientArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BackendsCommand {
-    /// Every backend: address, source, priority, weight, state, reason, RTT, share, packets.
+    /// Every backend: address, source, priority, weight, state, reason, RTT, share, packets,
+    /// and the calls it holds (none shown when the daemon runs with --affinity off).
     List,
     /// Add a static backend.
     Add {
