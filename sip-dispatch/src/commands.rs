@@ -177,8 +177,8 @@ pub fn seen_in(list: &Value, address: std::net::SocketAddr) -> anyhow::Result<Se
     }
     let Some(calls) = rows.iter().filter_map(|b| b["calls"].as_u64()).max() else {
         bail!(
-            "the daemon counts no calls of {address} (it runs with --affinity off, so it cannot \
-             see calls): --wait cannot wait for them"
+            "the daemon counts no calls of {address} (with --affinity off it cannot see calls; \
+             otherwise its log says why): --wait cannot wait for them"
         );
     };
     if let Some(other) = rows.iter().find(|b| b["state"] != "drained") {
