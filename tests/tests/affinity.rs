@@ -146,23 +146,11 @@ fn control_plan() -> Plan {
     }
 }
 
-/// The help text of `sip-dispatch run`, to know which of the issue's flags this build has.
-fn run_help(binary: &std::path::Path) -> String {
-    let out = std::process::Command::new(binary)
-        .args(["run", "--help"])
-        .output()
-        .expect("running sip-dispatch run --help");
-    text(&out.stdout)
-}
-
 /// The daemon's flags for `plan`: pins on the test's bpf filesystem, `--keep-attached`,
-/// fast health checks, and the affinity settings. A build without `--affinity` (before
-/// issue 11's kernel step) is stateless, which is what the control run asks for: it then
-/// runs without the flag; the affinity run refuses such a build.
-fn daemon_flags(plan: &Plan, binary: &std::path::Path, pins: &std::path::Path) -> Vec<String> {
-    let help = run_help(binary);
-    let knows = |flag: &str| help.contains(&format!("{flag} "));
-    let mut flags: Vec<String> = [
+/// fast health checks, a short call-idle, and affinity on or off.
+fn daemon_flags(plan: &Plan, pins: &std::path::Path) -> Vec<String> {
+    let mode = if plan.affinity { "on" } else { "off" };
+    [
         "--keep-attached",
         "--pin-path",
         &pins.to_string_lossy(),
@@ -170,31 +158,13 @@ fn daemon_flags(plan: &Plan, binary: &std::path::Path, pins: &std::path::Path) -
         "500ms",
         "--down-after",
         "3",
+        "--call-idle",
+        "10s",
+        "--affinity",
+        mode,
     ]
     .map(str::to_owned)
-    .to_vec();
-    if plan.affinity {
-        assert!(
-            knows("--affinity") && knows("--call-idle"),
-            "{} has no --affinity or --call-idle: a build without call affinity cannot run \
-             the affinity test",
-            binary.display()
-        );
-    }
-    if knows("--call-idle") {
-        flags.extend(["--call-idle".into(), "10s".into()]);
-    }
-    if knows("--affinity") {
-        let mode = if plan.affinity { "on" } else { "off" };
-        flags.extend(["--affinity".into(), mode.into()]);
-    } else {
-        eprintln!(
-            "[{}] {} has no --affinity flag: a stateless build, run as is",
-            plan.name,
-            binary.display()
-        );
-    }
-    flags
+    .to_vec()
 }
 
 /// The health flap as the harness saw it.
@@ -311,7 +281,7 @@ fn run(plan: &Plan) -> Outcome {
     let bpffs = BpfFs::mount(bed.topo.tag());
     let pins = bpffs.path().join(bed.iface());
     let mut run = bed.run_config(plan.configured);
-    run.extra = daemon_flags(plan, &bed.binary, &pins);
+    run.extra = daemon_flags(plan, &pins);
     let args = run.args();
     let addrs: Vec<SocketAddr> = (1..=usize::from(plan.backends))
         .map(|n| bed.backend(n))
