@@ -19,7 +19,9 @@
 //! "Touch" writes `last_seen_ns` only when it is at least [`TOUCH_AFTER_NS`] old (or a
 //! flag is new): an in-place write per message would bounce the entry's cache line
 //! between CPUs for nothing.
-use crate::maps::{AFF_BYE, AFF_CANCEL, AffinityEntry, BF_AFFINITY, BF_NEW, BF_UP, BackendFlags};
+use crate::maps::{
+    AFF_BYE, AFF_CANCEL, AFF_INVITE, AffinityEntry, BF_AFFINITY, BF_NEW, BF_UP, BackendFlags,
+};
 
 /// RFC 3261 Timer B (64 x T1): an INVITE is retransmitted for this long, so a drained
 /// backend still gets the retransmissions of a call it was given, but not a Call-ID
@@ -94,6 +96,27 @@ pub fn classify_word(word: u64, len: usize) -> MessageClass {
     } else {
         MessageClass::Request
     }
+}
+
+const INVITE_WORD: u64 = word_of(b"INVITE ");
+
+/// The flags an entry created or rewritten by this message starts with: [`AFF_INVITE`]
+/// for an INVITE (same word and length as [`classify_word`]), else none.
+#[inline(always)]
+pub fn created_flags(word: u64, len: usize) -> u32 {
+    if len >= 7 && word & LOW7 == INVITE_WORD {
+        AFF_INVITE
+    } else {
+        0
+    }
+}
+
+/// [`created_flags`] over the start of a payload.
+pub fn created_flags_of(payload: &[u8]) -> u32 {
+    let mut b = [0u8; 8];
+    let n = payload.len().min(8);
+    b[..n].copy_from_slice(&payload[..n]);
+    created_flags(u64::from_le_bytes(b), payload.len())
 }
 
 /// [`classify_word`] over the start of a payload.

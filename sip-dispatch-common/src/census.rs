@@ -3,7 +3,9 @@
 //! The `affinity_census` XDP program (loaded, never attached, run through
 //! BPF_PROG_TEST_RUN) walks the affinity map in the kernel and counts, per backend id,
 //! the entries [`holds_call`] accepts; userspace reads the counts from [`MAP_HELD`].
-use crate::{AFF_BYE, AFF_CANCEL, AffinityEntry, BF_AFFINITY, BackendFlags, MAX_BACKENDS};
+use crate::{
+    AFF_BYE, AFF_CANCEL, AFF_INVITE, AffinityEntry, BF_AFFINITY, BackendFlags, MAX_BACKENDS,
+};
 
 /// Array of u64, [`HELD_SLOTS`] entries: per backend id, the calls it holds; then the
 /// number of entries in the affinity map ([`HELD_ENTRIES`]) and of those that hold no
@@ -38,16 +40,17 @@ impl CensusInput {
     }
 }
 
-/// Whether `entry` holds a call of its backend, whose flags are `flags`: written for the
-/// backend's current generation, the backend keeps its calls (not disabled or removed),
-/// no BYE or CANCEL seen, and touched less than `idle_ns` before `now_ns`. `now_ns` is
+/// Whether `entry` holds a call of its backend, whose flags are `flags`: made by an
+/// INVITE, written for the backend's current generation, the backend keeps its calls
+/// (not disabled or removed), no BYE or CANCEL seen, and touched less than `idle_ns`
+/// before `now_ns`. `now_ns` is
 /// the coarse monotonic clock, which may lag an entry's time by a tick: the age
 /// saturates at 0.
 #[inline(always)]
 pub fn holds_call(entry: &AffinityEntry, flags: BackendFlags, now_ns: u64, idle_ns: u64) -> bool {
     entry.generation == flags.generation
         && flags.flags & BF_AFFINITY != 0
-        && entry.flags & (AFF_BYE | AFF_CANCEL) == 0
+        && entry.flags & (AFF_INVITE | AFF_BYE | AFF_CANCEL) == AFF_INVITE
         && now_ns.saturating_sub(entry.last_seen_ns) < idle_ns
 }
 
@@ -58,12 +61,13 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
+    /// An entry an INVITE made, with `flags` besides.
     fn entry(generation: u32, last_seen_ns: u64, flags: u32) -> AffinityEntry {
         AffinityEntry {
             backend: 7,
             generation,
             last_seen_ns,
-            flags,
+            flags: AFF_INVITE | flags,
             _zero: 0,
         }
     }
@@ -116,6 +120,15 @@ mod tests {
                 "disabled",
             ),
             (entry(3, now - S, 0), bflags(3, 0), false, "removed"),
+            (
+                AffinityEntry {
+                    flags: 0,
+                    ..entry(3, now - S, 0)
+                },
+                live,
+                false,
+                "made by an OPTIONS or REGISTER, not a call",
+            ),
         ];
         for (e, f, held, why) in cases {
             assert_eq!(holds_call(&e, f, now, idle), held, "{why}");

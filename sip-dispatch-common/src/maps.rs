@@ -28,7 +28,8 @@ pub const MAP_SCRATCH: &str = "sd_scratch_v2";
 pub const MAP_AFFINITY: &str = "sd_affinity_v1";
 /// Mmap-able array of [`BackendFlags`], indexed by backend id ([`MAX_BACKENDS`] entries).
 pub const MAP_BACKEND_FLAGS: &str = "sd_bflags_v1";
-/// Flags of [`MAP_BACKEND_FLAGS`]: `BPF_F_MMAPABLE`, so the controller writes it in place.
+/// Flags of [`MAP_BACKEND_FLAGS`]: `BPF_F_MMAPABLE`, so that a reader can map all 4096
+/// entries at once (the daemon writes them one map update at a time, on change only).
 pub const BACKEND_FLAGS_MAP_FLAGS: u32 = 1 << 10;
 
 /// Entries of [`MAP_AFFINITY`] unless `--affinity-entries` says otherwise.
@@ -165,6 +166,9 @@ pub struct AffinityKey {
 pub const AFF_BYE: u32 = 1;
 /// [`AffinityEntry::flags`]: a CANCEL of the call was seen.
 pub const AFF_CANCEL: u32 = 2;
+/// [`AffinityEntry::flags`]: an INVITE made the entry (a call, not an OPTIONS, REGISTER
+/// or other out-of-dialog request): only such entries count as held calls.
+pub const AFF_INVITE: u32 = 4;
 
 /// Where a call went. `backend` and `generation` share one aligned word (see
 /// [`AffinityEntry::target_word`]): writers store them together, so no CPU reads a new
@@ -177,7 +181,7 @@ pub struct AffinityEntry {
     pub generation: u32,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC) of the last message that touched it.
     pub last_seen_ns: u64,
-    /// [`AFF_BYE`], [`AFF_CANCEL`].
+    /// [`AFF_BYE`], [`AFF_CANCEL`], [`AFF_INVITE`].
     pub flags: u32,
     pub _zero: u32,
 }

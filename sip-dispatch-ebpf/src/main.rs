@@ -38,7 +38,7 @@ use sip_dispatch_common::{
     BackendFlags, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
     MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SCRATCH_XDP_WORDS, SLOTS, Scan, ScanOutcome, Scanner,
     Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
-    affinity::{EntryWrite, Route, choose, classify_word},
+    affinity::{EntryWrite, Route, choose, classify_word, created_flags},
     census::{CensusInput, HELD_ENTRIES, HELD_SLOTS, HELD_STALE, holds_call},
     csum::CsumDelta,
     parse::{ByteWindow, Step, ToTag, ToTagScanner, ToTagStep},
@@ -162,6 +162,9 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
 
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(Counter::PassNoCallId)?;
     let hash = call_id_hash(ctx, scratch, &dg)?;
+    // Volatile: a plain read of a `static` is folded to its initial value at compile
+    // time, and `--affinity off` would run affinity. Read from the frozen `.rodata` map,
+    // the value is a known constant to the verifier, which drops the other branch.
     let backend_id = if unsafe { core::ptr::read_volatile(&AFFINITY_ON) } != 0 {
         pick_with_affinity(scratch, service_id, hash)?
     } else {
@@ -232,7 +235,8 @@ fn pick_with_affinity(scratch: *mut Scratch, service_id: u32, hash: u64) -> Resu
     let job = job_of(scratch);
     let len = unsafe { (*job).len };
     let complete = unsafe { (*job).complete };
-    let class = classify_word(Window(scratch).aligned_word_at(0), len);
+    let first_word = Window(scratch).aligned_word_at(0);
+    let class = classify_word(first_word, len);
     let key = AffinityKey {
         hash,
         service: service_id,
@@ -283,7 +287,7 @@ fn pick_with_affinity(scratch: *mut Scratch, service_id: u32, hash: u64) -> Resu
                     AffinityEntry::target_word(id, generation),
                 );
                 (*p).last_seen_ns = now;
-                (*p).flags = flags;
+                (*p).flags = flags | created_flags(first_word, len);
             }
         }
         (EntryWrite::Insert, _) => {
@@ -291,7 +295,7 @@ fn pick_with_affinity(scratch: *mut Scratch, service_id: u32, hash: u64) -> Resu
                 backend: id,
                 generation,
                 last_seen_ns: now,
-                flags: 0,
+                flags: created_flags(first_word, len),
                 _zero: 0,
             };
             // BPF_NOEXIST: another CPU may have created it since the lookup; its entry

@@ -58,6 +58,14 @@ impl BackendIds {
         self.generations.get(id as usize).copied().unwrap_or(0)
     }
 
+    /// Starts a new generation of `id`: the affinity entries written for it so far no
+    /// longer match (an operator's disable ends affinity for good).
+    pub fn bump_generation(&mut self, id: u32) {
+        if let Some(g) = self.generations.get_mut(id as usize) {
+            *g = g.wrapping_add(1);
+        }
+    }
+
     /// Takes over the generations a previous daemon left (index = id).
     pub fn adopt_generations(&mut self, generations: &[u32]) {
         for (g, found) in self.generations.iter_mut().zip(generations) {
@@ -82,7 +90,15 @@ impl BackendIds {
             return Ok((id, false));
         }
         let id = match self.free.pop_first() {
-            Some(id) => id,
+            Some(id) => {
+                // Bumped again on reuse: an entry a packet still on an old table wrote
+                // for the freed id (with the generation of the free) must not name the
+                // new address either.
+                if let Some(g) = self.generations.get_mut(id as usize) {
+                    *g = g.wrapping_add(1);
+                }
+                id
+            }
             None if self.next < self.capacity => {
                 self.next += 1;
                 self.next - 1
@@ -192,12 +208,12 @@ mod tests {
         ids.release_unlisted(|_| false);
         assert_eq!(ids.generation(a), 1);
         assert_eq!(ids.allocate(addr(2)), Ok((a, true)));
-        assert_eq!(ids.generation(a), 1, "allocating does not bump it");
+        assert_eq!(ids.generation(a), 2, "reusing it bumps it again");
         // Taking back an id no table used is no new user.
         ids.unallocate(addr(2));
-        assert_eq!(ids.generation(a), 1);
-        ids.adopt_generations(&[u32::MAX, 7]);
-        assert_eq!((ids.generation(0), ids.generation(1)), (u32::MAX, 7));
+        assert_eq!(ids.generation(a), 2);
+        ids.adopt_generations(&[u32::MAX - 1, 7]);
+        assert_eq!((ids.generation(0), ids.generation(1)), (u32::MAX - 1, 7));
         ids.allocate(addr(3)).unwrap();
         ids.release_unlisted(|_| false);
         assert_eq!(ids.generation(0), 0, "generations wrap");

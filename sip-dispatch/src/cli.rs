@@ -290,12 +290,14 @@ pub enum OnOff {
 
 pub fn parse_affinity_entries(s: &str) -> Result<u32, String> {
     use sip_dispatch_common::{AFFINITY_ENTRIES_MAX, AFFINITY_ENTRIES_MIN};
-    let n: u64 = s
-        .parse()
-        .map_err(|_| format!("affinity-entries {s:?} is not a number"))?;
+    let n: u64 = match s.parse() {
+        Ok(n) => n,
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => u64::MAX,
+        Err(_) => return Err(format!("affinity-entries {s:?} is not a number")),
+    };
     if !(u64::from(AFFINITY_ENTRIES_MIN)..=u64::from(AFFINITY_ENTRIES_MAX)).contains(&n) {
         return Err(format!(
-            "affinity-entries {n} is out of range: must be at least {AFFINITY_ENTRIES_MIN} and at \
+            "affinity-entries {s} is out of range: must be at least {AFFINITY_ENTRIES_MIN} and at \
              most {AFFINITY_ENTRIES_MAX}"
         ));
     }

@@ -725,16 +725,17 @@ impl Controller {
         }
     }
 
-    /// Answers a request; `backends list` and `stats` (hence the metrics) show held
-    /// calls, so they first wait for a census unless the last one is under a second old.
+    /// Answers a request. `backends list` shows held calls, so it first waits for a
+    /// census unless the last one is under a second old; `stats` (hence the metrics)
+    /// starts one then but answers with the occupancy it has.
     fn command(
         &mut self,
         request: control::Request,
         reply: tokio::sync::oneshot::Sender<control::Response>,
     ) {
         use control::Request::{BackendsList, Stats};
-        let shows_calls = matches!(request, BackendsList | Stats) && self.dp.affinity().on;
-        if !shows_calls || self.censuses.fresh() {
+        let counts = matches!(request, BackendsList | Stats) && self.dp.affinity().on;
+        if !counts || self.censuses.fresh() {
             return self.command_now(request, reply);
         }
         if !self.censuses.running() {
@@ -745,6 +746,11 @@ impl Controller {
                     return self.command_now(request, reply);
                 }
             }
+        }
+        // `stats` (and the metrics) answer at once with the last occupancy and leave the
+        // census to refresh it; `backends list` waits for the calls each backend holds.
+        if matches!(request, Stats) {
+            return self.command_now(request, reply);
         }
         self.censuses.wait((request, reply));
     }
@@ -1408,10 +1414,15 @@ impl Controller {
         Ok(s)
     }
 
-    /// The calls the last census saw `addr` hold (None with affinity off, or before
-    /// the first census).
+    /// The calls the last census saw `addr` hold (None with affinity off, before the
+    /// first census, or when the last one is older than the last change).
     fn calls_held(&self, addr: SocketAddr) -> Option<u64> {
         if !self.dp.affinity().on {
+            return None;
+        }
+        // Only a census started after the last change counts: an older one (or none, when
+        // the last one failed) would show calls the drain or enable since has changed.
+        if !self.censuses.current() {
             return None;
         }
         let census = self.censuses.last()?;

@@ -19,11 +19,11 @@ use aya::{
     },
 };
 use sip_dispatch_common::{
-    AFFINITY_ENTRIES_DEFAULT, AFFINITY_ENTRIES_MIN, ALL_MAPS, AffinityEntry, AffinityKey, Backend,
-    BackendFlags, BackendStats, Config, Counter, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY,
-    MAP_BACKEND_FLAGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_SCRATCH,
-    MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROG_DISPATCH,
-    PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
+    AFFINITY_ENTRIES_DEFAULT, AFFINITY_ENTRIES_MIN, ALL_MAPS, AffinityEntry, AffinityKey,
+    BF_AFFINITY, Backend, BackendFlags, BackendStats, Config, Counter, GLOBAL_AFFINITY_ON, HashKey,
+    MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND,
+    PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -166,12 +166,22 @@ impl Dataplane {
             dp.found_pins
                 .retain(|p| resized.is_none() || !p.ends_with(MAP_AFFINITY));
         }
-        if adopting {
-            dp.adopt_backend_ids()?;
-            log::info!("adopted the maps pinned in {}", pin_dir.display());
-        }
-        if let Some(old) = resized {
-            dp.copy_affinity_from(old)?;
+        let resizing = resized.is_some();
+        let adopted = (|| {
+            if adopting {
+                dp.adopt_backend_ids()?;
+                log::info!("adopted the maps pinned in {}", pin_dir.display());
+            }
+            if let Some(old) = resized {
+                dp.copy_affinity_from(old)?;
+            }
+            anyhow::Ok(())
+        })();
+        if let Err(e) = adopted {
+            if resizing {
+                put_affinity_back(pin_dir);
+            }
+            return Err(e);
         }
         Ok(dp)
     }
@@ -205,7 +215,19 @@ impl Dataplane {
 
     /// Writes what the fast path needs to know of backend `id` (its generation is ours),
     /// unless that is what the map holds already.
+    ///
+    /// Flags that end affinity (disabled, or listed by no service) also start a new
+    /// generation: the backend's calls do not come back to it when it is enabled again.
     pub fn set_backend_flags(&mut self, id: u32, flags: u32) -> anyhow::Result<()> {
+        let had_affinity = self
+            .flags_written
+            .get(id as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|f| f.flags & BF_AFFINITY != 0);
+        if had_affinity && flags & BF_AFFINITY == 0 {
+            self.ids.bump_generation(id);
+        }
         let value = BackendFlags {
             generation: self.ids.generation(id),
             flags,
@@ -256,6 +278,16 @@ impl Dataplane {
             HashMap::try_from(self.map_mut(MAP_AFFINITY)?)?;
         map.insert(key, entry, 0)
             .context("writing the affinity map")
+    }
+
+    /// Removes a call's affinity entry, if there is one (tests).
+    pub fn remove_affinity_entry(&mut self, key: &AffinityKey) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, AffinityKey, AffinityEntry> =
+            HashMap::try_from(self.map_mut(MAP_AFFINITY)?)?;
+        match map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing an affinity entry"),
+        }
     }
 
     /// The slow path's view of the affinity maps for service `service` (None with

@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use sip_dispatch_common::{
     AffinityEntry, AffinityKey, BackendFlags, HashKey, MAX_BACKENDS, ScanOutcome,
-    affinity::{EntryWrite, Route, choose, classify},
+    affinity::{EntryWrite, Route, choose, classify, created_flags_of},
     parse::{ToTag, scan_message, to_tag_of},
     sip::{NoAnswer, service_unavailable},
     table::SlotTable,
@@ -220,11 +220,15 @@ pub fn decide_with_affinity(
         && let Some(backend) = store.backend(id)
     {
         outcome.followed = true;
-        if let EntryWrite::Touch { set_flags } = choice.write {
+        if let EntryWrite::Touch { set_flags } = choice.write
+            // The fast path may have rewritten it since it was read: keep its write.
+            && let Some(now) = store.entry(&akey)
+            && (now.backend, now.generation) == (e.backend, e.generation)
+        {
             let touched = AffinityEntry {
                 last_seen_ns: now_ns,
-                flags: e.flags | set_flags,
-                ..e
+                flags: now.flags | set_flags,
+                ..now
             };
             store.write(&akey, &touched, false);
         }
@@ -233,11 +237,12 @@ pub fn decide_with_affinity(
     let Some((backend, id)) = installed.and_then(|t| t.pick(scan.hash)) else {
         return (no_backend(kind), outcome);
     };
-    let fresh = |flags| AffinityEntry {
+    let created = created_flags_of(msg);
+    let fresh = |flags: u32| AffinityEntry {
         backend: id,
         generation: store.flags(id).generation,
         last_seen_ns: now_ns,
-        flags,
+        flags: flags | created,
         _zero: 0,
     };
     match choice.write {

@@ -1104,12 +1104,28 @@ mod affinity {
                 request("UPDATE", c, Some("9")),
                 request("BYE", c, Some("9")),
             ] {
+                // Each path decides from the same entry, and leaves the same one.
+                let text = String::from_utf8_lossy(&msg[..10]).to_string();
+                let k = key(&h, c);
+                let before = h.dp.affinity_entry(&k).unwrap();
                 let now = sip_dispatch::slowpath::monotonic_ns();
                 let (slow, outcome) =
                     decide_with_affinity(&msg, Some(&installed), HashKey::DEFAULT, &mut store, now);
+                let after_slow = h.dp.affinity_entry(&k).unwrap();
+                match before {
+                    Some(e) => h.dp.set_affinity_entry(&k, &e).unwrap(),
+                    None => h.dp.remove_affinity_entry(&k).unwrap(),
+                }
                 let (fast, _) = send(&mut h, &msg);
-                let text = String::from_utf8_lossy(&msg[..10]).to_string();
+                let after_fast = h.dp.affinity_entry(&k).unwrap();
                 assert_eq!(slow, Decision::Forward(fast), "{c}: {text}");
+                let routed =
+                    |e: Option<AffinityEntry>| e.map(|e| (e.backend, e.generation, e.flags));
+                assert_eq!(
+                    routed(after_slow),
+                    routed(after_fast),
+                    "{c}: {text}: entries differ"
+                );
                 followed += usize::from(outcome.followed);
             }
         }
@@ -1121,7 +1137,7 @@ mod affinity {
     /// `census::holds_call` says; and messages through the fast path move the count.
     #[test]
     fn the_census_counts_held_calls_per_backend() {
-        use sip_dispatch_common::{AFF_BYE, AFF_CANCEL, census::holds_call};
+        use sip_dispatch_common::{AFF_BYE, AFF_CANCEL, AFF_INVITE, census::holds_call};
         const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
         let (mut h, call) = with_call_on_a();
         let a = id_of(&h, A);
@@ -1171,25 +1187,27 @@ mod affinity {
                 };
                 h.dp.set_affinity_entry(&key, &e).unwrap();
             };
+        const I: u32 = AFF_INVITE;
         for _ in 0..3 {
-            put(&mut h, a, generation, fresh, 0);
+            put(&mut h, a, generation, fresh, I);
         }
-        put(&mut h, a, generation, fresh, AFF_BYE);
-        put(&mut h, a, generation, fresh, AFF_CANCEL);
-        put(&mut h, a, generation, idle, 0);
-        put(&mut h, a, generation + 1, fresh, 0);
-        put(&mut h, b, generation, fresh, 0);
-        put(&mut h, b, generation, now + 5_000_000, 0); // the coarse clock lags
-        put(&mut h, c, generation, fresh, 0);
-        put(&mut h, 9999, generation, fresh, 0); // no such id
+        put(&mut h, a, generation, fresh, I | AFF_BYE);
+        put(&mut h, a, generation, fresh, I | AFF_CANCEL);
+        put(&mut h, a, generation, idle, I);
+        put(&mut h, a, generation + 1, fresh, I);
+        put(&mut h, a, generation, fresh, 0); // made by an OPTIONS: not a call
+        put(&mut h, b, generation, fresh, I);
+        put(&mut h, b, generation, now + 5_000_000, I); // the coarse clock lags
+        put(&mut h, c, generation, fresh, I);
+        put(&mut h, 9999, generation, fresh, I); // no such id
         let got = census(&mut h);
-        assert_eq!(got.entries, 12, "{got:?}");
+        assert_eq!(got.entries, 13, "{got:?}");
         assert_eq!(
             (got.held[&a], got.held[&b], got.held[&c]),
             (3, 2, 1),
             "{got:?}"
         );
-        assert_eq!(got.stale, 12 - 6);
+        assert_eq!(got.stale, 13 - 6);
         // Disabling C ends its calls' affinity: it holds none.
         set_flags(&mut h, "198.18.1.23:5064", 0);
         assert_eq!(census(&mut h).held[&c], 0);
@@ -1201,7 +1219,11 @@ mod affinity {
         for i in 0..full + 100 {
             let backend = [a, b, c][(i % 3) as usize];
             let last_seen = if i % 5 == 0 { idle } else { fresh };
-            let flags = if i % 7 == 0 { AFF_BYE } else { 0 };
+            let flags = match (i % 7, i % 11) {
+                (0, _) => AFF_INVITE | AFF_BYE,
+                (_, 0) => 0,
+                _ => AFF_INVITE,
+            };
             put(&mut h, backend, generation, last_seen, flags);
         }
         eprintln!("wrote {} entries in {:?}", full + 100, filled.elapsed());

@@ -257,7 +257,14 @@ fn bad_values_are_refused_with_one_line_and_nothing_attached() {
         (
             "affinity-entries-huge",
             with(&v4, &["--affinity-entries", "99999999999999999999"]),
-            vec!["affinity-entries \"99999999999999999999\" is not a number"],
+            vec![
+                "affinity-entries 99999999999999999999 is out of range: must be at least 1024 and at most 8388608",
+            ],
+        ),
+        (
+            "affinity-entries-text",
+            with(&v4, &["--affinity-entries", "lots"]),
+            vec!["affinity-entries \"lots\" is not a number"],
         ),
         (
             "affinity-maybe",

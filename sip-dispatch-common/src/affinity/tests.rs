@@ -479,3 +479,24 @@ fn classifier_reads_the_first_word() {
         );
     }
 }
+
+#[test]
+fn only_an_invite_makes_an_entry_that_counts_as_a_call() {
+    for (msg, flags) in [
+        (&b"INVITE sip:a@b SIP/2.0\r\n"[..], AFF_INVITE),
+        (b"INVITE ", AFF_INVITE),
+        (b"INVITE", 0),
+        (b"INVITEX sip:a@b SIP/2.0\r\n", 0),
+        (b"invite sip:a@b SIP/2.0\r\n", 0),
+        (b"OPTIONS sip:a@b SIP/2.0\r\n", 0),
+        (b"REGISTER sip:b SIP/2.0\r\n", 0),
+        (b"SIP/2.0 200 OK\r\n", 0),
+        (b"", 0),
+    ] {
+        assert_eq!(created_flags_of(msg), flags, "{msg:?}");
+    }
+    // Bytes past the message never complete the word.
+    let word = u64::from_le_bytes(*b"INVITE \0");
+    assert_eq!(created_flags(word, 6), 0);
+    assert_eq!(created_flags(word, 7), AFF_INVITE);
+}
