@@ -45,6 +45,11 @@ use sip_dispatch_common::{
     slot_of,
 };
 
+mod affinity;
+mod census;
+
+use affinity::{ToTagJob, pick_with_affinity};
+
 const BPF_F_NO_PREALLOC: usize = 1;
 const IPPROTO_UDP: u8 = 17;
 const AF_INET: u8 = 2;
@@ -224,150 +229,6 @@ fn table_pick(service_id: u32, hash: u64) -> Result<u32, Counter> {
 #[inline(always)]
 fn backend_flags(id: u32) -> BackendFlags {
     BACKEND_FLAGS.get(id).copied().unwrap_or_default()
-}
-
-/// The backend for a message with call affinity: the call's entry or the table, as
-/// `choose` says, and the entry written as it says. Entries are updated in place (an
-/// LRU update allocates a node, as Katran notes); a new one is inserted only for a
-/// request without one.
-#[inline(always)]
-fn pick_with_affinity(scratch: *mut Scratch, service_id: u32, hash: u64) -> Result<u32, Counter> {
-    let job = job_of(scratch);
-    let len = unsafe { (*job).len };
-    let complete = unsafe { (*job).complete };
-    let first_word = Window(scratch).aligned_word_at(0);
-    let class = classify_word(first_word, len);
-    let key = AffinityKey {
-        hash,
-        service: service_id,
-        _zero: 0,
-    };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let slot = AFFINITY.get_ptr_mut(&key);
-    // The id and generation as the one aligned word writers store (see the rewrite).
-    let entry = slot.map(|p| unsafe {
-        let target = core::ptr::read_volatile(p.cast::<u64>());
-        AffinityEntry {
-            backend: target as u32,
-            generation: (target >> 32) as u32,
-            last_seen_ns: (*p).last_seen_ns,
-            flags: (*p).flags,
-            _zero: 0,
-        }
-    });
-    let flags = match &entry {
-        Some(e) => backend_flags(e.backend),
-        None => BackendFlags::default(),
-    };
-    let choice = choose(class, entry.as_ref(), flags, now, || {
-        has_to_tag(scratch, len, complete)
-    });
-    if entry.is_none() {
-        count(Counter::AffinityMiss);
-    }
-    if let Route::Follow(id) = choice.route {
-        count(Counter::AffinityHit);
-        if let (EntryWrite::Touch { set_flags }, Some(p)) = (choice.write, slot) {
-            unsafe {
-                (*p).last_seen_ns = now;
-                (*p).flags |= set_flags;
-            }
-        }
-        return Ok(id);
-    }
-    let id = table_pick(service_id, hash)?;
-    let generation = backend_flags(id).generation;
-    match (choice.write, slot) {
-        (EntryWrite::Rewrite { flags }, Some(p)) => {
-            count(Counter::AffinityOverridden);
-            // One aligned store of id and generation: no CPU sees one without the other.
-            unsafe {
-                core::ptr::write_volatile(
-                    p.cast::<u64>(),
-                    AffinityEntry::target_word(id, generation),
-                );
-                (*p).last_seen_ns = now;
-                (*p).flags = flags | created_flags(first_word, len);
-            }
-        }
-        (EntryWrite::Insert, _) => {
-            let fresh = AffinityEntry {
-                backend: id,
-                generation,
-                last_seen_ns: now,
-                flags: created_flags(first_word, len),
-                _zero: 0,
-            };
-            // BPF_NOEXIST: another CPU may have created it since the lookup; its entry
-            // names the same table pick.
-            if AFFINITY.insert(&key, &fresh, BPF_NOEXIST).is_ok() {
-                count(Counter::AffinityInsert);
-            } else if AFFINITY.get_ptr(&key).is_none() {
-                count(Counter::AffinityInsertFailed);
-            }
-        }
-        _ => {}
-    }
-    Ok(id)
-}
-
-const BPF_NOEXIST: u64 = 1;
-
-/// Whether the message's To header has a tag: a second pass over the scratch copy, only
-/// for a request whose call has an entry that is neither a retransmission's nor ended.
-/// Beyond the window counts as no tag (the table decides, as without affinity).
-#[inline(always)]
-fn has_to_tag(scratch: *mut Scratch, len: usize, complete: bool) -> bool {
-    let job = tag_job_of(scratch);
-    unsafe {
-        (*job).scanner = ToTagScanner::new();
-        (*job).at = 0;
-        (*job).len = len;
-        (*job).done = ToTag::BeyondWindow as u64;
-        (*job).finished = 0;
-    }
-    // Verifier constraint: as for the Call-ID scan, a plain loop is too branchy; every
-    // step takes at least one byte, so `len` steps suffice.
-    unsafe {
-        bpf_loop(
-            len as u32,
-            to_tag_step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    let tag = unsafe {
-        if (*job).finished != 0 {
-            (*job).done
-        } else {
-            (*job).scanner.finish(complete) as u64
-        }
-    };
-    tag == ToTag::Tagged as u64
-}
-
-/// One step of the To-tag scan; 0 continues, 1 stops (see `scan_step`).
-#[inline(never)]
-extern "C" fn to_tag_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let job = unsafe { &mut *tag_job_of(scratch) };
-    let (at, len) = (job.at, job.len);
-    if at >= len {
-        return 1;
-    }
-    match job.scanner.step(&Window(scratch), at, len) {
-        ToTagStep::Done(tag) => {
-            job.done = tag as u64;
-            job.finished = 1;
-            1
-        }
-        ToTagStep::Next(next) => {
-            job.at = next;
-            0
-        }
-    }
 }
 
 /// IPv6 extension headers walked to find the UDP header. Longer chains are passed.
@@ -595,15 +456,6 @@ struct ScanJob {
     done: Option<Scan>,
 }
 
-/// The state of one To-tag scan. Plain words: the answer is a `ToTag` value.
-struct ToTagJob {
-    scanner: ToTagScanner,
-    at: usize,
-    len: usize,
-    done: u64,
-    finished: u64,
-}
-
 /// What the program keeps in `Scratch::xdp`.
 struct Private {
     job: ScanJob,
@@ -620,11 +472,6 @@ fn private(scratch: *mut Scratch) -> *mut Private {
 #[inline(always)]
 fn job_of(scratch: *mut Scratch) -> *mut ScanJob {
     unsafe { &raw mut (*private(scratch)).job }
-}
-
-#[inline(always)]
-fn tag_job_of(scratch: *mut Scratch) -> *mut ToTagJob {
-    unsafe { &raw mut (*private(scratch)).tag }
 }
 
 /// One step of the Call-ID scan (a line, a few words of the value, or a byte between
@@ -777,89 +624,6 @@ pub fn mac_swap(ctx: XdpContext) -> u32 {
         (*eth).src_addr = dst;
     }
     XDP_TX
-}
-
-/// The held-call census (graceful drain): loaded, never attached; userspace runs it
-/// through BPF_PROG_TEST_RUN with a [`CensusInput`] as the frame. It zeroes `sd_held_v1`,
-/// then walks the affinity map in the kernel (one helper call, where userspace needs two
-/// syscalls per entry) and counts per backend id the entries that hold a call
-/// (`census::holds_call`), all entries, and those that hold none. XDP_PASS when done,
-/// XDP_DROP when the input is short or the walk failed.
-#[xdp]
-pub fn affinity_census(ctx: XdpContext) -> u32 {
-    let Some(input) = ptr_at::<CensusInput>(&ctx, 0) else {
-        return XDP_DROP;
-    };
-    let mut walk = CensusWalk {
-        idle_ns: unsafe { (*input).idle_ns },
-        now_ns: unsafe { bpf_ktime_get_coarse_ns() },
-    };
-    // Verifier constraint: a plain loop over 4098 slots is too long to unroll or
-    // verify; bpf_loop runs the callback that many times as one instruction.
-    unsafe {
-        bpf_loop(
-            HELD_SLOTS,
-            zero_held_step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    let walked = unsafe {
-        bpf_for_each_map_elem(
-            core::ptr::from_ref(&AFFINITY).cast_mut().cast(),
-            census_step as *mut c_void,
-            core::ptr::from_mut(&mut walk).cast(),
-            0,
-        )
-    };
-    if walked < 0 { XDP_DROP } else { XDP_PASS }
-}
-
-/// What the census callback needs (on the census program's stack).
-#[repr(C)]
-struct CensusWalk {
-    idle_ns: u64,
-    now_ns: u64,
-}
-
-#[inline(never)]
-extern "C" fn zero_held_step(index: u64, _ctx: *mut c_void) -> i64 {
-    if let Some(p) = HELD.get_ptr_mut(index as u32) {
-        unsafe { *p = 0 };
-    }
-    0
-}
-
-#[inline(always)]
-fn held_add(index: u32) {
-    if let Some(p) = HELD.get_ptr_mut(index) {
-        unsafe { *p += 1 };
-    }
-}
-
-/// One entry of the census walk; 0 continues.
-#[inline(never)]
-extern "C" fn census_step(
-    _map: *mut c_void,
-    _key: *const AffinityKey,
-    value: *const AffinityEntry,
-    ctx: *const CensusWalk,
-) -> i64 {
-    let (entry, walk) = unsafe { (*value, &*ctx) };
-    held_add(HELD_ENTRIES);
-    if entry.backend < MAX_BACKENDS
-        && holds_call(
-            &entry,
-            backend_flags(entry.backend),
-            walk.now_ns,
-            walk.idle_ns,
-        )
-    {
-        held_add(entry.backend);
-    } else {
-        held_add(HELD_STALE);
-    }
-    0
 }
 
 #[cfg(not(test))]
