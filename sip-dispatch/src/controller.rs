@@ -328,6 +328,8 @@ pub struct Controller {
     pending: state::Pending,
     /// The held-call census and the requests waiting for it.
     censuses: crate::census::Censuses,
+    /// A backend's state may have changed since the flags were last written.
+    flags_stale: bool,
     /// `--call-idle`.
     call_idle: std::time::Duration,
 }
@@ -382,6 +384,7 @@ impl Controller {
             state_file: None,
             pending: state::Pending::default(),
             censuses: Default::default(),
+            flags_stale: true,
             call_idle: crate::cli::CALL_IDLE_DEFAULT,
         };
         c.sync_backends();
@@ -470,6 +473,7 @@ impl Controller {
             return;
         };
         if k.health.record(&outcome, &self.health_cfg, Instant::now()) {
+            self.flags_stale = true;
             log::info!(
                 "backend {addr} state={} reason={:?}",
                 k.health.state.name(),
@@ -530,6 +534,7 @@ impl Controller {
 
     /// After a backend set changed: track, probe, republish, then free unused ids.
     fn changed_backends(&mut self) {
+        self.flags_stale = true;
         self.sync_backends();
         self.sync_probers();
         self.republish();
@@ -681,8 +686,11 @@ impl Controller {
     }
 
     /// Tells the fast path what each backend id's state means for call affinity (the
-    /// map is written only where it changes).
+    /// map is written only where it changes). Runs after the events that change a
+    /// state (`flags_stale`), not after every event: with hundreds of backends probed
+    /// every second, a pass per probe answer would be most of the event loop's time.
     fn sync_flags(&mut self) {
+        self.flags_stale = false;
         for (addr, id) in self.dp.backend_ids() {
             let flags = self.backends.get(&addr).map_or(0, |k| {
                 affinity_flags(&k.health, k.weight_override == Some(0))
@@ -851,7 +859,9 @@ impl Controller {
                 (waiting, ok) = self.censuses.finished() => self.census_done(waiting, ok),
                 _ = &mut stop => break,
             }
-            self.sync_flags();
+            if self.flags_stale {
+                self.sync_flags();
+            }
         }
         for (_, handle) in self.probers.drain() {
             handle.abort();
@@ -871,6 +881,9 @@ impl Controller {
     /// Carries out one control request.
     fn handle(&mut self, request: control::Request) -> anyhow::Result<serde_json::Value> {
         use control::Request::*;
+        if !matches!(request, BackendsList | Stats | Which { .. }) {
+            self.flags_stale = true;
+        }
         match request {
             BackendsList => self.backends_json(),
             Stats => Ok(serde_json::to_value(self.snapshot()?)?),
@@ -1126,6 +1139,7 @@ impl Controller {
     /// Reads the settings again and applies them (all or nothing), then resolves every
     /// SRV name now. Counted for `stats` and the metrics.
     fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+        self.flags_stale = true;
         let result = self.try_reload();
         let failed = result.is_err();
         self.reloads.last_failed = failed;
