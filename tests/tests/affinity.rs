@@ -51,6 +51,9 @@ const HOLD: Duration = Duration::from_secs(6);
 /// `--wait` must return within this window after it was started: the drained backend's
 /// last calls end about one hold time later.
 const DRAIN_WAIT_WITHIN: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(15));
+/// ... and not before the drained backend's last BYE arrived there, but within this after
+/// it (one census a second, one poll a second, margin for the load: as in drain.rs).
+const DRAIN_WAIT_AFTER_LAST_BYE: f64 = 3.5;
 
 /// One planned change (backends are numbered from 1, as in the bed).
 #[derive(Clone, Copy, Debug)]
@@ -571,9 +574,11 @@ fn summary(o: &Outcome, l: &Landing) -> String {
         let _ = match exit {
             Ok(e) => writeln!(
                 s,
-                "  drain --wait: {} after {:.2} s, printed {:?}",
+                "  drain --wait: {} after {:.2} s, {:.2} s after the drained backend's last \
+                 BYE, printed {:?}",
                 e.status,
                 (e.ended - *started).as_secs_f64(),
+                drain_wait_after_last_bye(o, e).unwrap_or(f64::NAN),
                 e.stdout.iter().map(|l| l.text.as_str()).collect::<Vec<_>>()
             ),
             Err(e) => writeln!(s, "  drain --wait: {e}"),
@@ -597,6 +602,30 @@ fn summary(o: &Outcome, l: &Landing) -> String {
         counters.join(" ")
     );
     s
+}
+
+/// The last BYE that reached the drained backend (epoch seconds, by its message log).
+fn last_bye_at_drained(o: &Outcome) -> Option<f64> {
+    let (addr, _) = o.rec.drained?;
+    let received = o
+        .reports
+        .iter()
+        .find(|r| r.address == addr)?
+        .received()
+        .ok()?;
+    received
+        .iter()
+        .filter(|r| r.method == "BYE")
+        .map(|r| r.at)
+        .reduce(f64::max)
+}
+
+/// Seconds from the drained backend's last BYE to the end of `drain --wait` (negative:
+/// it returned before).
+fn drain_wait_after_last_bye(o: &Outcome, exit: &BackgroundExit) -> Option<f64> {
+    let now = Moment::now();
+    let returned = now.epoch() + now.secs_to(exit.ended);
+    Some(returned - last_bye_at_drained(o)?)
 }
 
 /// The health flap's own checks: the rule dropped the health checks and nothing else
@@ -710,6 +739,21 @@ fn affinity_problems(o: &Outcome, l: &Landing) -> Vec<String> {
         }
         Some((_, Err(e))) => p.push(format!("`drain --wait`: {e}")),
         None => p.push("no `drain --wait` ran".to_owned()),
+    }
+    // Not before the drained backend's last BYE arrived there, and soon after it.
+    if let Some((_, Ok(exit))) = &o.drain_wait {
+        match drain_wait_after_last_bye(o, exit) {
+            Some(after) if after < 0.0 => p.push(format!(
+                "`drain --wait` returned {:.2} s before the drained backend's last BYE",
+                -after
+            )),
+            Some(after) if after > DRAIN_WAIT_AFTER_LAST_BYE => p.push(format!(
+                "`drain --wait` returned {after:.2} s after the drained backend's last BYE, \
+                 expected within {DRAIN_WAIT_AFTER_LAST_BYE} s"
+            )),
+            Some(_) => {}
+            None => p.push("no BYE reached the drained backend".to_owned()),
+        }
     }
     // After the restart the operator's drain and weight are back, from the CLI.
     match (&o.rec.list_after_restart, o.rec.drained, o.rec.reweighted) {

@@ -203,24 +203,37 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
         "drain b1 --wait after enable (first line {first:?})"
     );
 
-    // b2 holds calls: a 1 s timeout ends with 2 (and b2 stays drained).
+    // b2 holds calls: a 1 s timeout ends with 2 (and b2 stays drained). The drain is in
+    // force from its reply (`ok: ...`, printed once the tables are in force): no call
+    // begun after that may reach b2.
     let started = Instant::now();
-    let out = bed.cli(&[
-        "backends",
-        "drain",
-        &b2.to_string(),
-        "--wait",
-        "--timeout",
-        "1s",
-    ]);
-    let took = started.elapsed();
-    let drained_at = now_epoch();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("calls held after 1s"),
-        "{}",
-        text(&out.stderr)
+    let (mut timed, lines_timed) = spawn_cli(
+        &bed,
+        &[
+            "backends",
+            "drain",
+            &b2.to_string(),
+            "--wait",
+            "--timeout",
+            "1s",
+        ],
     );
+    let drained_at = match lines_timed.recv_timeout(Duration::from_secs(5)) {
+        Ok(l) if l.starts_with("ok") => now_epoch(),
+        other => {
+            let _ = timed.kill();
+            let _ = timed.wait();
+            panic!("drain b2 --timeout 1s: no `ok` reply first within 5 s: {other:?}");
+        }
+    };
+    let code = wait_exit(&mut timed, Duration::from_secs(5), "drain b2 --timeout 1s");
+    let took = started.elapsed();
+    let mut err = String::new();
+    if let Some(mut stderr) = timed.stderr.take() {
+        std::io::Read::read_to_string(&mut stderr, &mut err).expect("reading the CLI's stderr");
+    }
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("calls held after 1s"), "{err}");
     assert!(took < Duration::from_secs(5), "--timeout 1s took {took:?}");
 
     // Waiting for real: exit 0 after b2's last BYE.
@@ -278,10 +291,16 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
         .iter()
         .filter(|(_, at)| **at > drained_at)
         .collect();
+    let started_after = uac_calls
+        .values()
+        .filter(|c| c.invite_at > drained_at)
+        .count();
     eprintln!(
         "[{NAME}] b2 held {held_b2} calls; drain --wait printed {counts:?}, waited {waited:?}, \
-         returned {:.2} s after b2's last BYE",
-        returned_at - last_bye
+         returned {:.2} s after b2's last BYE; {started_after} calls started after the drain \
+         was in force, {} of them reached b2",
+        returned_at - last_bye,
+        late_invites.len()
     );
     if returned_at < last_bye {
         problems.push(format!(
@@ -358,15 +377,33 @@ fn calls_in_all(list: &std::collections::BTreeMap<SocketAddr, Value>) -> Option<
     list.values().map(|b| b["calls"].as_u64()).sum()
 }
 
-/// `call-idle` is reloadable and changes only the count: 50 calls held 25 s all count
+/// The calls in progress at `t` (epoch seconds) by the backends' message logs: the
+/// INVITE arrived before `t`, the BYE had not arrived by then.
+fn in_progress_at_backends(received: &[Received], t: f64) -> usize {
+    let mut invited = std::collections::BTreeSet::new();
+    let mut ended = std::collections::BTreeSet::new();
+    for r in received.iter().filter(|r| r.at < t) {
+        match r.method.as_str() {
+            "INVITE" => invited.insert(&r.call_id),
+            "BYE" => ended.insert(&r.call_id),
+            _ => false,
+        };
+    }
+    invited.difference(&ended).count()
+}
+
+/// `call-idle` is reloadable and changes only the count: 50 calls held 40 s all count
 /// with 10m; after a reload to 10s none does once they have been silent for 10 s; after
 /// a reload back to 10m all count again (their entries were there all along), and the
 /// calls complete. A bad value is refused at reload with one line, changing nothing.
+/// The counts expected are those of the calls in progress by the backends' logs at each
+/// check: the 40 s hold outlasts the bounded waits, so that is all 50 unless the waits ran
+/// late.
 #[test]
 fn call_idle_reloads_and_changes_only_the_count() {
     const NAME: &str = "call-idle";
     const CALLS: u32 = 50;
-    let bed = Bed::build(&workdir(), NAME, 2, Duration::from_secs(90));
+    let mut bed = Bed::build(&workdir(), NAME, 2, Duration::from_secs(120));
     let config = bed.dir.join("sip-dispatch.toml");
     let write = |idle: &str| {
         std::fs::write(&config, format!("call-idle = \"{idle}\"\n")).expect("writing the config")
@@ -380,12 +417,14 @@ fn call_idle_reloads_and_changes_only_the_count() {
     });
 
     let mut spec = bed.uac_spec(CALLS, 10);
-    spec.extra = vec!["-d".into(), "25000".into()];
-    spec.bound = Duration::from_secs(60);
+    // Held 40 s: longer than placing them (5 s) and the bounded waits below (15 s + 20 s).
+    spec.extra = vec!["-d".into(), "40000".into()];
+    spec.bound = Duration::from_secs(80);
     let uac = bed.start_uac(&spec, "uac");
     let mut problems = Vec::new();
     let all = |l: &std::collections::BTreeMap<SocketAddr, Value>| calls_in_all(l) == Some(50);
     wait_list(&bed, Duration::from_secs(15), "50 calls held", all);
+    let all_held_at = now_epoch();
 
     let reload = |bed: &Bed| -> Vec<String> {
         let v = bed.cli_json(&["reload", "--json"]);
@@ -429,12 +468,36 @@ fn call_idle_reloads_and_changes_only_the_count() {
         problems.push(format!("reload to 10m: changes {changes:?}"));
     }
     let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
-    if calls_in_all(&list) != Some(50) {
-        problems.push(format!("after the reload back to 10m: {list:#?}"));
-    }
+    let listed_at = now_epoch();
 
     let uac = uac.finish().expect("UAC");
     problems.extend(uac_problems(&uac, CALLS));
+    let received: Vec<Received> = bed
+        .stop_backends()
+        .iter()
+        .flat_map(|r| r.received().expect("a backend's message log"))
+        .collect();
+    let (at_first, at_last) = (
+        in_progress_at_backends(&received, all_held_at),
+        in_progress_at_backends(&received, listed_at),
+    );
+    eprintln!(
+        "[{NAME}] in progress by the backends' logs: {at_first} when 50 were counted, \
+         {at_last} at the last list ({:.1} s later); listed then: {:?}",
+        listed_at - all_held_at,
+        calls_in_all(&list)
+    );
+    if at_first != 50 {
+        problems.push(format!(
+            "50 calls counted while the backends' logs show {at_first} in progress"
+        ));
+    }
+    if calls_in_all(&list) != Some(at_last as u64) {
+        problems.push(format!(
+            "after the reload back to 10m, {at_last} calls in progress by the backends' logs: \
+             {list:#?}"
+        ));
+    }
     if let Err(e) = daemon.stop() {
         problems.push(format!("daemon: {e:#}"));
     }

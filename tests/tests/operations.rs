@@ -395,6 +395,16 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     let mut run = bed.run_config(2);
     run.extra = vec!["--pin-path".into(), pins.to_string_lossy().into_owned()];
     let daemon = bed.start_daemon(&run);
+    let (b1, b2) = (bed.backend(1), bed.backend(2));
+    wait_list(&bed, Duration::from_secs(10), "both backends up", |l| {
+        [b1, b2].iter().all(|&a| state(l, a) == Some("up"))
+    });
+    // Two calls through the VIP (fast path) leave entries in the affinity map to dump.
+    let calls = 2;
+    let uac = bed
+        .start_uac(&bed.uac_spec(calls, 10), "uac")
+        .finish()
+        .expect("UAC");
     let dump = |map: &str| -> Value {
         let out = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
@@ -483,8 +493,25 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
             "sd_bflags_v1: expected 2 entries {{generation, flags: 7}}, found {taking_calls}"
         ));
     }
-    if !affinity.is_array() {
-        problems.push(format!("sd_affinity_v1 dump is not an array: {affinity}"));
+    problems.extend(uac_problems(&uac, calls));
+    let has_fields = |v: &Value, fields: &[&str]| fields.iter().all(|f| v.get(f).is_some());
+    let calls_known = affinity.as_array().map_or(0, |entries| {
+        entries
+            .iter()
+            .filter(|e| {
+                has_fields(&e["formatted"]["key"], &["hash", "service"])
+                    && has_fields(
+                        &e["formatted"]["value"],
+                        &["backend", "generation", "last_seen_ns", "flags"],
+                    )
+            })
+            .count()
+    });
+    eprintln!("[{NAME}] sd_affinity_v1 entries with field names: {calls_known}");
+    if calls_known == 0 {
+        problems.push(format!(
+            "sd_affinity_v1: no entry {{hash, service}} -> {{backend, generation, last_seen_ns, flags}} after {calls} calls: {affinity}"
+        ));
     }
     if let Err(e) = stopped {
         problems.push(format!("daemon: {e:#}"));

@@ -31,7 +31,10 @@ use sip_dispatch_testbed::{
     Family, XdpMode,
     dispatcher::{self, BackendArg, Dispatcher, RunConfig},
     netns, preflight, scenario,
-    sipp::{self, Uac, UacCall, UacReport, UacSpec, Uas, backends_by_call, exactly_one_backend},
+    sipp::{
+        self, Uac, UacCall, UacDialog, UacReport, UacSpec, Uas, UasReport, backends_by_call,
+        exactly_one_backend,
+    },
     topology::{Host, Topology, TopologySpec},
 };
 
@@ -323,6 +326,26 @@ fn drain_on_both(
     (replies, sent, now())
 }
 
+/// The calls in progress at backend `at` during the drains: the INVITE reached it before
+/// both drains were answered (`both_replied`), and the BYE was sent after the first drain
+/// was sent (`first_sent`), or never.
+fn in_progress_at<'a>(
+    dialogs: &'a BTreeMap<String, UacDialog>,
+    at: &UasReport,
+    first_sent: f64,
+    both_replied: f64,
+) -> BTreeSet<&'a String> {
+    dialogs
+        .iter()
+        .filter(|(id, d)| {
+            let invited =
+                at.calls.contains(*id) || at.incomplete.get(*id).is_some_and(|m| m.invite);
+            invited && d.invite_at < both_replied && d.bye_at.is_none_or(|bye| bye > first_sent)
+        })
+        .map(|(id, _)| id)
+        .collect()
+}
+
 /// Both dispatchers drain b2 at t = 3 s while held calls flow over fixed ECMP next hops
 /// (one socket per call and L4 hashing: each call's messages keep to one dispatcher).
 /// Each node's affinity map keeps the calls it saw on their backend, so no call splits,
@@ -343,9 +366,10 @@ fn two_dispatchers_drained_together_split_no_call() {
     spec.bound += Duration::from_secs(3);
     let mut uac = Uac::start(farm.topo.client().ns_name(), &spec, &farm.dir, "drain").expect("UAC");
     uac.run_for(Duration::from_secs(3)).expect("calls flowing");
-    let (replies, _, drained_at) = drain_on_both(&farm.binary, [&c1, &c2], b2);
+    let (replies, first_sent, drained_at) = drain_on_both(&farm.binary, [&c1, &c2], b2);
     let report = uac.finish().expect("UAC");
     let per_call = report.calls().expect("UAC calls");
+    let dialogs = report.dialogs().expect("UAC dialogs");
     let tx = [xdp_tx(&farm.binary, &c1), xdp_tx(&farm.binary, &c2)];
     let stopped = [d1.stop(), d2.stop()];
     let reports: Vec<_> = farm
@@ -363,6 +387,16 @@ fn two_dispatchers_drained_together_split_no_call() {
         problems.push(format!("UAC: {}", report.failure_summary()));
     }
     problems.extend(exactly_one_backend(&per_call, &reports));
+    let at_b2 = reports
+        .iter()
+        .find(|r| r.address == b2)
+        .expect("b2's report");
+    let in_progress_at_b2 = in_progress_at(&dialogs, at_b2, first_sent, drained_at).len();
+    if in_progress_at_b2 == 0 {
+        problems.push(format!(
+            "no call was in progress at b2 {b2} during the drains: the drain protected nothing"
+        ));
+    }
     let by = backends_by_call(&reports);
     let split = per_call
         .keys()
@@ -396,9 +430,9 @@ fn two_dispatchers_drained_together_split_no_call() {
     }
     eprintln!(
         "[ecmp-drain] {calls} calls held 3 s over fixed next hops, b2 drained on both at 3 s \
-         (replies {} and {}): {} ok / {} failed; {split} calls split across backends; {} started \
-         after the drains, {on_b2} of them at b2; xdp_tx per dispatcher {tx:?}; calls per \
-         backend {:?}",
+         (replies {} and {}): {} ok / {} failed; {split} calls split across backends, \
+         {in_progress_at_b2} calls in progress at b2 during the drains; {} started after the \
+         drains, {on_b2} of them at b2; xdp_tx per dispatcher {tx:?}; calls per backend {:?}",
         replies[0],
         replies[1],
         report.successful,
@@ -458,17 +492,12 @@ fn two_dispatchers_drained_while_flipping_split_only_calls_of_the_drained_backen
         .iter()
         .find(|r| r.address == b2)
         .expect("b2's report");
-    // In progress at b2 during the drains: its INVITE reached b2 before both drains were
-    // answered, and its BYE was sent after the first drain was sent (or never).
-    let in_progress_at_b2: BTreeSet<&String> = dialogs
-        .iter()
-        .filter(|(id, d)| {
-            let invited =
-                at_b2.calls.contains(*id) || at_b2.incomplete.get(*id).is_some_and(|m| m.invite);
-            invited && d.invite_at < both_replied && d.bye_at.is_none_or(|bye| bye > first_sent)
-        })
-        .map(|(id, _)| id)
-        .collect();
+    let in_progress_at_b2 = in_progress_at(&dialogs, at_b2, first_sent, both_replied);
+    if in_progress_at_b2.is_empty() {
+        problems.push(format!(
+            "no call was in progress at b2 {b2} during the drains: the drain protected nothing"
+        ));
+    }
     let split: Vec<&String> = per_call
         .keys()
         .filter(|id| by.get(*id).is_some_and(|b| b.len() > 1))
