@@ -1020,9 +1020,9 @@ srv = ["_sip._udp.example.net"]
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn the_default_health_timeout_fits_a_short_interval() {
-        let base = [
+    /// The settings of one service on eth1 with one backend, plus `extra` flags.
+    fn with_one_service(extra: &[&str]) -> anyhow::Result<Settings> {
+        let mut all = vec![
             "--iface",
             "eth1",
             "--vip",
@@ -1030,11 +1030,13 @@ srv = ["_sip._udp.example.net"]
             "--backend",
             "198.18.0.21:5060",
         ];
-        let with = |extra: &[&str]| {
-            let mut all = base.to_vec();
-            all.extend_from_slice(extra);
-            Settings::resolve(&args(&all))
-        };
+        all.extend_from_slice(extra);
+        Settings::resolve(&args(&all))
+    }
+
+    #[test]
+    fn the_default_health_timeout_fits_a_short_interval() {
+        let with = with_one_service;
         let s = with(&["--health-interval", "200ms"]).unwrap();
         assert_eq!(s.health.timeout, Duration::from_millis(200));
         let s = with(&["--health-interval", "5s"]).unwrap();
@@ -1048,19 +1050,7 @@ srv = ["_sip._udp.example.net"]
 
     #[test]
     fn call_idle_comes_from_the_flag_the_file_or_the_default() {
-        let base = [
-            "--iface",
-            "eth1",
-            "--vip",
-            "198.18.0.100:5060",
-            "--backend",
-            "198.18.0.21:5060",
-        ];
-        let with = |extra: &[&str]| {
-            let mut all = base.to_vec();
-            all.extend_from_slice(extra);
-            Settings::resolve(&args(&all))
-        };
+        let with = with_one_service;
         assert_eq!(with(&[]).unwrap().call_idle, Duration::from_secs(600));
         let s = with(&["--call-idle", "90s"]).unwrap();
         assert_eq!(s.call_idle, Duration::from_secs(90));

@@ -859,10 +859,7 @@ mod affinity {
         for b in ["198.18.1.21:5060", "198.18.1.22:5062", "198.18.1.23:5064"] {
             set_flags(&mut h, b, ALL);
         }
-        let call_id = (0..)
-            .map(|i| format!("affinity-{i}@198.18.1.10"))
-            .find(|c| h.predicted(false, &request("INVITE", c, None)) == A.parse().unwrap())
-            .unwrap();
+        let call_id = call_on_a(&h, "affinity");
         (h, call_id)
     }
 
@@ -895,6 +892,20 @@ mod affinity {
         A.parse().unwrap()
     }
 
+    /// Where the table `t` sends the call `call_id` (its INVITE's hash).
+    fn picked(t: &SlotTable, call_id: &str) -> SocketAddr {
+        let hash = scan_message(&request("INVITE", call_id, None), HashKey::DEFAULT).hash;
+        t.member_for_hash(hash).unwrap().backend.to_socket_addr()
+    }
+
+    /// A Call-ID (`PREFIX-N@...`) the harness's v4 table sends to A.
+    fn call_on_a(h: &Harness, prefix: &str) -> String {
+        (0..)
+            .map(|i| format!("{prefix}-{i}@198.18.1.10"))
+            .find(|c| h.predicted(false, &request("INVITE", c, None)) == a())
+            .unwrap()
+    }
+
     #[test]
     fn in_dialog_messages_follow_the_call_across_a_table_swap() {
         use Counter::*;
@@ -904,11 +915,7 @@ mod affinity {
         assert_eq!(moved, vec![(AffinityMiss, 1), (AffinityInsert, 1)]);
         let e = entry(&h, &call).expect("the INVITE created an entry");
         assert_eq!(e.backend, id_of(&h, A));
-        let moved_to = swap_in_table_without_a(&mut h)
-            .member_for_hash(key(&h, &call).hash)
-            .unwrap()
-            .backend
-            .to_socket_addr();
+        let moved_to = picked(&swap_in_table_without_a(&mut h), &call);
         assert_ne!(moved_to, a());
         for msg in [
             request("ACK", &call, Some("9")),
@@ -928,10 +935,7 @@ mod affinity {
             "the BYE is recorded"
         );
         // A new call in the same slot goes by the new table.
-        let other = (0..)
-            .map(|i| format!("new-{i}@198.18.1.10"))
-            .find(|c| h.predicted(false, &request("INVITE", c, None)) == a())
-            .unwrap();
+        let other = call_on_a(&h, "new");
         assert_eq!(send(&mut h, &request("INVITE", &other, None)).0, moved_to);
     }
 
@@ -940,11 +944,7 @@ mod affinity {
         use Counter::*;
         let (mut h, call) = with_call_on_a();
         send(&mut h, &request("INVITE", &call, None));
-        let moved_to = swap_in_table_without_a(&mut h)
-            .member_for_hash(key(&h, &call).hash)
-            .unwrap()
-            .backend
-            .to_socket_addr();
+        let moved_to = picked(&swap_in_table_without_a(&mut h), &call);
         // Drained: a retransmitted INVITE still reaches A (within Timer B).
         set_flags(&mut h, A, BF_AFFINITY | BF_UP);
         assert_eq!(send(&mut h, &request("INVITE", &call, None)).0, a());
@@ -1011,13 +1011,7 @@ mod affinity {
         assert_eq!(id_of(&h, newcomer), a_id, "the lowest free id is reused");
         set_flags(&mut h, newcomer, ALL);
         let (to, moved) = send(&mut h, &request("BYE", &call, Some("9")));
-        assert_eq!(
-            to,
-            t.member_for_hash(key(&h, &call).hash)
-                .unwrap()
-                .backend
-                .to_socket_addr()
-        );
+        assert_eq!(to, picked(&t, &call));
         assert_eq!(moved, vec![(AffinityOverridden, 1)]);
     }
 
@@ -1052,21 +1046,12 @@ mod affinity {
         for b in ["198.18.1.21:5060", "198.18.1.22:5062", "198.18.1.23:5064"] {
             set_flags(&mut h, b, ALL);
         }
-        let call = (0..)
-            .map(|i| format!("off-{i}@198.18.1.10"))
-            .find(|c| h.predicted(false, &request("INVITE", c, None)) == a())
-            .unwrap();
+        let call = call_on_a(&h, "off");
         let (to, moved) = send(&mut h, &request("INVITE", &call, None));
         assert_eq!((to, moved), (a(), vec![]));
         let t = swap_in_table_without_a(&mut h);
         let (to, moved) = send(&mut h, &request("BYE", &call, Some("9")));
-        assert_eq!(
-            to,
-            t.member_for_hash(key(&h, &call).hash)
-                .unwrap()
-                .backend
-                .to_socket_addr()
-        );
+        assert_eq!(to, picked(&t, &call));
         assert!(moved.is_empty());
         assert_eq!(entry(&h, &call), None);
     }

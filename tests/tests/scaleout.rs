@@ -202,6 +202,32 @@ impl Farm {
     }
 }
 
+impl Farm {
+    /// Stops every backend and returns what each saw.
+    fn stop_uas(&mut self) -> Vec<UasReport> {
+        self.uas
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|u| u.stop().expect("stopping a UAS"))
+            .collect()
+    }
+}
+
+/// The UAC's failures, if any call failed or went missing from its log.
+fn uac_call_problems(
+    report: &UacReport,
+    per_call: &BTreeMap<String, UacCall>,
+    calls: u32,
+) -> Vec<String> {
+    if report.failed != 0
+        || report.successful != u64::from(calls)
+        || per_call.len() != calls as usize
+    {
+        return vec![format!("UAC: {}", report.failure_summary())];
+    }
+    Vec::new()
+}
+
 impl Drop for Farm {
     fn drop(&mut self) {
         for u in self.uas.iter_mut().filter_map(Option::take) {
@@ -238,18 +264,9 @@ fn two_dispatchers_behind_ecmp_agree_on_every_call() {
     let control_calls = 300;
     let (_, other_calls, _) = farm.calls_while_flipping(control_calls, "otherkey");
     let stopped = [d1.stop(), d2.stop()];
-    let reports: Vec<_> = farm
-        .uas
-        .iter_mut()
-        .filter_map(Option::take)
-        .map(|u| u.stop().expect("stopping a UAS"))
-        .collect();
+    let reports = farm.stop_uas();
 
-    let mut problems = Vec::new();
-    if same.failed != 0 || same.successful != u64::from(calls) || same_calls.len() != calls as usize
-    {
-        problems.push(format!("UAC: {}", same.failure_summary()));
-    }
+    let mut problems = uac_call_problems(&same, &same_calls, calls);
     problems.extend(exactly_one_backend(&same_calls, &reports));
     if tx.iter().any(|&t| t < u64::from(calls) / 2) {
         problems.push(format!(
@@ -372,20 +389,9 @@ fn two_dispatchers_drained_together_split_no_call() {
     let dialogs = report.dialogs().expect("UAC dialogs");
     let tx = [xdp_tx(&farm.binary, &c1), xdp_tx(&farm.binary, &c2)];
     let stopped = [d1.stop(), d2.stop()];
-    let reports: Vec<_> = farm
-        .uas
-        .iter_mut()
-        .filter_map(Option::take)
-        .map(|u| u.stop().expect("stopping a UAS"))
-        .collect();
+    let reports = farm.stop_uas();
 
-    let mut problems = Vec::new();
-    if report.failed != 0
-        || report.successful != u64::from(calls)
-        || per_call.len() != calls as usize
-    {
-        problems.push(format!("UAC: {}", report.failure_summary()));
-    }
+    let mut problems = uac_call_problems(&report, &per_call, calls);
     problems.extend(exactly_one_backend(&per_call, &reports));
     let at_b2 = reports
         .iter()
@@ -473,20 +479,9 @@ fn two_dispatchers_drained_while_flipping_split_only_calls_of_the_drained_backen
     let (_, first_sent, both_replied) = drained.expect("the drains ran");
     let dialogs = report.dialogs().expect("UAC dialogs");
     let stopped = [d1.stop(), d2.stop()];
-    let reports: Vec<_> = farm
-        .uas
-        .iter_mut()
-        .filter_map(Option::take)
-        .map(|u| u.stop().expect("stopping a UAS"))
-        .collect();
+    let reports = farm.stop_uas();
 
-    let mut problems = Vec::new();
-    if report.failed != 0
-        || report.successful != u64::from(calls)
-        || per_call.len() != calls as usize
-    {
-        problems.push(format!("UAC: {}", report.failure_summary()));
-    }
+    let mut problems = uac_call_problems(&report, &per_call, calls);
     let by = backends_by_call(&reports);
     let at_b2 = reports
         .iter()
