@@ -14,8 +14,8 @@ pub const MAP_BACKENDS: &str = "sd_backends_v1";
 /// Per-CPU array of [`BackendStats`], indexed by backend id.
 pub const MAP_BACKEND_STATS: &str = "sd_bstats_v1";
 /// Per-CPU array of u64, indexed by [`Counter`]. (v2: `drop_redirect_failed` added; v3:
-/// the `affinity_*` counters.)
-pub const MAP_COUNTERS: &str = "sd_counters_v3";
+/// the `affinity_*` counters; v4: `pass_not_on_link`, `pass_encap`.)
+pub const MAP_COUNTERS: &str = "sd_counters_v4";
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "sd_config_v1";
 /// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
@@ -40,8 +40,23 @@ pub const AFFINITY_ENTRIES_MAX: u32 = 8_388_608;
 /// The program's `.rodata` switch (1: affinity on), set at load.
 pub const GLOBAL_AFFINITY_ON: &str = "AFFINITY_ON";
 
+/// Single-entry array holding [`EncapSource`]: the outer source address of `ipip`.
+pub const MAP_ENCAP: &str = "sd_encap_v1";
+
+/// [`ServiceInfo::flags`]: the bits that hold the service's forwarding mode.
+pub const FWD_MASK: u32 = 3;
+/// Destination address and port rewritten to the backend's (the backend answers from its
+/// own address).
+pub const FWD_REWRITE: u32 = 0;
+/// Only the Ethernet addresses change, to the backend's on the same link: the backend
+/// holds the VIP and answers from it (direct server return).
+pub const FWD_L2DSR: u32 = 1;
+/// Encapsulated in IP (IPv4-in-IPv4, IPv6-in-IPv6) to the backend, which holds the VIP
+/// and answers from it; the backend may be on another subnet.
+pub const FWD_IPIP: u32 = 2;
+
 /// Every map of the object, all pinned under the pin directory.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_TABLES,
     MAP_BACKENDS,
@@ -52,6 +67,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_SCRATCH,
     MAP_AFFINITY,
     MAP_BACKEND_FLAGS,
+    MAP_ENCAP,
     crate::census::MAP_HELD,
 ];
 
@@ -104,7 +120,17 @@ pub struct ServiceKey {
 pub struct ServiceInfo {
     /// Index into the tables map.
     pub id: u32,
+    /// The forwarding mode in [`FWD_MASK`]: [`FWD_REWRITE`], [`FWD_L2DSR`], [`FWD_IPIP`].
     pub flags: u32,
+}
+
+/// The outer source address of `ipip` encapsulation, per family (network byte order
+/// words, as [`Backend::addr`]; all zero: none configured, and `ipip` passes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct EncapSource {
+    pub v4: u32,
+    pub v6: [u32; 4],
 }
 
 /// Where the XDP program sends a message. Written once per id: a backend whose address
@@ -220,6 +246,7 @@ const _: () = assert!(
     "AffinityEntry has padding"
 );
 const _: () = assert!(size_of::<BackendFlags>() == 8, "BackendFlags has padding");
+const _: () = assert!(size_of::<EncapSource>() == 20, "EncapSource has padding");
 const _: () = assert!(core::mem::offset_of!(AffinityEntry, generation) == 4);
 
 /// Per-CPU counters of the fast path, indexed by the enum value.
@@ -264,10 +291,15 @@ pub enum Counter {
     AffinityOverridden,
     /// Affinity: creating an entry failed (the message still went to the table's pick).
     AffinityInsertFailed,
+    /// Passed: `l2dsr` to a backend that is not on the link (the route has a gateway).
+    PassNotOnLink,
+    /// Passed: `ipip` could not encapsulate (the packet would exceed the egress MTU, no
+    /// headroom, or no outer source address).
+    PassEncap,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
         Counter::NotService,
@@ -287,6 +319,8 @@ impl Counter {
         Counter::AffinityInsert,
         Counter::AffinityOverridden,
         Counter::AffinityInsertFailed,
+        Counter::PassNotOnLink,
+        Counter::PassEncap,
     ];
 
     /// Stable snake_case name, used in logs, JSON and metrics.
@@ -310,6 +344,8 @@ impl Counter {
             Counter::AffinityInsert => "affinity_insert",
             Counter::AffinityOverridden => "affinity_overridden",
             Counter::AffinityInsertFailed => "affinity_insert_failed",
+            Counter::PassNotOnLink => "pass_not_on_link",
+            Counter::PassEncap => "pass_encap",
         }
     }
 }
@@ -325,6 +361,7 @@ mod aya_pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::BackendFlags {}
+    unsafe impl aya::Pod for super::EncapSource {}
 }
 
 /// Index of a Call-ID hash in a service's slot table.

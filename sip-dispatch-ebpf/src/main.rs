@@ -16,7 +16,7 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
@@ -35,9 +35,10 @@ use network_types::{
 };
 use sip_dispatch_common::{
     AFFINITY_ENTRIES_MIN, AffinityEntry, AffinityKey, BACKEND_FLAGS_MAP_FLAGS, Backend,
-    BackendFlags, BackendStats, Config, Counter, FAMILY_V4, FAMILY_V6, HashKey, MAX_BACKENDS,
-    MAX_SERVICES, NO_BACKEND, SCAN_WINDOW, SCRATCH_XDP_WORDS, SLOTS, Scan, ScanOutcome, Scanner,
-    Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
+    BackendFlags, BackendStats, Config, Counter, EncapSource, FAMILY_V4, FAMILY_V6, FWD_IPIP,
+    FWD_L2DSR, FWD_MASK, HashKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SCAN_WINDOW,
+    SCRATCH_XDP_WORDS, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo, ServiceKey,
+    TABLE_MAP_FLAGS,
     affinity::{EntryWrite, Route, choose, classify_word, created_flags},
     census::{CensusInput, HELD_ENTRIES, HELD_SLOTS, HELD_STALE, holds_call},
     csum::CsumDelta,
@@ -47,6 +48,7 @@ use sip_dispatch_common::{
 
 mod affinity;
 mod census;
+mod forward;
 
 use affinity::{ToTagJob, pick_with_affinity};
 
@@ -67,12 +69,14 @@ static TABLES: ArrayOfMaps<
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map(name = "sd_bstats_v1")]
 static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
-#[btf_map(name = "sd_counters_v3")]
+#[btf_map(name = "sd_counters_v4")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 #[btf_map(name = "sd_config_v1")]
 static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "sd_txports_v1")]
 static TX_PORTS: DevMapHash<64> = DevMapHash::new();
+#[btf_map(name = "sd_encap_v1")]
+static ENCAP: Array<EncapSource, 1> = Array::new();
 #[btf_map(name = "sd_scratch_v2")]
 static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 /// The size here is a placeholder: the loader sets it (`--affinity-entries`).
@@ -161,6 +165,7 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
         return Ok(XDP_PASS);
     };
     let service_id = service.id;
+    let mode = service.flags & FWD_MASK;
     if let Some(reason) = dg.unhandled {
         return Err(reason);
     }
@@ -180,14 +185,28 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
         return Err(Counter::PassNoBackend);
     }
 
-    let fib = fib_lookup(ctx, scratch, &dg, &backend)?;
+    // Everything that can refuse the frame comes before the first write to it.
+    let extra = if mode == FWD_IPIP {
+        forward::check_encap_source(dg.family)?;
+        forward::outer_len(dg.family)
+    } else {
+        0
+    };
+    let fib = fib_lookup(ctx, scratch, &dg, &backend, extra)?;
+    if mode == FWD_L2DSR && !forward::on_link(fib, &backend, dg.family) {
+        return Err(Counter::PassNotOnLink);
+    }
     let ingress = ctx.ingress_ifindex() as u32;
     let egress = unsafe { (*fib).ifindex };
     if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {
         return Err(Counter::PassNoTxPort);
     }
 
-    rewrite(ctx, &dg, &backend, fib)?;
+    match mode {
+        FWD_L2DSR => forward::set_macs(ctx, fib)?,
+        FWD_IPIP => forward::encapsulate(ctx, scratch, &dg, &backend, fib)?,
+        _ => rewrite(ctx, &dg, &backend, fib)?,
+    }
 
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
         let len = (ctx.data_end() - ctx.data()) as u64;
@@ -461,6 +480,8 @@ struct Private {
     job: ScanJob,
     tag: ToTagJob,
     fib: FibLookup,
+    /// The Ethernet header (and VLAN tag) across an `ipip` encapsulation.
+    head: [u64; 3],
 }
 
 #[inline(always)]
@@ -533,6 +554,7 @@ fn fib_lookup(
     scratch: *mut Scratch,
     dg: &Datagram,
     backend: &Backend,
+    extra: usize,
 ) -> Result<*const FibLookup, Counter> {
     let fib = unsafe { &raw mut (*private(scratch)).fib };
     zero(fib);
@@ -541,7 +563,9 @@ fn fib_lookup(
     f.l4_protocol = IPPROTO_UDP;
     f.dport = backend.port;
     f.ifindex = ctx.ingress_ifindex() as u32;
-    f.__bindgen_anon_1.tot_len = (dg.l4 - dg.l3 + UdpHdr::LEN + dg.payload_len) as u16;
+    // With `extra` (an outer header), the FIB says whether the packet still fits the
+    // egress MTU.
+    f.__bindgen_anon_1.tot_len = (dg.l4 - dg.l3 + UdpHdr::LEN + dg.payload_len + extra) as u16;
     if dg.family == FAMILY_V4 {
         f.family = AF_INET;
         f.__bindgen_anon_3.ipv4_src = dg.src[0];
@@ -552,6 +576,9 @@ fn fib_lookup(
         f.__bindgen_anon_4.ipv6_dst = backend.addr;
     }
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibLookup>() as i32, 0) };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 && extra > 0 {
+        return Err(Counter::PassEncap);
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(Counter::PassFibMiss);
     }

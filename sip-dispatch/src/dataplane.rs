@@ -20,10 +20,11 @@ use aya::{
 };
 use sip_dispatch_common::{
     AFFINITY_ENTRIES_DEFAULT, AFFINITY_ENTRIES_MIN, ALL_MAPS, AffinityEntry, AffinityKey,
-    BF_AFFINITY, Backend, BackendFlags, BackendStats, Config, Counter, GLOBAL_AFFINITY_ON, HashKey,
-    MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND,
-    PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
+    BF_AFFINITY, Backend, BackendFlags, BackendStats, Config, Counter, EncapSource, FWD_REWRITE,
+    GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_ENCAP, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS,
+    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo,
+    ServiceKey, TABLE_MAP_FLAGS,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -91,6 +92,9 @@ pub struct Dataplane {
     /// The pins that were there before `load` (adopted): a failed start keeps them.
     found_pins: Vec<PathBuf>,
     affinity: Affinity,
+    /// The forwarding mode of each service id (`FWD_*`; none: rewrite), written with its
+    /// service entry.
+    forwarding: BTreeMap<u32, u32>,
     /// What was last written to the backend flags map, per id.
     flags_written: Vec<Option<BackendFlags>>,
 }
@@ -437,6 +441,19 @@ impl Dataplane {
         let _ = std::fs::remove_dir(dir);
     }
 
+    /// The forwarding mode (`FWD_*`) of service `service_id` from its next table on.
+    pub fn set_forwarding(&mut self, service_id: u32, mode: u32) {
+        self.forwarding.insert(service_id, mode);
+    }
+
+    /// The outer source addresses of `ipip`.
+    pub fn set_encap_source(&mut self, src: EncapSource) -> anyhow::Result<()> {
+        let mut map: Array<&mut MapData, EncapSource> = Array::try_from(self.map_mut(MAP_ENCAP)?)?;
+        map.set(0, src, 0)
+            .context("writing the encapsulation source")?;
+        Ok(())
+    }
+
     /// The key `write_hash_key` writes (known once the key file is read or created).
     pub fn set_hash_key(&mut self, key: HashKey) {
         self.key = key;
@@ -490,6 +507,7 @@ impl Dataplane {
             _pin_lock: None,
             found_pins: Vec::new(),
             affinity,
+            forwarding: BTreeMap::new(),
             flags_written: vec![None; MAX_BACKENDS as usize],
         };
         dp.dispatch_program()?
@@ -656,6 +674,11 @@ impl Dataplane {
             .filter(|&id| id != NO_BACKEND)
             .collect();
         self.ids.table_installed(service_id, referenced);
+        let flags = self
+            .forwarding
+            .get(&service_id)
+            .copied()
+            .unwrap_or(FWD_REWRITE);
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
             HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
         services
@@ -663,7 +686,7 @@ impl Dataplane {
                 key,
                 ServiceInfo {
                     id: service_id,
-                    flags: 0,
+                    flags,
                 },
                 0,
             )
@@ -911,7 +934,7 @@ fn census_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
 
 /// The layout each map must have: (name, type, key size, value size, max entries).
 /// The affinity map's size is not checked here: a pin of another size is resized.
-fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 11] {
+fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 12] {
     use std::mem::size_of;
     [
         (
@@ -966,6 +989,13 @@ fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 11] {
             4,
             8,
             sip_dispatch_common::census::HELD_SLOTS,
+        ),
+        (
+            MAP_ENCAP,
+            MapType::Array,
+            4,
+            size_of::<EncapSource>() as u32,
+            1,
         ),
     ]
 }
