@@ -1492,6 +1492,18 @@ mod backend_limit_tests {
             .collect()
     }
 
+    /// [`statics`] as the configuration gives them.
+    fn static_specs(first: u32, n: u32) -> Vec<BackendSpec> {
+        statics(first, n)
+            .iter()
+            .map(|c| BackendSpec {
+                addr: c.addr,
+                weight: 1,
+                priority: 0,
+            })
+            .collect()
+    }
+
     fn vip(n: u8) -> SocketAddr {
         SocketAddr::from(([198, 19, 0, n], 5060))
     }
@@ -1563,14 +1575,7 @@ mod backend_limit_tests {
         let services = vec![a, b];
         let spec = |vip, first, n, srv: &[&str]| ServiceSpec {
             vip,
-            backends: statics(first, n)
-                .iter()
-                .map(|c| BackendSpec {
-                    addr: c.addr,
-                    weight: 1,
-                    priority: 0,
-                })
-                .collect(),
+            backends: static_specs(first, n),
             srv: srv.iter().map(|s| s.to_string()).collect(),
         };
         // a keeps its SRV name (2000 from DNS) and gets 43 statics; b, not in the
@@ -1640,14 +1645,7 @@ mod backend_limit_tests {
         s.cli_added.insert(addr(7));
         let spec = ServiceSpec {
             vip: vip(1),
-            backends: statics(0, 3)
-                .iter()
-                .map(|c| BackendSpec {
-                    addr: c.addr,
-                    weight: 1,
-                    priority: 0,
-                })
-                .collect(),
+            backends: static_specs(0, 3),
             srv: vec![],
         };
         let changes = s.reconfigure(&spec);

@@ -40,6 +40,25 @@ fn calls(list: &std::collections::BTreeMap<SocketAddr, Value>, a: SocketAddr) ->
 }
 
 /// The CLI with `args`, as a child whose stdout lines arrive on the returned channel.
+/// `backends drain ADDR --wait --timeout TIMEOUT` in the background.
+fn drain_wait(
+    bed: &Bed,
+    addr: SocketAddr,
+    timeout: &str,
+) -> (std::process::Child, mpsc::Receiver<String>) {
+    spawn_cli(
+        bed,
+        &[
+            "backends",
+            "drain",
+            &addr.to_string(),
+            "--wait",
+            "--timeout",
+            timeout,
+        ],
+    )
+}
+
 fn spawn_cli(bed: &Bed, args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>) {
     let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
     all.insert(1, format!("--control={}", bed.control.display()));
@@ -207,17 +226,7 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
     // force from its reply (`ok: ...`, printed once the tables are in force): no call
     // begun after that may reach b2.
     let started = Instant::now();
-    let (mut timed, lines_timed) = spawn_cli(
-        &bed,
-        &[
-            "backends",
-            "drain",
-            &b2.to_string(),
-            "--wait",
-            "--timeout",
-            "1s",
-        ],
-    );
+    let (mut timed, lines_timed) = drain_wait(&bed, b2, "1s");
     let drained_at = match lines_timed.recv_timeout(Duration::from_secs(5)) {
         Ok(l) if l.starts_with("ok") => now_epoch(),
         other => {
@@ -238,17 +247,7 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
 
     // Waiting for real: exit 0 after b2's last BYE.
     let started = Instant::now();
-    let (mut wait_b2, lines_b2) = spawn_cli(
-        &bed,
-        &[
-            "backends",
-            "drain",
-            &b2.to_string(),
-            "--wait",
-            "--timeout",
-            "30s",
-        ],
-    );
+    let (mut wait_b2, lines_b2) = drain_wait(&bed, b2, "30s");
     let code = wait_exit(&mut wait_b2, Duration::from_secs(40), "drain b2 --wait");
     let returned_at = now_epoch();
     let waited = started.elapsed();
