@@ -497,14 +497,22 @@ fn two_dispatchers_drained_while_flipping_split_only_calls_of_the_drained_backen
         .keys()
         .filter(|id| by.get(*id).is_some_and(|b| b.len() > 1))
         .collect();
+    // The drains reach the two nodes one after the other: a call begun between them
+    // may reach b2 through the node not drained yet and b3 through the other (the nodes'
+    // tables disagree, as during any change; README "Scale-out").
+    let between_drains = |id: &String| {
+        per_call
+            .get(id)
+            .is_some_and(|c| c.invite_at >= first_sent && c.invite_at <= both_replied)
+    };
     let others: Vec<_> = split
         .iter()
-        .filter(|id| !in_progress_at_b2.contains(**id))
+        .filter(|id| !in_progress_at_b2.contains(**id) && !between_drains(id))
         .map(|id| (id, by.get(*id)))
         .collect();
     if !others.is_empty() {
         problems.push(format!(
-            "{} calls split that were not in progress at the drained b2, e.g. {:?}",
+            "{} calls split that were neither in progress at the drained b2 nor begun between the two drains, e.g. {:?}",
             others.len(),
             &others[..others.len().min(3)]
         ));
