@@ -321,6 +321,51 @@ pub struct XdpPassArgs {
     pub iface: String,
 }
 
+/// How a service's packets reach its backends (`--forwarding`, config key `forwarding`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ForwardingMode {
+    /// The destination address and port become the backend's; it answers from its own.
+    #[default]
+    Rewrite,
+    /// Only the Ethernet addresses change, to the backend's on the same L2 segment; the
+    /// backend holds the VIP on a loopback and answers from it.
+    L2dsr,
+    /// IP-in-IP (IPv4-in-IPv4, IPv6-in-IPv6) to the backend's address; the backend
+    /// decapsulates and answers from the VIP.
+    Ipip,
+}
+
+impl ForwardingMode {
+    /// The mode's bits in `ServiceInfo.flags` (`FWD_*`).
+    pub fn fwd_flags(self) -> u32 {
+        match self {
+            ForwardingMode::Rewrite => sip_dispatch_common::FWD_REWRITE,
+            ForwardingMode::L2dsr => sip_dispatch_common::FWD_L2DSR,
+            ForwardingMode::Ipip => sip_dispatch_common::FWD_IPIP,
+        }
+    }
+
+    /// The name operators write (`rewrite`, `l2dsr`, `ipip`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardingMode::Rewrite => "rewrite",
+            ForwardingMode::L2dsr => "l2dsr",
+            ForwardingMode::Ipip => "ipip",
+        }
+    }
+
+    /// Whether backends answer from the VIP (so health checks must not come from it).
+    pub fn answers_from_vip(self) -> bool {
+        self != ForwardingMode::Rewrite
+    }
+}
+
+impl std::fmt::Display for ForwardingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum XdpModeArg {
     Auto,
