@@ -6,7 +6,7 @@
 use core::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::maps::{Backend, FAMILY_V4, FAMILY_V6, ServiceKey};
+use crate::maps::{Backend, EncapSource, FAMILY_V4, FAMILY_V6, ServiceKey};
 
 fn words_from_ip(ip: IpAddr) -> ([u32; 4], u8) {
     let mut addr = [0u32; 4];
@@ -65,6 +65,17 @@ macro_rules! socket_addr_conversions {
 
 socket_addr_conversions!(Backend, ServiceKey);
 
+impl EncapSource {
+    /// The entry for these sources (a missing one stays all zero: `ipip` of that family
+    /// passes to the stack).
+    pub fn new(v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> EncapSource {
+        EncapSource {
+            v4: v4.map_or(0, |a| words_from_ip(a.into()).0[0]),
+            v6: v6.map_or([0; 4], |a| words_from_ip(a.into()).0),
+        }
+    }
+}
+
 /// Formats a backend as `198.18.0.21:5060` or `[2001:db8::21]:5060`.
 pub fn backend_display(b: &Backend) -> impl fmt::Display + use<> {
     b.to_socket_addr()
@@ -83,6 +94,15 @@ mod tests {
         assert_eq!(b.addr[1..], [0, 0, 0]);
         assert_eq!(b.port.to_ne_bytes(), 5060u16.to_be_bytes());
         assert_eq!(format!("{}", backend_display(&b)), "198.18.0.21:5060");
+    }
+
+    #[test]
+    fn encap_sources_are_wire_bytes_and_zero_when_missing() {
+        let v6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+        let e = EncapSource::new(Some(Ipv4Addr::new(198, 18, 0, 1)), Some(v6));
+        assert_eq!(e.v4.to_ne_bytes(), [198, 18, 0, 1]);
+        assert_eq!(bytemuck::bytes_of(&e.v6), v6.octets());
+        assert_eq!(EncapSource::new(None, None), EncapSource::default());
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub const PROG_DISPATCH: &str = "sip_dispatch";
 /// An XDP program that passes everything: attached to veth peers so that native-mode
 /// XDP_TX/XDP_REDIRECT frames are received (veth needs NAPI on the peer).
 pub const PROG_PASS: &str = "xdp_pass";
+/// An XDP program for backends of `ipip` services whose kernel has no tunnel device:
+/// strips the outer IPv4/IPv6 header (`sip-dispatch decap`).
+pub const PROG_DECAP: &str = "ipip_decap";
 /// The benchmarks' baseline XDP program: swaps the MAC addresses and returns XDP_TX.
 pub const PROG_MAC_SWAP: &str = "mac_swap";
 

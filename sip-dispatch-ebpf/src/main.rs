@@ -48,6 +48,7 @@ use sip_dispatch_common::{
 
 mod affinity;
 mod census;
+mod decap;
 mod forward;
 
 use affinity::{ToTagJob, pick_with_affinity};

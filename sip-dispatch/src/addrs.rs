@@ -78,8 +78,85 @@ pub fn check_vip(ip: IpAddr, local: &[IpAddr]) -> Result<(), String> {
     Ok(())
 }
 
+/// A source address per family (`--probe-source`, `--encap-source`): at most one each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceAddrs {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl SourceAddrs {
+    /// The addresses given, at most one per family; `what` names them in the error.
+    pub fn from_list(what: &str, list: &[IpAddr]) -> Result<SourceAddrs, String> {
+        let mut out = SourceAddrs::default();
+        for ip in list {
+            let taken = match *ip {
+                IpAddr::V4(a) => out.v4.replace(a).is_some(),
+                IpAddr::V6(a) => out.v6.replace(a).is_some(),
+            };
+            if taken {
+                return Err(format!(
+                    "{what} {ip}: one address per family (IPv4 and IPv6) at most"
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The address of the family of `v6`.
+    pub fn get(&self, v6: bool) -> Option<IpAddr> {
+        match v6 {
+            false => self.v4.map(IpAddr::V4),
+            true => self.v6.map(IpAddr::V6),
+        }
+    }
+
+    /// Sets the address of its family.
+    pub fn set(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => self.v4 = Some(a),
+            IpAddr::V6(a) => self.v6 = Some(a),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> {
+        [self.get(false), self.get(true)].into_iter().flatten()
+    }
+}
+
+/// Checks that `ip` may be a source address of this host (`what` names the setting).
+pub fn check_source(what: &str, ip: IpAddr, local: &[IpAddr]) -> Result<(), String> {
+    if let Some(kind) = special(ip) {
+        return Err(format!("{what} {ip} is {kind}, not a unicast address"));
+    }
+    if !local.contains(&ip) {
+        return Err(format!("{what} {ip} is not an address of this host"));
+    }
+    Ok(())
+}
+
 /// Every address configured on an interface of this host (this network namespace).
 pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut out: Vec<IpAddr> = interface_addresses()?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The addresses of interface `iface`, in the order the kernel lists them.
+pub fn addresses_of(iface: &str) -> std::io::Result<Vec<IpAddr>> {
+    Ok(interface_addresses()?
+        .into_iter()
+        .filter(|(name, _)| name == iface)
+        .map(|(_, ip)| ip)
+        .collect())
+}
+
+/// Every (interface name, address) of this host (this network namespace).
+fn interface_addresses() -> std::io::Result<Vec<(String, IpAddr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we own and free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -96,22 +173,33 @@ pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
             if family == libc::AF_INET {
                 // SAFETY: an AF_INET sockaddr is a sockaddr_in.
                 let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
+                let ip = IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                out.push((name_of(ifa), ip));
             } else if family == libc::AF_INET6 {
                 // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
                 let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
-                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                out.push((
+                    name_of(ifa),
+                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)),
+                ));
             }
         }
         cur = ifa.ifa_next;
     }
     // SAFETY: `head` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
-    out.sort();
-    out.dedup();
     Ok(out)
+}
+
+fn name_of(ifa: &libc::ifaddrs) -> String {
+    if ifa.ifa_name.is_null() {
+        return String::new();
+    }
+    // SAFETY: a non-null ifa_name is a NUL-terminated string that lives as long as the
+    // list (we copy it out before freeifaddrs).
+    unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

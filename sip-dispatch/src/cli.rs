@@ -1,5 +1,10 @@
 //! Command line: subcommands, flags and the address formats operators' scripts use.
-use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sip_dispatch_common::HashKey;
@@ -24,6 +29,10 @@ pub enum Command {
     /// Attach an XDP program that passes everything (for the peer of a veth that runs the
     /// dispatcher in native mode) and hold it until SIGINT/SIGTERM.
     XdpPass(XdpPassArgs),
+    /// On a backend of an `ipip` service whose kernel has no ipip/ip6tnl tunnel device:
+    /// attach an XDP program that strips the outer header of IPv4-in-IPv4 and
+    /// IPv6-in-IPv6 packets, and hold it until SIGINT/SIGTERM.
+    Decap(XdpPassArgs),
     /// Detach what a daemon left attached (--keep-attached, or a crash) and remove its
     /// pins.
     Detach(DetachArgs),
@@ -231,6 +240,30 @@ pub struct RunArgs {
     /// --affinity off no calls are counted.
     #[arg(long, value_parser = parse_call_idle)]
     pub call_idle: Option<Duration>,
+    /// How packets reach the backends: rewrite (the destination becomes the backend's;
+    /// it answers from its own address), l2dsr (only the Ethernet addresses change; the
+    /// backend holds the VIP on lo and answers from it) or ipip (IP-in-IP to the
+    /// backend's address; it answers from the VIP). For --vip's service and for every
+    /// [[service]] without its own `forwarding`. A change needs a restart
+    /// [default: rewrite].
+    #[arg(long, value_enum)]
+    pub forwarding: Option<ForwardingMode>,
+    /// Address of this host the OPTIONS health checks come from, one per family
+    /// (repeat for IPv4 and IPv6); never a VIP. Default: for a family with an l2dsr or
+    /// ipip service, the first address of --iface that is not a VIP; otherwise the one
+    /// the kernel's routing picks.
+    #[arg(long = "probe-source", value_parser = parse_ip)]
+    pub probe_source: Vec<IpAddr>,
+    /// Outer source address of ipip, one per family (repeat for IPv4 and IPv6); an
+    /// address of this host. Default: the health checks' source of that family.
+    #[arg(long = "encap-source", value_parser = parse_ip)]
+    pub encap_source: Vec<IpAddr>,
+}
+
+/// An IPv4 or IPv6 address (no port).
+pub fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid address {s:?}: expected 198.18.0.1 or 2001:db8::1"))
 }
 
 /// Allowed `--call-idle` (and `call-idle`).

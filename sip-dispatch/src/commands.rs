@@ -44,7 +44,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 lines.join("\n")
             })
         }
-        Command::Run(_) | Command::XdpPass(_) | Command::Detach(_) => bail!("not a client command"),
+        Command::Run(_) | Command::XdpPass(_) | Command::Decap(_) | Command::Detach(_) => {
+            bail!("not a client command")
+        }
     }
 }
 

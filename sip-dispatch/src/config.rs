@@ -24,10 +24,10 @@ use sip_dispatch_common::HashKey;
 use toml::Spanned;
 
 use crate::{
-    addrs::{check_backend, check_vip},
+    addrs::{SourceAddrs, check_backend, check_source, check_vip},
     cli::{
-        BackendSpec, MAX_CHECK_COUNT, MAX_TTL_SECS, RunArgs, XdpModeArg, check_count,
-        parse_health_interval, parse_health_timeout, parse_socket_addr,
+        BackendSpec, ForwardingMode, MAX_CHECK_COUNT, MAX_TTL_SECS, RunArgs, XdpModeArg,
+        check_count, parse_health_interval, parse_health_timeout, parse_socket_addr,
     },
     hashkey::{self, KeyOrigin},
     health::{AliveCodes, HealthConfig, HealthUri},
@@ -58,6 +58,11 @@ struct File {
     affinity: Option<Spanned<String>>,
     affinity_entries: Option<Spanned<u64>>,
     call_idle: Option<Spanned<String>>,
+    forwarding: Option<Spanned<String>>,
+    #[serde(default)]
+    probe_source: Vec<Spanned<String>>,
+    #[serde(default)]
+    encap_source: Vec<Spanned<String>>,
     #[serde(default)]
     service: Vec<FileService>,
 }
@@ -70,6 +75,7 @@ struct FileService {
     backends: Vec<Spanned<String>>,
     #[serde(default)]
     srv: Vec<String>,
+    forwarding: Option<Spanned<String>>,
 }
 
 /// One service to run.
@@ -78,6 +84,7 @@ pub struct ServiceSpec {
     pub vip: SocketAddr,
     pub backends: Vec<BackendSpec>,
     pub srv: Vec<String>,
+    pub forwarding: ForwardingMode,
 }
 
 /// A static backend as the table builder takes it (healthy until checked).
@@ -114,6 +121,10 @@ pub struct Settings {
     pub affinity: crate::dataplane::Affinity,
     /// `--call-idle`: how long a call without messages still counts as held.
     pub call_idle: Duration,
+    /// `--probe-source` as given (the daemon picks the missing ones at start).
+    pub probe_source: SourceAddrs,
+    /// `--encap-source` as given (default: the probe source of the family).
+    pub encap_source: SourceAddrs,
 }
 
 /// Reads a value the file gave as text, naming file, line and key when it is wrong.
@@ -174,6 +185,11 @@ fn line_of(text: &str, offset: usize) -> usize {
         .filter(|b| **b == b'\n')
         .count()
         + 1
+}
+
+fn parse_forwarding(s: &str) -> Result<ForwardingMode, String> {
+    clap::ValueEnum::from_str(s, false)
+        .map_err(|_| format!("invalid forwarding {s:?} (rewrite, l2dsr or ipip)"))
 }
 
 fn parse_xdp_mode(s: &str) -> Result<XdpModeArg, String> {
@@ -381,6 +397,39 @@ impl Settings {
             );
         }
 
+        // The flag beats the file's top-level key; a service's own key beats both.
+        let forwarding = match (args.forwarding, &file.forwarding) {
+            (Some(f), _) => f,
+            (None, Some(f)) => r.parse("forwarding", f, parse_forwarding)?,
+            (None, None) => ForwardingMode::default(),
+        };
+        let sources = |what: &str,
+                       flags: &[IpAddr],
+                       keys: &[Spanned<String>]|
+         -> anyhow::Result<SourceAddrs> {
+            let mut list = Vec::new();
+            if flags.is_empty() {
+                for k in keys {
+                    let ip = r.parse(what, k, crate::cli::parse_ip)?;
+                    if let Some(local) = local {
+                        r.check(what, k, check_source(what, ip, local))?;
+                    }
+                    list.push(ip);
+                }
+            } else {
+                for &ip in flags {
+                    if let Some(local) = local {
+                        check_source(&format!("--{what}"), ip, local)
+                            .map_err(anyhow::Error::msg)?;
+                    }
+                    list.push(ip);
+                }
+            }
+            SourceAddrs::from_list(what, &list).map_err(anyhow::Error::msg)
+        };
+        let probe_source = sources("probe-source", &args.probe_source, &file.probe_source)?;
+        let encap_source = sources("encap-source", &args.encap_source, &file.encap_source)?;
+
         let mut services = Vec::new();
         for s in &file.service {
             let vip = r.parse("vip", &s.vip, parse_socket_addr)?;
@@ -391,10 +440,15 @@ impl Settings {
                 r.check("backends", b, backend_rule(spec.addr.ip()))?;
                 backends.push(spec);
             }
+            let own = match &s.forwarding {
+                Some(f) => r.parse("forwarding", f, parse_forwarding)?,
+                None => forwarding,
+            };
             services.push(ServiceSpec {
                 vip,
                 backends,
                 srv: s.srv.clone(),
+                forwarding: own,
             });
         }
         match args.vip {
@@ -408,6 +462,7 @@ impl Settings {
                     vip,
                     backends: args.backends.clone(),
                     srv: args.srv.clone(),
+                    forwarding,
                 };
                 match services.iter_mut().find(|s| s.vip == vip) {
                     Some(s) => *s = flags,
@@ -425,6 +480,14 @@ impl Settings {
             );
         }
         validate_services(&services)?;
+        for ip in probe_source.iter() {
+            if let Some(s) = services.iter().find(|s| s.vip.ip() == ip) {
+                bail!(
+                    "probe-source {ip} is the VIP of service {}: health checks must come from another address",
+                    s.vip
+                );
+            }
+        }
 
         Ok(Settings {
             pin_path: args
@@ -454,6 +517,8 @@ impl Settings {
             services,
             affinity,
             call_idle,
+            probe_source,
+            encap_source,
         })
     }
 }
@@ -1071,6 +1136,126 @@ srv = ["_sip._udp.example.net"]
             "the flag wins"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn forwarding_comes_from_the_service_the_flag_the_file_or_the_default() {
+        let cfg = write(
+            "forwarding.toml",
+            r#"
+forwarding = "ipip"
+probe-source = ["198.18.0.1", "2001:db8::1"]
+
+[[service]]
+vip = "198.18.0.100:5060"
+backends = ["198.18.0.21:5060"]
+
+[[service]]
+vip = "198.18.0.101:5060"
+backends = ["198.18.0.21:5060"]
+forwarding = "l2dsr"
+"#,
+        );
+        let file = cfg.to_str().unwrap();
+        let modes = |s: Settings| -> Vec<ForwardingMode> {
+            s.services.iter().map(|s| s.forwarding).collect()
+        };
+        use ForwardingMode::*;
+        let s = with_one_service(&["--config", file]).unwrap();
+        assert_eq!(s.probe_source.get(false), Some(ip("198.18.0.1")));
+        assert_eq!(s.probe_source.get(true), Some(ip("2001:db8::1")));
+        assert_eq!(s.encap_source, SourceAddrs::default());
+        // --vip 198.18.0.100:5060 replaces the file's service of that VIP.
+        assert_eq!(modes(s), [Ipip, L2dsr], "the file's default, the own key");
+        assert_eq!(
+            modes(with_one_service(&["--config", file, "--forwarding", "rewrite"]).unwrap()),
+            [Rewrite, L2dsr],
+            "the flag beats the file's default, not a service's own key"
+        );
+        assert_eq!(modes(with_one_service(&[]).unwrap()), [Rewrite]);
+        let s = with_one_service(&[
+            "--config",
+            file,
+            "--probe-source",
+            "198.18.0.2",
+            "--encap-source",
+            "198.18.0.3",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.probe_source.iter().collect::<Vec<_>>(),
+            [ip("198.18.0.2")]
+        );
+        assert_eq!(s.encap_source.get(false), Some(ip("198.18.0.3")));
+
+        let bad = write(
+            "bad-forwarding.toml",
+            "[[service]]\nvip = \"198.18.0.100:5060\"\nbackends = [\"198.18.0.21:5060\"]\nforwarding = \"dsr\"\n",
+        );
+        let e = format!(
+            "{:#}",
+            Settings::resolve(&args(&["--iface", "x", "--config", bad.to_str().unwrap()]))
+                .unwrap_err()
+        );
+        assert!(
+            e.contains(":4: key `forwarding`") && e.contains("invalid forwarding \"dsr\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn probe_and_encap_sources_are_addresses_of_this_host_and_not_vips() {
+        let base = [
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            error_on_host(&all)
+        };
+        assert_eq!(
+            with(&["--probe-source", "198.18.0.100"]),
+            "probe-source 198.18.0.100 is the VIP of service 198.18.0.100:5060: health checks must come from another address"
+        );
+        assert_eq!(
+            with(&["--probe-source", "198.18.0.7"]),
+            "--probe-source 198.18.0.7 is not an address of this host"
+        );
+        assert_eq!(
+            with(&["--encap-source", "224.0.0.1"]),
+            "--encap-source 224.0.0.1 is a multicast address, not a unicast address"
+        );
+        assert_eq!(
+            with(&[
+                "--encap-source",
+                "198.18.0.100",
+                "--encap-source",
+                "198.18.0.100"
+            ]),
+            "encap-source 198.18.0.100: one address per family (IPv4 and IPv6) at most"
+        );
+        assert!(
+            Settings::resolve_on_host(
+                &args(&[
+                    "--iface",
+                    "eth1",
+                    "--hash-key",
+                    "000102030405060708090a0b0c0d0e0f",
+                    "--vip",
+                    "198.18.0.100:5060",
+                    "--backend",
+                    "198.18.0.21:5060",
+                    "--probe-source",
+                    "2001:db8::100",
+                ]),
+                &local()
+            )
+            .is_ok(),
+            "another family's VIP is not this service's"
+        );
     }
 
     #[test]

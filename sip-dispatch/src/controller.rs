@@ -332,6 +332,8 @@ pub struct Controller {
     flags_stale: bool,
     /// `--call-idle`.
     call_idle: std::time::Duration,
+    /// Where health checks come from, per family.
+    probe_source: crate::addrs::SourceAddrs,
 }
 
 /// A reply sent once every service `(index, request number)` names has its build back.
@@ -386,6 +388,7 @@ impl Controller {
             censuses: Default::default(),
             flags_stale: true,
             call_idle: crate::cli::CALL_IDLE_DEFAULT,
+            probe_source: Default::default(),
         };
         c.sync_backends();
         c
@@ -404,6 +407,11 @@ impl Controller {
             .collect()
     }
 
+    /// Where health checks come from (set before the first probe).
+    pub fn set_probe_source(&mut self, source: crate::addrs::SourceAddrs) {
+        self.probe_source = source;
+    }
+
     pub fn services(&self) -> &[Service] {
         &self.services
     }
@@ -419,8 +427,12 @@ impl Controller {
         for addr in self.backends.keys().copied() {
             let timeout = self.health_cfg.timeout;
             let uri = self.health_cfg.uri.clone();
+            let source = self.probe_source.get(addr.is_ipv6());
             probes.spawn(async move {
-                let outcome = health::Probe::new(addr, &uri).once(timeout).await;
+                let outcome = health::Probe::new(addr, &uri)
+                    .with_source(source)
+                    .once(timeout)
+                    .await;
                 (addr, outcome)
             });
         }
@@ -462,7 +474,13 @@ impl Controller {
         });
         for (addr, k) in &self.backends {
             if k.health.admin != Admin::Disabled && !self.probers.contains_key(addr) {
-                let task = health::prober(*addr, self.health_cfg.clone(), self.probe_tx.clone());
+                let source = self.probe_source.get(addr.is_ipv6());
+                let task = health::prober(
+                    *addr,
+                    self.health_cfg.clone(),
+                    source,
+                    self.probe_tx.clone(),
+                );
                 self.probers.insert(*addr, tokio::spawn(task));
             }
         }
@@ -1577,6 +1595,7 @@ mod backend_limit_tests {
             vip,
             backends: static_specs(first, n),
             srv: srv.iter().map(|s| s.to_string()).collect(),
+            forwarding: Default::default(),
         };
         // a keeps its SRV name (2000 from DNS) and gets 43 statics; b, not in the
         // reloaded set, keeps its 5.
@@ -1647,6 +1666,7 @@ mod backend_limit_tests {
             vip: vip(1),
             backends: static_specs(0, 3),
             srv: vec![],
+            forwarding: Default::default(),
         };
         let changes = s.reconfigure(&spec);
         let listed: Vec<SocketAddr> = s.candidates().into_iter().map(|(c, _)| c.addr).collect();

@@ -1046,20 +1046,26 @@ fn attached_mode(iface: &str) -> AttachMode {
     }
 }
 
-/// Attaches the pass-everything program to `iface` (kernel's choice of mode) and returns
-/// what keeps it attached.
+/// Attaches the pass-everything program to `iface` (see [`attach_program`]).
 pub fn attach_pass(iface: &str) -> anyhow::Result<(Ebpf, XdpLinkId)> {
+    attach_program(iface, PROG_PASS)
+}
+
+/// Attaches XDP program `name` of the object (`xdp_pass`, `ipip_decap`: programs
+/// without maps of their own) to `iface` (kernel's choice of mode) and returns what keeps
+/// it attached.
+pub fn attach_program(iface: &str, name: &str) -> anyhow::Result<(Ebpf, XdpLinkId)> {
     let mut ebpf = EbpfLoader::new()
         .load(OBJECT)
         .context("loading the XDP object")?;
     let prog: &mut Xdp = ebpf
-        .program_mut(PROG_PASS)
-        .ok_or_else(|| anyhow!("program {PROG_PASS} missing from the XDP object"))?
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
         .try_into()?;
-    prog.load().context("loading xdp_pass")?;
+    prog.load().with_context(|| format!("loading {name}"))?;
     let link = prog
         .attach(iface, XdpMode::Default)
-        .with_context(|| format!("attaching xdp_pass to {iface}"))?;
+        .with_context(|| format!("attaching {name} to {iface}"))?;
     Ok((ebpf, link))
 }
 

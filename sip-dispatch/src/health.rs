@@ -5,7 +5,7 @@
 //! pure logic and lives in `sip_dispatch_common::health`, where the fuzz crate drives it;
 //! it is the one place that decides whether a backend takes traffic.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -79,19 +79,22 @@ pub fn options_request(local: SocketAddr, uri: &str, ids: &ProbeIds, cseq: u32) 
 /// again after an error), and the receive buffer every probe reuses.
 pub struct Probe {
     target: SocketAddr,
+    /// The address probes come from (None: the one the kernel's routing picks).
+    source: Option<IpAddr>,
     uri: String,
     sock: Option<UdpSocket>,
     buf: Vec<u8>,
 }
 
-/// A UDP socket from an ephemeral port of the matching family, connected to `target`.
-async fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
-    let bind: SocketAddr = if target.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+/// A UDP socket from an ephemeral port of `source` (or of the address routing picks),
+/// connected to `target`.
+async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<UdpSocket> {
+    let ip = match (source, target.is_ipv6()) {
+        (Some(ip), _) if ip.is_ipv6() == target.is_ipv6() => ip,
+        (_, true) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        (_, false) => std::net::Ipv4Addr::UNSPECIFIED.into(),
     };
-    let sock = UdpSocket::bind(bind).await?;
+    let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     sock.connect(target).await?;
     Ok(sock)
 }
@@ -100,10 +103,17 @@ impl Probe {
     pub fn new(target: SocketAddr, uri: &HealthUri) -> Probe {
         Probe {
             target,
+            source: None,
             uri: uri.for_backend(target),
             sock: None,
             buf: vec![0u8; RECEIVE_BUFFER],
         }
+    }
+
+    /// Probes from `source` (of the target's family; None: the address routing picks).
+    pub fn with_source(mut self, source: Option<IpAddr>) -> Probe {
+        self.source = source;
+        self
     }
 
     /// Sends one OPTIONS and waits up to `timeout` for the final response that matches
@@ -111,7 +121,7 @@ impl Probe {
     /// connected socket keeps reporting the old error.
     pub async fn once(&mut self, timeout: Duration) -> ProbeOutcome {
         if self.sock.is_none() {
-            match connect(self.target).await {
+            match connect(self.target, self.source).await {
                 Ok(sock) => self.sock = Some(sock),
                 Err(e) => return ProbeOutcome::Unreachable(format!("probe socket: {e}")),
             }
@@ -192,10 +202,11 @@ pub fn log_clamped_retry_after(target: SocketAddr, outcome: &ProbeOutcome, alrea
 pub async fn prober(
     target: SocketAddr,
     cfg: HealthConfig,
+    source: Option<IpAddr>,
     tx: mpsc::Sender<(SocketAddr, ProbeOutcome)>,
 ) {
     let mut next = tokio::time::Instant::now();
-    let mut probe = Probe::new(target, &cfg.uri);
+    let mut probe = Probe::new(target, &cfg.uri).with_source(source);
     let mut clamp_logged = false;
     loop {
         tokio::time::sleep_until(next).await;

@@ -30,6 +30,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         cli::Command::Run(args) => run::run(*args),
         cli::Command::XdpPass(args) => run::xdp_pass(args),
+        cli::Command::Decap(args) => run::decap(args),
         cli::Command::Detach(args) => run::detach(args),
         command => commands::run(command),
     };

@@ -71,6 +71,8 @@ pub fn restart_only_changes(running: &Settings, next: &Settings) -> Vec<String> 
             "affinity-entries",
             running.affinity.entries != next.affinity.entries,
         ),
+        ("probe-source", running.probe_source != next.probe_source),
+        ("encap-source", running.encap_source != next.encap_source),
     ]
     .into_iter()
     .filter(|(_, differs)| *differs)
@@ -86,6 +88,18 @@ pub fn restart_only_changes(running: &Settings, next: &Settings) -> Vec<String> 
     }
     if !removed.is_empty() {
         changed.push(format!("services removed ({})", removed.join(", ")));
+    }
+    let moved: Vec<String> = running
+        .services
+        .iter()
+        .filter_map(|r| {
+            let n = next.services.iter().find(|n| n.vip == r.vip)?;
+            (n.forwarding != r.forwarding)
+                .then(|| format!("{} {} -> {}", r.vip, r.forwarding, n.forwarding))
+        })
+        .collect();
+    if !moved.is_empty() {
+        changed.push(format!("`forwarding` ({})", moved.join(", ")));
     }
     changed
 }
@@ -208,6 +222,46 @@ mod tests {
         assert_eq!(
             restart_only_changes(&with(&[]), &with(&["--affinity-entries", "2048"])),
             ["`affinity-entries`"]
+        );
+    }
+
+    #[test]
+    fn forwarding_and_its_addresses_need_a_restart() {
+        let base = [
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+            "--hash-key",
+            "000102030405060708090a0b0c0d0e0f",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(extra);
+            settings(&a)
+        };
+        assert_eq!(
+            restart_only_changes(&with(&[]), &with(&["--forwarding", "rewrite"])),
+            Vec::<String>::new(),
+            "rewrite is the default"
+        );
+        assert_eq!(
+            restart_only_changes(&with(&[]), &with(&["--forwarding", "l2dsr"])),
+            ["`forwarding` (198.18.0.100:5060 rewrite -> l2dsr)"]
+        );
+        assert_eq!(
+            restart_only_changes(
+                &with(&["--forwarding", "ipip"]),
+                &with(&[
+                    "--forwarding",
+                    "ipip",
+                    "--probe-source",
+                    "198.18.0.1",
+                    "--encap-source",
+                    "198.18.0.2"
+                ])
+            ),
+            ["`probe-source`", "`encap-source`"]
         );
     }
 

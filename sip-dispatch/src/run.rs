@@ -14,11 +14,13 @@ use tokio::{
 };
 
 use crate::{
+    addrs::SourceAddrs,
+    cli::ForwardingMode,
     cli::{DetachArgs, RunArgs, XdpPassArgs},
     config::Settings,
     control,
     controller::{self, Controller, Service},
-    dataplane::{Dataplane, attach_pass},
+    dataplane::{Dataplane, attach_program},
     hashkey::{self, KeyOrigin},
     metrics,
     reload::Reloader,
@@ -109,6 +111,52 @@ fn use_hash_key(settings: &mut Settings, args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The health checks' and ipip's source addresses: those given, and for each family
+/// with an l2dsr or ipip service (whose backends hold the VIP themselves) the first
+/// address of `iface_addrs` that is not a VIP when none is given. An ipip service's
+/// family without an encap source takes the probe source.
+pub fn source_addresses(
+    settings: &Settings,
+    iface_addrs: &[std::net::IpAddr],
+) -> anyhow::Result<(SourceAddrs, SourceAddrs)> {
+    let mut probe = settings.probe_source;
+    let mut encap = settings.encap_source;
+    for v6 in [false, true] {
+        let family = || {
+            settings
+                .services
+                .iter()
+                .filter(move |s| s.vip.is_ipv6() == v6)
+        };
+        let dsr = family().find(|s| s.forwarding.answers_from_vip());
+        if let (Some(service), None) = (dsr, probe.get(v6)) {
+            let picked = iface_addrs.iter().copied().find(|ip| {
+                ip.is_ipv6() == v6
+                    && crate::addrs::check_source("", *ip, iface_addrs).is_ok()
+                    && !matches!(ip, std::net::IpAddr::V6(a) if a.is_unicast_link_local())
+                    && !settings.services.iter().any(|s| s.vip.ip() == *ip)
+            });
+            let Some(ip) = picked else {
+                bail!(
+                    "service {} forwards in {} mode, so health checks must not come from its VIP, and {} has no other IPv{} address: give --probe-source",
+                    service.vip,
+                    service.forwarding,
+                    settings.iface,
+                    if v6 { 6 } else { 4 }
+                );
+            };
+            probe.set(ip);
+        }
+        let ipip = family().any(|s| s.forwarding == ForwardingMode::Ipip);
+        if ipip && encap.get(v6).is_none() {
+            if let Some(ip) = probe.get(v6) {
+                encap.set(ip);
+            }
+        }
+    }
+    Ok((probe, encap))
+}
+
 /// At most this many SRV names are resolved at once at start (each resolution runs up to
 /// `srv::LOOKUP_CONCURRENCY` address lookups of its own).
 const START_RESOLVE_CONCURRENCY: usize = 4;
@@ -173,6 +221,18 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
             Service::new(id as u32, s.vip, statics, &s.srv)
         })
         .collect();
+
+    let iface_addrs = crate::addrs::addresses_of(&iface)
+        .with_context(|| format!("listing the addresses of {iface}"))?;
+    let (probe_source, encap_source) = source_addresses(&settings, &iface_addrs)?;
+    for (family, ip) in [
+        ("IPv4", probe_source.v4.map(std::net::IpAddr::from)),
+        ("IPv6", probe_source.v6.map(Into::into)),
+    ] {
+        if let Some(ip) = ip {
+            log::info!("{family} health checks come from {ip}");
+        }
+    }
 
     // DNS first: starting needs at least one known backend.
     let names: BTreeSet<String> = settings
@@ -283,6 +343,9 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     };
     let key = settings.hash_key;
     dp.set_hash_key(key);
+    for (spec, service) in settings.services.iter().zip(&services) {
+        dp.set_forwarding(service.id, spec.forwarding.fwd_flags());
+    }
     let reloader = Reloader::new(args, settings.clone());
 
     // Taking over: the maps the running program reads change from here on (after the
@@ -290,9 +353,11 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     let srv_watchers = srv::Watchers::new(dns, resolver);
     let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
     ctl.set_call_idle(settings.call_idle);
+    ctl.set_probe_source(probe_source);
     ctl.restore(settings.state_file.clone(), saved_state);
     let mut wrote = false;
-    let mode = match take_over(&mut ctl, xdp_mode, keep_until_attached, &mut wrote).await {
+    let encap = sip_dispatch_common::EncapSource::new(encap_source.v4, encap_source.v6);
+    let mode = match take_over(&mut ctl, xdp_mode, keep_until_attached, encap, &mut wrote).await {
         Ok(mode) => mode,
         Err(e) => {
             abandon_start(ctl.dataplane(), adopted_link, wrote, forwarding);
@@ -390,12 +455,14 @@ async fn take_over(
     ctl: &mut Controller,
     xdp_mode: crate::cli::XdpModeArg,
     keep_until_attached: Option<Vec<std::net::SocketAddr>>,
+    encap: sip_dispatch_common::EncapSource,
     wrote: &mut bool,
 ) -> anyhow::Result<crate::dataplane::AttachMode> {
     ctl.initial_probe().await;
     let dp = ctl.dataplane();
     *wrote = true;
     dp.write_hash_key()?;
+    dp.set_encap_source(encap)?;
     for (name, i) in tx_ports() {
         if let Err(e) = dp.add_tx_port(i) {
             log::warn!("interface {name} cannot be a redirect target: {e:#}");
@@ -542,9 +609,23 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
 }
 
 pub fn xdp_pass(args: XdpPassArgs) -> anyhow::Result<()> {
-    ifindex(&args.iface)?;
-    let (ebpf, _link) = attach_pass(&args.iface)?;
-    ready(&format!("iface={} program=xdp_pass", args.iface));
+    hold_program(&args.iface, sip_dispatch_common::PROG_PASS)
+}
+
+pub fn decap(args: XdpPassArgs) -> anyhow::Result<()> {
+    if args.iface == "lo" {
+        bail!(
+            "refusing to attach to lo: decapsulate on the interface the tunnel packets arrive on"
+        );
+    }
+    hold_program(&args.iface, sip_dispatch_common::PROG_DECAP)
+}
+
+/// Attaches XDP program `name` to `iface` and holds it until SIGINT/SIGTERM.
+fn hold_program(iface: &str, name: &str) -> anyhow::Result<()> {
+    ifindex(iface)?;
+    let (ebpf, _link) = attach_program(iface, name)?;
+    ready(&format!("iface={iface} program={name}"));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -563,6 +644,87 @@ mod tests {
 
     use super::*;
     use crate::srv::test_dns::{Answers, SlowDns};
+
+    #[test]
+    fn dsr_services_get_a_probe_source_that_is_not_a_vip() {
+        let settings = |argv: &[&str]| {
+            let mut all = vec!["sip-dispatch", "run", "--iface", "eth1"];
+            all.extend_from_slice(argv);
+            match <crate::cli::Cli as clap::Parser>::try_parse_from(all)
+                .unwrap()
+                .command
+            {
+                crate::cli::Command::Run(a) => Settings::resolve(&a).unwrap(),
+                _ => unreachable!(),
+            }
+        };
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+        let iface = [
+            ip("198.18.0.100"),
+            ip("fe80::1"),
+            ip("198.18.0.1"),
+            ip("2001:db8::100"),
+            ip("2001:db8::1"),
+        ];
+        let v4 = [
+            "--vip",
+            "198.18.0.100:5060",
+            "--backend",
+            "198.18.0.21:5060",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = v4.to_vec();
+            a.extend_from_slice(extra);
+            source_addresses(&settings(&a), &iface)
+        };
+        let (probe, encap) = with(&[]).unwrap();
+        assert_eq!((probe, encap), Default::default(), "rewrite: routing picks");
+        let (probe, encap) = with(&["--forwarding", "l2dsr"]).unwrap();
+        assert_eq!(probe.iter().collect::<Vec<_>>(), [ip("198.18.0.1")]);
+        assert_eq!(encap, SourceAddrs::default(), "no ipip service");
+        let (probe, encap) = with(&["--forwarding", "ipip"]).unwrap();
+        assert_eq!(probe.get(false), Some(ip("198.18.0.1")));
+        assert_eq!(encap.get(false), Some(ip("198.18.0.1")), "the probe source");
+        let (probe, encap) =
+            with(&["--forwarding", "ipip", "--encap-source", "198.18.0.100"]).unwrap();
+        assert_eq!(
+            (probe.get(false), encap.get(false)),
+            (Some(ip("198.18.0.1")), Some(ip("198.18.0.100")))
+        );
+        let e = source_addresses(
+            &settings(&[
+                "--vip",
+                "198.18.0.100:5060",
+                "--backend",
+                "198.18.0.21:5060",
+                "--forwarding",
+                "ipip",
+            ]),
+            &[ip("198.18.0.100"), ip("2001:db8::1")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "service 198.18.0.100:5060 forwards in ipip mode, so health checks must not come from its VIP, and eth1 has no other IPv4 address: give --probe-source"
+        );
+        let (probe, _) = source_addresses(
+            &settings(&[
+                "--vip",
+                "[2001:db8::100]:5060",
+                "--backend",
+                "[2001:db8::21]:5060",
+                "--forwarding",
+                "l2dsr",
+            ]),
+            &iface,
+        )
+        .unwrap();
+        assert_eq!(
+            probe.iter().collect::<Vec<_>>(),
+            [ip("2001:db8::1")],
+            "not link-local"
+        );
+    }
 
     #[tokio::test]
     async fn start_up_resolves_srv_names_concurrently_within_the_bound() {

@@ -1323,16 +1323,8 @@ mod forwarding {
         let msg = invite("Call-ID: ipip-0@198.18.1.10");
         let f = frame(false, &msg);
         passed(&mut h, &f, Counter::PassEncap);
-        let words = |a: std::net::Ipv6Addr| {
-            let o = a.octets();
-            [0, 1, 2, 3]
-                .map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
-        };
-        h.dp.set_encap_source(EncapSource {
-            v4: u32::from_ne_bytes(src4.octets()),
-            v6: words(src6),
-        })
-        .unwrap();
+        h.dp.set_encap_source(EncapSource::new(Some(src4), Some(src6)))
+            .unwrap();
         for v6 in [false, true] {
             let msg = invite(&format!("Call-ID: ipip-{v6}@198.18.1.10"));
             let f = frame(v6, &msg);

@@ -412,6 +412,12 @@ impl Dispatcher {
         Self::start(binary, ns, &args, dir, "sip-dispatch-xdp-pass")
     }
 
+    /// `sip-dispatch decap` on `iface` in namespace `ns` (a backend of an ipip service).
+    pub fn decap(binary: &Path, ns: &str, iface: &str, dir: &Path) -> Result<Self> {
+        let args = ["decap", "--iface", iface].map(str::to_owned);
+        Self::start(binary, ns, &args, dir, &format!("sip-dispatch-decap-{ns}"))
+    }
+
     pub fn pid(&self) -> i32 {
         self.process.pid()
     }

@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod controller;
 pub mod dispatcher;
 pub mod dns;
+pub mod dsr;
 pub mod events;
 pub mod flood;
 pub mod link;

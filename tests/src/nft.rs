@@ -77,7 +77,7 @@ impl Drop for OptionsBlock {
 }
 
 /// The `N` of the first `counter packets N bytes M` in an `nft list` output.
-fn counter_packets(listing: &str) -> Option<u64> {
+pub fn counter_packets(listing: &str) -> Option<u64> {
     let (_, rest) = listing.split_once("counter packets ")?;
     rest.split_whitespace().next()?.parse().ok()
 }

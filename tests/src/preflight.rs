@@ -37,6 +37,15 @@ pub const DNS_TOOLS: &[(&str, &str)] = &[("named", "bind9"), ("dig", "bind9-dnsu
 /// The firewall the affinity test blocks a backend's health checks with.
 pub const NFT_TOOLS: &[(&str, &str)] = &[("nft", "nftables")];
 
+/// The connected-socket SIP client of the forwarding tests.
+pub const SIPSAK_TOOLS: &[(&str, &str)] = &[("sipsak", "sipsak")];
+
+/// [`require_nft`] and the [`SIPSAK_TOOLS`] (the forwarding tests use both).
+pub fn require_forwarding() -> Result<()> {
+    require_nft()?;
+    require(SIPSAK_TOOLS)
+}
+
 /// Fails with one message naming every missing tool and its package.
 pub fn require_tools() -> Result<()> {
     require(TOOLS)

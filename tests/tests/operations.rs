@@ -13,7 +13,6 @@
 //! Run with `--test-threads=1`.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
@@ -26,7 +25,7 @@ use sip_dispatch_testbed::{
         Bed, BpfFs, listed, share_sum, state, text, uac_problems, verdict, wait_list, wait_takeover,
     },
     dispatcher::{self, Dispatcher, ExitStats},
-    link, netns,
+    link, netns, scenario,
     sipp::{Scenario, Uas, backends_by_call, exactly_one_backend},
 };
 
@@ -833,88 +832,6 @@ fn a_hostile_health_answer_holds_its_backend_and_crashes_nothing() {
     verdict(NAME, &bed.dir.clone(), problems);
 }
 
-/// A SIPp scenario like the built-in `uac` whose INVITE carries an SDP body of about
-/// `sdp_bytes` bytes (padding attributes), so it leaves the client fragmented.
-fn big_invite_scenario(dir: &Path, sdp_bytes: usize) -> PathBuf {
-    let mut pad = String::new();
-    let mut i = 0;
-    while pad.len() < sdp_bytes {
-        let _ = writeln!(pad, "a=x-pad-{i:04}:{}", "0123456789abcdef".repeat(4));
-        i += 1;
-    }
-    let xml = format!(
-        r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="large INVITE">
-  <send retrans="500">
-    <![CDATA[
-
-      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: [service] <sip:[service]@[remote_ip]:[remote_port]>
-      Call-ID: [call_id]
-      CSeq: 1 INVITE
-      Contact: sip:sipp@[local_ip]:[local_port]
-      Max-Forwards: 70
-      Subject: Large INVITE
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-{pad}
-    ]]>
-  </send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="183" optional="true"/>
-  <recv response="200" rtd="true"/>
-  <send>
-    <![CDATA[
-
-      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: [service] <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Contact: sip:sipp@[local_ip]:[local_port]
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <pause/>
-  <send retrans="500">
-    <![CDATA[
-
-      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: [service] <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 2 BYE
-      Contact: sip:sipp@[local_ip]:[local_port]
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <recv response="200" crlf="true"/>
-</scenario>
-"#
-    );
-    let path = dir.join("large-invite.xml");
-    std::fs::write(&path, xml).expect("writing the scenario");
-    path
-}
-
 /// INVITEs of ~3 kB leave the client in fragments: the fast path passes them, the stack
 /// reassembles, the slow path forwards each to the backend of its Call-ID.
 #[test]
@@ -924,7 +841,8 @@ fn large_invite_goes_through_the_slow_path() {
     let mut bed = Bed::build(&workdir(), NAME, 2, Duration::from_secs(60));
     let daemon = bed.start_daemon(&bed.run_config(2));
     let mut spec = bed.uac_spec(calls, 50);
-    spec.scenario = Scenario::File(big_invite_scenario(&bed.dir, 3000));
+    spec.scenario =
+        Scenario::File(scenario::big_invite(&bed.dir, 3000).expect("writing the scenario"));
     let uac = bed.start_uac(&spec, "uac").finish().expect("UAC");
     let per_call = uac.calls().expect("UAC calls");
     let exit: ExitStats = daemon.stop_with_stats().expect("exit stats");

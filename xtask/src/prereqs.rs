@@ -46,6 +46,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "nft",
         "blocks a backend's health checks (OPTIONS only) for the affinity test's health flap",
     ),
+    (
+        "sipsak",
+        "sipsak",
+        "a connected-socket SIP client: answers must come from the VIP (forwarding tests)",
+    ),
 ];
 
 /// What `cargo xtask bench` adds to the test bed's packages (same columns).

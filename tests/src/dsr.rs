@@ -1,0 +1,114 @@
+//! Backends of the direct-server-return modes (`--forwarding l2dsr|ipip`), set up the way
+//! the README tells operators: the VIP on `lo` (IPv6 without DAD), ARP kept off it
+//! (`arp_ignore=1`, `arp_announce=2`; Linux answers neighbour solicitations only for the
+//! addresses of the receiving interface, so IPv6 needs nothing), `rp_filter` off, and for
+//! `ipip` the decapsulation: `sip-dispatch decap` on the backend's interface (this kernel
+//! has no ipip or ip6tnl module).
+//!
+//! The client side has the stand-in for an address-restricted NAT: nftables in the
+//! client's namespace drops SIP (UDP from port 5060) from every source but the VIP.
+use std::{net::IpAddr, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use crate::{dispatcher::Dispatcher, netns, topology::Host};
+
+/// One backend's DSR setup; `sip-dispatch decap` (ipip) stops on drop, the namespace's
+/// settings go with it.
+pub struct DsrBackend {
+    pub decap: Option<Dispatcher>,
+}
+
+/// Prepares `host` to take packets for `vip` without a rewrite; with `decap`, also runs
+/// `sip-dispatch decap` on its interface.
+pub fn prepare_backend(
+    host: &Host,
+    vip: IpAddr,
+    decap: bool,
+    binary: &Path,
+    dir: &Path,
+) -> Result<DsrBackend> {
+    let ns = host.ns_name();
+    let prefix = if vip.is_ipv6() { 128 } else { 32 };
+    let mut add = vec![
+        "addr".to_owned(),
+        "add".to_owned(),
+        format!("{vip}/{prefix}"),
+    ];
+    add.extend(["dev", "lo"].map(str::to_owned));
+    if vip.is_ipv6() {
+        add.push("nodad".to_owned());
+    }
+    netns::exec(ns, "ip", &add).with_context(|| format!("the VIP on lo in {ns}"))?;
+    for setting in [
+        "net.ipv4.conf.all.arp_ignore=1",
+        "net.ipv4.conf.all.arp_announce=2",
+        "net.ipv4.conf.all.rp_filter=0",
+        &format!("net.ipv4.conf.{}.rp_filter=0", host.iface),
+    ] {
+        netns::exec(ns, "sysctl", ["-qw", setting])
+            .with_context(|| format!("{setting} in {ns}"))?;
+    }
+    let decap = match decap {
+        false => None,
+        true => Some(Dispatcher::decap(binary, ns, &host.iface, dir)?),
+    };
+    Ok(DsrBackend { decap })
+}
+
+impl Drop for DsrBackend {
+    fn drop(&mut self) {
+        if let Some(d) = self.decap.take() {
+            let _ = d.stop();
+        }
+    }
+}
+
+/// The NAT stand-in: SIP from any source but `vip` is dropped in namespace `ns` (and
+/// counted). Removed on drop.
+pub struct OnlyFromVip {
+    ns: String,
+}
+
+const TABLE: &str = "sdt_nat";
+
+fn nft(ns: &str, args: &[&str]) -> Result<String> {
+    netns::exec(ns, "nft", args).with_context(|| format!("`nft {}` in {ns}", args.join(" ")))
+}
+
+impl OnlyFromVip {
+    pub fn install(ns: &str, vip: IpAddr) -> Result<OnlyFromVip> {
+        nft(ns, &["add", "table", "inet", TABLE])?;
+        let guard = OnlyFromVip { ns: ns.to_owned() };
+        nft(
+            ns,
+            &[
+                "add",
+                "chain",
+                "inet",
+                TABLE,
+                "input",
+                "{ type filter hook input priority 0; policy accept; }",
+            ],
+        )?;
+        let family = if vip.is_ipv6() { "ip6" } else { "ip" };
+        let rule = format!("udp sport 5060 {family} saddr != {vip} counter drop");
+        let mut args = vec!["add", "rule", "inet", TABLE, "input"];
+        args.extend(rule.split(' '));
+        nft(ns, &args)?;
+        Ok(guard)
+    }
+
+    /// SIP datagrams dropped so far (answers that did not come from the VIP).
+    pub fn dropped(&self) -> Result<u64> {
+        let listing = nft(&self.ns, &["list", "chain", "inet", TABLE, "input"])?;
+        crate::nft::counter_packets(&listing)
+            .with_context(|| format!("no `counter packets N` in the chain:\n{listing}"))
+    }
+}
+
+impl Drop for OnlyFromVip {
+    fn drop(&mut self) {
+        let _ = nft(&self.ns, &["delete", "table", "inet", TABLE]);
+    }
+}
