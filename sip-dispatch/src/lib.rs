@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod frames;
 pub mod hashkey;
 pub mod health;
+pub mod ippacket;
 pub mod metrics;
 pub mod rawudp;
 pub mod reload;
