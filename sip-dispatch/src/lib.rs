@@ -16,6 +16,7 @@ pub mod hashkey;
 pub mod health;
 pub mod ippacket;
 pub mod metrics;
+pub mod neighbours;
 pub mod rawudp;
 pub mod reload;
 pub mod run;
