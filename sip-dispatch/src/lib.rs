@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod forwarder;
 pub mod frames;
 pub mod hashkey;
 pub mod health;
