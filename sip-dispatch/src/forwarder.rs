@@ -208,6 +208,7 @@ pub struct L2dsr {
     iface: String,
     ifindex: u32,
     mtu: usize,
+    mtu_read: Instant,
     neighbours: NeighbourCache,
     ident4: u16,
     ident6: u32,
@@ -224,8 +225,8 @@ impl L2dsr {
             return Err(io::Error::last_os_error())
                 .with_context(|| format!("l2dsr for {vip}: no interface {iface}"));
         }
-        let mtu = crate::slowpath::interface_mtu(iface)?;
-        let mtu = usize::try_from(mtu).unwrap_or(usize::MAX);
+        let mtu = interface_mtu(iface)
+            .with_context(|| format!("l2dsr for {vip}: reading the MTU of {iface}"))?;
         // Protocol 0: the socket sends only, nothing is ever queued to it.
         let sock = Socket::new(Domain::PACKET, Type::DGRAM, None)
             .context("opening the slow path's packet socket (needs CAP_NET_RAW)")?;
@@ -236,7 +237,9 @@ impl L2dsr {
             iface: iface.to_string(),
             ifindex,
             mtu,
-            neighbours: NeighbourCache::new(ifindex),
+            mtu_read: Instant::now(),
+            neighbours: NeighbourCache::new(ifindex)
+                .context("opening a netlink socket for the neighbour table")?,
             ident4: random_u32() as u16,
             ident6: random_u32(),
             warned: HashSet::new(),
@@ -266,6 +269,14 @@ impl L2dsr {
         };
         if !self.warned.is_empty() {
             self.warned.remove(&backend);
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(self.mtu_read) >= MTU_MAX_AGE {
+            self.mtu_read = now;
+            match interface_mtu(&self.iface) {
+                Ok(mtu) => self.mtu = mtu,
+                Err(e) => log::debug!("slow path: the MTU of {}: {e}", self.iface),
+            }
         }
         let v6 = vip.is_ipv6();
         let frames = if v6 {
@@ -299,6 +310,36 @@ impl L2dsr {
         }
         Ok(())
     }
+}
+
+/// How long the interface's MTU is used before it is read again.
+const MTU_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The MTU of `iface` in this thread's network namespace (`SIOCGIFMTU`; sysfs shows the
+/// namespace sysfs was mounted in).
+fn interface_mtu(iface: &str) -> io::Result<usize> {
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{iface:?}: interface name too long"),
+        ));
+    }
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    // SAFETY: ifreq is a plain C struct for which all zeroes is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(iface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into `ifr`, which
+    // lives across the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut ifr) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after SIOCGIFMTU the union holds the MTU.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+    usize::try_from(mtu)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("MTU {mtu} of {iface}")))
 }
 
 fn send_frame(sock: &Socket, frame: &[u8], to: &libc::sockaddr_ll) -> io::Result<()> {

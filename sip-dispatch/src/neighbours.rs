@@ -57,11 +57,12 @@ fn align4(n: usize) -> usize {
     n.saturating_add(3) & !3
 }
 
-/// Parses one buffer of a neighbour dump (host byte order, as the kernel writes it):
-/// the usable entries with a 6-byte link-layer address, and whether the dump ended.
-/// A truncated or malformed message ends the parse with an error; an `NLMSG_ERROR`
-/// becomes the error it carries.
-pub fn parse(buf: &[u8]) -> io::Result<Parsed> {
+/// Parses one buffer of the answer to dump request `seq` (host byte order, as the
+/// kernel writes it): the usable entries with a 6-byte link-layer address, and whether
+/// the dump ended. Messages of another sequence number (a late answer to an earlier,
+/// abandoned dump) are skipped. A truncated or malformed message ends the parse with an
+/// error; an `NLMSG_ERROR` becomes the error it carries.
+pub fn parse(buf: &[u8], seq: u32) -> io::Result<Parsed> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
     let mut out = Parsed::default();
     let mut at = 0;
@@ -72,6 +73,11 @@ pub fn parse(buf: &[u8]) -> io::Result<Parsed> {
             return Err(bad(&format!("message length {len} out of bounds")));
         }
         let body = &buf[at + NLMSG_HDRLEN..at + len];
+        let this_seq = u32_at(buf, at + 8).ok_or_else(|| bad("truncated message header"))?;
+        if this_seq != seq {
+            at = at.saturating_add(align4(len));
+            continue;
+        }
         match kind {
             NLMSG_DONE => {
                 out.done = true;
@@ -135,78 +141,94 @@ fn neighbour(body: &[u8]) -> Result<Option<Neighbour>, &'static str> {
     })
 }
 
-/// Dumps the kernel's neighbour table (every interface, both families).
-pub fn dump() -> io::Result<Vec<Neighbour>> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new socket that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // A dump takes microseconds; bound the wait anyway.
-    let timeout = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: `timeout` is a timeval on the stack and its size is what is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut req = [0u8; NLMSG_HDRLEN + NDMSG_LEN];
-    req[0..4].copy_from_slice(&((NLMSG_HDRLEN + NDMSG_LEN) as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&libc::RTM_GETNEIGH.to_ne_bytes());
-    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // ndmsg: family AF_UNSPEC (both), everything else 0.
-    // SAFETY: `req` is valid for its length during the call; no address (the kernel).
-    let sent = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut all = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    // Bounded: a dump of a table of any sane size ends long before this.
-    for _ in 0..10_000 {
-        // SAFETY: `buf` is valid for writes of its length during the call.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
+/// A netlink route socket, opened in the network namespace whose neighbour table it
+/// reads (the one of the thread that opens it).
+pub struct Netlink {
+    sock: OwnedFd,
+    seq: u32,
+}
+
+impl Netlink {
+    pub fn open() -> io::Result<Netlink> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = usize::try_from(n).unwrap_or(0);
-        if n == 0 {
-            break;
+        // SAFETY: `fd` is a new socket that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // A dump takes microseconds; bound the wait anyway.
+        let timeout = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: `timeout` is a timeval on the stack and its size is what is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
         }
-        let parsed = parse(&buf[..n])?;
-        all.extend(parsed.neighbours);
-        if parsed.done {
-            return Ok(all);
-        }
+        Ok(Netlink { sock, seq: 0 })
     }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        "netlink: the neighbour dump did not end",
-    ))
+
+    /// Dumps the neighbour table (every interface, both families).
+    pub fn dump(&mut self) -> io::Result<Vec<Neighbour>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = [0u8; NLMSG_HDRLEN + NDMSG_LEN];
+        req[0..4].copy_from_slice(&((NLMSG_HDRLEN + NDMSG_LEN) as u32).to_ne_bytes());
+        req[4..6].copy_from_slice(&libc::RTM_GETNEIGH.to_ne_bytes());
+        req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+        req[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+        // ndmsg: family AF_UNSPEC (both), everything else 0.
+        // SAFETY: `req` is valid for its length during the call; no address (the kernel).
+        let sent = unsafe { libc::send(self.sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 32 * 1024];
+        // Bounded: a dump of a table of any sane size ends long before this.
+        for _ in 0..10_000 {
+            // SAFETY: `buf` is valid for writes of its length during the call.
+            let n =
+                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = usize::try_from(n).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let parsed = parse(&buf[..n], self.seq)?;
+            all.extend(parsed.neighbours);
+            if parsed.done {
+                return Ok(all);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "netlink: the neighbour dump did not end",
+        ))
+    }
 }
 
 /// The link-layer addresses of one interface's neighbours, from dumps at most every
 /// `MISS_REFRESH` on a miss and every `MAX_AGE` on a hit.
 pub struct NeighbourCache {
+    netlink: Netlink,
     ifindex: u32,
     entries: HashMap<IpAddr, [u8; 6]>,
     dumped: Option<Instant>,
@@ -219,12 +241,14 @@ const MISS_REFRESH: Duration = Duration::from_millis(100);
 const MAX_AGE: Duration = Duration::from_secs(1);
 
 impl NeighbourCache {
-    pub fn new(ifindex: u32) -> NeighbourCache {
-        NeighbourCache {
+    /// A cache of interface `ifindex` of the calling thread's network namespace.
+    pub fn new(ifindex: u32) -> io::Result<NeighbourCache> {
+        Ok(NeighbourCache {
+            netlink: Netlink::open()?,
             ifindex,
             entries: HashMap::new(),
             dumped: None,
-        }
+        })
     }
 
     /// The link-layer address of `addr` on the interface, if the kernel has a usable
@@ -242,7 +266,7 @@ impl NeighbourCache {
             return hit;
         }
         self.dumped = Some(now);
-        match dump() {
+        match self.netlink.dump() {
             Ok(all) => {
                 self.entries = all
                     .into_iter()
@@ -264,7 +288,9 @@ mod tests {
         let mut m = Vec::new();
         m.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
         m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&[0; 2]);
+        m.extend_from_slice(&SEQ.to_ne_bytes());
+        m.extend_from_slice(&[0; 4]);
         m.extend_from_slice(body);
         while m.len() % 4 != 0 {
             m.push(0);
@@ -295,6 +321,7 @@ mod tests {
     }
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 1, 21];
+    const SEQ: u32 = 7;
 
     fn sample() -> Vec<u8> {
         let mut buf = Vec::new();
@@ -353,7 +380,7 @@ mod tests {
     fn usable_entries_with_an_ethernet_address_are_kept() {
         let mut buf = sample();
         buf.extend(nlmsg(NLMSG_DONE, &[0; 4]));
-        let p = parse(&buf).unwrap();
+        let p = parse(&buf, SEQ).unwrap();
         assert!(p.done);
         assert_eq!(
             p.neighbours,
@@ -371,17 +398,20 @@ mod tests {
             ]
         );
         // Without DONE: a partial dump, more to read.
-        assert!(!parse(&sample()).unwrap().done);
+        assert!(!parse(&sample(), SEQ).unwrap().done);
+        // The answer to another request is skipped, its DONE too.
+        let p = parse(&buf, SEQ + 1).unwrap();
+        assert_eq!(p, Parsed::default());
     }
 
     #[test]
     fn netlink_errors_are_returned() {
         let body = (-libc::EPERM).to_ne_bytes();
-        let e = parse(&nlmsg(NLMSG_ERROR, &body)).unwrap_err();
+        let e = parse(&nlmsg(NLMSG_ERROR, &body), SEQ).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EPERM));
         // An acknowledgement (error 0) is not an error.
         assert_eq!(
-            parse(&nlmsg(NLMSG_ERROR, &[0; 4])).unwrap(),
+            parse(&nlmsg(NLMSG_ERROR, &[0; 4]), SEQ).unwrap(),
             Parsed::default()
         );
     }
@@ -391,7 +421,7 @@ mod tests {
         let buf = sample();
         // Every truncation: an error or fewer entries, never a panic or an invented entry.
         for cut in 0..buf.len() {
-            if let Ok(p) = parse(&buf[..cut]) {
+            if let Ok(p) = parse(&buf[..cut], SEQ) {
                 assert!(p.neighbours.len() <= 2);
                 for n in p.neighbours {
                     assert_eq!(n.mac, MAC);
@@ -401,15 +431,15 @@ mod tests {
         // Lengths that point outside the buffer or below the header.
         let mut m = nlmsg(libc::RTM_NEWNEIGH, &ndmsg(libc::AF_INET, 3, 2, &[]));
         m[0..4].copy_from_slice(&1000u32.to_ne_bytes());
-        assert!(parse(&m).is_err());
+        assert!(parse(&m, SEQ).is_err());
         m[0..4].copy_from_slice(&3u32.to_ne_bytes());
-        assert!(parse(&m).is_err());
+        assert!(parse(&m, SEQ).is_err());
         let mut a = ndmsg(libc::AF_INET, 3, 2, &[attr(NDA_DST, &[1, 2, 3, 4])]);
         a[NDMSG_LEN..NDMSG_LEN + 2].copy_from_slice(&200u16.to_ne_bytes());
-        assert!(parse(&nlmsg(libc::RTM_NEWNEIGH, &a)).is_err());
+        assert!(parse(&nlmsg(libc::RTM_NEWNEIGH, &a), SEQ).is_err());
         a[NDMSG_LEN..NDMSG_LEN + 2].copy_from_slice(&2u16.to_ne_bytes());
-        assert!(parse(&nlmsg(libc::RTM_NEWNEIGH, &a)).is_err());
-        assert!(parse(&nlmsg(libc::RTM_NEWNEIGH, &[0; 5])).is_err());
+        assert!(parse(&nlmsg(libc::RTM_NEWNEIGH, &a), SEQ).is_err());
+        assert!(parse(&nlmsg(libc::RTM_NEWNEIGH, &[0; 5]), SEQ).is_err());
         // Pseudo-random garbage.
         let mut rng = 0x1234_5678_9abc_def1u64;
         for _ in 0..2000 {
@@ -422,16 +452,19 @@ mod tests {
                     rng as u8
                 })
                 .collect();
-            let _ = parse(&g);
+            let _ = parse(&g, SEQ);
             let mut framed = nlmsg(libc::RTM_NEWNEIGH, &g);
             framed.truncate(NLMSG_HDRLEN + len);
-            let _ = parse(&framed);
+            let _ = parse(&framed, SEQ);
         }
     }
 
     #[test]
     fn the_kernel_dump_parses() {
-        // This process's own namespace: lo has no neighbours, but the dump must complete.
-        dump().unwrap();
+        // This thread's namespace: whatever it holds, the dump must complete, twice on
+        // one socket.
+        let mut nl = Netlink::open().unwrap();
+        nl.dump().unwrap();
+        nl.dump().unwrap();
     }
 }

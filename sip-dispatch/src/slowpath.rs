@@ -70,7 +70,7 @@ pub fn cap_for_mtu(mtu: u32, ipv6: bool) -> usize {
 }
 
 /// The MTU of `iface`, from `/sys/class/net/<iface>/mtu`.
-pub(crate) fn interface_mtu(iface: &str) -> anyhow::Result<u32> {
+fn interface_mtu(iface: &str) -> anyhow::Result<u32> {
     if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
         anyhow::bail!("{iface:?} is not an interface name");
     }
