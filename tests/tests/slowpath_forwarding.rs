@@ -428,3 +428,86 @@ fn l2dsr_forwarder_refuses_a_backend_without_a_neighbour_entry() {
     .unwrap();
     assert_eq!(results, [true, true]);
 }
+
+/// The largest datagrams: l2dsr hands on the largest UDP datagram of each family (45
+/// and 46 fragments); ipip the largest that one outer packet can carry (a 65,487-byte
+/// payload in both families), and counts one byte more as too big, sending nothing.
+#[test]
+fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big_for_ipip() {
+    let pair = Pair::new(true);
+    for v6 in [false, true] {
+        let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
+            (
+                VIP6.parse().unwrap(),
+                CLIENT6.parse().unwrap(),
+                BACKEND6.parse().unwrap(),
+                DISP6.parse().unwrap(),
+            )
+        } else {
+            (
+                VIP4.parse().unwrap(),
+                CLIENT4.parse().unwrap(),
+                BACKEND4.parse().unwrap(),
+                DISP4.parse().unwrap(),
+            )
+        };
+        let received = pair.backend_socket(vip);
+        let disp = pair.disp.name().to_owned();
+        let outcomes = rawnet::in_netns(&disp, move || {
+            let rt = runtime();
+            rt.block_on(async move {
+                let sock = tokio::net::UdpSocket::from_std(received).unwrap();
+                let largest_udp = if v6 { 65_527 } else { 65_507 };
+                let mut out = Vec::new();
+                for (mode, size) in [
+                    (ForwardingMode::L2dsr, largest_udp),
+                    (ForwardingMode::Ipip, 65_487),
+                    (ForwardingMode::Ipip, 65_488),
+                ] {
+                    let mut fwd = Forwarder::open(mode, vip, DISP_IF, Some(encap)).unwrap();
+                    let data = payload(size);
+                    let sent = fwd
+                        .send(client, vip, SocketAddr::new(backend, 5060), &data)
+                        .await;
+                    let mut buf = vec![0u8; 65_536];
+                    let wait = if sent.is_ok() {
+                        RECEIVE_TIMEOUT
+                    } else {
+                        Duration::from_millis(200)
+                    };
+                    let got = tokio::time::timeout(wait, sock.recv_from(&mut buf))
+                        .await
+                        .ok()
+                        .map(|r| {
+                            let (n, from) = r.unwrap();
+                            (buf[..n] == data[..], from)
+                        });
+                    out.push((mode, size, sent, got));
+                }
+                out
+            })
+        })
+        .unwrap();
+        for (mode, size, sent, got) in outcomes {
+            eprintln!(
+                "{mode} IPv{}: {size} bytes: {sent:?}, received: {got:?}",
+                if v6 { 6 } else { 4 }
+            );
+            if size == 65_488 {
+                assert!(
+                    matches!(sent, Err(SendError::TooBig)),
+                    "{mode} {size}: {sent:?}"
+                );
+                assert_eq!(got, None, "{mode} {size}: nothing is sent");
+            } else {
+                assert!(sent.is_ok(), "{mode} {size}: {sent:?}");
+                assert_eq!(
+                    got,
+                    Some((true, client)),
+                    "{mode} {size}: intact, from the client"
+                );
+            }
+        }
+    }
+    assert_eq!(pair.decap.as_ref().unwrap().decapsulated(), 2);
+}
