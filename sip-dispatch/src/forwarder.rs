@@ -263,6 +263,12 @@ impl L2dsr {
         backend: IpAddr,
         payload: &[u8],
     ) -> Result<(), SendError> {
+        if backend.is_ipv6() != vip.is_ipv6() {
+            return Err(SendError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("backend {backend} is not of the VIP {vip}'s family"),
+            )));
+        }
         let Some(mac) = self.neighbours.lookup(backend, Instant::now()) else {
             if self.warned.len() >= MAX_WARNED {
                 self.warned.clear();

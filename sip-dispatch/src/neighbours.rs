@@ -266,6 +266,8 @@ impl NeighbourCache {
             return hit;
         }
         self.dumped = Some(now);
+        // A blocking dump on the event loop: microseconds for a table of hundreds of
+        // entries, bounded by the socket's 1 s receive timeout.
         match self.netlink.dump() {
             Ok(all) => {
                 self.entries = all
