@@ -136,7 +136,10 @@ impl Ipip {
         let _ = sock.set_send_buffer_size(4 << 20);
         sock.bind(&SocketAddr::new(source, 0).into())
             .with_context(|| {
-                format!("binding the IP-in-IP socket to the encapsulation source {source} (is it an address of this host?)")
+                format!(
+                    "binding the IP-in-IP socket to the encapsulation source {source} \
+                     (is it an address of this host?)"
+                )
             })?;
         // No DF on the outer packet: the kernel fragments it locally when the
         // encapsulated datagram exceeds the path MTU (and routers may fragment it).

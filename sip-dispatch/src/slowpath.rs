@@ -4,7 +4,8 @@
 //! Call-ID scanner and the same slot table pick the same backend, and the datagram is
 //! sent on in the service's forwarding mode, with the client's source address and port
 //! (one long-lived socket per service, see [`crate::forwarder`]), so the backend sees
-//! what the fast path would have sent. Each wakeup handles at most [`BATCH`] datagrams, then yields to the runtime.
+//! what the fast path would have sent. Each wakeup handles at most [`BATCH`] datagrams,
+//! then yields to the runtime.
 //!
 //! With no healthy backend, a request (other than ACK) gets a stateless
 //! `503 Service Unavailable` with Retry-After (RFC 3261 8.2.6) and the client's address
@@ -612,7 +613,8 @@ pub async fn serve(
                         Err(SendError::TooBig) => {
                             bump(&counters.too_big);
                             log::debug!(
-                                "slow path: {n} bytes from {client} to {backend} do not fit: dropped"
+                                "slow path: {n} bytes from {client} to {backend} \
+                                 do not fit: dropped"
                             );
                         }
                         Err(SendError::Io(e)) => {

@@ -280,7 +280,8 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
             usize::try_from(created).unwrap().max(1)
         };
         lines.push(format!(
-            "{mode} IPv{}: {size} bytes -> {frames} frame(s), reassembled by the backend: {reassembled}",
+            "{mode} IPv{}: {size} bytes -> {frames} frame(s), reassembled by the backend: \
+             {reassembled}",
             if v6 { 6 } else { 4 }
         ));
     }
