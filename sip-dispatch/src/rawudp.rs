@@ -139,7 +139,7 @@ impl RawUdp {
 }
 
 /// Attaches a classic BPF filter that accepts no packet (`ret #0`).
-fn drop_everything_received(sock: &Socket) -> io::Result<()> {
+pub(crate) fn drop_everything_received(sock: &Socket) -> io::Result<()> {
     let mut reject_all = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
         jt: 0,
@@ -168,7 +168,12 @@ fn drop_everything_received(sock: &Socket) -> io::Result<()> {
     }
 }
 
-fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+pub(crate) fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` is a c_int on the stack, and its size is what is passed.
     let rc = unsafe {
         libc::setsockopt(

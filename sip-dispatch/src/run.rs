@@ -307,7 +307,9 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         }
         let mut slow_sockets = Vec::new();
         for s in &services {
-            slow_sockets.push(slowpath::bind(s.vip).await?);
+            slow_sockets.push(
+                slowpath::bind(s.vip, crate::cli::ForwardingMode::Rewrite, &iface, None).await?,
+            );
         }
         let control_listener = control::bind(&control_path)?;
         let metrics_listener = match metrics {

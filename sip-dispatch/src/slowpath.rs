@@ -2,9 +2,10 @@
 //! Call-IDs beyond its window, IPv6 extension headers, FIB misses) reaches the kernel
 //! stack, which reassembles it and delivers it to a socket on the VIP. Here the same
 //! Call-ID scanner and the same slot table pick the same backend, and the datagram is
-//! sent on with the client's source address and port (one long-lived raw socket per
-//! service, see [`crate::rawudp`]), so the backend sees what the fast path would have
-//! sent. Each wakeup handles at most [`BATCH`] datagrams, then yields to the runtime.
+//! sent on in the service's forwarding mode, with the client's source address and port
+//! (one long-lived socket per service, see [`crate::forwarder`]), so the backend sees
+//! what the fast path would have sent. Each wakeup handles at most [`BATCH`] datagrams,
+//! then yields to the runtime.
 //!
 //! With no healthy backend, a request (other than ACK) gets a stateless
 //! `503 Service Unavailable` with Retry-After (RFC 3261 8.2.6) and the client's address
@@ -37,7 +38,10 @@ use sip_dispatch_common::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::UdpSocket, sync::watch};
 
-use crate::rawudp::RawUdp;
+use crate::{
+    cli::ForwardingMode,
+    forwarder::{Forwarder, SendError},
+};
 
 /// Seconds a client is told to wait when no backend is available.
 pub const RETRY_AFTER_SECS: u32 = 5;
@@ -386,6 +390,11 @@ pub struct Counters {
     pub affinity_followed: AtomicU64,
     /// Affinity entries created or rewritten.
     pub affinity_written: AtomicU64,
+    /// l2dsr: datagrams dropped because their backend has no neighbour entry on the
+    /// interface.
+    pub not_on_link: AtomicU64,
+    /// Datagrams dropped because they do not fit (ipip: longer than one outer packet).
+    pub too_big: AtomicU64,
     /// What was forwarded, per backend.
     per_backend: Mutex<HashMap<SocketAddr, Forwarded>>,
 }
@@ -419,6 +428,10 @@ pub struct CountersSnapshot {
     pub affinity_followed: u64,
     #[serde(default)]
     pub affinity_written: u64,
+    #[serde(default)]
+    pub not_on_link: u64,
+    #[serde(default)]
+    pub too_big: u64,
 }
 
 impl Counters {
@@ -436,6 +449,8 @@ impl Counters {
             too_large_503: g(&self.too_large_503),
             affinity_followed: g(&self.affinity_followed),
             affinity_written: g(&self.affinity_written),
+            not_on_link: g(&self.not_on_link),
+            too_big: g(&self.too_big),
         }
     }
 
@@ -497,14 +512,21 @@ fn bump(c: &AtomicU64) {
 pub type TableWatch = watch::Receiver<Option<Arc<InstalledTable>>>;
 
 /// The sockets of one service's slow path: the one on the VIP that receives, and the
-/// raw one that forwards as the client.
+/// one that forwards as the client, in the service's forwarding mode.
 pub struct Sockets {
     vip: UdpSocket,
-    raw: RawUdp,
+    vip_addr: SocketAddr,
+    forwarder: Forwarder,
 }
 
-/// Binds the service socket on the VIP and opens the raw socket that forwards.
-pub async fn bind(vip: SocketAddr) -> anyhow::Result<Sockets> {
+/// Binds the service socket on the VIP and opens what forwards in `mode` (see
+/// [`Forwarder::open`]: `iface` for l2dsr, `encap_source` for ipip).
+pub async fn bind(
+    vip: SocketAddr,
+    mode: ForwardingMode,
+    iface: &str,
+    encap_source: Option<IpAddr>,
+) -> anyhow::Result<Sockets> {
     let sock = Socket::new(Domain::for_address(vip), Type::DGRAM, Some(Protocol::UDP))?;
     if vip.is_ipv6() {
         sock.set_only_v6(true)?;
@@ -520,10 +542,12 @@ pub async fn bind(vip: SocketAddr) -> anyhow::Result<Sockets> {
              and is nothing else bound to it?)"
         )
     })?;
-    let raw = RawUdp::open(vip.is_ipv6())?;
+    let forwarder = Forwarder::open(mode, vip, iface, encap_source)
+        .with_context(|| format!("the slow path of {vip} ({mode} forwarding)"))?;
     Ok(Sockets {
         vip: UdpSocket::from_std(sock.into())?,
-        raw,
+        vip_addr: vip,
+        forwarder,
     })
 }
 
@@ -539,7 +563,11 @@ pub async fn serve(
     max_503: usize,
     mut affinity: Option<Box<dyn AffinityStore + Send>>,
 ) {
-    let Sockets { vip: sock, raw } = sockets;
+    let Sockets {
+        vip: sock,
+        vip_addr,
+        mut forwarder,
+    } = sockets;
     let mut limiter = RateLimiter::new(5.0, 200.0);
     let mut buf = vec![0u8; 65536];
     loop {
@@ -575,16 +603,26 @@ pub async fn serve(
                 None => decide(msg, installed.as_ref().map(|i| &i.table), key),
             };
             match decision {
-                Decision::Forward(backend) => match raw.send(client, backend, msg).await {
-                    Ok(()) => {
-                        bump(&counters.forwarded);
-                        counters.count_forwarded(backend, n);
+                Decision::Forward(backend) => {
+                    match forwarder.send(client, vip_addr, backend, msg).await {
+                        Ok(()) => {
+                            bump(&counters.forwarded);
+                            counters.count_forwarded(backend, n);
+                        }
+                        Err(SendError::NotOnLink) => bump(&counters.not_on_link),
+                        Err(SendError::TooBig) => {
+                            bump(&counters.too_big);
+                            log::debug!(
+                                "slow path: {n} bytes from {client} to {backend} \
+                                 do not fit: dropped"
+                            );
+                        }
+                        Err(SendError::Io(e)) => {
+                            bump(&counters.send_errors);
+                            log::debug!("slow path: forwarding from {client} to {backend}: {e}");
+                        }
                     }
-                    Err(e) => {
-                        bump(&counters.send_errors);
-                        log::debug!("slow path: forwarding from {client} to {backend}: {e}");
-                    }
-                },
+                }
                 Decision::Reject => {
                     if !limiter.allow(client.ip(), Instant::now()) {
                         bump(&counters.rate_limited_503);

@@ -11,6 +11,7 @@ pub mod bed;
 pub mod cancel;
 pub mod cmd;
 pub mod controller;
+pub mod decap;
 pub mod dispatcher;
 pub mod dns;
 pub mod dsr;
