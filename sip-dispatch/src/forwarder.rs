@@ -24,7 +24,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     cli::ForwardingMode,
-    ippacket::{self, IPV4_HLEN, MAX_IP_LEN},
+    ippacket::{self, IPV4_HLEN, IPV6_HLEN},
     neighbours::NeighbourCache,
     rawudp::{RawUdp, drop_everything_received, set_int},
 };
@@ -69,7 +69,7 @@ impl Forwarder {
                 let Some(source) = encap_source else {
                     bail!("ipip forwarding for {vip} needs an encapsulation source address");
                 };
-                Forwarder::Ipip(Ipip::open(vip, source)?)
+                Forwarder::Ipip(Ipip::open(vip, source, iface)?)
             }
         })
     }
@@ -109,16 +109,22 @@ fn async_fd(sock: Socket, what: &str) -> anyhow::Result<AsyncFd<Socket>> {
 }
 
 /// ipip: a raw socket of protocol IPIP (4) or IPv6 (41) bound to the encapsulation
-/// source.
+/// source. A datagram whose encapsulation would exceed the interface's MTU is
+/// fragmented before it is encapsulated, and each fragment travels in an outer packet
+/// of its own: the backend decapsulates every packet as it comes and reassembles the
+/// inner datagram, as it would the client's own fragments (many tunnel endpoints, XDP
+/// decapsulation among them, cannot reassemble outer fragments).
 pub struct Ipip {
     fd: AsyncFd<Socket>,
     v6: bool,
-    /// The IPv4 identification of the next inner datagram.
-    ident: u16,
+    mtu: InterfaceMtu,
+    /// The identification of the next inner datagram (IPv4, IPv6).
+    ident4: u16,
+    ident6: u32,
 }
 
 impl Ipip {
-    pub fn open(vip: SocketAddr, source: IpAddr) -> anyhow::Result<Ipip> {
+    pub fn open(vip: SocketAddr, source: IpAddr, iface: &str) -> anyhow::Result<Ipip> {
         let v6 = vip.is_ipv6();
         if source.is_ipv6() != v6 {
             bail!("ipip for {vip}: the encapsulation source {source} is not of the VIP's family");
@@ -141,9 +147,8 @@ impl Ipip {
                      (is it an address of this host?)"
                 )
             })?;
-        // No DF on the outer packet: the kernel fragments it locally when the
-        // encapsulated datagram exceeds the path MTU (and routers may fragment it).
-        // IPv6 routers never fragment; the source does. Measured on Linux 6.18 with a
+        // No DF on the outer packet: each fits the interface's MTU, but a smaller MTU on
+        // the way may still need the kernel (IPv4 routers) to fragment it. Measured on Linux 6.18 with a
         // protocol-41 raw socket and a 9000-byte packet over MTU 1500: the default
         // (IPV6_PMTUDISC_WANT) and IPV6_PMTUDISC_DONT fragment locally (7 fragments),
         // DO and PROBE fail with EMSGSIZE, and IPV6_DONTFRAG changes nothing (the
@@ -164,23 +169,24 @@ impl Ipip {
         };
         set_int(sock.as_raw_fd(), level, name, value)
             .context("turning path MTU discovery off on the IP-in-IP socket")?;
+        let mtu = InterfaceMtu::read(iface)
+            .with_context(|| format!("ipip for {vip}: reading the MTU of {iface}"))?;
+        log::info!(
+            "slow path: ipip for {vip} from {source} (fragments above the MTU {} of {iface})",
+            mtu.mtu
+        );
         Ok(Ipip {
             fd: async_fd(sock, "IP-in-IP socket")?,
             v6,
-            ident: random_u32() as u16,
+            mtu,
+            ident4: random_u32() as u16,
+            ident6: random_u32(),
         })
     }
 
-    /// The largest inner datagram: what one outer packet's length field leaves: the
-    /// IPv4 total length counts the outer header, the IPv6 payload length does not
-    /// (measured: 65,535 bytes go, 65,536 fail with EMSGSIZE). Either way the largest
-    /// UDP payload that fits is 65,487 bytes.
-    pub fn max_inner(v6: bool) -> usize {
-        if v6 {
-            MAX_IP_LEN
-        } else {
-            MAX_IP_LEN - IPV4_HLEN
-        }
+    /// Bytes the outer header adds.
+    pub fn outer_len(v6: bool) -> usize {
+        if v6 { IPV6_HLEN } else { IPV4_HLEN }
     }
 
     async fn send(
@@ -196,17 +202,22 @@ impl Ipip {
                 format!("backend {backend} is not of the VIP {vip}'s family"),
             )));
         }
-        self.ident = self.ident.wrapping_add(1);
-        let inner =
-            ippacket::udp_datagram(client, vip, payload, self.ident).ok_or(SendError::TooBig)?;
-        if inner.len() > Ipip::max_inner(self.v6) {
-            return Err(SendError::TooBig);
-        }
+        let room = self.mtu.current().saturating_sub(Ipip::outer_len(self.v6));
+        let pieces = fragments(
+            client,
+            vip,
+            payload,
+            room,
+            &mut self.ident4,
+            &mut self.ident6,
+        )?;
         // A raw socket's destination port must be 0 (IPv6) and is ignored (IPv4).
         let to = SockAddr::from(SocketAddr::new(backend, 0));
-        self.fd
-            .async_io(Interest::WRITABLE, |sock| sock.send_to(&inner, &to))
-            .await?;
+        for inner in &pieces {
+            self.fd
+                .async_io(Interest::WRITABLE, |sock| sock.send_to(inner, &to))
+                .await?;
+        }
         Ok(())
     }
 }
@@ -220,8 +231,7 @@ pub struct L2dsr {
     fd: AsyncFd<Socket>,
     iface: String,
     ifindex: u32,
-    mtu: usize,
-    mtu_read: Instant,
+    mtu: InterfaceMtu,
     neighbours: NeighbourCache,
     ident4: u16,
     ident6: u32,
@@ -238,19 +248,18 @@ impl L2dsr {
             return Err(io::Error::last_os_error())
                 .with_context(|| format!("l2dsr for {vip}: no interface {iface}"));
         }
-        let mtu = interface_mtu(iface)
+        let mtu = InterfaceMtu::read(iface)
             .with_context(|| format!("l2dsr for {vip}: reading the MTU of {iface}"))?;
         // Protocol 0: the socket sends only, nothing is ever queued to it.
         let sock = Socket::new(Domain::PACKET, Type::DGRAM, None)
             .context("opening the slow path's packet socket (needs CAP_NET_RAW)")?;
         let _ = sock.set_send_buffer_size(4 << 20);
-        log::info!("slow path: l2dsr for {vip} on {iface} (MTU {mtu})");
+        log::info!("slow path: l2dsr for {vip} on {iface} (MTU {})", mtu.mtu);
         Ok(L2dsr {
             fd: async_fd(sock, "packet socket")?,
             iface: iface.to_string(),
             ifindex,
             mtu,
-            mtu_read: Instant::now(),
             neighbours: NeighbourCache::new(ifindex)
                 .context("opening a netlink socket for the neighbour table")?,
             ident4: random_u32() as u16,
@@ -289,31 +298,16 @@ impl L2dsr {
         if !self.warned.is_empty() {
             self.warned.remove(&backend);
         }
-        let now = Instant::now();
-        if now.saturating_duration_since(self.mtu_read) >= MTU_MAX_AGE {
-            self.mtu_read = now;
-            match interface_mtu(&self.iface) {
-                Ok(mtu) => self.mtu = mtu,
-                Err(e) => log::debug!("slow path: the MTU of {}: {e}", self.iface),
-            }
-        }
         let v6 = vip.is_ipv6();
-        let frames = if v6 {
-            self.ident6 = self.ident6.wrapping_add(1);
-            let d = ippacket::udp_datagram(client, vip, payload, 0).ok_or(SendError::TooBig)?;
-            ippacket::fragment_v6(&d, self.mtu, self.ident6)
-        } else {
-            self.ident4 = self.ident4.wrapping_add(1);
-            let d = ippacket::udp_datagram(client, vip, payload, self.ident4)
-                .ok_or(SendError::TooBig)?;
-            ippacket::fragment_v4(&d, self.mtu)
-        }
-        .map_err(|e| {
-            SendError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("fragmenting for MTU {} of {}: {e:?}", self.mtu, self.iface),
-            ))
-        })?;
+        let mtu = self.mtu.current();
+        let frames = fragments(
+            client,
+            vip,
+            payload,
+            mtu,
+            &mut self.ident4,
+            &mut self.ident6,
+        )?;
         let ethertype = if v6 { libc::ETH_P_IPV6 } else { libc::ETH_P_IP };
         // SAFETY: sockaddr_ll is a plain C struct for which all zeroes is valid.
         let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -328,6 +322,62 @@ impl L2dsr {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// The IP datagram from `client` to `vip` carrying `payload`, in fragments of at most
+/// `mtu` bytes (one piece when it fits), with the next identification of its family.
+fn fragments(
+    client: SocketAddr,
+    vip: SocketAddr,
+    payload: &[u8],
+    mtu: usize,
+    ident4: &mut u16,
+    ident6: &mut u32,
+) -> Result<Vec<Vec<u8>>, SendError> {
+    let pieces = if vip.is_ipv6() {
+        *ident6 = ident6.wrapping_add(1);
+        let d = ippacket::udp_datagram(client, vip, payload, 0).ok_or(SendError::TooBig)?;
+        ippacket::fragment_v6(&d, mtu, *ident6)
+    } else {
+        *ident4 = ident4.wrapping_add(1);
+        let d = ippacket::udp_datagram(client, vip, payload, *ident4).ok_or(SendError::TooBig)?;
+        ippacket::fragment_v4(&d, mtu)
+    };
+    pieces.map_err(|e| {
+        SendError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fragmenting for an MTU of {mtu}: {e:?}"),
+        ))
+    })
+}
+
+/// An interface's MTU, read again at most every [`MTU_MAX_AGE`].
+struct InterfaceMtu {
+    iface: String,
+    mtu: usize,
+    read_at: Instant,
+}
+
+impl InterfaceMtu {
+    fn read(iface: &str) -> io::Result<InterfaceMtu> {
+        Ok(InterfaceMtu {
+            iface: iface.to_owned(),
+            mtu: interface_mtu(iface)?,
+            read_at: Instant::now(),
+        })
+    }
+
+    fn current(&mut self) -> usize {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.read_at) >= MTU_MAX_AGE {
+            self.read_at = now;
+            match interface_mtu(&self.iface) {
+                Ok(mtu) => self.mtu = mtu,
+                Err(e) => log::debug!("slow path: the MTU of {}: {e}", self.iface),
+            }
+        }
+        self.mtu
     }
 }
 
@@ -421,16 +471,20 @@ mod tests {
     }
 
     #[test]
-    fn the_largest_ipip_payload_is_65487_bytes_in_both_families() {
-        for (client, vip) in [
-            ("198.18.0.200:5070", VIP4),
-            ("[2001:db8::1:200]:5070", "[2001:db8::150]:5060"),
-        ] {
-            let (c, v): (SocketAddr, SocketAddr) = (client.parse().unwrap(), vip.parse().unwrap());
-            let fits = ippacket::udp_datagram(c, v, &[0; 65_487], 0).unwrap();
-            assert_eq!(fits.len(), Ipip::max_inner(v.is_ipv6()));
-            let over = ippacket::udp_datagram(c, v, &[0; 65_488], 0).unwrap();
-            assert!(over.len() > Ipip::max_inner(v.is_ipv6()));
-        }
+    fn ipip_fragments_the_inner_datagram_to_fit_the_mtu_with_its_outer_header() {
+        let (c, v): (SocketAddr, SocketAddr) =
+            ("198.18.0.200:5070".parse().unwrap(), VIP4.parse().unwrap());
+        let (mut i4, mut i6) = (7, 7);
+        let room = 1500 - Ipip::outer_len(false);
+        let pieces = fragments(c, v, &[0; 3000], room, &mut i4, &mut i6).unwrap();
+        assert_eq!(pieces.len(), 3);
+        assert!(pieces.iter().all(|p| p.len() <= room));
+        assert_eq!(i4, 8, "one identification per datagram");
+        let one = fragments(c, v, &[0; 100], room, &mut i4, &mut i6).unwrap();
+        assert_eq!(one.len(), 1);
+        assert!(matches!(
+            fragments(c, v, &[0; 65_508], room, &mut i4, &mut i6),
+            Err(SendError::TooBig)
+        ));
     }
 }

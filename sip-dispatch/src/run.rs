@@ -306,10 +306,9 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
             }
         }
         let mut slow_sockets = Vec::new();
-        for s in &services {
-            slow_sockets.push(
-                slowpath::bind(s.vip, crate::cli::ForwardingMode::Rewrite, &iface, None).await?,
-            );
+        for spec in &settings.services {
+            let encap = encap_source.get(spec.vip.is_ipv6());
+            slow_sockets.push(slowpath::bind(spec.vip, spec.forwarding, &iface, encap).await?);
         }
         let control_listener = control::bind(&control_path)?;
         let metrics_listener = match metrics {

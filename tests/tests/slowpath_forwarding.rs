@@ -220,6 +220,7 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
         ("FragCreates", "ReasmOKs")
     };
     let mut lines = Vec::new();
+    let mut sent_frames = 0;
     let disp = pair.disp.name().to_owned();
     let mut sender = rawnet::in_netns(&disp, move || {
         let rt = runtime();
@@ -265,20 +266,10 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
             u64::from(fragmented),
             "{mode} {size}: reassembled"
         );
-        let frames = if mode == ForwardingMode::L2dsr {
-            // Our own fragments (the kernel's counter does not see AF_PACKET frames).
-            let d = sip_dispatch::ippacket::udp_datagram(client, vip, &data, 0).unwrap();
-            if v6 {
-                sip_dispatch::ippacket::fragment_v6(&d, 1500, 0)
-                    .unwrap()
-                    .len()
-            } else {
-                sip_dispatch::ippacket::fragment_v4(&d, 1500).unwrap().len()
-            }
-        } else {
-            // The kernel's fragments of the outer packet.
-            usize::try_from(created).unwrap().max(1)
-        };
+        // Our own fragments, of the inner datagram in ipip: the kernel fragments nothing.
+        assert_eq!(created, 0, "{mode} {size}: fragments the kernel made");
+        let frames = own_fragments(client, vip, &data, 1500 - outer);
+        sent_frames += frames as u64;
         lines.push(format!(
             "{mode} IPv{}: {size} bytes -> {frames} frame(s), reassembled by the backend: \
              {reassembled}",
@@ -288,8 +279,8 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
     if let Some(d) = &pair.decap {
         assert_eq!(
             d.decapsulated(),
-            SIZES.len() as u64,
-            "one packet per datagram"
+            sent_frames,
+            "one outer packet per fragment"
         );
     }
     // The runtime and its sockets belong to the dispatcher namespace's thread; dropping
@@ -430,11 +421,23 @@ fn l2dsr_forwarder_refuses_a_backend_without_a_neighbour_entry() {
     assert_eq!(results, [true, true]);
 }
 
-/// The largest datagrams: l2dsr hands on the largest UDP datagram of each family (45
-/// and 46 fragments); ipip the largest that one outer packet can carry (a 65,487-byte
-/// payload in both families), and counts one byte more as too big, sending nothing.
+/// The fragments the forwarder makes of a datagram at `mtu`.
+fn own_fragments(client: SocketAddr, vip: SocketAddr, data: &[u8], mtu: usize) -> usize {
+    let d = sip_dispatch::ippacket::udp_datagram(client, vip, data, 0).unwrap();
+    if vip.is_ipv6() {
+        sip_dispatch::ippacket::fragment_v6(&d, mtu, 0)
+            .unwrap()
+            .len()
+    } else {
+        sip_dispatch::ippacket::fragment_v4(&d, mtu).unwrap().len()
+    }
+}
+
+/// The largest datagrams: both modes hand on the largest UDP datagram of each family
+/// (l2dsr in 45 and 46 fragments; ipip in fragments that fit the MTU with their outer
+/// header), and count one byte more as too big, sending nothing.
 #[test]
-fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big_for_ipip() {
+fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
     let pair = Pair::new(true);
     for v6 in [false, true] {
         let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
@@ -462,8 +465,9 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big_for_ipip() {
                 let mut out = Vec::new();
                 for (mode, size) in [
                     (ForwardingMode::L2dsr, largest_udp),
-                    (ForwardingMode::Ipip, 65_487),
-                    (ForwardingMode::Ipip, 65_488),
+                    (ForwardingMode::L2dsr, largest_udp + 1),
+                    (ForwardingMode::Ipip, largest_udp),
+                    (ForwardingMode::Ipip, largest_udp + 1),
                 ] {
                     let mut fwd = Forwarder::open(mode, vip, DISP_IF, Some(encap)).unwrap();
                     let data = payload(size);
@@ -494,7 +498,7 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big_for_ipip() {
                 "{mode} IPv{}: {size} bytes: {sent:?}, received: {got:?}",
                 if v6 { 6 } else { 4 }
             );
-            if size == 65_488 {
+            if size == if v6 { 65_528 } else { 65_508 } {
                 assert!(
                     matches!(sent, Err(SendError::TooBig)),
                     "{mode} {size}: {sent:?}"
@@ -510,5 +514,12 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big_for_ipip() {
             }
         }
     }
-    assert_eq!(pair.decap.as_ref().unwrap().decapsulated(), 2);
+    let (c4, c6): (SocketAddr, SocketAddr) = (CLIENT4.parse().unwrap(), CLIENT6.parse().unwrap());
+    let expected = own_fragments(c4, VIP4.parse().unwrap(), &payload(65_507), 1480)
+        + own_fragments(c6, VIP6.parse().unwrap(), &payload(65_527), 1460);
+    assert_eq!(
+        pair.decap.as_ref().unwrap().decapsulated(),
+        expected as u64,
+        "one outer packet per fragment of the two largest datagrams"
+    );
 }
