@@ -18,19 +18,23 @@
 //! - `ipip`: the first repetition puts the outer header in front (20 or 40 bytes of
 //!   headroom taken); the next one sees an IP-in-IP packet, not the service's, and passes
 //!   it. So it is measured by single runs (`repeat` 1, the frame copied in anew each
-//!   time), interleaved with single runs of the MAC swap. A single run's figure includes
-//!   a fixed cost the loop spreads over its repetitions (a clock read, toggling softirqs,
-//!   and the call without the XDP dispatcher that the kernel sets up only for `repeat` >
-//!   1): it is the same for both programs, so their difference is the mode's cost above
-//!   the MAC swap, and that difference is added to the MAC swap's loop figure. For
-//!   `rewrite` and `l2dsr` both methods run, which checks the estimate against the loop.
+//!   time). A single run's figure carries costs the loop spreads or avoids: a clock read,
+//!   toggling softirqs, the call without the XDP dispatcher (set up only for `repeat` >
+//!   1), and caches and branch predictors cooled by the syscall around each run, which
+//!   cost the dispatcher (many maps, a large program) far more than the MAC swap (first
+//!   quick run: single runs put `rewrite` and `l2dsr` about 170 ns above their loop
+//!   figure, the MAC swap 40 ns). So every mode's single runs are timed in turn, trial
+//!   by trial, and `ipip` is set against `l2dsr`, which runs the same program the same way
+//!   up to the last step (parse, Call-ID scan, lookups, FIB lookup) and whose loop figure
+//!   is valid: ipip = l2dsr's loop figure + (ipip's single runs - l2dsr's single runs).
+//!   The same estimate for `rewrite`, whose loop figure is known too, checks the method.
 //!
 //! The choice is not only read from the source: a short loop of [`LOOP_PROBE`]
 //! repetitions is run first for every mode, and the loop is used only if the `xdp_tx`
 //! counter grew by all of them.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, ensure};
@@ -88,13 +92,18 @@ pub struct ModeCost {
     pub loop_ns: Option<f64>,
     pub repeat: [u32; 2],
     pub trials: usize,
-    /// Single runs (`repeat` 1): the kernel's ns per run (mean of the middle half of a
-    /// trial's runs, median of the trials), fixed cost of a single run included.
+    /// Single runs (`repeat` 1), all modes and the MAC swap in turn: the kernel's ns per
+    /// run (mean of the middle half of a trial's runs, median of the trials).
     pub single_ns: f64,
     pub mac_swap_single_ns: f64,
     /// Single runs per program, all trials.
     pub single_runs: usize,
-    /// `mac_swap_ns + single_ns - mac_swap_single_ns`.
+    /// The mode whose loop figure anchors the single-run estimate ("l2dsr"; "mac_swap"
+    /// if l2dsr's loop could not be used), its loop and single-run figures.
+    pub reference: &'static str,
+    pub reference_ns: f64,
+    pub reference_single_ns: f64,
+    /// `reference_ns + single_ns - reference_single_ns`.
     pub single_estimate_ns: f64,
     /// `xdp_tx` grew by exactly the runs and repetitions timed: every one dispatched.
     pub every_run_counted: bool,
@@ -108,20 +117,21 @@ pub(super) fn measure(plan: &Plan, ifindex: u32) -> Result<(Vec<ModeCost>, Vec<S
         .try_into()?;
     let mut costs = Vec::new();
     let mut failed = Vec::new();
-    for (mode, flags) in MODES {
-        let mut dp = match load_mode(ifindex, flags) {
-            Ok(dp) => dp,
-            Err(e) => {
-                failed.push(format!("{mode}: {}", brief(&e)));
-                continue;
-            }
-        };
-        for v6 in [false, true] {
-            let family = if v6 { "IPv6" } else { "IPv4" };
-            match measure_mode(plan, ifindex, &mut dp, mac, (mode, flags), v6) {
-                Ok(c) => {
+    let mut dps = Vec::new();
+    for (name, mode) in MODES {
+        match load_mode(ifindex, mode) {
+            Ok(dp) => dps.push((name, mode, dp)),
+            Err(e) => failed.push(format!("{name}: {}", brief(&e))),
+        }
+    }
+    for v6 in [false, true] {
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        match measure_family(plan, ifindex, &mut dps, mac, v6) {
+            Ok((rows, not)) => {
+                for c in &rows {
                     note(format!(
-                        "{mode:<7} {family}  {:>4} -> {:>4} B  sip_dispatch {:>5.0} ns  mac_swap {:>3.0} ns  ratio {:>5.1}x  ({}; single runs {:.0} / {:.0} ns, estimate {:.0} ns)",
+                        "{:<7} {family}  {:>4} -> {:>4} B  sip_dispatch {:>5.0} ns  mac_swap {:>3.0} ns  ratio {:>5.1}x  ({}; single runs {:.0} ns, estimate {:.0} ns)",
+                        c.mode,
                         c.frame_bytes,
                         c.out_bytes,
                         c.dispatch_ns,
@@ -129,19 +139,22 @@ pub(super) fn measure(plan: &Plan, ifindex: u32) -> Result<(Vec<ModeCost>, Vec<S
                         c.ratio,
                         c.method,
                         c.single_ns,
-                        c.mac_swap_single_ns,
                         c.single_estimate_ns
                     ));
-                    costs.push(c);
                 }
-                Err(e) => {
-                    if cancel::requested() {
-                        return Err(e);
-                    }
-                    let msg = format!("{mode} {family}: {}", brief(&e));
+                for msg in not {
                     note(format!("not measured: {msg}"));
                     failed.push(msg);
                 }
+                costs.extend(rows);
+            }
+            Err(e) => {
+                if cancel::requested() {
+                    return Err(e);
+                }
+                let msg = format!("{family}: {}", brief(&e));
+                note(format!("not measured: {msg}"));
+                failed.push(msg);
             }
         }
     }
@@ -288,102 +301,184 @@ fn median_f64(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// One trial of single runs, sip_dispatch and the MAC swap in turn by chunks, for about
-/// `budget`: the kernel's ns of each run.
-fn single_trial(
-    run: &Runner,
-    dp: &mut Dataplane,
-    mac: &Xdp,
-    frame: &[u8],
-    budget: Duration,
-) -> Result<(Vec<u64>, Vec<u64>)> {
-    let started = Instant::now();
-    let (mut sd, mut swap) = (Vec::new(), Vec::new());
-    while sd.is_empty() || started.elapsed() < budget {
-        let prog = dp.dispatch_program()?;
-        for _ in 0..SINGLE_CHUNK {
-            let (_, ns, verdict) = run.timed(prog, frame, 1)?;
-            ensure!(verdict == XDP_TX, "a single run answered {verdict}");
-            sd.push(ns);
-        }
-        for _ in 0..SINGLE_CHUNK {
-            let (_, ns, verdict) = run.timed(mac, frame, 1)?;
-            ensure!(
-                verdict == XDP_TX,
-                "a single run of mac_swap answered {verdict}"
-            );
-            swap.push(ns);
-        }
-    }
-    Ok((sd, swap))
+/// One mode in one family while it is measured.
+struct Subject<'a> {
+    name: &'static str,
+    dp: &'a mut Dataplane,
+    out_bytes: usize,
+    probed: u64,
+    /// The kernel's loop, if every repetition dispatches: repeat count and trials.
+    repeat: Option<u32>,
+    loop_ns: Vec<u64>,
+    single_ns: Vec<f64>,
+    single_runs: usize,
+    every: bool,
 }
 
-fn measure_mode(
+/// Checks the mode's frame and probes the kernel's loop.
+fn prepare<'a>(
+    plan: &Plan,
+    run: &Runner,
+    entry: &'a mut (&'static str, u32, Dataplane),
+    v6: bool,
+    frame: &[u8],
+) -> Result<Subject<'a>> {
+    let (name, mode, dp) = (entry.0, entry.1, &mut entry.2);
+    let out_bytes = check_mode(run, dp.dispatch_program()?, mode, v6, frame)?;
+    let before = counter(dp, Counter::Tx)?;
+    run.timed(dp.dispatch_program()?, frame, LOOP_PROBE)?;
+    let probed = counter(dp, Counter::Tx)? - before;
+    let repeat = if probed == u64::from(LOOP_PROBE) {
+        Some(run.repeat_for(dp.dispatch_program()?, frame, plan.testrun_trial)?)
+    } else {
+        None
+    };
+    Ok(Subject {
+        name,
+        dp,
+        out_bytes,
+        probed,
+        repeat,
+        loop_ns: Vec::new(),
+        single_ns: Vec::new(),
+        single_runs: 0,
+        every: true,
+    })
+}
+
+/// Single runs of `prog`, `SINGLE_CHUNK` of them: the kernel's ns of each.
+fn single_runs(run: &Runner, prog: &Xdp, frame: &[u8], into: &mut Vec<u64>) -> Result<()> {
+    for _ in 0..SINGLE_CHUNK {
+        let (_, ns, verdict) = run.timed(prog, frame, 1)?;
+        ensure!(verdict == XDP_TX, "a single run answered {verdict}");
+        into.push(ns);
+    }
+    Ok(())
+}
+
+/// Every mode of one family, and the MAC swap, trial by trial in turn; a mode whose
+/// frame is not as it should be is left out (and said why).
+fn measure_family(
     plan: &Plan,
     ifindex: u32,
-    dp: &mut Dataplane,
+    dps: &mut [(&'static str, u32, Dataplane)],
     mac: &Xdp,
-    (name, mode): (&'static str, u32),
     v6: bool,
-) -> Result<ModeCost> {
+) -> Result<(Vec<ModeCost>, Vec<String>)> {
+    let family = if v6 { "IPv6" } else { "IPv4" };
     let frame = invite_frame(v6)?;
     let run = Runner::new(ifindex, frame.len());
-    let out_bytes = check_mode(&run, dp.dispatch_program()?, mode, v6, &frame)?;
     let (v, _) = run.once(mac, &frame)?;
     ensure!(v == XDP_TX, "mac_swap answered {v}, not XDP_TX");
-
-    let before = counter(dp, Counter::Tx)?;
-    run.timed(dp.dispatch_program()?, &frame, LOOP_PROBE)?;
-    let probed = counter(dp, Counter::Tx)? - before;
-    let use_loop = probed == u64::from(LOOP_PROBE);
-    let repeat_dp = if use_loop {
-        run.repeat_for(dp.dispatch_program()?, &frame, plan.testrun_trial)?
-    } else {
-        0
-    };
     let repeat_mac = run.repeat_for(mac, &frame, plan.testrun_trial)?;
-
-    let (mut loop_sd, mut loop_mac) = (Vec::new(), Vec::new());
-    let (mut single_sd, mut single_mac) = (Vec::new(), Vec::new());
-    let mut single_runs = 0;
-    let mut every = true;
-    for _ in 0..plan.testrun_trials {
-        let before = counter(dp, Counter::Tx)?;
-        let mut timed = 0;
-        if use_loop {
-            loop_sd.push(run.timed(dp.dispatch_program()?, &frame, repeat_dp)?.1);
-            timed += u64::from(repeat_dp);
+    let mut failed = Vec::new();
+    let mut subjects = Vec::new();
+    for entry in dps.iter_mut() {
+        let name = entry.0;
+        match prepare(plan, &run, entry, v6, &frame) {
+            Ok(s) => subjects.push(s),
+            Err(e) => {
+                cancel::check()?;
+                failed.push(format!("{name} {family}: {}", brief(&e)));
+            }
         }
-        loop_mac.push(run.timed(mac, &frame, repeat_mac)?.1);
-        let (sd, swap) = single_trial(&run, dp, mac, &frame, plan.testrun_trial)?;
-        timed += sd.len() as u64;
-        single_runs += sd.len();
-        single_sd.push(interquartile_mean(sd));
-        single_mac.push(interquartile_mean(swap));
-        every &= counter(dp, Counter::Tx)? - before == timed;
     }
-    let mac_swap_ns = median(loop_mac) as f64;
-    let (single_ns, mac_swap_single_ns) = (median_f64(single_sd), median_f64(single_mac));
-    let single_estimate_ns = mac_swap_ns + single_ns - mac_swap_single_ns;
-    let loop_ns = use_loop.then(|| median(loop_sd) as f64);
-    let dispatch_ns = loop_ns.unwrap_or(single_estimate_ns);
-    Ok(ModeCost {
-        mode: name,
-        family: if v6 { "IPv6" } else { "IPv4" },
-        frame_bytes: frame.len(),
-        out_bytes,
-        method: if use_loop { "repeat" } else { "single runs" },
-        dispatch_ns,
-        mac_swap_ns,
-        ratio: dispatch_ns / mac_swap_ns.max(1.0),
-        loop_probe: [probed, u64::from(LOOP_PROBE)],
-        loop_ns,
-        repeat: [repeat_dp, repeat_mac],
-        trials: plan.testrun_trials,
-        single_ns,
-        mac_swap_single_ns,
-        single_runs,
-        single_estimate_ns,
-        every_run_counted: every,
-    })
+    let (mut mac_loop, mut mac_single) = (Vec::new(), Vec::new());
+    for _ in 0..plan.testrun_trials {
+        let mut timed = vec![0u64; subjects.len()];
+        let mut before = Vec::new();
+        for s in &subjects {
+            before.push(counter(s.dp, Counter::Tx)?);
+        }
+        for (s, timed) in subjects.iter_mut().zip(&mut timed) {
+            if let Some(repeat) = s.repeat {
+                s.loop_ns
+                    .push(run.timed(s.dp.dispatch_program()?, &frame, repeat)?.1);
+                *timed += u64::from(repeat);
+            }
+        }
+        mac_loop.push(run.timed(mac, &frame, repeat_mac)?.1);
+        let mut samples = vec![Vec::new(); subjects.len()];
+        let mut swap = Vec::new();
+        let started = Instant::now();
+        while swap.is_empty() || started.elapsed() < plan.testrun_trial {
+            for (s, into) in subjects.iter_mut().zip(&mut samples) {
+                single_runs(&run, s.dp.dispatch_program()?, &frame, into)?;
+            }
+            single_runs(&run, mac, &frame, &mut swap)?;
+        }
+        for (i, (s, sd)) in subjects.iter_mut().zip(samples).enumerate() {
+            let runs = timed[i] + sd.len() as u64;
+            s.every &= counter(s.dp, Counter::Tx)? - before[i] == runs;
+            s.single_runs += sd.len();
+            s.single_ns.push(interquartile_mean(sd));
+        }
+        mac_single.push(interquartile_mean(swap));
+    }
+    let mac_swap_ns = median(mac_loop) as f64;
+    let mac_swap_single_ns = median_f64(mac_single);
+    let figures: Vec<(Option<f64>, f64)> = subjects
+        .iter()
+        .map(|s| {
+            let loop_ns = s.repeat.map(|_| median(s.loop_ns.clone()) as f64);
+            (loop_ns, median_f64(s.single_ns.clone()))
+        })
+        .collect();
+    let (reference, reference_ns, reference_single_ns) = subjects
+        .iter()
+        .zip(&figures)
+        .find_map(|(s, (loop_ns, single))| {
+            (s.name == "l2dsr").then_some(())?;
+            Some(("l2dsr", (*loop_ns)?, *single))
+        })
+        .unwrap_or(("mac_swap", mac_swap_ns, mac_swap_single_ns));
+    let rows = subjects
+        .iter()
+        .zip(figures)
+        .map(|(s, (loop_ns, single_ns))| {
+            let single_estimate_ns = reference_ns + single_ns - reference_single_ns;
+            let dispatch_ns = loop_ns.unwrap_or(single_estimate_ns);
+            ModeCost {
+                mode: s.name,
+                family,
+                frame_bytes: frame.len(),
+                out_bytes: s.out_bytes,
+                method: if loop_ns.is_some() {
+                    "repeat"
+                } else {
+                    "single runs"
+                },
+                dispatch_ns,
+                mac_swap_ns,
+                ratio: dispatch_ns / mac_swap_ns.max(1.0),
+                loop_probe: [s.probed, u64::from(LOOP_PROBE)],
+                loop_ns,
+                repeat: [s.repeat.unwrap_or(0), repeat_mac],
+                trials: plan.testrun_trials,
+                single_ns,
+                mac_swap_single_ns,
+                single_runs: s.single_runs,
+                reference,
+                reference_ns,
+                reference_single_ns,
+                single_estimate_ns,
+                every_run_counted: s.every,
+            }
+        })
+        .collect();
+    Ok((rows, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interquartile_mean_leaves_out_both_outer_quarters() {
+        // An interrupt inside a timed run and a run faster than any other: both ignored.
+        let v = vec![500, 9000, 510, 490, 505, 495, 1, 500];
+        assert_eq!(interquartile_mean(v), 500.0);
+        assert!(interquartile_mean(Vec::new()).is_nan());
+        assert_eq!(median_f64(vec![3.0, 1.0, 2.0]), 2.0);
+    }
 }
