@@ -115,48 +115,57 @@ pub(super) fn measure(plan: &Plan, ifindex: u32) -> Result<(Vec<ModeCost>, Vec<S
         .program(PROG_MAC_SWAP)
         .context("mac_swap missing")?
         .try_into()?;
-    let mut costs = Vec::new();
+    let mut families = Vec::new();
+    for v6 in [false, true] {
+        families.push(Family::new(plan, ifindex, mac, v6)?);
+    }
     let mut failed = Vec::new();
-    let mut dps = Vec::new();
-    for (name, mode) in MODES {
-        match load_mode(ifindex, mode) {
-            Ok(dp) => dps.push((name, mode, dp)),
-            Err(e) => failed.push(format!("{name}: {}", brief(&e))),
+    for trial in 0..plan.testrun_trials {
+        // Programs and maps loaded anew for every trial: where a load's maps land (cache
+        // sets) moves its figures by some tens of ns, the same way in every run of that
+        // load; the median of the trials is then over several loads.
+        let mut dps = Vec::new();
+        for (name, mode) in MODES {
+            if families.iter().all(|f| f.gone(name)) {
+                continue;
+            }
+            match load_mode(ifindex, mode) {
+                Ok(dp) => dps.push((name, mode, dp)),
+                Err(e) => {
+                    cancel::check()?;
+                    for f in &mut families {
+                        f.fail(name, format!("{name} (trial {trial}): {}", brief(&e)));
+                    }
+                }
+            }
+        }
+        for f in &mut families {
+            f.trial(plan, mac, &mut dps)?;
         }
     }
-    for v6 in [false, true] {
-        let family = if v6 { "IPv6" } else { "IPv4" };
-        match measure_family(plan, ifindex, &mut dps, mac, v6) {
-            Ok((rows, not)) => {
-                for c in &rows {
-                    note(format!(
-                        "{:<7} {family}  {:>4} -> {:>4} B  sip_dispatch {:>5.0} ns  mac_swap {:>3.0} ns  ratio {:>5.1}x  ({}; single runs {:.0} ns, estimate {:.0} ns)",
-                        c.mode,
-                        c.frame_bytes,
-                        c.out_bytes,
-                        c.dispatch_ns,
-                        c.mac_swap_ns,
-                        c.ratio,
-                        c.method,
-                        c.single_ns,
-                        c.single_estimate_ns
-                    ));
-                }
-                for msg in not {
-                    note(format!("not measured: {msg}"));
-                    failed.push(msg);
-                }
-                costs.extend(rows);
-            }
-            Err(e) => {
-                if cancel::requested() {
-                    return Err(e);
-                }
-                let msg = format!("{family}: {}", brief(&e));
-                note(format!("not measured: {msg}"));
-                failed.push(msg);
-            }
+    let mut costs = Vec::new();
+    for f in families {
+        let (rows, not) = f.results(plan);
+        for c in &rows {
+            note(format!(
+                "{:<7} {}  {:>4} -> {:>4} B  sip_dispatch {:>5.0} ns  mac_swap {:>3.0} ns  ratio {:>5.1}x  ({}; single runs {:.0} ns, estimate {:.0} ns)",
+                c.mode,
+                c.family,
+                c.frame_bytes,
+                c.out_bytes,
+                c.dispatch_ns,
+                c.mac_swap_ns,
+                c.ratio,
+                c.method,
+                c.single_ns,
+                c.single_estimate_ns
+            ));
         }
+        for msg in not {
+            note(format!("not measured: {msg}"));
+            failed.push(msg);
+        }
+        costs.extend(rows);
     }
     Ok((costs, failed))
 }
@@ -301,49 +310,233 @@ fn median_f64(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// One mode in one family while it is measured.
-struct Subject<'a> {
+/// What is gathered for one mode in one family over the trials.
+struct Subject {
     name: &'static str,
-    dp: &'a mut Dataplane,
     out_bytes: usize,
     probed: u64,
-    /// The kernel's loop, if every repetition dispatches: repeat count and trials.
+    /// The kernel's loop, if every repetition dispatches: its repeat count.
     repeat: Option<u32>,
     loop_ns: Vec<u64>,
     single_ns: Vec<f64>,
     single_runs: usize,
     every: bool,
+    /// Why it is left out, once something was not as it should be.
+    failed: Option<String>,
 }
 
-/// Checks the mode's frame and probes the kernel's loop.
-fn prepare<'a>(
-    plan: &Plan,
-    run: &Runner,
-    entry: &'a mut (&'static str, u32, Dataplane),
+/// One family's frame, the MAC swap's figures on it and each mode's.
+struct Family {
     v6: bool,
-    frame: &[u8],
-) -> Result<Subject<'a>> {
-    let (name, mode, dp) = (entry.0, entry.1, &mut entry.2);
-    let out_bytes = check_mode(run, dp.dispatch_program()?, mode, v6, frame)?;
-    let before = counter(dp, Counter::Tx)?;
-    run.timed(dp.dispatch_program()?, frame, LOOP_PROBE)?;
-    let probed = counter(dp, Counter::Tx)? - before;
-    let repeat = if probed == u64::from(LOOP_PROBE) {
-        Some(run.repeat_for(dp.dispatch_program()?, frame, plan.testrun_trial)?)
-    } else {
-        None
-    };
-    Ok(Subject {
-        name,
-        dp,
-        out_bytes,
-        probed,
-        repeat,
-        loop_ns: Vec::new(),
-        single_ns: Vec::new(),
-        single_runs: 0,
-        every: true,
-    })
+    frame: Vec<u8>,
+    run: Runner,
+    repeat_mac: u32,
+    mac_loop: Vec<u64>,
+    mac_single: Vec<f64>,
+    subjects: Vec<Subject>,
+}
+
+impl Family {
+    fn new(plan: &Plan, ifindex: u32, mac: &Xdp, v6: bool) -> Result<Family> {
+        let frame = invite_frame(v6)?;
+        let run = Runner::new(ifindex, frame.len());
+        let (v, _) = run.once(mac, &frame)?;
+        ensure!(v == XDP_TX, "mac_swap answered {v}, not XDP_TX");
+        let repeat_mac = run.repeat_for(mac, &frame, plan.testrun_trial)?;
+        let subjects = MODES
+            .iter()
+            .map(|&(name, _)| Subject {
+                name,
+                out_bytes: 0,
+                probed: 0,
+                repeat: None,
+                loop_ns: Vec::new(),
+                single_ns: Vec::new(),
+                single_runs: 0,
+                every: true,
+                failed: None,
+            })
+            .collect();
+        Ok(Family {
+            v6,
+            frame,
+            run,
+            repeat_mac,
+            mac_loop: Vec::new(),
+            mac_single: Vec::new(),
+            subjects,
+        })
+    }
+
+    fn family(&self) -> &'static str {
+        if self.v6 { "IPv6" } else { "IPv4" }
+    }
+
+    fn gone(&self, name: &str) -> bool {
+        self.subjects
+            .iter()
+            .any(|s| s.name == name && s.failed.is_some())
+    }
+
+    fn fail(&mut self, name: &str, why: String) {
+        let family = self.family();
+        if let Some(s) = self.subjects.iter_mut().find(|s| s.name == name) {
+            s.failed.get_or_insert(format!("{family}: {why}"));
+        }
+    }
+
+    /// Checks each mode's frame on this load and probes the kernel's loop (the repeat
+    /// count is sized on the first trial).
+    fn prepare(&mut self, plan: &Plan, i: usize, mode: u32, dp: &mut Dataplane) -> Result<()> {
+        let (run, frame, v6) = (&self.run, &self.frame, self.v6);
+        let s = &mut self.subjects[i];
+        s.out_bytes = check_mode(run, dp.dispatch_program()?, mode, v6, frame)?;
+        let before = counter(dp, Counter::Tx)?;
+        run.timed(dp.dispatch_program()?, frame, LOOP_PROBE)?;
+        let probed = counter(dp, Counter::Tx)? - before;
+        let loops = probed == u64::from(LOOP_PROBE);
+        if s.loop_ns.is_empty() && s.single_ns.is_empty() {
+            s.probed = probed;
+            if loops {
+                s.repeat =
+                    Some(run.repeat_for(dp.dispatch_program()?, frame, plan.testrun_trial)?);
+            }
+        } else {
+            ensure!(
+                loops == s.repeat.is_some(),
+                "the loop probe changed between loads: {probed} of {LOOP_PROBE} dispatched"
+            );
+        }
+        Ok(())
+    }
+
+    /// One trial: each mode's loop (where valid) and the MAC swap's, then single runs of
+    /// every mode and the MAC swap in turn for about a trial's time.
+    fn trial(
+        &mut self,
+        plan: &Plan,
+        mac: &Xdp,
+        dps: &mut [(&'static str, u32, Dataplane)],
+    ) -> Result<()> {
+        // The modes of this trial: index into `subjects` and the load.
+        let mut here: Vec<(usize, &mut Dataplane)> = Vec::new();
+        for (name, mode, dp) in dps.iter_mut() {
+            let Some(i) = self.subjects.iter().position(|s| s.name == *name) else {
+                continue;
+            };
+            if self.subjects[i].failed.is_some() {
+                continue;
+            }
+            match self.prepare(plan, i, *mode, dp) {
+                Ok(()) => here.push((i, dp)),
+                Err(e) => {
+                    cancel::check()?;
+                    self.fail(name, format!("{name}: {}", brief(&e)));
+                }
+            }
+        }
+        let (run, frame) = (&self.run, &self.frame);
+        let mut timed = vec![0u64; here.len()];
+        let mut before = Vec::new();
+        for (_, dp) in &here {
+            before.push(counter(dp, Counter::Tx)?);
+        }
+        for ((i, dp), timed) in here.iter_mut().zip(&mut timed) {
+            if let Some(repeat) = self.subjects[*i].repeat {
+                let ns = run.timed(dp.dispatch_program()?, frame, repeat)?.1;
+                self.subjects[*i].loop_ns.push(ns);
+                *timed += u64::from(repeat);
+            }
+        }
+        self.mac_loop
+            .push(run.timed(mac, frame, self.repeat_mac)?.1);
+        let mut samples = vec![Vec::new(); here.len()];
+        let mut swap = Vec::new();
+        let started = Instant::now();
+        while swap.is_empty() || started.elapsed() < plan.testrun_trial {
+            for ((_, dp), into) in here.iter_mut().zip(&mut samples) {
+                single_runs(run, dp.dispatch_program()?, frame, into)?;
+            }
+            single_runs(run, mac, frame, &mut swap)?;
+        }
+        for (k, ((i, dp), sd)) in here.iter().zip(samples).enumerate() {
+            let s = &mut self.subjects[*i];
+            let runs = timed[k] + sd.len() as u64;
+            s.every &= counter(dp, Counter::Tx)? - before[k] == runs;
+            s.single_runs += sd.len();
+            s.single_ns.push(interquartile_mean(sd));
+        }
+        self.mac_single.push(interquartile_mean(swap));
+        Ok(())
+    }
+
+    /// The rows, and the modes left out with the reason.
+    fn results(self, plan: &Plan) -> (Vec<ModeCost>, Vec<String>) {
+        let family = self.family();
+        let mac_swap_ns = median(self.mac_loop) as f64;
+        let mac_swap_single_ns = median_f64(self.mac_single);
+        let (done, failed): (Vec<Subject>, Vec<Subject>) = self
+            .subjects
+            .into_iter()
+            .partition(|s| s.failed.is_none() && !s.single_ns.is_empty());
+        let failed = failed
+            .into_iter()
+            .map(|s| {
+                s.failed
+                    .unwrap_or_else(|| format!("{family}: {}: never measured", s.name))
+            })
+            .collect();
+        let figures: Vec<(Option<f64>, f64)> = done
+            .iter()
+            .map(|s| {
+                let loop_ns = s.repeat.map(|_| median(s.loop_ns.clone()) as f64);
+                (loop_ns, median_f64(s.single_ns.clone()))
+            })
+            .collect();
+        let (reference, reference_ns, reference_single_ns) = done
+            .iter()
+            .zip(&figures)
+            .find_map(|(s, (loop_ns, single))| {
+                (s.name == "l2dsr").then_some(())?;
+                Some(("l2dsr", (*loop_ns)?, *single))
+            })
+            .unwrap_or(("mac_swap", mac_swap_ns, mac_swap_single_ns));
+        let rows = done
+            .iter()
+            .zip(figures)
+            .map(|(s, (loop_ns, single_ns))| {
+                let single_estimate_ns = reference_ns + single_ns - reference_single_ns;
+                let dispatch_ns = loop_ns.unwrap_or(single_estimate_ns);
+                ModeCost {
+                    mode: s.name,
+                    family,
+                    frame_bytes: self.frame.len(),
+                    out_bytes: s.out_bytes,
+                    method: if loop_ns.is_some() {
+                        "repeat"
+                    } else {
+                        "single runs"
+                    },
+                    dispatch_ns,
+                    mac_swap_ns,
+                    ratio: dispatch_ns / mac_swap_ns.max(1.0),
+                    loop_probe: [s.probed, u64::from(LOOP_PROBE)],
+                    loop_ns,
+                    repeat: [s.repeat.unwrap_or(0), self.repeat_mac],
+                    trials: plan.testrun_trials,
+                    single_ns,
+                    mac_swap_single_ns,
+                    single_runs: s.single_runs,
+                    reference,
+                    reference_ns,
+                    reference_single_ns,
+                    single_estimate_ns,
+                    every_run_counted: s.every,
+                }
+            })
+            .collect();
+        (rows, failed)
+    }
 }
 
 /// Single runs of `prog`, `SINGLE_CHUNK` of them: the kernel's ns of each.
@@ -354,119 +547,6 @@ fn single_runs(run: &Runner, prog: &Xdp, frame: &[u8], into: &mut Vec<u64>) -> R
         into.push(ns);
     }
     Ok(())
-}
-
-/// Every mode of one family, and the MAC swap, trial by trial in turn; a mode whose
-/// frame is not as it should be is left out (and said why).
-fn measure_family(
-    plan: &Plan,
-    ifindex: u32,
-    dps: &mut [(&'static str, u32, Dataplane)],
-    mac: &Xdp,
-    v6: bool,
-) -> Result<(Vec<ModeCost>, Vec<String>)> {
-    let family = if v6 { "IPv6" } else { "IPv4" };
-    let frame = invite_frame(v6)?;
-    let run = Runner::new(ifindex, frame.len());
-    let (v, _) = run.once(mac, &frame)?;
-    ensure!(v == XDP_TX, "mac_swap answered {v}, not XDP_TX");
-    let repeat_mac = run.repeat_for(mac, &frame, plan.testrun_trial)?;
-    let mut failed = Vec::new();
-    let mut subjects = Vec::new();
-    for entry in dps.iter_mut() {
-        let name = entry.0;
-        match prepare(plan, &run, entry, v6, &frame) {
-            Ok(s) => subjects.push(s),
-            Err(e) => {
-                cancel::check()?;
-                failed.push(format!("{name} {family}: {}", brief(&e)));
-            }
-        }
-    }
-    let (mut mac_loop, mut mac_single) = (Vec::new(), Vec::new());
-    for _ in 0..plan.testrun_trials {
-        let mut timed = vec![0u64; subjects.len()];
-        let mut before = Vec::new();
-        for s in &subjects {
-            before.push(counter(s.dp, Counter::Tx)?);
-        }
-        for (s, timed) in subjects.iter_mut().zip(&mut timed) {
-            if let Some(repeat) = s.repeat {
-                s.loop_ns
-                    .push(run.timed(s.dp.dispatch_program()?, &frame, repeat)?.1);
-                *timed += u64::from(repeat);
-            }
-        }
-        mac_loop.push(run.timed(mac, &frame, repeat_mac)?.1);
-        let mut samples = vec![Vec::new(); subjects.len()];
-        let mut swap = Vec::new();
-        let started = Instant::now();
-        while swap.is_empty() || started.elapsed() < plan.testrun_trial {
-            for (s, into) in subjects.iter_mut().zip(&mut samples) {
-                single_runs(&run, s.dp.dispatch_program()?, &frame, into)?;
-            }
-            single_runs(&run, mac, &frame, &mut swap)?;
-        }
-        for (i, (s, sd)) in subjects.iter_mut().zip(samples).enumerate() {
-            let runs = timed[i] + sd.len() as u64;
-            s.every &= counter(s.dp, Counter::Tx)? - before[i] == runs;
-            s.single_runs += sd.len();
-            s.single_ns.push(interquartile_mean(sd));
-        }
-        mac_single.push(interquartile_mean(swap));
-    }
-    let mac_swap_ns = median(mac_loop) as f64;
-    let mac_swap_single_ns = median_f64(mac_single);
-    let figures: Vec<(Option<f64>, f64)> = subjects
-        .iter()
-        .map(|s| {
-            let loop_ns = s.repeat.map(|_| median(s.loop_ns.clone()) as f64);
-            (loop_ns, median_f64(s.single_ns.clone()))
-        })
-        .collect();
-    let (reference, reference_ns, reference_single_ns) = subjects
-        .iter()
-        .zip(&figures)
-        .find_map(|(s, (loop_ns, single))| {
-            (s.name == "l2dsr").then_some(())?;
-            Some(("l2dsr", (*loop_ns)?, *single))
-        })
-        .unwrap_or(("mac_swap", mac_swap_ns, mac_swap_single_ns));
-    let rows = subjects
-        .iter()
-        .zip(figures)
-        .map(|(s, (loop_ns, single_ns))| {
-            let single_estimate_ns = reference_ns + single_ns - reference_single_ns;
-            let dispatch_ns = loop_ns.unwrap_or(single_estimate_ns);
-            ModeCost {
-                mode: s.name,
-                family,
-                frame_bytes: frame.len(),
-                out_bytes: s.out_bytes,
-                method: if loop_ns.is_some() {
-                    "repeat"
-                } else {
-                    "single runs"
-                },
-                dispatch_ns,
-                mac_swap_ns,
-                ratio: dispatch_ns / mac_swap_ns.max(1.0),
-                loop_probe: [s.probed, u64::from(LOOP_PROBE)],
-                loop_ns,
-                repeat: [s.repeat.unwrap_or(0), repeat_mac],
-                trials: plan.testrun_trials,
-                single_ns,
-                mac_swap_single_ns,
-                single_runs: s.single_runs,
-                reference,
-                reference_ns,
-                reference_single_ns,
-                single_estimate_ns,
-                every_run_counted: s.every,
-            }
-        })
-        .collect();
-    Ok((rows, failed))
 }
 
 #[cfg(test)]
