@@ -684,7 +684,8 @@ impl Report {
                  repetitions) counts those that dispatched. In `ipip` only the first does (the \
                  next sees an IP-in-IP packet), so its figure comes from single runs (`repeat` \
                  1), timed for every mode in turn: the *single-run estimate* is {}'s loop \
-                 figure plus the mode's single runs minus {}'s. Single runs cost more than \
+                 figure plus the mode's single runs minus {}'s, taken within each trial \
+                 (the programs are loaded anew for every trial). Single runs cost more than \
                  the loop for a fixed part (the MAC swap: {:.0} ns against {:.0}) and for \
                  caches and branch predictors cooled by the syscall around each run, which \
                  cost the dispatch program far more than the MAC swap and about the same in \
@@ -896,7 +897,8 @@ the loop dispatches every time; `ipip` grows the frame that the next repetition 
 so every mode is also timed by single runs (`repeat` 1, the frame copied in each time), \
 in turn, and `ipip`'s ns/packet is `l2dsr`'s loop figure plus the difference of their \
 single runs (the same program up to the last step, so the single runs' extra costs cancel; \
-the same estimate for `rewrite` checks it against its loop figure).\n\
+the same estimate for `rewrite` checks it against its loop figure). The modes' programs \
+and maps are loaded anew for every trial, so their medians are over several loads.\n\
 - **Throughput**: a generator thread pinned to CPU 0 writes the INVITE (each with its own \
 Call-ID) into the dispatcher's veth peer through an AF_PACKET socket, 64 frames per \
 `sendmmsg`, qdisc bypassed, blocking when the receiver backs up (trafgen was tried first: it \

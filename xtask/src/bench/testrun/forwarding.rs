@@ -18,20 +18,25 @@
 //! - `ipip`: the first repetition puts the outer header in front (20 or 40 bytes of
 //!   headroom taken); the next one sees an IP-in-IP packet, not the service's, and passes
 //!   it. So it is measured by single runs (`repeat` 1, the frame copied in anew each
-//!   time). A single run's figure carries costs the loop spreads or avoids: a clock read,
-//!   toggling softirqs, the call without the XDP dispatcher (set up only for `repeat` >
-//!   1), and caches and branch predictors cooled by the syscall around each run, which
-//!   cost the dispatcher (many maps, a large program) far more than the MAC swap (first
-//!   quick run: single runs put `rewrite` and `l2dsr` about 170 ns above their loop
-//!   figure, the MAC swap 40 ns). So every mode's single runs are timed in turn, trial
-//!   by trial, and `ipip` is set against `l2dsr`, which runs the same program the same way
-//!   up to the last step (parse, Call-ID scan, lookups, FIB lookup) and whose loop figure
-//!   is valid: ipip = l2dsr's loop figure + (ipip's single runs - l2dsr's single runs).
-//!   The same estimate for `rewrite`, whose loop figure is known too, checks the method.
+//!   time). A single run's figure includes more than the program: a clock read and
+//!   softirqs toggled around it, the call without the XDP dispatcher (the kernel sets that
+//!   up only for `repeat` > 1), and caches and branch predictors cooled by the syscall
+//!   around each run, which cost the sip_dispatch program (many maps, a large program)
+//!   far more than the MAC swap (quick runs: single runs about 200 ns above the loop
+//!   figure for `rewrite` and `l2dsr`, 40 ns for the MAC swap). So the single runs of
+//!   every mode are timed in turn, and `ipip` is set against `l2dsr`, which runs the same
+//!   program the same way up to the last step (parse, Call-ID scan, lookups, FIB lookup)
+//!   and whose loop figure is valid: ipip = l2dsr's loop figure + ipip's single runs -
+//!   l2dsr's single runs, taken within each trial. This figure is "as in the loop": it
+//!   assumes the single runs' extra cost is the same in both modes. The same estimate for
+//!   `rewrite`, whose loop figure is known too, checks that (within a few % in quick
+//!   runs); the raw single-run figures are reported as well.
 //!
 //! The choice is not only read from the source: a short loop of [`LOOP_PROBE`]
 //! repetitions is run first for every mode, and the loop is used only if the `xdp_tx`
-//! counter grew by all of them.
+//! counter grew by all of them. Every trial loads the programs and maps anew (where a
+//! load's maps and code land moves its figures by some tens of ns), so the medians are
+//! over several loads.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Instant,
@@ -103,7 +108,9 @@ pub struct ModeCost {
     pub reference: &'static str,
     pub reference_ns: f64,
     pub reference_single_ns: f64,
-    /// `reference_ns + single_ns - reference_single_ns`.
+    /// The reference's loop figure + this mode's single runs - the reference's single
+    /// runs, taken in each trial (side by side, on that trial's loads), median of the
+    /// trials.
     pub single_estimate_ns: f64,
     /// `xdp_tx` grew by exactly the runs and repetitions timed: every one dispatched.
     pub every_run_counted: bool,
@@ -121,9 +128,7 @@ pub(super) fn measure(plan: &Plan, ifindex: u32) -> Result<(Vec<ModeCost>, Vec<S
     }
     let mut failed = Vec::new();
     for trial in 0..plan.testrun_trials {
-        // Programs and maps loaded anew for every trial: where a load's maps land (cache
-        // sets) moves its figures by some tens of ns, the same way in every run of that
-        // load; the median of the trials is then over several loads.
+        // Programs and maps loaded anew for every trial (see the module's comment).
         let mut dps = Vec::new();
         for (name, mode) in MODES {
             if families.iter().all(|f| f.gone(name)) {
@@ -473,8 +478,8 @@ impl Family {
     /// The rows, and the modes left out with the reason.
     fn results(self, plan: &Plan) -> (Vec<ModeCost>, Vec<String>) {
         let family = self.family();
-        let mac_swap_ns = median(self.mac_loop) as f64;
-        let mac_swap_single_ns = median_f64(self.mac_single);
+        let mac_swap_ns = median(self.mac_loop.clone()) as f64;
+        let mac_swap_single_ns = median_f64(self.mac_single.clone());
         let (done, failed): (Vec<Subject>, Vec<Subject>) = self
             .subjects
             .into_iter()
@@ -493,19 +498,38 @@ impl Family {
                 (loop_ns, median_f64(s.single_ns.clone()))
             })
             .collect();
-        let (reference, reference_ns, reference_single_ns) = done
+        // The reference's figures of each trial: its loop, its single runs.
+        let (reference, per_trial): (&'static str, Vec<(f64, f64)>) = done
             .iter()
-            .zip(&figures)
-            .find_map(|(s, (loop_ns, single))| {
-                (s.name == "l2dsr").then_some(())?;
-                Some(("l2dsr", (*loop_ns)?, *single))
-            })
-            .unwrap_or(("mac_swap", mac_swap_ns, mac_swap_single_ns));
+            .find(|s| s.name == "l2dsr" && s.repeat.is_some())
+            .map_or_else(
+                || {
+                    let t = self.mac_loop.iter().map(|&ns| ns as f64);
+                    ("mac_swap", t.zip(self.mac_single.iter().copied()).collect())
+                },
+                |r| {
+                    let t = r.loop_ns.iter().map(|&ns| ns as f64);
+                    ("l2dsr", t.zip(r.single_ns.iter().copied()).collect())
+                },
+            );
+        let reference_ns = median_f64(per_trial.iter().map(|t| t.0).collect());
+        let reference_single_ns = median_f64(per_trial.iter().map(|t| t.1).collect());
+        // Within a trial the modes ran side by side on the loads of that trial: the
+        // estimate is taken trial by trial, then the median.
+        let estimate = |s: &Subject| {
+            median_f64(
+                per_trial
+                    .iter()
+                    .zip(&s.single_ns)
+                    .map(|((loop_ns, single), own)| loop_ns + own - single)
+                    .collect(),
+            )
+        };
         let rows = done
             .iter()
             .zip(figures)
             .map(|(s, (loop_ns, single_ns))| {
-                let single_estimate_ns = reference_ns + single_ns - reference_single_ns;
+                let single_estimate_ns = estimate(s);
                 let dispatch_ns = loop_ns.unwrap_or(single_estimate_ns);
                 ModeCost {
                     mode: s.name,
