@@ -38,7 +38,7 @@ use sip_dispatch_common::{
 use sip_dispatch_testbed::{cancel, cmd};
 
 use crate::{
-    Plan,
+    Plan, brief,
     messages::{self, Packet},
     note,
 };
@@ -483,7 +483,15 @@ fn measure(plan: &Plan) -> Result<TestRunResults> {
         .map(|c| c.packet.clone())
         .context("no INVITE among the packets")?;
     let affinity = Some(measure_affinity(plan, ifindex, &invite)?);
-    let (forwarding, forwarding_failed) = forwarding::measure(plan, ifindex)?;
+    // A failure there leaves the rows above standing.
+    let (forwarding, forwarding_failed) = match forwarding::measure(plan, ifindex) {
+        Ok(done) => done,
+        Err(e) => {
+            cancel::check()?;
+            note(format!("forwarding modes not measured: {}", brief(&e)));
+            (Vec::new(), vec![brief(&e)])
+        }
+    };
     Ok(TestRunResults {
         packets: results,
         affinity,

@@ -56,8 +56,8 @@ use sip_dispatch_common::{
 use sip_dispatch_testbed::cancel;
 
 use super::{
-    BACKENDS, BACKENDS6, CLIENT, CLIENT6, OWN4, OWN6, Runner, VETH, VIP, VIP6, XDP_TX, counter,
-    median, neighbour_mac, weighted,
+    BACKENDS, BACKENDS6, CLIENT, CLIENT6, OWN4, OWN6, Runner, VETH, VIP, VIP6, XDP_PASS, XDP_TX,
+    counter, median, neighbour_mac, weighted,
 };
 use crate::{Plan, brief, messages, note};
 
@@ -71,7 +71,7 @@ const MODES: [(&str, u32); 3] = [
 /// Repetitions of the probe that tells whether the kernel's loop dispatches every time.
 const LOOP_PROBE: u32 = 64;
 
-/// Single runs of one program before switching to the other.
+/// Single runs of one program before the next program's turn.
 const SINGLE_CHUNK: usize = 256;
 
 /// One mode and family: the typical INVITE's cost next to the MAC swap's.
@@ -85,7 +85,8 @@ pub struct ModeCost {
     /// How `dispatch_ns` was obtained: "repeat" (the kernel's loop) or "single runs"
     /// (`single_estimate_ns`).
     pub method: &'static str,
-    /// ns/packet of sip_dispatch and of the MAC swap (the kernel's loop, median of the
+    /// ns/packet of sip_dispatch (`loop_ns`, or `single_estimate_ns` where the loop does
+    /// not dispatch every time) and of the MAC swap (the kernel's loop, median of the
     /// trials), and their ratio.
     pub dispatch_ns: f64,
     pub mac_swap_ns: f64,
@@ -226,7 +227,15 @@ fn invite_frame(v6: bool) -> Result<Vec<u8>> {
 /// Checks the frame leaves as the mode says, before timing it; returns its length.
 fn check_mode(run: &Runner, prog: &Xdp, mode: u32, v6: bool, frame: &[u8]) -> Result<usize> {
     let (verdict, out) = run.once(prog, frame)?;
-    ensure!(verdict == XDP_TX, "verdict {verdict}, not XDP_TX");
+    ensure!(
+        verdict == XDP_TX,
+        "verdict {verdict} ({}), not XDP_TX",
+        if verdict == XDP_PASS {
+            "XDP_PASS: the counters say why"
+        } else {
+            "not XDP_PASS either"
+        }
+    );
     let (vip, backends, first_mac): (SocketAddr, _, usize) = if v6 {
         (VIP6.parse()?, BACKENDS6, 5)
     } else {
