@@ -56,8 +56,8 @@ use sip_dispatch_common::{
 use sip_dispatch_testbed::cancel;
 
 use super::{
-    BACKENDS, BACKENDS6, CLIENT, CLIENT6, OWN4, OWN6, Runner, VETH, VIP, VIP6, XDP_PASS, XDP_TX,
-    counter, median, neighbour_mac, weighted,
+    BACKENDS, BACKENDS6, CLIENT, CLIENT6, OWN4, OWN6, Runner, VETH, VIP, VIP6, XDP_TX, counter,
+    median, neighbour_mac, weighted,
 };
 use crate::{Plan, brief, messages, note};
 
@@ -227,15 +227,7 @@ fn invite_frame(v6: bool) -> Result<Vec<u8>> {
 /// Checks the frame leaves as the mode says, before timing it; returns its length.
 fn check_mode(run: &Runner, prog: &Xdp, mode: u32, v6: bool, frame: &[u8]) -> Result<usize> {
     let (verdict, out) = run.once(prog, frame)?;
-    ensure!(
-        verdict == XDP_TX,
-        "verdict {verdict} ({}), not XDP_TX",
-        if verdict == XDP_PASS {
-            "XDP_PASS: the counters say why"
-        } else {
-            "not XDP_PASS either"
-        }
-    );
+    ensure!(verdict == XDP_TX, "verdict {verdict}, not XDP_TX");
     let (vip, backends, first_mac): (SocketAddr, _, usize) = if v6 {
         (VIP6.parse()?, BACKENDS6, 5)
     } else {
@@ -404,7 +396,11 @@ impl Family {
     fn prepare(&mut self, plan: &Plan, i: usize, mode: u32, dp: &mut Dataplane) -> Result<()> {
         let (run, frame, v6) = (&self.run, &self.frame, self.v6);
         let s = &mut self.subjects[i];
-        s.out_bytes = check_mode(run, dp.dispatch_program()?, mode, v6, frame)?;
+        let counted = dp.counters()?;
+        s.out_bytes = match check_mode(run, dp.dispatch_program()?, mode, v6, frame) {
+            Ok(n) => n,
+            Err(e) => return Err(e.context(format!("counted: {}", grown(&counted, dp)))),
+        };
         let before = counter(dp, Counter::Tx)?;
         run.timed(dp.dispatch_program()?, frame, LOOP_PROBE)?;
         let probed = counter(dp, Counter::Tx)? - before;
@@ -570,6 +566,21 @@ impl Family {
             .collect();
         (rows, failed)
     }
+}
+
+/// The counters that grew since `before` (what a frame that was not dispatched met).
+fn grown(before: &[(Counter, u64)], dp: &Dataplane) -> String {
+    let Ok(after) = dp.counters() else {
+        return "(counters unreadable)".into();
+    };
+    after
+        .iter()
+        .filter_map(|(c, n)| {
+            let was = before.iter().find(|(b, _)| b == c).map_or(0, |(_, v)| *v);
+            (*n > was).then(|| format!("{c:?} +{}", n - was))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Single runs of `prog`, `SINGLE_CHUNK` of them: the kernel's ns of each.
