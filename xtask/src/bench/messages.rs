@@ -28,11 +28,12 @@ pub struct Packet {
 
 fn sdp(client: SocketAddr) -> String {
     let ip = client.ip();
+    let family = if ip.is_ipv4() { "IP4" } else { "IP6" };
     format!(
         "v=0\r\n\
-         o=sdbench 2890844526 2890844526 IN IP4 {ip}\r\n\
+         o=sdbench 2890844526 2890844526 IN {family} {ip}\r\n\
          s=sd-bench call\r\n\
-         c=IN IP4 {ip}\r\n\
+         c=IN {family} {ip}\r\n\
          t=0 0\r\n\
          m=audio 49170 RTP/AVP 0 8 9 18 101\r\n\
          a=rtpmap:0 PCMU/8000\r\n\

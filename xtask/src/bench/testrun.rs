@@ -13,6 +13,11 @@
 //! services whose only backend is the first service: the frame bounces between the VIP
 //! and one backend address, and each repetition does the full work. The counters check it:
 //! `xdp_tx` must grow by exactly the number of repetitions.
+//!
+//! The forwarding modes (rewrite, l2dsr, ipip) are measured in [`forwarding`], IPv4 and
+//! IPv6, in the same namespace.
+mod forwarding;
+
 use std::{
     net::SocketAddr,
     thread,
@@ -33,7 +38,7 @@ use sip_dispatch_common::{
 use sip_dispatch_testbed::{cancel, cmd};
 
 use crate::{
-    Plan,
+    Plan, brief,
     messages::{self, Packet},
     note,
 };
@@ -42,6 +47,16 @@ use crate::{
 const VIP: &str = "198.18.1.100:5060";
 const BACKENDS: [&str; 3] = ["198.18.1.21:5060", "198.18.1.22:5060", "198.18.1.23:5060"];
 const CLIENT: &str = "198.18.1.10:5070";
+const VIP6: &str = "[2001:db8:1::100]:5060";
+const BACKENDS6: [&str; 3] = [
+    "[2001:db8:1::21]:5060",
+    "[2001:db8:1::22]:5060",
+    "[2001:db8:1::23]:5060",
+];
+const CLIENT6: &str = "[2001:db8:1::10]:5070";
+/// The veth's own addresses: the outer source of `ipip`.
+const OWN4: &str = "198.18.1.1";
+const OWN6: &str = "2001:db8:1::1";
 const VETH: (&str, [u8; 6]) = ("sdb0", [0x02, 0, 0, 0, 0, 0xaa]);
 
 /// XDP verdicts (`enum xdp_action`).
@@ -90,6 +105,10 @@ pub struct AffinityCost {
 pub struct TestRunResults {
     pub packets: Vec<PacketCost>,
     pub affinity: Option<AffinityCost>,
+    /// The typical INVITE in each forwarding mode, IPv4 and IPv6.
+    pub forwarding: Vec<forwarding::ModeCost>,
+    /// Modes that could not be measured, and why.
+    pub forwarding_failed: Vec<String>,
 }
 
 impl TestRunResults {
@@ -133,10 +152,24 @@ fn private_netns() -> Result<u32> {
         ["link", "set", VETH.0, "address", &mac_text(VETH.1), "up"],
     )?;
     cmd::run("ip", ["link", "set", "sdb1", "up"])?;
-    cmd::run("ip", ["addr", "add", "198.18.1.1/24", "dev", VETH.0])?;
-    for (i, addr) in std::iter::once(VIP).chain(BACKENDS).enumerate() {
+    cmd::run("ip", ["addr", "add", &format!("{OWN4}/24"), "dev", VETH.0])?;
+    cmd::run(
+        "ip",
+        [
+            "-6",
+            "addr",
+            "add",
+            &format!("{OWN6}/64"),
+            "dev",
+            VETH.0,
+            "nodad",
+        ],
+    )?;
+    let v4 = std::iter::once(VIP).chain(BACKENDS);
+    let v6 = std::iter::once(VIP6).chain(BACKENDS6);
+    for (i, addr) in v4.chain(v6).enumerate() {
         let ip = addr.parse::<SocketAddr>()?.ip().to_string();
-        let mac = mac_text([0x02, 0, 0, 0, 0x01, i as u8 + 1]);
+        let mac = mac_text(neighbour_mac(i));
         cmd::run(
             "ip",
             [
@@ -154,6 +187,8 @@ fn private_netns() -> Result<u32> {
     }
     std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
         .context("turning forwarding on in the private namespace")?;
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+        .context("turning IPv6 forwarding on in the private namespace")?;
     let ifindex = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", VETH.0))
         .ok()
         .and_then(|s| s.trim().parse().ok());
@@ -165,6 +200,12 @@ fn private_netns() -> Result<u32> {
             Ok(unsafe { libc::if_nametoindex(name.as_ptr()) })
         }
     }
+}
+
+/// The MAC of the `i`th neighbour entry: the VIP, its three backends, then the same for
+/// IPv6.
+fn neighbour_mac(i: usize) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x01, i as u8 + 1]
 }
 
 fn weighted(addrs: &[&str]) -> Result<Vec<Weighted>> {
@@ -442,8 +483,19 @@ fn measure(plan: &Plan) -> Result<TestRunResults> {
         .map(|c| c.packet.clone())
         .context("no INVITE among the packets")?;
     let affinity = Some(measure_affinity(plan, ifindex, &invite)?);
+    // A failure there leaves the rows above standing.
+    let (forwarding, forwarding_failed) = match forwarding::measure(plan, ifindex) {
+        Ok(done) => done,
+        Err(e) => {
+            cancel::check()?;
+            note(format!("forwarding modes not measured: {}", brief(&e)));
+            (Vec::new(), vec![brief(&e)])
+        }
+    };
     Ok(TestRunResults {
         packets: results,
         affinity,
+        forwarding,
+        forwarding_failed,
     })
 }
