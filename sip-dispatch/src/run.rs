@@ -148,10 +148,11 @@ pub fn source_addresses(
             probe.set(ip);
         }
         let ipip = family().any(|s| s.forwarding == ForwardingMode::Ipip);
-        if ipip && encap.get(v6).is_none() {
-            if let Some(ip) = probe.get(v6) {
-                encap.set(ip);
-            }
+        if ipip
+            && encap.get(v6).is_none()
+            && let Some(ip) = probe.get(v6)
+        {
+            encap.set(ip);
         }
     }
     Ok((probe, encap))
