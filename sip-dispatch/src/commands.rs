@@ -273,8 +273,9 @@ fn backends_table(v: &Value) -> String {
     let mut out = String::new();
     for s in v["services"].as_array().into_iter().flatten() {
         out += &format!(
-            "service {}  table generation {}  priority in use {}\n",
+            "service {}  forwarding {}  table generation {}  priority in use {}\n",
             text(&s["vip"]),
+            text(&s["forwarding"]),
             text(&s["generation"]),
             text(&s["priority"])
         );

@@ -57,6 +57,8 @@ pub struct Service {
     pub cli_added: BTreeSet<SocketAddr>,
     /// Configured static backends removed with `backends remove`.
     pub removed: BTreeSet<SocketAddr>,
+    /// How its packets reach the backends (shown by `backends list`).
+    pub forwarding: crate::cli::ForwardingMode,
 }
 
 impl Service {
@@ -73,6 +75,7 @@ impl Service {
             tables: watch::channel(None).0,
             cli_added: BTreeSet::new(),
             removed: BTreeSet::new(),
+            forwarding: Default::default(),
         }
     }
 
@@ -1378,6 +1381,7 @@ impl Controller {
                     .collect();
                 serde_json::json!({
                     "vip": s.vip,
+                    "forwarding": s.forwarding.name(),
                     "generation": s.generation,
                     "priority": s.published.as_ref().and_then(|p| p.priority),
                     "backends": backends,

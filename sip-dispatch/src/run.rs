@@ -219,7 +219,9 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         .enumerate()
         .map(|(id, s)| {
             let statics = s.backends.iter().map(Candidate::from).collect();
-            Service::new(id as u32, s.vip, statics, &s.srv)
+            let mut service = Service::new(id as u32, s.vip, statics, &s.srv);
+            service.forwarding = s.forwarding;
+            service
         })
         .collect();
 

@@ -237,6 +237,14 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
     let daemon = bed.start_daemon(mode);
     let nat = OnlyFromVip::install(bed.client_ns(), bed.vip.ip()).expect("NAT stand-in");
     let mut problems = Vec::new();
+    let list = bed.cli(&["backends", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+    if list["services"][0]["forwarding"] != mode {
+        problems.push(format!(
+            "backends list shows forwarding {}",
+            list["services"][0]["forwarding"]
+        ));
+    }
 
     // Connected sockets: only an answer from the VIP reaches them. sipsak takes no IPv6
     // address in its URI, so IPv6 has the test's own connected socket only.
