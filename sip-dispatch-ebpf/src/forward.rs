@@ -57,7 +57,11 @@ pub(super) fn set_macs(ctx: &XdpContext, fib: *const FibLookup) -> Result<(), Co
 
 /// Puts an outer IPv4 or IPv6 header (protocol 4 or 41) from the encapsulation source
 /// to the backend in front of the IP packet, behind the Ethernet header (and VLAN tag,
-/// kept), with the FIB's MACs. The frame is unchanged when it fails.
+/// kept), with the FIB's MACs. The outer header carries the inner one's DSCP and ECN
+/// (RFC 6040's normal mode) and, in IPv4, DF with ID 0 (an atomic datagram, RFC 6864:
+/// the FIB said it fits the egress MTU). The frame is unchanged when it fails up to the
+/// head adjustment; the failures after it cannot happen (the frame only grew) and pass
+/// what is left.
 ///
 /// Verifier constraint: the program's stack and a bpf_loop callback's share 512 bytes, so
 /// nothing here is built on the stack: the Ethernet header waits in scratch, and the
@@ -92,12 +96,15 @@ pub(super) fn encapsulate(
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, dg.l3) else {
             return undo(ctx, outer);
         };
+        let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, dg.l3 + outer) else {
+            return undo(ctx, outer);
+        };
         unsafe {
             (*ip).vihl = 0x45;
-            (*ip).tos = 0;
+            (*ip).tos = (*inner).tos;
             (*ip).tot_len = ((outer + inner_len) as u16).to_be_bytes();
             (*ip).id = [0; 2];
-            (*ip).frags = [0; 2];
+            (*ip).frags = IPV4_DF;
             (*ip).ttl = 64;
             (*ip).proto = IPPROTO_IPIP;
             (*ip).check = [0; 2];
@@ -109,8 +116,13 @@ pub(super) fn encapsulate(
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, dg.l3) else {
             return undo(ctx, outer);
         };
+        let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, dg.l3 + outer) else {
+            return undo(ctx, outer);
+        };
         unsafe {
-            (*ip).vcf = [0x60, 0, 0, 0];
+            // Version 6 and the inner traffic class; no flow label.
+            let vcf = (*inner).vcf;
+            (*ip).vcf = [vcf[0], vcf[1] & 0xf0, 0, 0];
             (*ip).payload_len = (inner_len as u16).to_be_bytes();
             (*ip).next_hdr = IPPROTO_IPV6;
             (*ip).hop_limit = 64;
@@ -157,8 +169,10 @@ fn undo(ctx: &XdpContext, outer: usize) -> Result<(), Counter> {
     Err(Counter::PassEncap)
 }
 
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
+/// Don't fragment, offset 0 (network byte order).
+const IPV4_DF: [u8; 2] = [0x40, 0];
+pub(super) const IPPROTO_IPIP: u8 = 4;
+pub(super) const IPPROTO_IPV6: u8 = 41;
 
 /// The header checksum of an IPv4 header without options (its `check` zero).
 #[inline(always)]

@@ -347,9 +347,12 @@ fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
     let udp = unsafe { &*udp };
     key.port = u16::from_ne_bytes(udp.dst);
     let udp_len = u16::from_be_bytes(udp.len) as usize;
-    // Lengths that claim more than the frame holds, or less than a UDP header. (A first
-    // fragment's UDP length covers the reassembled datagram: it stays a fragment.)
-    if unhandled.is_none() && (udp_len < UdpHdr::LEN || l4 + udp_len > ip_end || ip_end > frame_len)
+    // Lengths that claim more than the frame holds, or less than a UDP header, or a UDP
+    // datagram that does not end where the IP packet does (what the frame carries is
+    // then not what the lengths say: the stack trims it). A first fragment's UDP length
+    // covers the reassembled datagram: it stays a fragment.
+    if unhandled.is_none()
+        && (udp_len < UdpHdr::LEN || l4 + udp_len != ip_end || ip_end > frame_len)
     {
         unhandled = Some(Counter::PassTruncated);
     }
@@ -561,19 +564,35 @@ fn fib_lookup(
     zero(fib);
     // SAFETY: scratch is this CPU's, and all zeroes is a valid FibLookup.
     let f = unsafe { &mut *fib };
-    f.l4_protocol = IPPROTO_UDP;
-    f.dport = backend.port;
     f.ifindex = ctx.ingress_ifindex() as u32;
     // With `extra` (an outer header), the FIB says whether the packet still fits the
-    // egress MTU.
+    // egress MTU, and looks up the packet as it will leave: from the encapsulation
+    // source, protocol 4 or 41, no ports (policy routing sees what it will route).
     f.__bindgen_anon_1.tot_len = (dg.l4 - dg.l3 + UdpHdr::LEN + dg.payload_len + extra) as u16;
+    let mut src = dg.src;
+    if extra > 0 {
+        let encap = ENCAP.get(0).ok_or(Counter::PassEncap)?;
+        src = if dg.family == FAMILY_V4 {
+            [encap.v4, 0, 0, 0]
+        } else {
+            encap.v6
+        };
+        f.l4_protocol = if dg.family == FAMILY_V4 {
+            forward::IPPROTO_IPIP
+        } else {
+            forward::IPPROTO_IPV6
+        };
+    } else {
+        f.l4_protocol = IPPROTO_UDP;
+        f.dport = backend.port;
+    }
     if dg.family == FAMILY_V4 {
         f.family = AF_INET;
-        f.__bindgen_anon_3.ipv4_src = dg.src[0];
+        f.__bindgen_anon_3.ipv4_src = src[0];
         f.__bindgen_anon_4.ipv4_dst = backend.addr[0];
     } else {
         f.family = AF_INET6;
-        f.__bindgen_anon_3.ipv6_src = dg.src;
+        f.__bindgen_anon_3.ipv6_src = src;
         f.__bindgen_anon_4.ipv6_dst = backend.addr;
     }
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibLookup>() as i32, 0) };

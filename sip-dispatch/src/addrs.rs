@@ -124,6 +124,12 @@ impl SourceAddrs {
     }
 }
 
+/// Whether `ip` is a unicast address a host may use as its own: not unspecified,
+/// loopback, link-local, multicast or broadcast.
+pub fn is_unicast(ip: IpAddr) -> bool {
+    special(ip).is_none()
+}
+
 /// Checks that `ip` may be a source address of this host (`what` names the setting).
 pub fn check_source(what: &str, ip: IpAddr, local: &[IpAddr]) -> Result<(), String> {
     if let Some(kind) = special(ip) {

@@ -488,6 +488,14 @@ impl Settings {
                 );
             }
         }
+        for ip in encap_source.iter() {
+            if let Some(s) = services.iter().find(|s| s.vip.ip() == ip) {
+                bail!(
+                    "encap-source {ip} is the VIP of service {}: the backends hold the VIP too, and drop packets from their own address",
+                    s.vip
+                );
+            }
+        }
 
         Ok(Settings {
             pin_path: args
@@ -1229,13 +1237,21 @@ forwarding = "l2dsr"
             "--encap-source 224.0.0.1 is a multicast address, not a unicast address"
         );
         assert_eq!(
+            with(&["--encap-source", "198.18.0.100"]),
+            "encap-source 198.18.0.100 is the VIP of service 198.18.0.100:5060: the backends hold the VIP too, and drop packets from their own address"
+        );
+        assert_eq!(
+            with(&["--encap-source", "127.0.0.1", "--encap-source", "127.0.0.1"]),
+            "--encap-source 127.0.0.1 is a loopback address, not a unicast address"
+        );
+        assert_eq!(
             with(&[
                 "--encap-source",
-                "198.18.0.100",
+                "2001:db8::100",
                 "--encap-source",
-                "198.18.0.100"
+                "2001:db8::100"
             ]),
-            "encap-source 198.18.0.100: one address per family (IPv4 and IPv6) at most"
+            "encap-source 2001:db8::100: one address per family (IPv4 and IPv6) at most"
         );
         assert!(
             Settings::resolve_on_host(

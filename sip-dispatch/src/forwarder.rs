@@ -4,13 +4,17 @@
 //!   ([`RawUdp`]).
 //! - `ipip`: the client's datagram, unchanged (to the VIP), inside an outer IP header
 //!   from the encapsulation source to the backend: a raw `IPPROTO_IPIP` (IPv6:
-//!   `IPPROTO_IPV6`) socket, for which we build the inner datagram and the kernel adds
-//!   the outer header and fragments the outer packet as needed.
+//!   `IPPROTO_IPV6`) socket, for which we build the inner datagram, in fragments that
+//!   fit the path MTU with their outer header, and the kernel adds the outer header.
 //! - `l2dsr`: the client's datagram, unchanged (to the VIP), in Ethernet frames to the
 //!   backend's MAC address on the dispatcher's interface: an `AF_PACKET` socket, for
-//!   which we build the datagram and fragment it to the interface's MTU.
+//!   which we build the datagram and fragment it to the path MTU.
+//!
+//! The path MTU towards a backend is the smaller of the interface's MTU and the route's
+//! (a route `mtu`, or what path MTU discovery learnt), as the fast path's FIB lookup
+//! sees it.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     ffi::CString,
     io,
     net::{IpAddr, SocketAddr},
@@ -34,8 +38,8 @@ use crate::{
 pub enum SendError {
     /// l2dsr: the backend has no usable entry in the interface's neighbour table.
     NotOnLink,
-    /// It does not fit: ipip, an inner datagram longer than one outer IP packet can
-    /// carry; any mode, a payload longer than one UDP datagram.
+    /// A payload longer than one IP datagram can carry (a guard: the kernel delivers
+    /// no such datagram to the slow path).
     TooBig,
     Io(io::Error),
 }
@@ -202,7 +206,10 @@ impl Ipip {
                 format!("backend {backend} is not of the VIP {vip}'s family"),
             )));
         }
-        let room = self.mtu.current().saturating_sub(Ipip::outer_len(self.v6));
+        let room = self
+            .mtu
+            .towards(backend)
+            .saturating_sub(Ipip::outer_len(self.v6));
         let pieces = fragments(
             client,
             vip,
@@ -299,7 +306,7 @@ impl L2dsr {
             self.warned.remove(&backend);
         }
         let v6 = vip.is_ipv6();
-        let mtu = self.mtu.current();
+        let mtu = self.mtu.towards(backend);
         let frames = fragments(
             client,
             vip,
@@ -352,12 +359,17 @@ fn fragments(
     })
 }
 
-/// An interface's MTU, read again at most every [`MTU_MAX_AGE`].
+/// An interface's MTU and the route MTUs towards backends, each read again at most every
+/// [`MTU_MAX_AGE`].
 struct InterfaceMtu {
     iface: String,
     mtu: usize,
     read_at: Instant,
+    routes: HashMap<IpAddr, (usize, Instant)>,
 }
+
+/// Backends whose route MTU is kept at once (the map is emptied when full).
+const MAX_ROUTE_MTUS: usize = 4096;
 
 impl InterfaceMtu {
     fn read(iface: &str) -> io::Result<InterfaceMtu> {
@@ -365,7 +377,32 @@ impl InterfaceMtu {
             iface: iface.to_owned(),
             mtu: interface_mtu(iface)?,
             read_at: Instant::now(),
+            routes: HashMap::new(),
         })
+    }
+
+    /// The path MTU towards `backend`: the interface's, or the route's when smaller.
+    fn towards(&mut self, backend: IpAddr) -> usize {
+        let iface = self.current();
+        let now = Instant::now();
+        if let Some(&(mtu, at)) = self.routes.get(&backend)
+            && now.saturating_duration_since(at) < MTU_MAX_AGE
+        {
+            return mtu.min(iface);
+        }
+        match route_mtu(backend) {
+            Ok(mtu) => {
+                if self.routes.len() >= MAX_ROUTE_MTUS {
+                    self.routes.clear();
+                }
+                self.routes.insert(backend, (mtu, now));
+                mtu.min(iface)
+            }
+            Err(e) => {
+                log::debug!("slow path: the route MTU towards {backend}: {e}");
+                iface
+            }
+        }
     }
 
     fn current(&mut self) -> usize {
@@ -383,6 +420,38 @@ impl InterfaceMtu {
 
 /// How long the interface's MTU is used before it is read again.
 const MTU_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The route's MTU towards `to` (`IP_MTU` / `IPV6_MTU` of a UDP socket connected to it:
+/// the route's `mtu`, or the path MTU the kernel learnt, else the egress interface's).
+fn route_mtu(to: IpAddr) -> io::Result<usize> {
+    let sock = Socket::new(
+        Domain::for_address(SocketAddr::new(to, 9)),
+        Type::DGRAM,
+        None,
+    )?;
+    sock.connect(&SocketAddr::new(to, 9).into())?;
+    let (level, name) = match to {
+        IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
+        IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `mtu` and `len` are valid for writes of the sizes given; the fd is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&raw mut mtu).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(mtu)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("route MTU {mtu}")))
+}
 
 /// The MTU of `iface` in this thread's network namespace (`SIOCGIFMTU`; sysfs shows the
 /// namespace sysfs was mounted in).

@@ -130,11 +130,10 @@ pub fn source_addresses(
         };
         let dsr = family().find(|s| s.forwarding.answers_from_vip());
         if let (Some(service), None) = (dsr, probe.get(v6)) {
-            let picked = iface_addrs.iter().copied().find(|ip| {
+            let picked = iface_addrs.iter().copied().find(|&ip| {
                 ip.is_ipv6() == v6
-                    && crate::addrs::check_source("", *ip, iface_addrs).is_ok()
-                    && !matches!(ip, std::net::IpAddr::V6(a) if a.is_unicast_link_local())
-                    && !settings.services.iter().any(|s| s.vip.ip() == *ip)
+                    && crate::addrs::is_unicast(ip)
+                    && !settings.services.iter().any(|s| s.vip.ip() == ip)
             });
             let Some(ip) = picked else {
                 bail!(
@@ -301,11 +300,11 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     let mut dp = Dataplane::load(&pin_path, &iface, reset, provisional_key, affinity)?;
     // (Read under the pin lock: no other daemon changes it now.)
     let adopted_link = pin_path.join(crate::dataplane::LINK_PIN).exists();
-    let mut forwarding = Vec::new();
+    let mut ip_forwarding = Vec::new();
     let endpoints = async {
         for v6 in [false, true] {
             if services.iter().any(|s| s.vip.is_ipv6() == v6) {
-                forwarding.push(Forwarding::enable(&iface, v6)?);
+                ip_forwarding.push(Forwarding::enable(&iface, v6)?);
             }
         }
         let mut slow_sockets = Vec::new();
@@ -324,7 +323,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     let (slow_sockets, control_listener, metrics_listener) = match endpoints {
         Ok(bound) => bound,
         Err(e) => {
-            abandon_start(&mut dp, adopted_link, false, forwarding);
+            abandon_start(&mut dp, adopted_link, false, ip_forwarding);
             return Err(e);
         }
     };
@@ -341,7 +340,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     let (keep_until_attached, (_state_lock, saved_state)) = match checked {
         Ok(checked) => checked,
         Err(e) => {
-            abandon_start(&mut dp, adopted_link, false, forwarding);
+            abandon_start(&mut dp, adopted_link, false, ip_forwarding);
             return Err(e);
         }
     };
@@ -364,7 +363,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     let mode = match take_over(&mut ctl, xdp_mode, keep_until_attached, encap, &mut wrote).await {
         Ok(mode) => mode,
         Err(e) => {
-            abandon_start(ctl.dataplane(), adopted_link, wrote, forwarding);
+            abandon_start(ctl.dataplane(), adopted_link, wrote, ip_forwarding);
             return Err(e);
         }
     };
@@ -437,7 +436,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         );
     } else {
         ctl.dataplane().detach();
-        forwarding.into_iter().for_each(Forwarding::restore);
+        ip_forwarding.into_iter().for_each(Forwarding::restore);
         log::info!("detached from {iface}");
     }
     drop(ctl);
@@ -690,10 +689,10 @@ mod tests {
         assert_eq!(probe.get(false), Some(ip("198.18.0.1")));
         assert_eq!(encap.get(false), Some(ip("198.18.0.1")), "the probe source");
         let (probe, encap) =
-            with(&["--forwarding", "ipip", "--encap-source", "198.18.0.100"]).unwrap();
+            with(&["--forwarding", "ipip", "--encap-source", "198.18.0.5"]).unwrap();
         assert_eq!(
             (probe.get(false), encap.get(false)),
-            (Some(ip("198.18.0.1")), Some(ip("198.18.0.100")))
+            (Some(ip("198.18.0.1")), Some(ip("198.18.0.5")))
         );
         let e = source_addresses(
             &settings(&[

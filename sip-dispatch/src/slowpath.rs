@@ -393,7 +393,8 @@ pub struct Counters {
     /// l2dsr: datagrams dropped because their backend has no neighbour entry on the
     /// interface.
     pub not_on_link: AtomicU64,
-    /// Datagrams dropped because they do not fit (ipip: longer than one outer packet).
+    /// l2dsr, ipip: datagrams dropped because one IP datagram cannot carry them (a guard:
+    /// the kernel reassembles nothing that large).
     pub too_big: AtomicU64,
     /// What was forwarded, per backend.
     per_backend: Mutex<HashMap<SocketAddr, Forwarded>>,

@@ -1,7 +1,7 @@
 //! Backends of the direct-server-return modes (`--forwarding l2dsr|ipip`), set up the way
 //! the README tells operators: the VIP on `lo` (IPv6 without DAD), ARP kept off it
 //! (`arp_ignore=1`, `arp_announce=2`; Linux answers neighbour solicitations only for the
-//! addresses of the receiving interface, so IPv6 needs nothing), `rp_filter` off, and for
+//! addresses of the receiving interface, so IPv6 needs nothing), strict `rp_filter`, and for
 //! `ipip` the decapsulation: `sip-dispatch decap` on the backend's interface (this kernel
 //! has no ipip or ip6tnl module).
 //!
@@ -40,11 +40,14 @@ pub fn prepare_backend(
         add.push("nodad".to_owned());
     }
     netns::exec(ns, "ip", &add).with_context(|| format!("the VIP on lo in {ns}"))?;
+    // Strict reverse-path filtering stays on: the client's datagrams (l2dsr, and ipip
+    // after `sip-dispatch decap`) arrive on the interface the backend routes the client
+    // through.
     for setting in [
         "net.ipv4.conf.all.arp_ignore=1",
         "net.ipv4.conf.all.arp_announce=2",
-        "net.ipv4.conf.all.rp_filter=0",
-        &format!("net.ipv4.conf.{}.rp_filter=0", host.iface),
+        "net.ipv4.conf.all.rp_filter=1",
+        &format!("net.ipv4.conf.{}.rp_filter=1", host.iface),
     ] {
         netns::exec(ns, "sysctl", ["-qw", setting])
             .with_context(|| format!("{setting} in {ns}"))?;

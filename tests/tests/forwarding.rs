@@ -9,8 +9,10 @@
 //! - sipsak (a connected UDP socket) gets its OPTIONS answered through the VIP;
 //! - b1 is drained while calls are in progress: they end on b1 (call affinity), new
 //!   calls go to b2;
-//! - INVITEs of about 3 kB leave the client in fragments and reach the backends through
-//!   the slow path, which forwards them in the same mode.
+//! - with a route MTU of 1280 towards the backends: INVITEs of about 3 kB leave the client
+//!   in fragments, and INVITEs of about 1.3 kB exceed the route MTU (ipip: with the
+//!   outer header); both reach the backends through the slow path, which forwards them
+//!   in the same mode, in fragments that fit.
 //!
 //! In `rewrite` mode the same client sees the answers come from the backends: sipsak
 //! gets no answer and the NAT stand-in drops them (so these checks can fail).
@@ -151,6 +153,28 @@ impl DsrBed {
             .count()
     }
 
+    /// A route of MTU `mtu` from the dispatcher to each backend.
+    fn limit_route_mtu(&self, mtu: u32) {
+        let disp = self.topo.dispatcher().expect("dispatcher host");
+        for b in &self.own {
+            let prefix = if b.is_ipv6() { 128 } else { 32 };
+            let route = format!("{}/{prefix}", b.ip());
+            let mtu = mtu.to_string();
+            disp.ns
+                .ip([
+                    "route",
+                    "add",
+                    &route,
+                    "dev",
+                    &disp.iface,
+                    "mtu",
+                    "lock",
+                    &mtu,
+                ])
+                .unwrap_or_else(|e| panic!("route {route} mtu {mtu}: {e:#}"));
+        }
+    }
+
     fn cli(&self, args: &[&str]) -> std::process::Output {
         dispatcher::cli(&self.binary, &self.control, args).expect("running the CLI")
     }
@@ -233,6 +257,7 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
     let name = format!("{mode}-{}", if family == Family::V4 { "v4" } else { "v6" });
     let calls = 150;
     let big_calls = 20;
+    let mid_calls = 10;
     let mut bed = DsrBed::build(&name, family, mode == "ipip", Duration::from_secs(90));
     let daemon = bed.start_daemon(mode);
     let nat = OnlyFromVip::install(bed.client_ns(), bed.vip.ip()).expect("NAT stand-in");
@@ -278,6 +303,10 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
     let uac = uac.finish().expect("UAC");
     let per_call = uac.calls().expect("UAC calls");
 
+    // A route MTU of 1280 towards the backends, smaller than the client's 1500: the
+    // fast path's FIB lookup sees it, and so must the slow path's fragments.
+    bed.limit_route_mtu(1280);
+
     // Large INVITEs: fragments, reassembled by the dispatcher's stack, forwarded by the
     // slow path (b1 is drained: they all go to b2).
     let mut big = bed.uac_spec(big_calls, 10);
@@ -285,6 +314,15 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
     big.call_id = "%u-big@%s".to_owned();
     let big_uac = sipp::run_uac(bed.client_ns(), &big, &bed.dir, "uac-big").expect("big UAC");
     let big_per_call = big_uac.calls().expect("big UAC calls");
+
+    // INVITEs of about 1.3 kB: whole from the client, but over the route MTU (ipip: with
+    // the outer header). The fast path passes them (ipip `pass_encap`, l2dsr
+    // `pass_fib_miss`); the slow path fragments them to fit.
+    let mut mid = bed.uac_spec(mid_calls, 10);
+    mid.scenario = Scenario::File(scenario::big_invite(&bed.dir, 900).expect("scenario"));
+    mid.call_id = "%u-mid@%s".to_owned();
+    let mid_uac = sipp::run_uac(bed.client_ns(), &mid, &bed.dir, "uac-mid").expect("mid UAC");
+    let mid_per_call = mid_uac.calls().expect("mid UAC calls");
 
     let dropped = nat.dropped().expect("NAT stand-in counter");
     let exit: ExitStats = daemon.stop_with_stats().expect("exit stats");
@@ -302,6 +340,38 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
             .into_iter()
             .map(|p| format!("large INVITEs: {p}")),
     );
+    problems.extend(
+        uac_problems(&mid_uac, mid_calls)
+            .into_iter()
+            .map(|p| format!("INVITEs over the route MTU: {p}")),
+    );
+    problems.extend(
+        exactly_one_backend(&mid_per_call, &reports)
+            .into_iter()
+            .map(|p| format!("INVITEs over the route MTU: {p}")),
+    );
+    // The fast path carried the calls: every INVITE, ACK and BYE of the 2 s calls.
+    let fast = exit.counter("xdp_tx") + exit.counter("xdp_redirect");
+    if fast < u64::from(3 * calls) {
+        problems.push(format!(
+            "the fast path sent {fast} frames, fewer than the {} INVITEs, ACKs and BYEs: {:?}",
+            3 * calls,
+            exit.counters
+        ));
+    }
+    if exit.counter("pass_not_on_link") != 0 {
+        problems.push(format!("pass_not_on_link: {:?}", exit.counters));
+    }
+    let over_mtu = match mode {
+        "ipip" => exit.counter("pass_encap"),
+        _ => exit.counter("pass_fib_miss"),
+    };
+    if over_mtu < u64::from(mid_calls) {
+        problems.push(format!(
+            "{} INVITEs over the route MTU, but the fast path passed {over_mtu} as too big: {:?}",
+            mid_calls, exit.counters
+        ));
+    }
     if dropped != 0 {
         problems.push(format!(
             "the NAT stand-in dropped {dropped} answers not from the VIP"
@@ -335,9 +405,10 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
         problems.push("no BYE reached b1 after its drain: its calls in progress moved".into());
     }
     let slow = exit.raw["slow_path"]["forwarded"].as_u64().unwrap_or(0);
-    if slow < u64::from(big_calls) {
+    if slow < u64::from(big_calls + mid_calls) {
         problems.push(format!(
-            "slow_path.forwarded = {slow}, expected at least {big_calls}: {}",
+            "slow_path.forwarded = {slow}, expected at least {}: {}",
+            big_calls + mid_calls,
             exit.raw["slow_path"]
         ));
     }
@@ -345,10 +416,11 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
         problems.push(format!("pass_fragment is 0: {:?}", exit.counters));
     }
     eprintln!(
-        "[{name}] UAC {} ok / {} failed; large {} ok; calls per backend {:?}; b1: {} calls before the drain, {byes_after} BYEs after; NAT drops {dropped}; xdp_tx {} slow path {}",
+        "[{name}] UAC {} ok / {} failed; large {} ok; over the route MTU {} ok ({over_mtu} passed as too big); calls per backend {:?}; b1: {} calls before the drain, {byes_after} BYEs after; NAT drops {dropped}; xdp_tx {} slow path {}",
         uac.successful,
         uac.failed,
         big_uac.successful,
+        mid_uac.successful,
         reports
             .iter()
             .map(|r| (r.address.to_string(), r.calls.len()))
