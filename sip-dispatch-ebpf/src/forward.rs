@@ -5,6 +5,7 @@
 //! VIP and answers from it.
 use super::*;
 use aya_ebpf::helpers::generated::bpf_xdp_adjust_head;
+use sip_dispatch_common::{IPPROTO_IPIP, IPPROTO_IPV6};
 
 /// Bytes the outer header of `ipip` adds.
 #[inline(always)]
@@ -156,9 +157,6 @@ fn undo(ctx: &XdpContext, outer: usize) -> Result<(), Counter> {
     unsafe { bpf_xdp_adjust_head(ctx.ctx, outer as i32) };
     Err(Counter::PassEncap)
 }
-
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 
 /// The header checksum of an IPv4 header without options (its `check` zero).
 #[inline(always)]
