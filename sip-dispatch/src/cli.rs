@@ -588,6 +588,43 @@ mod tests {
     }
 
     #[test]
+    fn decap_needs_unicast_from_addresses() {
+        let parse = |argv: &[&str]| {
+            let mut all = vec!["sip-dispatch", "decap", "--iface", "eth1"];
+            all.extend_from_slice(argv);
+            Cli::try_parse_from(all).map(|c| match c.command {
+                Command::Decap(a) => a.from,
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(
+            parse(&["--from", "198.18.0.2", "--from", "2001:db8::2"]).unwrap(),
+            ["198.18.0.2", "2001:db8::2"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+        assert!(parse(&[]).is_err(), "--from is required");
+        for bad in [
+            "198.18.0.2:5060",
+            "decap.example",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::ffff:0.0.0.0",
+        ] {
+            let e = parse(&["--from", bad]).unwrap_err().to_string();
+            let first = e.lines().next().unwrap_or_default();
+            assert!(first.contains(bad), "{bad}: {first}");
+        }
+        let e = parse_decap_source("224.0.0.1").unwrap_err();
+        assert_eq!(
+            e,
+            "decap source 224.0.0.1 is a multicast address, not a unicast address"
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
