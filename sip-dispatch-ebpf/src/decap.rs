@@ -55,7 +55,7 @@ fn decapsulate(ctx: &XdpContext) -> Option<()> {
     };
     // Only the dispatchers' encapsulation: anyone else could inject packets with any
     // inner source, and netfilter, which runs after XDP, would never see the outer one.
-    unsafe { DECAP_FROM.get(&from) }?;
+    unsafe { DECAP_FROM.get(from) }?;
     // The inner header must be there, of the outer's family.
     let inner: *const u8 = ptr_at(ctx, EthHdr::LEN + outer)?;
     let version = unsafe { *inner } >> 4;
