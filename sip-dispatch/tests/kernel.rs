@@ -1393,7 +1393,8 @@ mod forwarding {
 
 mod decap {
     //! `ipip_decap` (`sip-dispatch decap`), the backend's side of `ipip`: IP-in-IP from an
-    //! accepted source loses its outer header, everything else passes untouched.
+    //! accepted source loses its outer header, everything else passes untouched. No
+    //! namespace: the program only reads the frame and its map of accepted sources.
     use super::*;
     use aya::{Ebpf, programs::Xdp};
     use sip_dispatch::dataplane::load_decap;

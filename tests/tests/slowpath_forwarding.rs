@@ -161,8 +161,14 @@ impl Pair {
             let workdir =
                 PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-slowpath-forwarding");
             let dir = scenario::run_dir(&workdir, "decap").expect("run dir");
-            Dispatcher::decap(&binary, backend.name(), BACKEND_IF, &from, &dir)
-                .unwrap_or_else(|e| panic!("sip-dispatch decap: {e:#}"))
+            let d = Dispatcher::decap(&binary, backend.name(), BACKEND_IF, &from, &dir)
+                .unwrap_or_else(|e| panic!("sip-dispatch decap: {e:#}"));
+            let accepted: Vec<String> = from.iter().map(ToString::to_string).collect();
+            let logged = format!("from {} only", accepted.join(", "));
+            d.log()
+                .wait_message(0, RECEIVE_TIMEOUT, &["decapsulating IP-in-IP on", &logged])
+                .expect("decap logs the sources it accepts");
+            d
         });
         Pair {
             decap,
