@@ -6,7 +6,7 @@
 use core::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::maps::{Backend, EncapSource, FAMILY_V4, FAMILY_V6, ServiceKey};
+use crate::maps::{Backend, DecapSource, EncapSource, FAMILY_V4, FAMILY_V6, ServiceKey};
 
 fn words_from_ip(ip: IpAddr) -> ([u32; 4], u8) {
     let mut addr = [0u32; 4];
@@ -76,6 +76,18 @@ impl EncapSource {
     }
 }
 
+impl DecapSource {
+    /// The key of an outer source address.
+    pub fn new(ip: IpAddr) -> DecapSource {
+        let (addr, family) = words_from_ip(ip);
+        DecapSource {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Formats a backend as `198.18.0.21:5060` or `[2001:db8::21]:5060`.
 pub fn backend_display(b: &Backend) -> impl fmt::Display + use<> {
     b.to_socket_addr()
@@ -85,6 +97,17 @@ pub fn backend_display(b: &Backend) -> impl fmt::Display + use<> {
 mod tests {
     use super::*;
     use std::format;
+
+    #[test]
+    fn decap_sources_are_wire_words_and_family() {
+        let v4 = DecapSource::new("198.18.0.2".parse().unwrap());
+        assert_eq!(v4.addr[0].to_ne_bytes(), [198, 18, 0, 2]);
+        assert_eq!(v4.addr[1..], [0; 3]);
+        assert_eq!(v4.family, FAMILY_V4);
+        let v6 = DecapSource::new("c612:2::".parse().unwrap());
+        assert_eq!((v6.addr[0], v6.family), (v4.addr[0], FAMILY_V6));
+        assert_ne!(v4, v6, "the family tells them apart");
+    }
 
     #[test]
     fn v4_layout_is_wire_bytes() {

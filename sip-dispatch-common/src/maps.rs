@@ -43,6 +43,17 @@ pub const GLOBAL_AFFINITY_ON: &str = "AFFINITY_ON";
 /// Single-entry array holding [`EncapSource`]: the outer source address of `ipip`.
 pub const MAP_ENCAP: &str = "sd_encap_v1";
 
+/// Hash [`DecapSource`] -> u8 (1): the outer sources whose IP-in-IP packets `ipip_decap`
+/// decapsulates (`sip-dispatch decap --from`). Only `sip-dispatch decap` fills it, in its
+/// own unpinned copy of the object: it is not one of [`ALL_MAPS`].
+pub const MAP_DECAP_FROM: &str = "sd_decapsrc_v1";
+/// Entries of [`MAP_DECAP_FROM`]: the `--from` addresses one `decap` accepts.
+pub const MAX_DECAP_SOURCES: u32 = 64;
+/// IP protocol number of IPv4-in-IP (the outer header of IPv4 `ipip`).
+pub const IPPROTO_IPIP: u8 = 4;
+/// IP protocol number of IPv6-in-IP (the outer header of IPv6 `ipip`).
+pub const IPPROTO_IPV6: u8 = 41;
+
 /// [`ServiceInfo::flags`]: the bits that hold the service's forwarding mode.
 pub const FWD_MASK: u32 = 3;
 /// Destination address and port rewritten to the backend's (the backend answers from its
@@ -134,6 +145,17 @@ pub struct ServiceInfo {
 pub struct EncapSource {
     pub v4: u32,
     pub v6: [u32; 4],
+}
+
+/// A key of [`MAP_DECAP_FROM`]: an outer source address (network byte order words as
+/// [`Backend::addr`], IPv4 in `addr[0]`) and its family, so that an IPv4 source never
+/// matches an IPv6 one whose first word it shares.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct DecapSource {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Where the XDP program sends a message. Written once per id: a backend whose address
@@ -365,6 +387,7 @@ mod aya_pod {
     unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::BackendFlags {}
     unsafe impl aya::Pod for super::EncapSource {}
+    unsafe impl aya::Pod for super::DecapSource {}
 }
 
 /// Index of a Call-ID hash in a service's slot table.
@@ -392,6 +415,7 @@ mod tests {
         for n in ALL_MAPS {
             assert!(n.len() <= 15, "{n} is longer than 15 characters");
         }
+        assert!(MAP_DECAP_FROM.len() <= 15);
     }
 
     #[test]
@@ -404,6 +428,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AffinityKey>(), 16);
         assert_eq!(core::mem::size_of::<AffinityEntry>(), 24);
         assert_eq!(core::mem::size_of::<BackendFlags>(), 8);
+        assert_eq!(core::mem::size_of::<DecapSource>(), 20);
     }
 
     #[test]

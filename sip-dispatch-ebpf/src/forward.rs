@@ -5,6 +5,7 @@
 //! VIP and answers from it.
 use super::*;
 use aya_ebpf::helpers::generated::bpf_xdp_adjust_head;
+use sip_dispatch_common::{IPPROTO_IPIP, IPPROTO_IPV6};
 
 /// Bytes the outer header of `ipip` adds.
 #[inline(always)]
@@ -171,8 +172,6 @@ fn undo(ctx: &XdpContext, outer: usize) -> Result<(), Counter> {
 
 /// Don't fragment, offset 0 (network byte order).
 const IPV4_DF: [u8; 2] = [0x40, 0];
-pub(super) const IPPROTO_IPIP: u8 = 4;
-pub(super) const IPPROTO_IPV6: u8 = 41;
 
 /// The header checksum of an IPv4 header without options (its `check` zero).
 #[inline(always)]

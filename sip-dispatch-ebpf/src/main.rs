@@ -578,9 +578,9 @@ fn fib_lookup(
             encap.v6
         };
         f.l4_protocol = if dg.family == FAMILY_V4 {
-            forward::IPPROTO_IPIP
+            sip_dispatch_common::IPPROTO_IPIP
         } else {
-            forward::IPPROTO_IPV6
+            sip_dispatch_common::IPPROTO_IPV6
         };
     } else {
         f.l4_protocol = IPPROTO_UDP;

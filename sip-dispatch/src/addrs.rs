@@ -141,6 +141,15 @@ pub fn check_source(what: &str, ip: IpAddr, local: &[IpAddr]) -> Result<(), Stri
     Ok(())
 }
 
+/// Checks that `ip` is a unicast address that may be a host's on a network (`what`
+/// names the setting).
+pub fn check_unicast(what: &str, ip: IpAddr) -> Result<(), String> {
+    match special(ip) {
+        Some(kind) => Err(format!("{what} {ip} is {kind}, not a unicast address")),
+        None => Ok(()),
+    }
+}
+
 /// Every address configured on an interface of this host (this network namespace).
 pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
     let mut out: Vec<IpAddr> = interface_addresses()?

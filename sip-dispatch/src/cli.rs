@@ -31,8 +31,8 @@ pub enum Command {
     XdpPass(XdpPassArgs),
     /// On a backend of an `ipip` service whose kernel has no ipip/ip6tnl tunnel device:
     /// attach an XDP program that strips the outer header of IPv4-in-IPv4 and
-    /// IPv6-in-IPv6 packets, and hold it until SIGINT/SIGTERM.
-    Decap(XdpPassArgs),
+    /// IPv6-in-IPv6 packets from the `--from` sources, and hold it until SIGINT/SIGTERM.
+    Decap(DecapArgs),
     /// Detach what a daemon left attached (--keep-attached, or a crash) and remove its
     /// pins.
     Detach(DetachArgs),
@@ -354,6 +354,18 @@ pub struct XdpPassArgs {
     pub iface: String,
 }
 
+#[derive(Args, Debug)]
+pub struct DecapArgs {
+    /// Interface to attach to: the one the encapsulated packets arrive on.
+    #[arg(long)]
+    pub iface: String,
+    /// An outer source address to accept (a dispatcher's encapsulation source, IPv4 or
+    /// IPv6); repeat for more (at most 64). IP-in-IP from any other source passes to the
+    /// stack untouched.
+    #[arg(long = "from", value_name = "ADDR", required = true, value_parser = parse_decap_source)]
+    pub from: Vec<IpAddr>,
+}
+
 /// How a service's packets reach its backends (`--forwarding`, config key `forwarding`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum ForwardingMode {
@@ -457,6 +469,13 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("invalid address {s:?}: port 0"));
     }
     Ok(addr)
+}
+
+/// A `decap --from` address: a unicast IPv4 or IPv6 address.
+pub fn parse_decap_source(s: &str) -> Result<IpAddr, String> {
+    let ip = parse_ip(s)?;
+    crate::addrs::check_unicast("decap source", ip)?;
+    Ok(ip)
 }
 
 /// `500ms`, `1s`, `2.5s`: a positive duration that fits a `Duration`. Never panics.
@@ -566,6 +585,43 @@ mod tests {
         ] {
             assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn decap_needs_unicast_from_addresses() {
+        let parse = |argv: &[&str]| {
+            let mut all = vec!["sip-dispatch", "decap", "--iface", "eth1"];
+            all.extend_from_slice(argv);
+            Cli::try_parse_from(all).map(|c| match c.command {
+                Command::Decap(a) => a.from,
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(
+            parse(&["--from", "198.18.0.2", "--from", "2001:db8::2"]).unwrap(),
+            ["198.18.0.2", "2001:db8::2"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+        assert!(parse(&[]).is_err(), "--from is required");
+        for bad in [
+            "198.18.0.2:5060",
+            "decap.example",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::ffff:0.0.0.0",
+        ] {
+            let e = parse(&["--from", bad]).unwrap_err().to_string();
+            let first = e.lines().next().unwrap_or_default();
+            assert!(first.contains(bad), "{bad}: {first}");
+        }
+        let e = parse_decap_source("224.0.0.1").unwrap_err();
+        assert_eq!(
+            e,
+            "decap source 224.0.0.1 is a multicast address, not a unicast address"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The loaded XDP object: its maps (pinned under the pin directory) and its attachment.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -20,11 +21,11 @@ use aya::{
 };
 use sip_dispatch_common::{
     AFFINITY_ENTRIES_DEFAULT, AFFINITY_ENTRIES_MIN, ALL_MAPS, AffinityEntry, AffinityKey,
-    BF_AFFINITY, Backend, BackendFlags, BackendStats, Config, Counter, EncapSource, FWD_REWRITE,
-    GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_CONFIG, MAP_COUNTERS, MAP_ENCAP, MAP_SCRATCH, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS,
-    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo,
-    ServiceKey, TABLE_MAP_FLAGS,
+    BF_AFFINITY, Backend, BackendFlags, BackendStats, Config, Counter, DecapSource, EncapSource,
+    FWD_REWRITE, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DECAP_FROM, MAP_ENCAP, MAP_SCRATCH, MAP_SERVICES,
+    MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_SERVICES, NO_BACKEND,
+    PROG_DECAP, PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -1082,6 +1083,39 @@ pub fn load_program(name: &str) -> anyhow::Result<Ebpf> {
         .try_into()?;
     prog.load().with_context(|| format!("loading {name}"))?;
     Ok(ebpf)
+}
+
+/// Loads `ipip_decap` with private, unpinned maps and fills its accepted outer sources
+/// (`decap --from`; at most [`MAX_DECAP_SOURCES`] distinct ones). Attach it with
+/// [`attach_loaded`], or get it back with `ebpf.program_mut(PROG_DECAP)` to test-run it.
+pub fn load_decap(from: &[IpAddr]) -> anyhow::Result<Ebpf> {
+    let from: BTreeSet<IpAddr> = from.iter().copied().collect();
+    if from.len() > MAX_DECAP_SOURCES as usize {
+        bail!(
+            "{} decap sources given, at most {MAX_DECAP_SOURCES} are accepted",
+            from.len()
+        );
+    }
+    let mut ebpf = load_program(PROG_DECAP)?;
+    let map = ebpf
+        .map_mut(MAP_DECAP_FROM)
+        .ok_or_else(|| anyhow!("map {MAP_DECAP_FROM} missing from the XDP object"))?;
+    let mut map: HashMap<&mut MapData, DecapSource, u8> = HashMap::try_from(map)?;
+    for ip in from {
+        map.insert(DecapSource::new(ip), 1, 0)
+            .with_context(|| format!("adding decap source {ip} to {MAP_DECAP_FROM}"))?;
+    }
+    Ok(ebpf)
+}
+
+/// Attaches the XDP program `name` of `ebpf`, loaded already, to `iface`.
+pub fn attach_loaded(ebpf: &mut Ebpf, iface: &str, name: &str) -> anyhow::Result<XdpLinkId> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
+        .try_into()?;
+    prog.attach(iface, XdpMode::Default)
+        .with_context(|| format!("attaching {name} to {iface}"))
 }
 
 /// Writes `values` into an mmap-able array map of as many u32 entries: one copy through

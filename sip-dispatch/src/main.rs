@@ -13,13 +13,13 @@ fn main() -> std::process::ExitCode {
         Err(e) if e.use_stderr() => {
             // One line that names the problem; clap's usage hint is one `--help` away.
             let rendered = e.render().to_string();
-            eprintln!(
-                "{}",
-                rendered
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
+            let mut lines = rendered.lines().filter(|l| !l.trim().is_empty());
+            let first = lines.next().unwrap_or("error: invalid arguments");
+            // "the following required arguments were not provided:" lists them below.
+            match lines.next().filter(|_| first.ends_with(':')) {
+                Some(next) => eprintln!("{first} {}", next.trim()),
+                None => eprintln!("{first}"),
+            }
             let args: Vec<String> = std::env::args_os()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();

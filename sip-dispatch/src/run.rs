@@ -16,11 +16,11 @@ use tokio::{
 use crate::{
     addrs::SourceAddrs,
     cli::ForwardingMode,
-    cli::{DetachArgs, RunArgs, XdpPassArgs},
+    cli::{DecapArgs, DetachArgs, RunArgs, XdpPassArgs},
     config::Settings,
     control,
     controller::{self, Controller, Service},
-    dataplane::{Dataplane, attach_program},
+    dataplane::{Dataplane, attach_loaded, attach_program, load_decap},
     hashkey::{self, KeyOrigin},
     metrics,
     reload::Reloader,
@@ -615,13 +615,26 @@ pub fn xdp_pass(args: XdpPassArgs) -> anyhow::Result<()> {
     hold_program(&args.iface, sip_dispatch_common::PROG_PASS)
 }
 
-pub fn decap(args: XdpPassArgs) -> anyhow::Result<()> {
+pub fn decap(args: DecapArgs) -> anyhow::Result<()> {
     if args.iface == "lo" {
         bail!(
             "refusing to attach to lo: decapsulate on the interface the tunnel packets arrive on"
         );
     }
-    hold_program(&args.iface, sip_dispatch_common::PROG_DECAP)
+    let iface = &args.iface;
+    let name = sip_dispatch_common::PROG_DECAP;
+    ifindex(iface)?;
+    let mut ebpf = load_decap(&args.from)?;
+    let _link = attach_loaded(&mut ebpf, iface, name)?;
+    let from: Vec<String> = args.from.iter().map(ToString::to_string).collect();
+    log::info!(
+        "decapsulating IP-in-IP on {iface} from {} only; from any other source it passes untouched",
+        from.join(", ")
+    );
+    ready(&format!("iface={iface} program={name}"));
+    wait_for_stop()?;
+    drop(ebpf);
+    Ok(())
 }
 
 /// Attaches XDP program `name` to `iface` and holds it until SIGINT/SIGTERM.
@@ -629,6 +642,13 @@ fn hold_program(iface: &str, name: &str) -> anyhow::Result<()> {
     ifindex(iface)?;
     let (ebpf, _link) = attach_program(iface, name)?;
     ready(&format!("iface={iface} program={name}"));
+    wait_for_stop()?;
+    drop(ebpf);
+    Ok(())
+}
+
+/// Returns at SIGINT/SIGTERM.
+fn wait_for_stop() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -636,9 +656,7 @@ fn hold_program(iface: &str, name: &str) -> anyhow::Result<()> {
     runtime.block_on(async {
         stop_signal()?.await;
         anyhow::Ok(())
-    })?;
-    drop(ebpf);
-    Ok(())
+    })
 }
 
 #[cfg(test)]

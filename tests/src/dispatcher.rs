@@ -4,7 +4,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     io::{BufRead as _, Write as _},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -412,9 +412,19 @@ impl Dispatcher {
         Self::start(binary, ns, &args, dir, "sip-dispatch-xdp-pass")
     }
 
-    /// `sip-dispatch decap` on `iface` in namespace `ns` (a backend of an ipip service).
-    pub fn decap(binary: &Path, ns: &str, iface: &str, dir: &Path) -> Result<Self> {
-        let args = ["decap", "--iface", iface].map(str::to_owned);
+    /// `sip-dispatch decap` on `iface` in namespace `ns` (a backend of an ipip service),
+    /// accepting IP-in-IP from the outer sources `from` only.
+    pub fn decap(
+        binary: &Path,
+        ns: &str,
+        iface: &str,
+        from: &[IpAddr],
+        dir: &Path,
+    ) -> Result<Self> {
+        let mut args = ["decap", "--iface", iface].map(str::to_owned).to_vec();
+        for ip in from {
+            args.extend(["--from".to_owned(), ip.to_string()]);
+        }
         Self::start(binary, ns, &args, dir, &format!("sip-dispatch-decap-{ns}"))
     }
 

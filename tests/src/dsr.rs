@@ -54,7 +54,11 @@ pub fn prepare_backend(
     }
     let decap = match decap {
         false => None,
-        true => Some(Dispatcher::decap(binary, ns, &host.iface, dir)?),
+        true => {
+            // The dispatcher's addresses: the outer sources of its ipip (the default).
+            let from = ["198.18.0.2", "2001:db8::2"].map(|a| a.parse::<IpAddr>().expect("address"));
+            Some(Dispatcher::decap(binary, ns, &host.iface, &from, dir)?)
+        }
     };
     Ok(DsrBackend { decap })
 }

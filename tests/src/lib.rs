@@ -11,7 +11,6 @@ pub mod bed;
 pub mod cancel;
 pub mod cmd;
 pub mod controller;
-pub mod decap;
 pub mod dispatcher;
 pub mod dns;
 pub mod dsr;

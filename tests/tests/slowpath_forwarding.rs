@@ -7,10 +7,13 @@
 //! backend's socket intact, from the client's address and port, in l2dsr and ipip, IPv4
 //! and IPv6; the fragments on the way are counted from the namespaces' SNMP counters.
 //!
-//! ipip backends decapsulate through [`Decapsulator`] (this kernel has no ipip or
-//! ip6tnl devices; see its module). Needs root; fails loudly without it.
+//! ipip backends decapsulate with `sip-dispatch decap --from` the dispatcher's addresses
+//! (the XDP program that ships; this kernel has no ipip or ip6tnl devices), which hands
+//! each inner fragment to the stack as it came, counted by the backend's `ReasmReqds`.
+//! Needs root and the binary (`SIP_DISPATCH_BIN`); fails loudly without them.
 use std::{
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,9 +28,9 @@ use sip_dispatch_common::{
     table::{Weighted, build_table},
 };
 use sip_dispatch_testbed::{
-    decap::Decapsulator,
-    netns::{Netns, unique_tag},
-    preflight, rawnet,
+    dispatcher::{self, Dispatcher},
+    netns::{self, Netns, unique_tag},
+    preflight, rawnet, scenario,
 };
 
 const DISP_IF: &str = "sdf0";
@@ -45,10 +48,17 @@ const CLIENT6: &str = "[2001:db8::1:200]:5070";
 const SIZES: [usize; 4] = [100, 1400, 4000, 9000];
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Fields drop in order: `sip-dispatch decap` before the namespaces.
 struct Pair {
+    decap: Option<Dispatcher>,
     disp: Netns,
     backend: Netns,
-    decap: Option<Decapsulator>,
+}
+
+/// What the ipip backends' `sip-dispatch decap --from` accepts: the dispatcher's
+/// addresses, the forwarder's outer sources.
+fn dispatcher_sources() -> Vec<IpAddr> {
+    [DISP4, DISP6].map(|a| a.parse().unwrap()).to_vec()
 }
 
 fn sysctl(ns: &Netns, setting: &str) {
@@ -57,7 +67,14 @@ fn sysctl(ns: &Netns, setting: &str) {
 }
 
 impl Pair {
+    /// With `ipip`, the backend runs `sip-dispatch decap --from` the dispatcher's
+    /// addresses.
     fn new(ipip: bool) -> Pair {
+        Pair::with_decap(ipip.then(dispatcher_sources))
+    }
+
+    /// With `decap_from`, the backend runs `sip-dispatch decap` accepting those sources.
+    fn with_decap(decap_from: Option<Vec<IpAddr>>) -> Pair {
         preflight::require_root().expect("these tests need root");
         let tag = unique_tag();
         let disp = Netns::create(&format!("{tag}-disp")).unwrap();
@@ -139,11 +156,32 @@ impl Pair {
             ])
             .unwrap();
         }
-        let decap = ipip.then(|| Decapsulator::start(backend.name(), "sddecap0").unwrap());
+        let decap = decap_from.map(|from| {
+            let binary = dispatcher::binary_path().expect("sip-dispatch binary");
+            let workdir =
+                PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sip-dispatch-slowpath-forwarding");
+            let dir = scenario::run_dir(&workdir, "decap").expect("run dir");
+            let d = Dispatcher::decap(&binary, backend.name(), BACKEND_IF, &from, &dir)
+                .unwrap_or_else(|e| panic!("sip-dispatch decap: {e:#}"));
+            let accepted: Vec<String> = from.iter().map(ToString::to_string).collect();
+            let logged = format!("from {} only", accepted.join(", "));
+            d.log()
+                .wait_message(0, RECEIVE_TIMEOUT, &["decapsulating IP-in-IP on", &logged])
+                .expect("decap logs the sources it accepts");
+            d
+        });
         Pair {
+            decap,
             disp,
             backend,
-            decap,
+        }
+    }
+
+    /// Stops `sip-dispatch decap`, which must still run and exit cleanly.
+    fn stop_decap(&mut self) {
+        if let Some(d) = self.decap.take() {
+            d.stop()
+                .unwrap_or_else(|e| panic!("sip-dispatch decap: {e:#}"));
         }
     }
 
@@ -160,8 +198,14 @@ impl Pair {
 /// One SNMP counter of a namespace: `Ip: NAME` from /proc/net/snmp (IPv4) or `NAME`
 /// from /proc/net/snmp6.
 fn snmp(ns: &Netns, v6: bool, name: &str) -> u64 {
+    snmp_in(ns.name(), v6, "Ip", name)
+}
+
+/// [`snmp`] by namespace name; `group` is the /proc/net/snmp line prefix (`Ip`, `Icmp`)
+/// for IPv4.
+fn snmp_in(ns: &str, v6: bool, group: &str, name: &str) -> u64 {
     if v6 {
-        let text = ns.exec("cat", ["/proc/net/snmp6"]).unwrap();
+        let text = netns::exec(ns, "cat", ["/proc/net/snmp6"]).unwrap();
         return text
             .lines()
             .find_map(|l| {
@@ -170,14 +214,15 @@ fn snmp(ns: &Netns, v6: bool, name: &str) -> u64 {
             })
             .unwrap_or_else(|| panic!("{name} in snmp6"));
     }
-    let text = ns.exec("cat", ["/proc/net/snmp"]).unwrap();
-    let ip: Vec<&str> = text.lines().filter(|l| l.starts_with("Ip: ")).collect();
+    let text = netns::exec(ns, "cat", ["/proc/net/snmp"]).unwrap();
+    let prefix = format!("{group}: ");
+    let ip: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
     let names = ip[0].split_whitespace();
     let values = ip[1].split_whitespace();
     names
         .zip(values)
         .find_map(|(n, v)| (n == name).then(|| v.parse().ok())?)
-        .unwrap_or_else(|| panic!("Ip: {name} in snmp"))
+        .unwrap_or_else(|| panic!("{group}: {name} in snmp"))
 }
 
 fn payload(len: usize) -> Vec<u8> {
@@ -197,7 +242,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Sends every size through a forwarder of `mode` in the dispatcher namespace and
 /// checks what the backend's socket receives. Returns one line per size.
 fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
-    let pair = Pair::new(mode == ForwardingMode::Ipip);
+    let mut pair = Pair::new(mode == ForwardingMode::Ipip);
     let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
         (
             VIP6.parse().unwrap(),
@@ -214,13 +259,12 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
         )
     };
     let received = pair.backend_socket(vip);
-    let (frag_creates, reasm_oks) = if v6 {
-        ("Ip6FragCreates", "Ip6ReasmOKs")
+    let (frag_creates, reasm_oks, reasm_reqds) = if v6 {
+        ("Ip6FragCreates", "Ip6ReasmOKs", "Ip6ReasmReqds")
     } else {
-        ("FragCreates", "ReasmOKs")
+        ("FragCreates", "ReasmOKs", "ReasmReqds")
     };
     let mut lines = Vec::new();
-    let mut sent_frames = 0;
     let disp = pair.disp.name().to_owned();
     let mut sender = rawnet::in_netns(&disp, move || {
         let rt = runtime();
@@ -234,9 +278,10 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
         .unwrap_or_else(|e| panic!("open {mode}: {e:#}"));
     for size in SIZES {
         let data = payload(size);
-        let (created0, reasm0) = (
+        let (created0, reasm0, fragments0) = (
             snmp(&pair.disp, v6, frag_creates),
             snmp(&pair.backend, v6, reasm_oks),
+            snmp(&pair.backend, v6, reasm_reqds),
         );
         let got = sender.0.block_on(async {
             let sock = tokio::net::UdpSocket::from_std(received.try_clone().unwrap()).unwrap();
@@ -256,6 +301,7 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
         assert!(got.0 == data, "{mode}: {size} bytes arrive intact");
         let created = snmp(&pair.disp, v6, frag_creates) - created0;
         let reassembled = snmp(&pair.backend, v6, reasm_oks) - reasm0;
+        let fragments = snmp(&pair.backend, v6, reasm_reqds) - fragments0;
         // Fragmented exactly when the datagram (ipip: with the outer header) exceeds
         // the veth's MTU of 1500.
         let ip = if v6 { 40 } else { 20 };
@@ -269,23 +315,23 @@ fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
         // Our own fragments, of the inner datagram in ipip: the kernel fragments nothing.
         assert_eq!(created, 0, "{mode} {size}: fragments the kernel made");
         let frames = own_fragments(client, vip, &data, 1500 - outer);
-        sent_frames += frames as u64;
+        // ipip: one outer packet per fragment, each decapsulated on its own and
+        // reassembled by the backend's stack.
+        assert_eq!(
+            fragments,
+            if fragmented { frames as u64 } else { 0 },
+            "{mode} {size}: fragments the backend received"
+        );
         lines.push(format!(
             "{mode} IPv{}: {size} bytes -> {frames} frame(s), reassembled by the backend: \
              {reassembled}",
             if v6 { 6 } else { 4 }
         ));
     }
-    if let Some(d) = &pair.decap {
-        assert_eq!(
-            d.decapsulated(),
-            sent_frames,
-            "one outer packet per fragment"
-        );
-    }
     // The runtime and its sockets belong to the dispatcher namespace's thread; dropping
     // them here is fine (sockets keep their namespace).
     drop(sender);
+    pair.stop_decap();
     for l in &lines {
         eprintln!("{l}");
     }
@@ -438,7 +484,7 @@ fn own_fragments(client: SocketAddr, vip: SocketAddr, data: &[u8], mtu: usize) -
 /// header), and count one byte more as too big, sending nothing.
 #[test]
 fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
-    let pair = Pair::new(true);
+    let mut pair = Pair::new(true);
     for v6 in [false, true] {
         let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
             (
@@ -457,6 +503,8 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
         };
         let received = pair.backend_socket(vip);
         let disp = pair.disp.name().to_owned();
+        let backend_ns = pair.backend.name().to_owned();
+        let reasm_reqds = if v6 { "Ip6ReasmReqds" } else { "ReasmReqds" };
         let outcomes = rawnet::in_netns(&disp, move || {
             let rt = runtime();
             rt.block_on(async move {
@@ -471,6 +519,7 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
                 ] {
                     let mut fwd = Forwarder::open(mode, vip, DISP_IF, Some(encap)).unwrap();
                     let data = payload(size);
+                    let fragments0 = snmp_in(&backend_ns, v6, "Ip", reasm_reqds);
                     let sent = fwd
                         .send(client, vip, SocketAddr::new(backend, 5060), &data)
                         .await;
@@ -487,15 +536,17 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
                             let (n, from) = r.unwrap();
                             (buf[..n] == data[..], from)
                         });
-                    out.push((mode, size, sent, got));
+                    // Counted before the reassembled datagram is delivered.
+                    let fragments = snmp_in(&backend_ns, v6, "Ip", reasm_reqds) - fragments0;
+                    out.push((mode, size, sent, got, fragments));
                 }
                 out
             })
         })
         .unwrap();
-        for (mode, size, sent, got) in outcomes {
+        for (mode, size, sent, got, fragments) in outcomes {
             eprintln!(
-                "{mode} IPv{}: {size} bytes: {sent:?}, received: {got:?}",
+                "{mode} IPv{}: {size} bytes: {sent:?}, received: {got:?} in {fragments} fragments",
                 if v6 { 6 } else { 4 }
             );
             if size == if v6 { 65_528 } else { 65_508 } {
@@ -504,6 +555,7 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
                     "{mode} {size}: {sent:?}"
                 );
                 assert_eq!(got, None, "{mode} {size}: nothing is sent");
+                assert_eq!(fragments, 0, "{mode} {size}: nothing is sent");
             } else {
                 assert!(sent.is_ok(), "{mode} {size}: {sent:?}");
                 assert_eq!(
@@ -511,15 +563,82 @@ fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
                     Some((true, client)),
                     "{mode} {size}: intact, from the client"
                 );
+                // ipip: one outer packet per fragment, each decapsulated on its own.
+                let ip = if v6 { 40 } else { 20 };
+                let outer = if mode == ForwardingMode::Ipip { ip } else { 0 };
+                assert_eq!(
+                    fragments as usize,
+                    own_fragments(client, vip, &payload(size), 1500 - outer),
+                    "{mode} {size}: fragments the backend received"
+                );
             }
         }
     }
-    let (c4, c6): (SocketAddr, SocketAddr) = (CLIENT4.parse().unwrap(), CLIENT6.parse().unwrap());
-    let expected = own_fragments(c4, VIP4.parse().unwrap(), &payload(65_507), 1480)
-        + own_fragments(c6, VIP6.parse().unwrap(), &payload(65_527), 1460);
-    assert_eq!(
-        pair.decap.as_ref().unwrap().decapsulated(),
-        expected as u64,
-        "one outer packet per fragment of the two largest datagrams"
-    );
+    pair.stop_decap();
+}
+
+/// IP-in-IP from a source not given to `decap --from` passes the XDP program untouched:
+/// the backend's stack, which has no tunnel device, drops it with an ICMP error, and the
+/// datagram never reaches the VIP's socket.
+#[test]
+fn ipip_from_a_source_not_given_to_decap_is_not_delivered() {
+    let others = ["198.18.0.3", "2001:db8::3"].map(|a| a.parse().unwrap());
+    let mut pair = Pair::with_decap(Some(others.to_vec()));
+    for v6 in [false, true] {
+        let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
+            (
+                VIP6.parse().unwrap(),
+                CLIENT6.parse().unwrap(),
+                BACKEND6.parse().unwrap(),
+                DISP6.parse().unwrap(),
+            )
+        } else {
+            (
+                VIP4.parse().unwrap(),
+                CLIENT4.parse().unwrap(),
+                BACKEND4.parse().unwrap(),
+                DISP4.parse().unwrap(),
+            )
+        };
+        let received = pair.backend_socket(vip);
+        let backend_ns = pair.backend.name().to_owned();
+        // Without a tunnel device the stack answers IP-in-IP with destination unreachable
+        // (a tunnel4/tunnel6 handler without tunnels) or, for IPv6 without one, a
+        // parameter problem (unknown next header).
+        let icmp_errors = move || {
+            if v6 {
+                snmp_in(&backend_ns, true, "", "Icmp6OutDestUnreachs")
+                    + snmp_in(&backend_ns, true, "", "Icmp6OutParmProblems")
+            } else {
+                snmp_in(&backend_ns, false, "Icmp", "OutDestUnreachs")
+            }
+        };
+        let before = icmp_errors();
+        let disp = pair.disp.name().to_owned();
+        rawnet::in_netns(&disp, move || {
+            runtime().block_on(async {
+                let mut fwd = Forwarder::open(ForwardingMode::Ipip, vip, DISP_IF, Some(encap))
+                    .expect("open ipip");
+                fwd.send(client, vip, SocketAddr::new(backend, 5060), &payload(100))
+                    .await
+                    .expect("send");
+            })
+        })
+        .unwrap();
+        let deadline = Instant::now() + RECEIVE_TIMEOUT;
+        while icmp_errors() == before {
+            assert!(
+                Instant::now() < deadline,
+                "v6 {v6}: the backend's stack never refused the IP-in-IP packet"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut buf = [0u8; 2048];
+        let got = received.recv_from(&mut buf);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "v6 {v6}: IP-in-IP from {encap} was decapsulated and delivered: {got:?}"
+        );
+    }
+    pair.stop_decap();
 }
