@@ -173,7 +173,7 @@ impl Ipip {
         };
         set_int(sock.as_raw_fd(), level, name, value)
             .context("turning path MTU discovery off on the IP-in-IP socket")?;
-        let mtu = InterfaceMtu::read(iface)
+        let mtu = InterfaceMtu::read(iface, vip.is_ipv6())
             .with_context(|| format!("ipip for {vip}: reading the MTU of {iface}"))?;
         log::info!(
             "slow path: ipip for {vip} from {source} (fragments above the MTU {} of {iface})",
@@ -255,7 +255,7 @@ impl L2dsr {
             return Err(io::Error::last_os_error())
                 .with_context(|| format!("l2dsr for {vip}: no interface {iface}"));
         }
-        let mtu = InterfaceMtu::read(iface)
+        let mtu = InterfaceMtu::read(iface, vip.is_ipv6())
             .with_context(|| format!("l2dsr for {vip}: reading the MTU of {iface}"))?;
         // Protocol 0: the socket sends only, nothing is ever queued to it.
         let sock = Socket::new(Domain::PACKET, Type::DGRAM, None)
@@ -366,18 +366,23 @@ struct InterfaceMtu {
     mtu: usize,
     read_at: Instant,
     routes: HashMap<IpAddr, (usize, Instant)>,
+    /// A UDP socket of the service's family, opened with the forwarder (so in its
+    /// network namespace) and connected to each backend in turn to read the route MTU.
+    probe: Socket,
 }
 
 /// Backends whose route MTU is kept at once (the map is emptied when full).
 const MAX_ROUTE_MTUS: usize = 4096;
 
 impl InterfaceMtu {
-    fn read(iface: &str) -> io::Result<InterfaceMtu> {
+    fn read(iface: &str, v6: bool) -> io::Result<InterfaceMtu> {
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
         Ok(InterfaceMtu {
             iface: iface.to_owned(),
             mtu: interface_mtu(iface)?,
             read_at: Instant::now(),
             routes: HashMap::new(),
+            probe: Socket::new(domain, Type::DGRAM, None)?,
         })
     }
 
@@ -390,7 +395,7 @@ impl InterfaceMtu {
         {
             return mtu.min(iface);
         }
-        match route_mtu(backend) {
+        match route_mtu(&self.probe, backend) {
             Ok(mtu) => {
                 if self.routes.len() >= MAX_ROUTE_MTUS {
                     self.routes.clear();
@@ -421,14 +426,10 @@ impl InterfaceMtu {
 /// How long the interface's MTU is used before it is read again.
 const MTU_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The route's MTU towards `to` (`IP_MTU` / `IPV6_MTU` of a UDP socket connected to it:
-/// the route's `mtu`, or the path MTU the kernel learnt, else the egress interface's).
-fn route_mtu(to: IpAddr) -> io::Result<usize> {
-    let sock = Socket::new(
-        Domain::for_address(SocketAddr::new(to, 9)),
-        Type::DGRAM,
-        None,
-    )?;
+/// The route's MTU towards `to` (`IP_MTU` / `IPV6_MTU` of UDP socket `sock` once
+/// connected to it: the route's `mtu`, or the path MTU the kernel learnt, else the egress
+/// interface's). Connecting a UDP socket sends nothing.
+fn route_mtu(sock: &Socket, to: IpAddr) -> io::Result<usize> {
     sock.connect(&SocketAddr::new(to, 9).into())?;
     let (level, name) = match to {
         IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),

@@ -319,7 +319,7 @@ fn answers_come_from_the_vip(mode: &str, family: Family) {
     // the outer header). The fast path passes them (ipip `pass_encap`, l2dsr
     // `pass_fib_miss`); the slow path fragments them to fit.
     let mut mid = bed.uac_spec(mid_calls, 10);
-    mid.scenario = Scenario::File(scenario::big_invite(&bed.dir, 900).expect("scenario"));
+    mid.scenario = Scenario::File(scenario::big_invite(&bed.dir, 800).expect("scenario"));
     mid.call_id = "%u-mid@%s".to_owned();
     let mid_uac = sipp::run_uac(bed.client_ns(), &mid, &bed.dir, "uac-mid").expect("mid UAC");
     let mid_per_call = mid_uac.calls().expect("mid UAC calls");
