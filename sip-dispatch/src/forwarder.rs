@@ -86,6 +86,12 @@ impl Forwarder {
         backend: SocketAddr,
         payload: &[u8],
     ) -> Result<(), SendError> {
+        if backend.is_ipv6() != vip.is_ipv6() {
+            return Err(SendError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("backend {backend} is not of the VIP {vip}'s family"),
+            )));
+        }
         match self {
             Forwarder::Rewrite(raw) => Ok(raw.send(client, backend, payload).await?),
             Forwarder::L2dsr(l2) => l2.send(client, vip, backend.ip(), payload).await,
@@ -200,12 +206,6 @@ impl Ipip {
         backend: IpAddr,
         payload: &[u8],
     ) -> Result<(), SendError> {
-        if backend.is_ipv6() != self.v6 {
-            return Err(SendError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("backend {backend} is not of the VIP {vip}'s family"),
-            )));
-        }
         let room = self
             .mtu
             .towards(backend)
@@ -282,12 +282,6 @@ impl L2dsr {
         backend: IpAddr,
         payload: &[u8],
     ) -> Result<(), SendError> {
-        if backend.is_ipv6() != vip.is_ipv6() {
-            return Err(SendError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("backend {backend} is not of the VIP {vip}'s family"),
-            )));
-        }
         let Some(mac) = self.neighbours.lookup(backend, Instant::now()) else {
             if self.warned.len() >= MAX_WARNED {
                 self.warned.clear();

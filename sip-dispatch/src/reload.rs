@@ -195,9 +195,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn affinity_settings_need_a_restart() {
-        let base = [
+    /// One service with one backend and a fixed key, and `extra` flags.
+    fn one_service_with(extra: &[&str]) -> Settings {
+        let mut a = vec![
             "--vip",
             "198.18.0.100:5060",
             "--backend",
@@ -205,11 +205,13 @@ mod tests {
             "--hash-key",
             "000102030405060708090a0b0c0d0e0f",
         ];
-        let with = |extra: &[&str]| {
-            let mut a = base.to_vec();
-            a.extend_from_slice(extra);
-            settings(&a)
-        };
+        a.extend_from_slice(extra);
+        settings(&a)
+    }
+
+    #[test]
+    fn affinity_settings_need_a_restart() {
+        let with = one_service_with;
         assert_eq!(
             restart_only_changes(&with(&[]), &with(&["--affinity", "on"])),
             Vec::<String>::new(),
@@ -227,19 +229,7 @@ mod tests {
 
     #[test]
     fn forwarding_and_its_addresses_need_a_restart() {
-        let base = [
-            "--vip",
-            "198.18.0.100:5060",
-            "--backend",
-            "198.18.0.21:5060",
-            "--hash-key",
-            "000102030405060708090a0b0c0d0e0f",
-        ];
-        let with = |extra: &[&str]| {
-            let mut a = base.to_vec();
-            a.extend_from_slice(extra);
-            settings(&a)
-        };
+        let with = one_service_with;
         assert_eq!(
             restart_only_changes(&with(&[]), &with(&["--forwarding", "rewrite"])),
             Vec::<String>::new(),

@@ -11,7 +11,7 @@ use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result};
 
-use crate::{dispatcher::Dispatcher, netns, topology::Host};
+use crate::{dispatcher::Dispatcher, netns, nft::InputRule, topology::Host};
 
 /// One backend's DSR setup; `sip-dispatch decap` (ipip) stops on drop, the namespace's
 /// settings go with it.
@@ -73,49 +73,17 @@ impl Drop for DsrBackend {
 
 /// The NAT stand-in: SIP from any source but `vip` is dropped in namespace `ns` (and
 /// counted). Removed on drop.
-pub struct OnlyFromVip {
-    ns: String,
-}
-
-const TABLE: &str = "sdt_nat";
-
-fn nft(ns: &str, args: &[&str]) -> Result<String> {
-    netns::exec(ns, "nft", args).with_context(|| format!("`nft {}` in {ns}", args.join(" ")))
-}
+pub struct OnlyFromVip(InputRule);
 
 impl OnlyFromVip {
     pub fn install(ns: &str, vip: IpAddr) -> Result<OnlyFromVip> {
-        nft(ns, &["add", "table", "inet", TABLE])?;
-        let guard = OnlyFromVip { ns: ns.to_owned() };
-        nft(
-            ns,
-            &[
-                "add",
-                "chain",
-                "inet",
-                TABLE,
-                "input",
-                "{ type filter hook input priority 0; policy accept; }",
-            ],
-        )?;
         let family = if vip.is_ipv6() { "ip6" } else { "ip" };
         let rule = format!("udp sport 5060 {family} saddr != {vip} counter drop");
-        let mut args = vec!["add", "rule", "inet", TABLE, "input"];
-        args.extend(rule.split(' '));
-        nft(ns, &args)?;
-        Ok(guard)
+        InputRule::install(ns, "sdt_nat", &rule).map(OnlyFromVip)
     }
 
     /// SIP datagrams dropped so far (answers that did not come from the VIP).
     pub fn dropped(&self) -> Result<u64> {
-        let listing = nft(&self.ns, &["list", "chain", "inet", TABLE, "input"])?;
-        crate::nft::counter_packets(&listing)
-            .with_context(|| format!("no `counter packets N` in the chain:\n{listing}"))
-    }
-}
-
-impl Drop for OnlyFromVip {
-    fn drop(&mut self) {
-        let _ = nft(&self.ns, &["delete", "table", "inet", TABLE]);
+        self.0.matched()
     }
 }

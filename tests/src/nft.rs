@@ -15,24 +15,28 @@ const TABLE: &str = "sdt_flap";
 /// The rule, with a counter so a test can see that it dropped something.
 const RULE: &str = "udp dport 5060 @ih,0,56 0x4f5054494f4e53 counter drop";
 
-/// The blocking rule, installed in namespace `ns`; removed on drop (also on failure).
-#[derive(Debug)]
-pub struct OptionsBlock {
-    ns: String,
-    removed: bool,
-}
-
 fn nft(ns: &str, args: &[&str]) -> Result<String> {
     netns::exec(ns, "nft", args).with_context(|| format!("`nft {}` in {ns}", args.join(" ")))
 }
 
-impl OptionsBlock {
-    /// Installs the rule in `ns` (a table and an input chain of its own).
-    pub fn install(ns: &str) -> Result<OptionsBlock> {
-        nft(ns, &["add", "table", "inet", TABLE])?;
+/// One counted rule in an input chain of a table of its own, in a namespace; the table
+/// is removed on drop (also on failure).
+#[derive(Debug)]
+pub struct InputRule {
+    ns: String,
+    table: &'static str,
+    removed: bool,
+}
+
+impl InputRule {
+    /// Installs `rule` (words separated by single spaces, with a `counter`) in `ns`, in
+    /// table `table` and its input chain.
+    pub fn install(ns: &str, table: &'static str, rule: &str) -> Result<InputRule> {
+        nft(ns, &["add", "table", "inet", table])?;
         // From here on the guard removes the table, also if a later step fails.
-        let block = OptionsBlock {
+        let guard = InputRule {
             ns: ns.to_owned(),
+            table,
             removed: false,
         };
         nft(
@@ -41,38 +45,59 @@ impl OptionsBlock {
                 "add",
                 "chain",
                 "inet",
-                TABLE,
+                table,
                 "input",
                 "{ type filter hook input priority 0; policy accept; }",
             ],
         )?;
-        let mut rule = vec!["add", "rule", "inet", TABLE, "input"];
-        rule.extend(RULE.split(' '));
-        nft(ns, &rule)?;
-        Ok(block)
+        let mut args = vec!["add", "rule", "inet", table, "input"];
+        args.extend(rule.split(' '));
+        nft(ns, &args)?;
+        Ok(guard)
     }
 
-    /// Packets the rule dropped so far.
-    pub fn dropped(&self) -> Result<u64> {
-        let listing = nft(&self.ns, &["list", "chain", "inet", TABLE, "input"])?;
+    /// Packets the rule matched so far.
+    pub fn matched(&self) -> Result<u64> {
+        let listing = nft(&self.ns, &["list", "chain", "inet", self.table, "input"])?;
         counter_packets(&listing)
             .with_context(|| format!("no `counter packets N` in the chain:\n{listing}"))
     }
 
-    /// Removes the rule; returns how many packets it dropped.
+    /// Removes the rule; returns how many packets it matched.
     pub fn remove(mut self) -> Result<u64> {
-        let dropped = self.dropped()?;
-        nft(&self.ns, &["delete", "table", "inet", TABLE])?;
+        let matched = self.matched()?;
+        nft(&self.ns, &["delete", "table", "inet", self.table])?;
         self.removed = true;
-        Ok(dropped)
+        Ok(matched)
     }
 }
 
-impl Drop for OptionsBlock {
+impl Drop for InputRule {
     fn drop(&mut self) {
         if !self.removed {
-            let _ = nft(&self.ns, &["delete", "table", "inet", TABLE]);
+            let _ = nft(&self.ns, &["delete", "table", "inet", self.table]);
         }
+    }
+}
+
+/// The blocking rule, installed in namespace `ns`; removed on drop (also on failure).
+#[derive(Debug)]
+pub struct OptionsBlock(InputRule);
+
+impl OptionsBlock {
+    /// Installs the rule in `ns` (a table and an input chain of its own).
+    pub fn install(ns: &str) -> Result<OptionsBlock> {
+        InputRule::install(ns, TABLE, RULE).map(OptionsBlock)
+    }
+
+    /// Packets the rule dropped so far.
+    pub fn dropped(&self) -> Result<u64> {
+        self.0.matched()
+    }
+
+    /// Removes the rule; returns how many packets it dropped.
+    pub fn remove(self) -> Result<u64> {
+        self.0.remove()
     }
 }
 

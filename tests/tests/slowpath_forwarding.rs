@@ -49,6 +49,23 @@ const SIZES: [usize; 4] = [100, 1400, 4000, 9000];
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Fields drop in order: `sip-dispatch decap` before the namespaces.
+/// The VIP, the client, the backend and the dispatcher (the encapsulation source) of a
+/// family.
+fn addresses(v6: bool) -> (SocketAddr, SocketAddr, IpAddr, IpAddr) {
+    let parse = |vip: &str, client: &str, backend: &str, disp: &str| {
+        (
+            vip.parse().unwrap(),
+            client.parse().unwrap(),
+            backend.parse().unwrap(),
+            disp.parse().unwrap(),
+        )
+    };
+    match v6 {
+        true => parse(VIP6, CLIENT6, BACKEND6, DISP6),
+        false => parse(VIP4, CLIENT4, BACKEND4, DISP4),
+    }
+}
+
 struct Pair {
     decap: Option<Dispatcher>,
     disp: Netns,
@@ -243,21 +260,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// checks what the backend's socket receives. Returns one line per size.
 fn forward_every_size(mode: ForwardingMode, v6: bool) -> Vec<String> {
     let mut pair = Pair::new(mode == ForwardingMode::Ipip);
-    let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
-        (
-            VIP6.parse().unwrap(),
-            CLIENT6.parse().unwrap(),
-            BACKEND6.parse().unwrap(),
-            DISP6.parse().unwrap(),
-        )
-    } else {
-        (
-            VIP4.parse().unwrap(),
-            CLIENT4.parse().unwrap(),
-            BACKEND4.parse().unwrap(),
-            DISP4.parse().unwrap(),
-        )
-    };
+    let (vip, client, backend, encap) = addresses(v6);
     let received = pair.backend_socket(vip);
     let (frag_creates, reasm_oks, reasm_reqds) = if v6 {
         ("Ip6FragCreates", "Ip6ReasmOKs", "Ip6ReasmReqds")
@@ -486,21 +489,7 @@ fn own_fragments(client: SocketAddr, vip: SocketAddr, data: &[u8], mtu: usize) -
 fn the_largest_datagrams_arrive_and_one_byte_more_is_too_big() {
     let mut pair = Pair::new(true);
     for v6 in [false, true] {
-        let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
-            (
-                VIP6.parse().unwrap(),
-                CLIENT6.parse().unwrap(),
-                BACKEND6.parse().unwrap(),
-                DISP6.parse().unwrap(),
-            )
-        } else {
-            (
-                VIP4.parse().unwrap(),
-                CLIENT4.parse().unwrap(),
-                BACKEND4.parse().unwrap(),
-                DISP4.parse().unwrap(),
-            )
-        };
+        let (vip, client, backend, encap) = addresses(v6);
         let received = pair.backend_socket(vip);
         let disp = pair.disp.name().to_owned();
         let backend_ns = pair.backend.name().to_owned();
@@ -585,21 +574,7 @@ fn ipip_from_a_source_not_given_to_decap_is_not_delivered() {
     let others = ["198.18.0.3", "2001:db8::3"].map(|a| a.parse().unwrap());
     let mut pair = Pair::with_decap(Some(others.to_vec()));
     for v6 in [false, true] {
-        let (vip, client, backend, encap): (SocketAddr, SocketAddr, IpAddr, IpAddr) = if v6 {
-            (
-                VIP6.parse().unwrap(),
-                CLIENT6.parse().unwrap(),
-                BACKEND6.parse().unwrap(),
-                DISP6.parse().unwrap(),
-            )
-        } else {
-            (
-                VIP4.parse().unwrap(),
-                CLIENT4.parse().unwrap(),
-                BACKEND4.parse().unwrap(),
-                DISP4.parse().unwrap(),
-            )
-        };
+        let (vip, client, backend, encap) = addresses(v6);
         let received = pair.backend_socket(vip);
         let backend_ns = pair.backend.name().to_owned();
         // Without a tunnel device the stack answers IP-in-IP with destination unreachable
