@@ -5,7 +5,12 @@ use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 use serde::Serialize;
 use sip_dispatch_common::SLOTS;
 
-use crate::{e2e::E2eResults, live::Throughput, tables::TableResults, testrun::TestRunResults};
+use crate::{
+    e2e::E2eResults,
+    live::{SystemRun, Throughput},
+    tables::TableResults,
+    testrun::TestRunResults,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Stamp {
@@ -349,54 +354,52 @@ impl Report {
                 }
                 targets.push(t);
             }
-            if let (Some(native), Some(kam)) = (th.get("native"), th.get("kamailio")) {
+            if let (Some(native), Some(kam), Some(floor)) =
+                (th.get("native"), th.get("kamailio"), th.get("ceiling"))
+            {
+                // On veth every system pays the same floor (receiving, the bridge, the
+                // backends' stacks): the MAC swap, which does nothing, costs it too. What
+                // each system adds above it is what it costs to dispatch.
+                let above = |r: &SystemRun| r.net_cpu_s_per_mpkt - floor.net_cpu_s_per_mpkt;
+                let (sd, kamailio) = (above(native), above(kam));
+                let ratio = if sd > 0.0 {
+                    kamailio / sd
+                } else {
+                    f64::INFINITY
+                };
                 let mut t = Target::new(
-                    "delivered packets per CPU-second >= 20x Kamailio's (native XDP)",
-                    native.delivered_per_cpu_s / kam.delivered_per_cpu_s,
-                    20.0,
+                    "CPU per delivered packet above the MAC-swap floor: Kamailio / sip-dispatch >= 100 (native XDP)",
+                    ratio,
+                    100.0,
                     false,
                 );
+                // An immeasurably small cost above the floor is a pass, not a failure.
+                t.pass = t.pass || sd <= 0.0;
                 let skb = th.get("skb").map_or(String::new(), |r| {
-                    format!(
-                        " (skb mode: {})",
-                        ratio_text(r.delivered_per_cpu_s / kam.delivered_per_cpu_s)
-                    )
+                    format!(" (skb mode adds {:.2})", above(r))
                 });
                 t.note = format!(
-                    "{} vs {} packets per net CPU-second (generator's share subtracted){skb}; \
-                     gross {:.2} vs {:.2} CPU-s per million.",
+                    "Above the floor of {:.2} CPU-s per million delivered (the MAC swap's, \
+                     generator's share subtracted), sip-dispatch adds {sd:.2}{skb} and \
+                     Kamailio {kamailio:.2}. Per CPU-second overall: {} vs {} packets \
+                     ({:.1}x; the floor itself reaches {:.1}x).",
+                    floor.net_cpu_s_per_mpkt,
                     pps_text(native.delivered_per_cpu_s),
                     pps_text(kam.delivered_per_cpu_s),
-                    native.gross_cpu_s_per_mpkt,
-                    kam.gross_cpu_s_per_mpkt
+                    native.delivered_per_cpu_s / kam.delivered_per_cpu_s,
+                    floor.delivered_per_cpu_s / kam.delivered_per_cpu_s
                 );
                 if !t.pass {
                     let program = native.live_ns_per_packet.map_or(String::new(), |ns| {
                         format!(
                             " The XDP program alone takes {ns:.0} ns/packet under load \
-                             (bpf_stats), {:.2} CPU-s per million, {:.0} % of sip-dispatch's net \
-                             cost: the Call-ID scan dominates.",
-                            ns / 1e3,
-                            ns / 1e3 / native.net_cpu_s_per_mpkt * 100.0
-                        )
-                    });
-                    let floor = th.get("ceiling").map_or(String::new(), |c| {
-                        format!(
-                            " Even the MAC-swap ceiling costs {:.2} CPU-s per million here \
-                             ({:.1}x Kamailio's packets per CPU-second): receiving on veth, the \
-                             bounce through the bridge and the backends' stacks are counted for \
-                             every system; above that floor sip-dispatch adds {:.2} and Kamailio \
-                             {:.2} CPU-s per million ({:.1}x).",
-                            c.net_cpu_s_per_mpkt,
-                            c.delivered_per_cpu_s / kam.delivered_per_cpu_s,
-                            native.net_cpu_s_per_mpkt - c.net_cpu_s_per_mpkt,
-                            kam.net_cpu_s_per_mpkt - c.net_cpu_s_per_mpkt,
-                            (kam.net_cpu_s_per_mpkt - c.net_cpu_s_per_mpkt)
-                                / (native.net_cpu_s_per_mpkt - c.net_cpu_s_per_mpkt)
+                             (bpf_stats), {:.2} CPU-s per million: the Call-ID scan and the \
+                             affinity insert of a new call dominate.",
+                            ns / 1e3
                         )
                     });
                     t.note
-                        .push_str(&format!(" Missed {}.{program}{floor}", t.shortfall_text()));
+                        .push_str(&format!(" Missed {}.{program}", t.shortfall_text()));
                 }
                 targets.push(t);
             }
@@ -604,6 +607,26 @@ impl Report {
                 a.miss_ns,
                 ratio_text(a.miss_ratio)
             );
+        }
+        if !tr.load.is_empty() {
+            let _ = writeln!(
+                m,
+                "\nLoading the dispatcher (the object, its maps and the verifier; `sip_dispatch`'s \
+                 program info):\n\n| affinity | load ms | verified instructions | xlated B | jited B |\n\
+                 |---|---|---|---|---|"
+            );
+            let opt = |v: Option<u32>| v.map_or("-".to_owned(), |n| n.to_string());
+            for l in &tr.load {
+                let _ = writeln!(
+                    m,
+                    "| {} | {:.0} | {} | {} | {} |",
+                    if l.affinity { "on" } else { "off" },
+                    l.load_ms,
+                    opt(l.verified_insns),
+                    opt(l.xlated_bytes),
+                    opt(l.jited_bytes)
+                );
+            }
         }
         self.md_forwarding(m, tr);
         if let Some(th) = &self.throughput {

@@ -104,6 +104,8 @@ pub struct AffinityCost {
 #[derive(Clone, Debug, Serialize)]
 pub struct TestRunResults {
     pub packets: Vec<PacketCost>,
+    /// Loading the dispatcher (object, maps, verifier), with affinity off and on.
+    pub load: Vec<LoadCost>,
     pub affinity: Option<AffinityCost>,
     /// The typical INVITE in each forwarding mode, IPv4 and IPv6.
     pub forwarding: Vec<forwarding::ModeCost>,
@@ -115,6 +117,53 @@ impl TestRunResults {
     pub fn get(&self, key: &str) -> Option<&PacketCost> {
         self.packets.iter().find(|p| p.packet.key == key)
     }
+}
+
+/// What loading the dispatcher costs: wall time of the whole load (object, maps, the
+/// verifier) and what the verifier saw and the JIT made of `sip_dispatch`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadCost {
+    pub affinity: bool,
+    pub load_ms: f64,
+    /// Instructions the verifier processed (`verified_insns`).
+    pub verified_insns: Option<u32>,
+    /// Size of the translated (xlated) and JIT-compiled program, bytes.
+    pub xlated_bytes: Option<u32>,
+    pub jited_bytes: Option<u32>,
+}
+
+/// Loads the dispatcher with affinity off and on and reads the program's info.
+fn measure_load() -> Result<Vec<LoadCost>> {
+    let mut out = Vec::new();
+    for on in [false, true] {
+        let started = std::time::Instant::now();
+        let mut dp = Dataplane::load_unpinned(
+            HashKey::DEFAULT,
+            Affinity {
+                on,
+                ..Default::default()
+            },
+        )?;
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
+        let info = dp.dispatch_program()?.info()?;
+        let cost = LoadCost {
+            affinity: on,
+            load_ms,
+            verified_insns: info.verified_instruction_count(),
+            xlated_bytes: info.size_translated(),
+            jited_bytes: Some(info.size_jitted()),
+        };
+        note(format!(
+            "load, affinity {}: {:.0} ms, verifier {} instructions, {} B xlated, {} B jited",
+            if on { "on" } else { "off" },
+            cost.load_ms,
+            cost.verified_insns.map_or("?".into(), |n| n.to_string()),
+            cost.xlated_bytes.map_or("?".into(), |n| n.to_string()),
+            cost.jited_bytes.map_or("?".into(), |n| n.to_string()),
+        ));
+        out.push(cost);
+    }
+    Ok(out)
 }
 
 pub fn run(plan: &Plan) -> Result<TestRunResults> {
@@ -483,6 +532,7 @@ fn measure(plan: &Plan) -> Result<TestRunResults> {
         .map(|c| c.packet.clone())
         .context("no INVITE among the packets")?;
     let affinity = Some(measure_affinity(plan, ifindex, &invite)?);
+    let load = measure_load()?;
     // A failure there leaves the rows above standing.
     let (forwarding, forwarding_failed) = match forwarding::measure(plan, ifindex) {
         Ok(done) => done,
@@ -494,6 +544,7 @@ fn measure(plan: &Plan) -> Result<TestRunResults> {
     };
     Ok(TestRunResults {
         packets: results,
+        load,
         affinity,
         forwarding,
         forwarding_failed,
