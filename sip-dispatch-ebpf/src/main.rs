@@ -511,21 +511,26 @@ extern "C" fn scan_step(_index: u64, _ctx: *mut c_void) -> i64 {
         return 1;
     };
     let job = unsafe { &mut *job_of(scratch) };
-    let (at, len) = (job.at, job.len);
-    if at >= len {
-        return 1;
-    }
-    match job.scanner.step(&Window(scratch), at, len) {
-        Step::Done(scan) => {
-            job.done = Some(scan);
-            1
+    for _ in 0..STEPS_PER_CALL {
+        let at = unsafe { core::ptr::read_volatile(&job.at) };
+        let len = unsafe { core::ptr::read_volatile(&job.len) };
+        if at >= len {
+            return 1;
         }
-        Step::Next(next) => {
-            job.at = next;
-            0
+        match job.scanner.step(&Window(scratch), at, len) {
+            Step::Done(scan) => {
+                job.done = Some(scan);
+                return 1;
+            }
+            Step::Next(next) => {
+                unsafe { core::ptr::write_volatile(&mut job.at, next) };
+            }
         }
     }
+    0
 }
+
+const STEPS_PER_CALL: usize = 4;
 
 /// `*dst = v` a word at a time, for a `T` of whole words without padding (`Scanner`).
 /// Volatile, because LLVM turns runs of zero stores into a call of a `memset` that BPF
