@@ -82,8 +82,14 @@ pub const ALL_MAPS: [&str; 12] = [
     crate::census::MAP_HELD,
 ];
 
-/// The XDP program that dispatches SIP.
+/// The XDP program that dispatches SIP (its scans loop with `may_goto`, kernel 6.9+).
 pub const PROG_DISPATCH: &str = "sip_dispatch";
+/// The same dispatcher with its scans in `bpf_loop` callbacks, for kernels without
+/// `may_goto`; the loader picks it when [`PROG_MAY_GOTO_PROBE`] does not load.
+pub const PROG_DISPATCH_CALLBACK: &str = "sip_dispatch_cb";
+/// A minimal XDP program with one `may_goto`: whether it loads tells whether the
+/// kernel knows the instruction.
+pub const PROG_MAY_GOTO_PROBE: &str = "may_goto_probe";
 /// An XDP program that passes everything: attached to veth peers so that native-mode
 /// XDP_TX/XDP_REDIRECT frames are received (veth needs NAPI on the peer).
 pub const PROG_PASS: &str = "xdp_pass";

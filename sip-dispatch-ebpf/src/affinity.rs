@@ -8,7 +8,7 @@ use super::*;
 /// LRU update allocates a node, as Katran notes); a new one is inserted only for a
 /// request without one.
 #[inline(always)]
-pub(super) fn pick_with_affinity(
+pub(super) fn pick_with_affinity<const LOOP: LoopKind>(
     scratch: *mut Scratch,
     service_id: u32,
     hash: u64,
@@ -41,7 +41,7 @@ pub(super) fn pick_with_affinity(
         None => BackendFlags::default(),
     };
     let choice = choose(class, entry.as_ref(), flags, now, || {
-        has_to_tag(scratch, len, complete)
+        has_to_tag::<LOOP>(scratch, len, complete)
     });
     if entry.is_none() {
         count(Counter::AffinityMiss);
@@ -98,7 +98,7 @@ const BPF_NOEXIST: u64 = 1;
 /// for a request whose call has an entry that is neither a retransmission's nor ended.
 /// Beyond the window counts as no tag (the table decides, as without affinity).
 #[inline(always)]
-fn has_to_tag(scratch: *mut Scratch, len: usize, complete: bool) -> bool {
+fn has_to_tag<const LOOP: LoopKind>(scratch: *mut Scratch, len: usize, complete: bool) -> bool {
     let job = tag_job_of(scratch);
     unsafe {
         (*job).scanner = ToTagScanner::new();
@@ -107,16 +107,24 @@ fn has_to_tag(scratch: *mut Scratch, len: usize, complete: bool) -> bool {
         (*job).done = ToTag::BeyondWindow as u64;
         (*job).finished = 0;
     }
-    // Verifier constraint: as for the Call-ID scan, a plain loop is too branchy; every
-    // step takes at least one byte, so `len` steps suffice.
-    unsafe {
-        bpf_loop(
-            len as u32,
-            to_tag_step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
+    // Verifier constraint: as for the Call-ID scan (`call_id_hash`), a plain loop is
+    // too branchy; every step takes at least one byte, so `len` steps suffice.
+    if LOOP == MAY_GOTO {
+        loop {
+            if !to_tag_once(scratch) || may_goto_exhausted() {
+                break;
+            }
+        }
+    } else {
+        unsafe {
+            bpf_loop(
+                (len as u32).div_ceil(STEPS_PER_CALL as u32),
+                to_tag_step as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+    }
     let tag = unsafe {
         if (*job).finished != 0 {
             (*job).done
@@ -127,28 +135,41 @@ fn has_to_tag(scratch: *mut Scratch, len: usize, complete: bool) -> bool {
     tag == ToTag::Tagged as u64
 }
 
-/// One step of the To-tag scan; 0 continues, 1 stops (see `scan_step`).
-#[inline(never)]
-extern "C" fn to_tag_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
+/// One step of the To-tag scan; false once it is over (see `scan_once`).
+#[inline(always)]
+fn to_tag_once(scratch: *mut Scratch) -> bool {
     let job = unsafe { &mut *tag_job_of(scratch) };
-    let (at, len) = (job.at, job.len);
+    let at = unsafe { core::ptr::read_volatile(&job.at) };
+    let len = unsafe { core::ptr::read_volatile(&job.len) };
     if at >= len {
-        return 1;
+        return false;
     }
     match job.scanner.step(&Window(scratch), at, len) {
         ToTagStep::Done(tag) => {
             job.done = tag as u64;
             job.finished = 1;
-            1
+            false
         }
         ToTagStep::Next(next) => {
-            job.at = next;
-            0
+            unsafe { core::ptr::write_volatile(&mut job.at, next) };
+            true
         }
     }
+}
+
+/// `bpf_loop` callback: [`STEPS_PER_CALL`] steps of the To-tag scan; 0 continues, 1
+/// stops (see `scan_step`).
+#[inline(never)]
+extern "C" fn to_tag_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    for _ in 0..STEPS_PER_CALL {
+        if !to_tag_once(scratch) {
+            return 1;
+        }
+    }
+    0
 }
 
 /// The state of one To-tag scan. Plain words: the answer is a `ToTag` value.

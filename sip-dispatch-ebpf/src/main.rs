@@ -11,6 +11,8 @@
 //! entry instead of the table, by the rules of `sip_dispatch_common::affinity::choose`.
 #![no_std]
 #![no_main]
+// `may_goto` through inline asm (the BPF target's asm is unstable).
+#![feature(asm_experimental_arch)]
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -101,10 +103,39 @@ static HELD: Array<u64, { HELD_SLOTS as usize }> = Array::new();
 #[unsafe(no_mangle)]
 static AFFINITY_ON: u8 = 1;
 
+/// The dispatcher: the scans loop inside the program, bounded by `may_goto` (kernel
+/// 6.9 and later).
 #[xdp]
 pub fn sip_dispatch(ctx: XdpContext) -> u32 {
+    run::<MAY_GOTO>(&ctx)
+}
+
+/// The same dispatcher with the scans driven by `bpf_loop` callbacks, for kernels
+/// without `may_goto` (the loader picks it, see `PROG_DISPATCH_CALLBACK`).
+#[xdp]
+pub fn sip_dispatch_cb(ctx: XdpContext) -> u32 {
+    run::<BPF_LOOP>(&ctx)
+}
+
+/// Whether the kernel knows `may_goto`: the loader loads this first (older kernels
+/// reject the unknown instruction) and picks `sip_dispatch` or `sip_dispatch_cb`.
+#[xdp]
+pub fn may_goto_probe(_ctx: XdpContext) -> u32 {
+    if may_goto_exhausted() {
+        return XDP_DROP;
+    }
+    XDP_PASS
+}
+
+/// How the scans loop: within the program (`may_goto`), or a `bpf_loop` callback.
+type LoopKind = bool;
+const MAY_GOTO: LoopKind = true;
+const BPF_LOOP: LoopKind = false;
+
+#[inline(always)]
+fn run<const LOOP: LoopKind>(ctx: &XdpContext) -> u32 {
     count(Counter::Seen);
-    match dispatch(&ctx) {
+    match dispatch::<LOOP>(ctx) {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
@@ -156,7 +187,7 @@ struct Datagram {
 /// Ok(action) when dispatched; Ok(XDP_PASS) for traffic that is not ours (counted as
 /// such); Err(reason) for service traffic the fast path leaves to the stack.
 #[inline(always)]
-fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
+fn dispatch<const LOOP: LoopKind>(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(dg) = parse(ctx)? else {
         count(Counter::NotService);
         return Ok(XDP_PASS);
@@ -172,12 +203,12 @@ fn dispatch(ctx: &XdpContext) -> Result<u32, Counter> {
     }
 
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(Counter::PassNoCallId)?;
-    let hash = call_id_hash(ctx, scratch, &dg)?;
+    let hash = call_id_hash::<LOOP>(ctx, scratch, &dg)?;
     // Volatile: a plain read of a `static` is folded to its initial value at compile
     // time, and `--affinity off` would run affinity. Read from the frozen `.rodata` map,
     // the value is a known constant to the verifier, which drops the other branch.
     let backend_id = if unsafe { core::ptr::read_volatile(&AFFINITY_ON) } != 0 {
-        pick_with_affinity(scratch, service_id, hash)?
+        pick_with_affinity::<LOOP>(scratch, service_id, hash)?
     } else {
         table_pick(service_id, hash)?
     };
@@ -379,7 +410,11 @@ fn words(b: &[u8; 16]) -> [u32; 4] {
 
 /// Copies the start of the UDP payload into per-CPU scratch and hashes the Call-ID.
 #[inline(always)]
-fn call_id_hash(ctx: &XdpContext, scratch: *mut Scratch, dg: &Datagram) -> Result<u64, Counter> {
+fn call_id_hash<const LOOP: LoopKind>(
+    ctx: &XdpContext,
+    scratch: *mut Scratch,
+    dg: &Datagram,
+) -> Result<u64, Counter> {
     let config = CONFIG.get(0).ok_or(Counter::PassNoBackend)?;
     let key = HashKey {
         k0: config.hash_key[0],
@@ -415,18 +450,29 @@ fn call_id_hash(ctx: &XdpContext, scratch: *mut Scratch, dg: &Datagram) -> Resul
         (*job).complete = complete;
         (*job).done = None;
     }
-    // Verifier constraint: a plain loop over up to 2048 bytes with a branchy body
-    // exceeds the verifier's limits (8192 pending branches); bpf_loop's callback is
-    // verified once, and the kernel inlines the loop. A step takes at least one byte but
-    // for one (`Scanner::step`): `len + 1` steps reach every answer.
-    unsafe {
-        bpf_loop(
-            len as u32 + 1,
-            scan_step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
+    // Verifier constraint: a loop bounded by its count over up to 2048 bytes with a
+    // branchy body exceeds the verifier's limits (8192 pending branches). `may_goto`
+    // bounds the loop instead, and the verifier walks its body until the states at the
+    // `may_goto` repeat: they do, because every step reads the scan's state from map
+    // memory (unknown values) and keeps nothing in registers across the back edge.
+    // bpf_loop's callback is verified once too. A step takes at least one byte but for
+    // one (`Scanner::step`): `len + 1` steps reach every answer.
+    if LOOP == MAY_GOTO {
+        loop {
+            if !scan_once(scratch) || may_goto_exhausted() {
+                break;
+            }
+        }
+    } else {
+        unsafe {
+            bpf_loop(
+                (len as u32).div_ceil(STEPS_PER_CALL as u32) + 1,
+                scan_step as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+    }
     let scan = match unsafe { (*job).done } {
         Some(scan) => scan,
         None => unsafe { (*job).scanner }.finish(complete),
@@ -499,37 +545,65 @@ fn job_of(scratch: *mut Scratch) -> *mut ScanJob {
     unsafe { &raw mut (*private(scratch)).job }
 }
 
+/// True when the `may_goto` budget of this program run (the kernel's, millions of
+/// iterations) is spent: the loop must stop.
+#[inline(always)]
+fn may_goto_exhausted() -> bool {
+    let mut exhausted = false;
+    // SAFETY: `may_goto` only jumps (to the label) or falls through; the kernel
+    // rewrites it into a counter on the stack that it reserves itself.
+    unsafe { core::arch::asm!("may_goto {}", label { exhausted = true; }) };
+    exhausted
+}
+
 /// One step of the Call-ID scan (a line, a few words of the value, or a byte between
-/// name and value): 0 continues the loop, 1 stops it. The loop count is only an upper
-/// bound.
+/// name and value) on the job in scratch; false once the scan is over.
 ///
-/// Verifier constraint: this callback's stack counts on top of `sip_dispatch`'s, and
+/// Verifier constraint: `at` and `len` are read (volatile) from map memory at every step,
+/// and the next `at` written back, so that no value the verifier tracks crosses from
+/// one step into the next: the loops around this converge after one walk of the body.
+#[inline(always)]
+fn scan_once(scratch: *mut Scratch) -> bool {
+    let job = unsafe { &mut *job_of(scratch) };
+    let at = unsafe { core::ptr::read_volatile(&job.at) };
+    let len = unsafe { core::ptr::read_volatile(&job.len) };
+    if at >= len {
+        return false;
+    }
+    match job.scanner.step(&Window(scratch), at, len) {
+        Step::Done(scan) => {
+            job.done = Some(scan);
+            false
+        }
+        Step::Next(next) => {
+            unsafe { core::ptr::write_volatile(&mut job.at, next) };
+            true
+        }
+    }
+}
+
+/// `bpf_loop` callback: [`STEPS_PER_CALL`] steps of the Call-ID scan; 0 continues the
+/// loop, 1 stops it. The loop count is only an upper bound.
+///
+/// Verifier constraint: this callback's stack counts on top of `sip_dispatch_cb`'s, and
 /// the two must stay within 512 bytes; see `bpftool prog load` with `-d` ("stack depth").
 #[inline(never)]
 extern "C" fn scan_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
-    let job = unsafe { &mut *job_of(scratch) };
     for _ in 0..STEPS_PER_CALL {
-        let at = unsafe { core::ptr::read_volatile(&job.at) };
-        let len = unsafe { core::ptr::read_volatile(&job.len) };
-        if at >= len {
+        if !scan_once(scratch) {
             return 1;
-        }
-        match job.scanner.step(&Window(scratch), at, len) {
-            Step::Done(scan) => {
-                job.done = Some(scan);
-                return 1;
-            }
-            Step::Next(next) => {
-                unsafe { core::ptr::write_volatile(&mut job.at, next) };
-            }
         }
     }
     0
 }
 
+/// Scanner steps per `bpf_loop` callback. On CPUs whose return thunk (SRSO mitigation)
+/// makes every callback cost tens of ns, fewer callbacks is most of the scan's cost.
+/// Verifier: it walks the inner loop once per step (4: about 220 k instructions
+/// processed for the whole program, 8: over the 1 M limit).
 const STEPS_PER_CALL: usize = 4;
 
 /// `*dst = v` a word at a time, for a `T` of whole words without padding (`Scanner`).

@@ -25,7 +25,8 @@ use sip_dispatch_common::{
     FWD_REWRITE, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DECAP_FROM, MAP_ENCAP, MAP_SCRATCH, MAP_SERVICES,
     MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_SERVICES, NO_BACKEND,
-    PROG_DECAP, PROG_DISPATCH, PROG_PASS, SLOTS, Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
+    PROG_DECAP, PROG_DISPATCH, PROG_DISPATCH_CALLBACK, PROG_MAY_GOTO_PROBE, PROG_PASS, SLOTS,
+    Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -98,6 +99,64 @@ pub struct Dataplane {
     forwarding: BTreeMap<u32, u32>,
     /// What was last written to the backend flags map, per id.
     flags_written: Vec<Option<BackendFlags>>,
+    /// How the loaded dispatcher's scans loop (which of its two programs it is).
+    scan_loop: ScanLoop,
+}
+
+/// Setting this environment variable to `1` makes the daemon load the `bpf_loop`
+/// dispatcher even on a kernel that knows `may_goto` (tests of the fallback).
+pub const ENV_FORCE_BPF_LOOP: &str = "SIP_DISPATCH_FORCE_BPF_LOOP";
+
+/// How the dispatcher's Call-ID and To-tag scans loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanLoop {
+    /// Inside the program, bounded by `may_goto` (kernel 6.9+): no call per step.
+    MayGoto,
+    /// In `bpf_loop` callbacks, a few scanner steps per call (kernel 5.17+).
+    BpfLoop,
+}
+
+impl ScanLoop {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScanLoop::MayGoto => "may_goto",
+            ScanLoop::BpfLoop => "bpf_loop",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            ScanLoop::MayGoto => PROG_DISPATCH,
+            ScanLoop::BpfLoop => PROG_DISPATCH_CALLBACK,
+        }
+    }
+
+    /// `may_goto` when the kernel loads the probe program, unless [`ENV_FORCE_BPF_LOOP`]
+    /// is `1`.
+    fn choose(ebpf: &mut Ebpf) -> ScanLoop {
+        if std::env::var(ENV_FORCE_BPF_LOOP).is_ok_and(|v| v == "1") {
+            log::info!("{ENV_FORCE_BPF_LOOP}=1: the scans loop with bpf_loop");
+            return ScanLoop::BpfLoop;
+        }
+        let probe = ebpf
+            .program_mut(PROG_MAY_GOTO_PROBE)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok());
+        let Some(probe) = probe else {
+            log::warn!("program {PROG_MAY_GOTO_PROBE} missing: the scans loop with bpf_loop");
+            return ScanLoop::BpfLoop;
+        };
+        match probe.load() {
+            Ok(()) => {
+                // Only a probe: its fd is not needed any more.
+                let _ = probe.unload();
+                ScanLoop::MayGoto
+            }
+            Err(e) => {
+                log::info!("the kernel does not load may_goto ({e}): the scans loop with bpf_loop");
+                ScanLoop::BpfLoop
+            }
+        }
+    }
 }
 
 impl Dataplane {
@@ -412,7 +471,7 @@ impl Dataplane {
     /// Detaches our link, if we attached one.
     fn drop_link(&mut self) {
         if let Some(link) = self.link.take()
-            && let Some(p) = self.ebpf.program_mut(PROG_DISPATCH)
+            && let Some(p) = self.ebpf.program_mut(self.scan_loop.program())
             && let Ok(prog) = <&mut Xdp>::try_from(p)
             && let Err(e) = prog.detach(link)
         {
@@ -510,7 +569,9 @@ impl Dataplane {
             affinity,
             forwarding: BTreeMap::new(),
             flags_written: vec![None; MAX_BACKENDS as usize],
+            scan_loop: ScanLoop::BpfLoop,
         };
+        dp.scan_loop = ScanLoop::choose(&mut dp.ebpf);
         dp.dispatch_program()?
             .load()
             .context("the kernel verifier rejected the XDP program")?;
@@ -533,13 +594,20 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
     }
 
-    /// The dispatcher program (loaded into the kernel by `load`).
+    /// The dispatcher program (loaded into the kernel by `load`): `sip_dispatch`, or
+    /// `sip_dispatch_cb` on kernels without `may_goto` (see [`ScanLoop`]).
     pub fn dispatch_program(&mut self) -> anyhow::Result<&mut Xdp> {
+        let name = self.scan_loop.program();
         Ok(self
             .ebpf
-            .program_mut(PROG_DISPATCH)
-            .ok_or_else(|| anyhow!("program {PROG_DISPATCH} missing from the XDP object"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
             .try_into()?)
+    }
+
+    /// How the loaded dispatcher's scans loop.
+    pub fn scan_loop(&self) -> ScanLoop {
+        self.scan_loop
     }
 
     /// Attaches the dispatcher and pins the link. If a previous daemon left its link

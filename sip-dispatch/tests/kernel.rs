@@ -11,7 +11,7 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use sip_dispatch::{
-    dataplane::{Affinity, Dataplane},
+    dataplane::{Affinity, Dataplane, ENV_FORCE_BPF_LOOP, ScanLoop},
     frames::{FrameSpec, parse},
 };
 use sip_dispatch_common::{
@@ -150,6 +150,19 @@ impl Harness {
 
         let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, affinity)
             .unwrap_or_else(|e| panic!("loading the XDP program: {e:#}"));
+        // Both loop modes run these tests (`cargo xtask test` runs them again with the
+        // fallback forced); this kernel (6.9+) has may_goto, so the default must use it.
+        let forced = std::env::var(ENV_FORCE_BPF_LOOP).is_ok_and(|v| v == "1");
+        let expected = if forced {
+            ScanLoop::BpfLoop
+        } else {
+            ScanLoop::MayGoto
+        };
+        assert_eq!(
+            dp.scan_loop(),
+            expected,
+            "{ENV_FORCE_BPF_LOOP} set: {forced}"
+        );
         let v4 = build_table(
             &weighted(&[
                 ("198.18.1.21:5060", 2),

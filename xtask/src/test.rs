@@ -102,6 +102,18 @@ pub fn run(skip_install: bool) -> Result<()> {
         }
         step(
             &mut outcomes,
+            "kernel tests: the bpf_loop dispatcher (kernels without may_goto)",
+            || {
+                shell::run(
+                    cargo(&["test", "-p", "sip-dispatch", "--test", "kernel"])
+                        // sip_dispatch::dataplane::ENV_FORCE_BPF_LOOP (xtask links
+                        // the daemon's library only with the bench feature).
+                        .env("SIP_DISPATCH_FORCE_BPF_LOOP", "1"),
+                )
+            },
+        );
+        step(
+            &mut outcomes,
             &format!("fuzz ({FUZZ_SECONDS} s per target)"),
             || fuzz::run(FUZZ_SECONDS, &[], fuzz::Corpus::Scratch),
         );
