@@ -572,6 +572,11 @@ impl Dataplane {
             scan_loop: ScanLoop::BpfLoop,
         };
         dp.scan_loop = ScanLoop::choose(&mut dp.ebpf);
+        log::info!(
+            "loading {} (the scans loop with {})",
+            dp.scan_loop.program(),
+            dp.scan_loop.name()
+        );
         dp.dispatch_program()?
             .load()
             .context("the kernel verifier rejected the XDP program")?;
