@@ -52,6 +52,9 @@ pub fn prepare_backend(
         netns::exec(ns, "sysctl", ["-qw", setting])
             .with_context(|| format!("{setting} in {ns}"))?;
     }
+    if vip.is_ipv6() {
+        wait_link_local_ready(ns, &host.iface)?;
+    }
     let decap = match decap {
         false => None,
         true => {
@@ -61,6 +64,44 @@ pub fn prepare_backend(
         }
     };
     Ok(DsrBackend { decap })
+}
+
+/// Waits (up to 10 s) until `iface` in `ns` has a link-local IPv6 address that passed
+/// duplicate address detection. The VIP is on `lo`, so Linux solicits the client's
+/// neighbour entry from the link-local address; while that is still tentative (the first
+/// second or two after the interface came up) it sends no solicitation, and the
+/// backend's first answers wait for the retry.
+fn wait_link_local_ready(ns: &str, iface: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let all = netns::exec(
+            ns,
+            "ip",
+            ["-6", "addr", "show", "dev", iface, "scope", "link"],
+        )?;
+        let tentative = netns::exec(
+            ns,
+            "ip",
+            [
+                "-6",
+                "addr",
+                "show",
+                "dev",
+                iface,
+                "scope",
+                "link",
+                "tentative",
+            ],
+        )?;
+        if all.contains("inet6") && !tentative.contains("inet6") {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{iface} in {ns}: no link-local IPv6 address out of DAD within 10 s:\n{all}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 impl Drop for DsrBackend {
