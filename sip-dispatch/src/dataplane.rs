@@ -145,7 +145,7 @@ impl ScanLoop {
             log::warn!("program {PROG_MAY_GOTO_PROBE} missing: the scans loop with bpf_loop");
             return ScanLoop::BpfLoop;
         };
-        match probe.load() {
+        match load_retrying(probe) {
             Ok(()) => {
                 // Only a probe: its fd is not needed any more.
                 let _ = probe.unload();
@@ -577,12 +577,10 @@ impl Dataplane {
             dp.scan_loop.program(),
             dp.scan_loop.name()
         );
-        dp.dispatch_program()?
-            .load()
+        load_retrying(dp.dispatch_program()?)
             .context("the kernel verifier rejected the XDP program")?;
         // Loaded for the held-call census (`crate::census`), never attached.
-        census_program(&mut dp.ebpf)?
-            .load()
+        load_retrying(census_program(&mut dp.ebpf)?)
             .context("the kernel verifier rejected the census program")?;
         Ok(dp)
     }
@@ -1136,7 +1134,7 @@ pub fn attach_program(iface: &str, name: &str) -> anyhow::Result<(Ebpf, XdpLinkI
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
         .try_into()?;
-    prog.load().with_context(|| format!("loading {name}"))?;
+    load_retrying(prog).with_context(|| format!("loading {name}"))?;
     let link = prog
         .attach(iface, XdpMode::Default)
         .with_context(|| format!("attaching {name} to {iface}"))?;
@@ -1154,7 +1152,7 @@ pub fn load_program(name: &str) -> anyhow::Result<Ebpf> {
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
         .try_into()?;
-    prog.load().with_context(|| format!("loading {name}"))?;
+    load_retrying(prog).with_context(|| format!("loading {name}"))?;
     Ok(ebpf)
 }
 
@@ -1189,6 +1187,25 @@ pub fn attach_loaded(ebpf: &mut Ebpf, iface: &str, name: &str) -> anyhow::Result
         .try_into()?;
     prog.attach(iface, XdpMode::Default)
         .with_context(|| format!("attaching {name} to {iface}"))
+}
+
+/// Loads `prog` into the kernel, again when the verifier was interrupted: it gives up
+/// with EAGAIN when a signal is pending for the loading thread (a child process of
+/// another thread exiting, say), which a long verification (hundreds of ms for the
+/// `bpf_loop` dispatcher) meets now and then. libbpf retries the same way, 5 attempts.
+fn load_retrying(prog: &mut Xdp) -> Result<(), aya::programs::ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match prog.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts > 1 =>
+            {
+                attempts -= 1;
+                log::debug!("the verifier was interrupted (EAGAIN): loading again");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Writes `values` into an mmap-able array map of as many u32 entries: one copy through
