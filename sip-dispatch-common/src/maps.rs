@@ -14,8 +14,8 @@ pub const MAP_BACKENDS: &str = "sd_backends_v1";
 /// Per-CPU array of [`BackendStats`], indexed by backend id.
 pub const MAP_BACKEND_STATS: &str = "sd_bstats_v1";
 /// Per-CPU array of u64, indexed by [`Counter`]. (v2: `drop_redirect_failed` added; v3:
-/// the `affinity_*` counters; v4: `pass_not_on_link`, `pass_encap`.)
-pub const MAP_COUNTERS: &str = "sd_counters_v4";
+/// the `affinity_*` counters; v4: `pass_not_on_link`, `pass_encap`; v5: `pass_start_line`.)
+pub const MAP_COUNTERS: &str = "sd_counters_v5";
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "sd_config_v1";
 /// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
@@ -66,8 +66,22 @@ pub const FWD_L2DSR: u32 = 1;
 /// and answers from it; the backend may be on another subnet.
 pub const FWD_IPIP: u32 = 2;
 
+/// Array of [`SERVICE_PORT_WORDS`] u64 bitmaps: bit `port % 64` of word `port / 64` is set
+/// while a service listens on UDP `port` (any VIP, either family). The fast path passes
+/// other UDP traffic after this array lookup, which the verifier inlines, instead of a
+/// lookup in [`MAP_SERVICES`], a hash map and so a helper call.
+pub const MAP_SERVICE_PORTS: &str = "sd_ports_v1";
+/// Entries of [`MAP_SERVICE_PORTS`]: 65536 ports, 64 to a word.
+pub const SERVICE_PORT_WORDS: u32 = 1024;
+
+/// The word of [`MAP_SERVICE_PORTS`] that holds UDP `port` (host order), and its bit.
+#[inline(always)]
+pub fn service_port_bit(port: u16) -> (u32, u64) {
+    (u32::from(port >> 6), 1u64 << (port & 63))
+}
+
 /// Every map of the object, all pinned under the pin directory.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_TABLES,
     MAP_BACKENDS,
@@ -80,6 +94,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_BACKEND_FLAGS,
     MAP_ENCAP,
     crate::census::MAP_HELD,
+    MAP_SERVICE_PORTS,
 ];
 
 /// The XDP program that dispatches SIP (its scans loop with `may_goto`, kernel 6.9+).
@@ -327,10 +342,13 @@ pub enum Counter {
     /// Passed: `ipip` could not encapsulate (the packet would exceed the egress MTU, no
     /// headroom, or no outer source address).
     PassEncap,
+    /// Passed: a Call-ID was found but the start line is not one the fast path accepts
+    /// (`parse::start_line::start_line_fast`): not SIP, or SIP in an unusual form.
+    PassStartLine,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
         Counter::NotService,
@@ -352,6 +370,7 @@ impl Counter {
         Counter::AffinityInsertFailed,
         Counter::PassNotOnLink,
         Counter::PassEncap,
+        Counter::PassStartLine,
     ];
 
     /// Stable snake_case name, used in logs, JSON and metrics.
@@ -377,6 +396,7 @@ impl Counter {
             Counter::AffinityInsertFailed => "affinity_insert_failed",
             Counter::PassNotOnLink => "pass_not_on_link",
             Counter::PassEncap => "pass_encap",
+            Counter::PassStartLine => "pass_start_line",
         }
     }
 }

@@ -474,6 +474,7 @@ pub fn scan_message(msg: &[u8], key: HashKey) -> Scan {
     scan_call_id(msg, msg.len(), true, key)
 }
 
+pub mod start_line;
 pub mod to_tag;
 pub use to_tag::{ToTag, ToTagScanner, ToTagStep, scan_to_tag, to_tag_of};
 

@@ -39,13 +39,13 @@ use sip_dispatch_common::{
     AFFINITY_ENTRIES_MIN, AffinityEntry, AffinityKey, BACKEND_FLAGS_MAP_FLAGS, Backend,
     BackendFlags, BackendStats, Config, Counter, EncapSource, FAMILY_V4, FAMILY_V6, FWD_IPIP,
     FWD_L2DSR, FWD_MASK, HashKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SCAN_WINDOW,
-    SCRATCH_XDP_WORDS, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo, ServiceKey,
-    TABLE_MAP_FLAGS,
+    SCRATCH_XDP_WORDS, SERVICE_PORT_WORDS, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo,
+    ServiceKey, TABLE_MAP_FLAGS,
     affinity::{EntryWrite, Route, choose, classify_word, created_flags},
     census::{CensusInput, HELD_ENTRIES, HELD_SLOTS, HELD_STALE, holds_call},
     csum::CsumDelta,
-    parse::{ByteWindow, Step, ToTag, ToTagScanner, ToTagStep},
-    slot_of,
+    parse::{ByteWindow, Step, ToTag, ToTagScanner, ToTagStep, start_line::start_line_fast},
+    service_port_bit, slot_of,
 };
 
 mod affinity;
@@ -63,6 +63,8 @@ const AF_INET6: u8 = 10;
 #[btf_map(name = "sd_services_v1")]
 static SERVICES: HashMap<ServiceKey, ServiceInfo, { MAX_SERVICES as usize }, BPF_F_NO_PREALLOC> =
     HashMap::new();
+#[btf_map(name = "sd_ports_v1")]
+static SERVICE_PORTS: Array<u64, { SERVICE_PORT_WORDS as usize }> = Array::new();
 #[btf_map(name = "sd_tables_v2")]
 static TABLES: ArrayOfMaps<
     Array<u32, SLOTS, { TABLE_MAP_FLAGS as usize }>,
@@ -72,7 +74,7 @@ static TABLES: ArrayOfMaps<
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map(name = "sd_bstats_v1")]
 static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
-#[btf_map(name = "sd_counters_v4")]
+#[btf_map(name = "sd_counters_v5")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 #[btf_map(name = "sd_config_v1")]
 static CONFIG: Array<Config, 1> = Array::new();
@@ -192,6 +194,10 @@ fn dispatch<const LOOP: LoopKind>(ctx: &XdpContext) -> Result<u32, Counter> {
         count(Counter::NotService);
         return Ok(XDP_PASS);
     };
+    if !service_port(dg.key.port) {
+        count(Counter::NotService);
+        return Ok(XDP_PASS);
+    }
     let Some(service) = (unsafe { SERVICES.get(&dg.key) }) else {
         count(Counter::NotService);
         return Ok(XDP_PASS);
@@ -263,6 +269,13 @@ fn dispatch<const LOOP: LoopKind>(ctx: &XdpContext) -> Result<u32, Counter> {
             Ok(XDP_DROP)
         }
     }
+}
+
+/// Whether a service listens on this UDP port (network order), on any VIP.
+#[inline(always)]
+fn service_port(port_be: u16) -> bool {
+    let (word, bit) = service_port_bit(u16::from_be(port_be));
+    SERVICE_PORTS.get(word).is_some_and(|w| w & bit != 0)
 }
 
 /// The slot table's backend for a Call-ID hash.
@@ -478,6 +491,11 @@ fn call_id_hash<const LOOP: LoopKind>(
         None => unsafe { (*job).scanner }.finish(complete),
     };
     match scan.outcome {
+        // Only what the slow path too would take for SIP is forwarded: junk with a line
+        // that reads as a Call-ID header goes to the stack (and the slow path drops it).
+        ScanOutcome::Found if start_line_fast(&Window(scratch), len).is_none() => {
+            Err(Counter::PassStartLine)
+        }
         ScanOutcome::Found => Ok(scan.hash),
         ScanOutcome::BeyondWindow => Err(Counter::PassCallIdBeyondWindow),
         ScanOutcome::NoCallId | ScanOutcome::Empty => Err(Counter::PassNoCallId),

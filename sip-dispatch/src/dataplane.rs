@@ -23,10 +23,11 @@ use sip_dispatch_common::{
     AFFINITY_ENTRIES_DEFAULT, AFFINITY_ENTRIES_MIN, ALL_MAPS, AffinityEntry, AffinityKey,
     BF_AFFINITY, Backend, BackendFlags, BackendStats, Config, Counter, DecapSource, EncapSource,
     FWD_REWRITE, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DECAP_FROM, MAP_ENCAP, MAP_SCRATCH, MAP_SERVICES,
-    MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_SERVICES, NO_BACKEND,
-    PROG_DECAP, PROG_DISPATCH, PROG_DISPATCH_CALLBACK, PROG_MAY_GOTO_PROBE, PROG_PASS, SLOTS,
-    Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DECAP_FROM, MAP_ENCAP, MAP_SCRATCH,
+    MAP_SERVICE_PORTS, MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_DECAP_SOURCES,
+    MAX_SERVICES, NO_BACKEND, PROG_DECAP, PROG_DISPATCH, PROG_DISPATCH_CALLBACK,
+    PROG_MAY_GOTO_PROBE, PROG_PASS, SERVICE_PORT_WORDS, SLOTS, Scratch, ServiceInfo, ServiceKey,
+    TABLE_MAP_FLAGS, service_port_bit,
 };
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
@@ -234,6 +235,7 @@ impl Dataplane {
         let adopted = (|| {
             if adopting {
                 dp.adopt_backend_ids()?;
+                dp.sync_service_ports()?;
                 log::info!("adopted the maps pinned in {}", pin_dir.display());
             }
             if let Some(old) = resized {
@@ -751,6 +753,8 @@ impl Dataplane {
             .get(&service_id)
             .copied()
             .unwrap_or(FWD_REWRITE);
+        // The port first: until its bit is set the program passes the service's traffic.
+        self.add_service_port(u16::from_be(key.port))?;
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
             HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
         services
@@ -871,6 +875,47 @@ impl Dataplane {
         for table in 0..MAX_SERVICES {
             if !reached.contains(&table) {
                 self.ids.table_removed(table);
+            }
+        }
+        self.sync_service_ports()
+    }
+
+    /// Sets the bit of a service's UDP port (host order) in the ports map.
+    fn add_service_port(&mut self, port: u16) -> anyhow::Result<()> {
+        let (word, bit) = service_port_bit(port);
+        let mut ports: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(MAP_SERVICE_PORTS)?)?;
+        let old = ports
+            .get(&word, 0)
+            .context("reading the service ports map")?;
+        if old & bit == 0 {
+            ports
+                .set(word, old | bit, 0)
+                .with_context(|| format!("marking UDP port {port} in the service ports map"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the ports map say exactly which ports the service entries use (after a
+    /// removal, and at load: a map new to this version gets the adopted services' ports).
+    fn sync_service_ports(&mut self) -> anyhow::Result<()> {
+        let services: HashMap<&MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map(MAP_SERVICES)?)?;
+        let mut wanted = vec![0u64; SERVICE_PORT_WORDS as usize];
+        for key in services.keys() {
+            let (word, bit) = service_port_bit(u16::from_be(key?.port));
+            wanted[word as usize] |= bit;
+        }
+        let mut ports: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(MAP_SERVICE_PORTS)?)?;
+        for (word, want) in (0..SERVICE_PORT_WORDS).zip(wanted) {
+            let old = ports
+                .get(&word, 0)
+                .context("reading the service ports map")?;
+            if old != want {
+                ports
+                    .set(word, want, 0)
+                    .context("writing the service ports map")?;
             }
         }
         Ok(())
@@ -1006,7 +1051,7 @@ fn census_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
 
 /// The layout each map must have: (name, type, key size, value size, max entries).
 /// The affinity map's size is not checked here: a pin of another size is resized.
-fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 12] {
+fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 13] {
     use std::mem::size_of;
     [
         (
@@ -1069,6 +1114,7 @@ fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 12] {
             size_of::<EncapSource>() as u32,
             1,
         ),
+        (MAP_SERVICE_PORTS, MapType::Array, 4, 8, SERVICE_PORT_WORDS),
     ]
 }
 

@@ -31,7 +31,11 @@ use serde::Serialize;
 use sip_dispatch_common::{
     AffinityEntry, AffinityKey, BackendFlags, HashKey, MAX_BACKENDS, ScanOutcome,
     affinity::{EntryWrite, Route, choose, classify, created_flags_of},
-    parse::{ToTag, scan_message, to_tag_of},
+    parse::{
+        ToTag, scan_message,
+        start_line::{StartLine, start_line},
+        to_tag_of,
+    },
     sip::{NoAnswer, service_unavailable},
     table::SlotTable,
 };
@@ -270,33 +274,13 @@ enum SipKind {
     NoAnswer,
 }
 
-/// RFC 3261 25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
-fn is_token_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
-}
-
-/// Whether `msg` starts like a SIP request (`METHOD SP ... SIP/2.0`) or response.
+/// Whether `msg` starts like a SIP request or response (the rule the fast path checks
+/// too, see `sip_dispatch_common::parse::start_line`).
 fn sip_kind(msg: &[u8]) -> Option<SipKind> {
-    let line_end = msg
-        .iter()
-        .position(|&b| b == b'\r' || b == b'\n')
-        .unwrap_or(msg.len());
-    let line = &msg[..line_end];
-    if line.starts_with(b"SIP/2.0 ") {
-        return Some(SipKind::NoAnswer);
-    }
-    let method_len = line.iter().position(|&b| b == b' ')?;
-    let method = &line[..method_len];
-    if method.is_empty() || !method.iter().all(|b| is_token_char(*b)) {
-        return None;
-    }
-    if !line.ends_with(b" SIP/2.0") {
-        return None;
-    }
-    Some(if method == b"ACK" {
-        SipKind::NoAnswer
-    } else {
-        SipKind::Request
+    Some(match start_line(msg)? {
+        StartLine::Response => SipKind::NoAnswer,
+        StartLine::Request if msg.starts_with(b"ACK ") => SipKind::NoAnswer,
+        StartLine::Request => SipKind::Request,
     })
 }
 

@@ -37,7 +37,7 @@ const PINS: [&str; 13] = [
     "sd_tables_v2",
     "sd_backends_v1",
     "sd_bstats_v1",
-    "sd_counters_v4",
+    "sd_counters_v5",
     "sd_config_v1",
     "sd_txports_v1",
     "sd_scratch_v2",
