@@ -44,7 +44,10 @@ use sip_dispatch_common::{
     affinity::{EntryWrite, Route, choose, classify_word, created_flags},
     census::{CensusInput, HELD_ENTRIES, HELD_SLOTS, HELD_STALE, holds_call},
     csum::CsumDelta,
-    parse::{ByteWindow, Step, ToTag, ToTagScanner, ToTagStep, start_line::start_line_fast},
+    parse::{
+        ByteWindow, Step, ToTag, ToTagScanner, ToTagStep,
+        start_line::{first_line_end, start_line_fast_at},
+    },
     service_port_bit, slot_of,
 };
 
@@ -491,15 +494,33 @@ fn call_id_hash<const LOOP: LoopKind>(
         None => unsafe { (*job).scanner }.finish(complete),
     };
     match scan.outcome {
-        // Only what the slow path too would take for SIP is forwarded: junk with a line
-        // that reads as a Call-ID header goes to the stack (and the slow path drops it).
-        ScanOutcome::Found if start_line_fast(&Window(scratch), len).is_none() => {
-            Err(Counter::PassStartLine)
-        }
+        // Only what the slow path too takes for SIP is forwarded: junk with a line that
+        // reads as a Call-ID header goes to the stack (and the slow path drops it).
+        ScanOutcome::Found if !sip_start_line(scratch, len) => Err(Counter::PassStartLine),
         ScanOutcome::Found => Ok(scan.hash),
         ScanOutcome::BeyondWindow => Err(Counter::PassCallIdBeyondWindow),
         ScanOutcome::NoCallId | ScanOutcome::Empty => Err(Counter::PassNoCallId),
     }
+}
+
+/// Whether the payload in scratch starts with a start line the fast path accepts
+/// (`start_line_fast`).
+#[inline(always)]
+fn sip_start_line(scratch: *mut Scratch, len: usize) -> bool {
+    // Verifier constraint: the search's many ways out each narrow the range of the
+    // length it compares with, and give the offset it finds a range of its own. Both go
+    // through map memory (values the verifier does not know), so that the ways meet as
+    // one state and the program after this is walked once, not once per way.
+    let line = unsafe { &raw mut (*private(scratch)).line };
+    unsafe { core::ptr::write_volatile(&raw mut (*line)[0], len) };
+    let len = unsafe { core::ptr::read_volatile(&raw const (*line)[0]) };
+    let window = Window(scratch);
+    let Some(line_end) = first_line_end(&window, len) else {
+        return false;
+    };
+    unsafe { core::ptr::write_volatile(&raw mut (*line)[1], line_end) };
+    let line_end = unsafe { core::ptr::read_volatile(&raw const (*line)[1]) };
+    start_line_fast_at(&window, len, line_end).is_some()
 }
 
 /// The per-CPU copy of the payload, as the shared scanner reads it.
@@ -550,6 +571,8 @@ struct Private {
     fib: FibLookup,
     /// The Ethernet header (and VLAN tag) across an `ipip` encapsulation.
     head: [u64; 3],
+    /// The payload length and the end of its start line (`sip_start_line`).
+    line: [usize; 2],
 }
 
 #[inline(always)]

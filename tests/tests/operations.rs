@@ -419,6 +419,7 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     let counters = dump("sd_counters_v5");
     let flags = dump("sd_bflags_v1");
     let affinity = dump("sd_affinity_v1");
+    let ports = dump("sd_ports_v1");
     eprintln!(
         "[{NAME}] sd_backends_v1[0]: {}\nsd_services_v1[0]: {}\nsd_counters_v5[0]: {}\nsd_bflags_v1[0]: {}",
         backends[0], services[0], counters[0], flags[0]
@@ -476,6 +477,27 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     }
     if counters.as_array().map_or(0, Vec::len) < 4 {
         problems.push(format!("sd_counters_v5 has too few counters: {counters}"));
+    }
+    // The service's port, and no other, is marked: word port / 64, bit port % 64.
+    let marked: Vec<(u64, u64)> = ports
+        .as_array()
+        .expect("ports dump is an array")
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["formatted"]["key"].as_u64()?,
+                e["formatted"]["value"].as_u64()?,
+            ))
+        })
+        .filter(|(_, v)| *v != 0)
+        .collect();
+    let port = u64::from(bed.vip.port());
+    if marked != [(port / 64, 1 << (port % 64))] {
+        problems.push(format!(
+            "sd_ports_v1: expected only bit {} of word {} set: {marked:?}",
+            port % 64,
+            port / 64
+        ));
     }
     // Both backends are up and take calls: affinity, up and new (1 | 2 | 4).
     let taking_calls = flags

@@ -70,7 +70,18 @@ fn upper_mask(w: u64) -> u64 {
 /// branch-light and loop-free for the XDP program: `None` unless sure.
 #[inline(always)]
 pub fn start_line_fast<W: ByteWindow + ?Sized>(buf: &W, len: usize) -> Option<StartLine> {
-    if len < 8 {
+    start_line_fast_at(buf, len, first_line_end(buf, len)?)
+}
+
+/// [`start_line_fast`] with the first line end already found by [`first_line_end`]
+/// (the XDP program passes it through map memory, see there).
+#[inline(always)]
+pub fn start_line_fast_at<W: ByteWindow + ?Sized>(
+    buf: &W,
+    len: usize,
+    line_end: usize,
+) -> Option<StartLine> {
+    if len < 8 || line_end >= len {
         return None;
     }
     let w0 = buf.aligned_word_at(0);
@@ -101,9 +112,8 @@ pub fn start_line_fast<W: ByteWindow + ?Sized>(buf: &W, len: usize) -> Option<St
         }
         8 + m
     };
-    let end = line_end(buf, len)?;
     // ` SIP/2.0` ends the line, after the method's space (it may be that very space).
-    if end < method_len + 8 || buf.word_at(end - 8) != REQUEST_SUFFIX {
+    if line_end < method_len + 8 || buf.word_at(line_end - 8) != REQUEST_SUFFIX {
         return None;
     }
     Some(StartLine::Request)
@@ -119,10 +129,12 @@ fn low_bytes_or_none(n: usize) -> u64 {
 /// [`FAST_LINE_MAX`] bytes.
 ///
 /// Verifier constraint: no loop (its counter would make the verifier walk the rest of
-/// the program once per iteration); four unrolled blocks of eight words.
+/// the program once per iteration); four unrolled blocks of eight words. Each way out
+/// gives the offset another range, so a caller in the XDP program passes it on through
+/// map memory: the ways then meet as one verifier state.
 #[inline(always)]
 #[allow(unused_assignments)] // the last block's `p += 8`
-fn line_end<W: ByteWindow + ?Sized>(buf: &W, len: usize) -> Option<usize> {
+pub fn first_line_end<W: ByteWindow + ?Sized>(buf: &W, len: usize) -> Option<usize> {
     const { assert!(FAST_LINE_MAX == 4 * 8 * 8) };
     let mut p = 0usize;
     unroll!(4, {
