@@ -11,9 +11,10 @@
 //! - the table is a pure function of the member *set* and the key (order of the input is
 //!   irrelevant); only integer arithmetic is involved, so every machine builds the same
 //!   table (pinned by a golden test);
-//! - member `m` owns `w_m / sum(w)` of the slots to within one slot per round of
-//!   rounding, so every share is within 1% (relative) of its weight share at 512
-//!   backends with weights 1 to 4, and a survivor's share after a removal likewise;
+//! - member `m` owns `w_m / sum(w)` of the slots to within a couple of slots (its turns
+//!   are whole, and the last round is cut short), so at 512 backends with weights 1 to 4
+//!   every share is within 1% (relative) of its weight share, and so is every survivor's
+//!   after a removal;
 //! - weight 0 owns no slot, and no live member gives an all-`NO_BACKEND` table;
 //! - removing (or adding) a member moves its own slots plus some others: the other
 //!   members' walks claim slots in a different order. With 65536 slots that is close to
