@@ -962,4 +962,5 @@ overhead does not lower the throughput figures), then restored.\n\
 - **End to end**: SIPp's built-in `uac` at a fixed rate against three SIPp `uas -aa` \
 backends; response time = INVITE to 200 OK per call from the UAC's message log.\n\
 - **Tables**: `build_table` and `Dataplane::install_service` (a new inner map filled and \
-swapped in) on an unpinned `Dataplane`, medians of several runs.\n";
+swapped in) on an unpinned `Dataplane`, medians of several runs; backends weighted 1, 2, 3, \
+4 cycling, the removed ones spread over the set and over the weights.\n";
