@@ -15,7 +15,7 @@
 //! per second each would give.
 //!
 //! Why the floor: weighted Maglev builds 512 backends in a few ms in a release build and
-//! some 40 ms in a debug one, so half a build is a bound of milliseconds, which the
+//! some 50 ms in a debug one, so half a build is a bound of milliseconds, which the
 //! scheduling noise of a loaded 2-core CI machine breaks with no build involved. The
 //! test thus fails when anything holds the runtime thread (or the health checks) for
 //! more than `STALL_FLOOR` during the churn, and, for builds slower than twice that (the
