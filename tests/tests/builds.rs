@@ -57,7 +57,9 @@ const CHURN_MIN: Duration = Duration::from_secs(5);
 const CHURN_LIMIT: Duration = Duration::from_secs(120);
 /// The smallest stall bound, above the scheduling noise of a loaded machine: with a
 /// `cargo clippy` of the workspace running beside it, `stats` took up to 131 ms more
-/// than its median without builds, and the slow path up to 104 ms (see the module doc).
+/// than its median without builds, and the slow path up to 104 ms; with both cores kept
+/// busy by two spinning shells, 244 ms and 197 ms, but then a change took 1 s and half
+/// of that was the bound (see the module doc).
 const STALL_FLOOR: Duration = Duration::from_millis(300);
 /// Pause between `stats` requests, and between slow-path INVITEs.
 const STATS_EVERY: Duration = Duration::from_millis(50);
