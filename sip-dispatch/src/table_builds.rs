@@ -1,6 +1,7 @@
-//! Slot tables are built off the async runtime's thread: a build over hundreds of
-//! backends takes long enough (rendezvous hashing of 65536 slots per member) to stall the
-//! control socket, the health checks and the slow path if it ran inline.
+//! Slot tables are built off the async runtime's thread, so that no build holds the
+//! control socket, the health checks or the slow path: weighted Maglev takes a few ms for
+//! 512 backends in a release build (tens of ms in a debug one), and the per-slot
+//! rendezvous builder before it took hundreds of ms, long enough to stall them inline.
 //!
 //! One build runs at a time, on tokio's blocking pool. Requests queue per service and a
 //! newer selection replaces a queued one, so a burst of changes costs one build per

@@ -1,16 +1,27 @@
 //! Table builds off the runtime thread (README "Operating a running daemon"): a service with 512
 //! healthy backends has its slot table rebuilt over and over (drain / enable of one
-//! backend through the control socket) while the test measures, at the same time,
+//! backend through the control socket, back to back for at least `CHURN_MIN`) while the
+//! test measures, at the same time,
 //! - how long `stats` takes over the control socket,
 //! - how long the slow path takes to forward a fragmented INVITE to a backend,
 //! - how many health checks the backends answer.
 //!
-//! A build at 512 backends takes hundreds of milliseconds (seconds in a debug build):
-//! built inline on the daemon's single runtime thread, each one holds every `stats`,
-//! probe and slow-path datagram that arrives meanwhile. A change's answer comes once its
-//! table is in force, so the median change time is about one build; `stats` and the
-//! slow path must stay within half of that, and the backends must see at least 80 % of
-//! the health checks one per second each would give.
+//! A change's answer comes once its table is built and in force, so the median change
+//! time is about one build plus its swap. Built inline on the daemon's single runtime
+//! thread, each build would hold every `stats`, probe and slow-path datagram that arrives
+//! meanwhile for up to a whole build. `stats` (beyond its median without builds) and the
+//! slow path must therefore stay within half the median change time, but never less
+//! than `STALL_FLOOR`, and the backends must see at least 80 % of the health checks one
+//! per second each would give.
+//!
+//! Why the floor: weighted Maglev builds 512 backends in a few ms in a release build and
+//! some 50 ms in a debug one, so half a build is a bound of milliseconds, which the
+//! scheduling noise of a loaded 2-core CI machine breaks with no build involved. The
+//! test thus fails when anything holds the runtime thread (or the health checks) for
+//! more than `STALL_FLOOR` during the churn, and, for builds slower than twice that (the
+//! rendezvous builder before issue 13 took seconds in a debug build), when a build holds
+//! them for more than half its time. An inline build as fast as today's would stay under
+//! the floor: at that speed it would not stall anyone noticeably either.
 //!
 //! Real XDP (native, on veth), the real daemon, and a responder (tests/src/responder.rs)
 //! answering OPTIONS on the 512 addresses 2001:db8::1:0..2001:db8::1:1ff of one backend
@@ -37,10 +48,19 @@ use sip_dispatch_testbed::{
 };
 
 const BACKENDS: u16 = 512;
-/// Drain + enable rounds: each is two table builds.
+/// Drain + enable rounds at least: each is two table builds.
 const ROUNDS: usize = 6;
+/// The churn goes on, change after change, for at least this long: builds are fast,
+/// and the health checks (one per second per backend) need a few seconds to count.
+const CHURN_MIN: Duration = Duration::from_secs(5);
 /// The whole churn phase ends by then, rounds done or not.
 const CHURN_LIMIT: Duration = Duration::from_secs(120);
+/// The smallest stall bound, above the scheduling noise of a loaded machine: with a
+/// `cargo clippy` of the workspace running beside it, `stats` took up to 131 ms more
+/// than its median without builds, and the slow path up to 104 ms; with both cores kept
+/// busy by two spinning shells, 244 ms and 197 ms, but then a change took 1 s and half
+/// of that was the bound (see the module doc).
+const STALL_FLOOR: Duration = Duration::from_millis(300);
 /// Pause between `stats` requests, and between slow-path INVITEs.
 const STATS_EVERY: Duration = Duration::from_millis(50);
 const INVITE_EVERY: Duration = Duration::from_millis(100);
@@ -201,8 +221,9 @@ fn table_builds_of_512_backends_do_not_stall_the_daemon() {
     let churned = addrs[7].to_string();
     let churn_started = Instant::now();
     let mut changes = Vec::new();
-    for round in 0..ROUNDS * 2 {
-        if churn_started.elapsed() > CHURN_LIMIT {
+    for round in 0.. {
+        let elapsed = churn_started.elapsed();
+        if elapsed > CHURN_LIMIT || (round >= ROUNDS * 2 && elapsed >= CHURN_MIN) {
             break;
         }
         let admin = if round % 2 == 0 { "drain" } else { "enable" };
@@ -263,14 +284,17 @@ fn table_builds_of_512_backends_do_not_stall_the_daemon() {
     // A change answers once its table is built and in force: its median is about one
     // build. Inline builds hold a `stats` or a datagram for up to a whole build.
     let one_build = percentile(&changes_sorted, 0.5);
-    let bound = one_build / 2;
+    let bound = (one_build / 2).max(STALL_FLOOR);
+    // `stats` of 512 backends takes a while by itself (tens of ms in a debug build).
+    let stats_bound = percentile(&quiet, 0.5) + bound;
     eprintln!(
         "[builds] {} changes in {churn:.1?} (per change: median {:?}, max {:?}); \
          stats without builds: median {:?}, max {:?}; \
          stats during builds: {} requests, median {:?}, p99 {:?}, max {:?}; \
          slow path: {} INVITEs, {lost} lost, median {:?}, max {:?}; \
          health: {checks} checks counted, {options} OPTIONS answered (1/s/backend: {expected_checks}), \
-         {up} up; tables logged {tables}; pass_fragment={}",
+         {up} up; tables logged {tables}; pass_fragment={}; \
+         bounds: stats {stats_bound:?}, slow path {bound:?}",
         changes.len(),
         percentile(&changes_sorted, 0.5),
         changes_sorted.last().copied().unwrap_or_default(),
@@ -287,16 +311,17 @@ fn table_builds_of_512_backends_do_not_stall_the_daemon() {
     );
 
     let mut problems = Vec::new();
-    if changes.len() < 4 || one_build < Duration::from_millis(50) {
+    if changes.len() < ROUNDS * 2 {
         problems.push(format!(
-            "{} table changes in {churn:?}, median {one_build:?}: too few or too fast to tell",
+            "{} table changes in {churn:?}, median {one_build:?}: too few to tell",
             changes.len()
         ));
     }
     let max_stats = stats_lat.last().copied().unwrap_or_default();
-    if stats_lat.len() < 20 || max_stats > bound {
+    if stats_lat.len() < 20 || max_stats > stats_bound {
         problems.push(format!(
-            "stats: {} answers, slowest {max_stats:?} (bound: half a build, {bound:?})",
+            "stats: {} answers, slowest {max_stats:?} (bound: the median without builds \
+             plus half a build or {STALL_FLOOR:?}, {stats_bound:?})",
             stats_lat.len()
         ));
     }
@@ -304,7 +329,7 @@ fn table_builds_of_512_backends_do_not_stall_the_daemon() {
     if sent.len() < 10 || lost > 0 || max_slow > bound {
         problems.push(format!(
             "slow path: {} INVITEs sent, {lost} never reached a backend, slowest {max_slow:?} \
-             (bound: half a build, {bound:?})",
+             (bound: half a build or {STALL_FLOOR:?}, {bound:?})",
             sent.len()
         ));
     }

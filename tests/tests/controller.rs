@@ -14,12 +14,13 @@
 //! Run with `--test-threads=1` (`cargo xtask test` does).
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use sip_dispatch_common::SLOTS;
 use sip_dispatch_testbed::{
     Family,
     controller::{
         ControllerBed, DOWN_AFTER, HEALTH_INTERVAL, Outage, RFC2782_TARGETS, SRV_NAME, Shares,
-        Target, UP_AFTER, ZONE_TTL, place_calls, remove_logs, report, sorted, srv_zone, test_bed,
-        tolerance_pp, verdict, wait_for_set,
+        TableAt, Target, UP_AFTER, ZONE_TTL, place_calls, remove_logs, report, sorted, srv_zone,
+        test_bed, tolerance_pp, verdict, wait_for_set,
     },
     dispatcher::BackendArg,
     dns::DnsServer,
@@ -252,7 +253,8 @@ fn srv_weights_rfc2782_ipv6() {
 
 /// b. One priority-10 backend dies during a run: detected within (interval x
 /// down-after) plus 1 s, no new call goes to it after the next table, calls of the
-/// survivors never fail, and its calls spread over the survivors by weight (20/10/10).
+/// survivors never fail, its calls spread over the survivors by weight (20/10/10), and
+/// few of the survivors' calls move with them.
 #[test]
 fn killed_backend_is_detected_and_its_calls_spread_by_weight() {
     let name = "kill-one";
@@ -284,8 +286,16 @@ fn killed_backend_is_detected_and_its_calls_spread_by_weight() {
     let after = Shares::of(after_calls.iter().copied());
     let tol = tolerance_pp(after.total);
     let initial = &out.tables[0];
-    // Calls after the swap that sit elsewhere than the first table put them: all must be
-    // b1's (removing a backend moves only its calls).
+    // Calls after the swap that sit elsewhere than the first table put them: b1's, and
+    // the few of the survivors' that weighted Maglev moves too (issue 13: all moved slots
+    // at most 1.1 x b1's share; before, rendezvous hashing moved none of theirs). The
+    // calls follow the logged tables (`routing_problems`); the bound is on the tables.
+    let new_table = TableAt::new(table.clone()).unwrap_or_else(|e| panic!("{e:#}"));
+    let slots = (0..SLOTS as u64).map(|s| (initial.route(s), new_table.route(s)));
+    let b1_slots = slots.clone().filter(|(old, _)| *old == Some(b1)).count();
+    let other_slots_moved = slots
+        .filter(|(old, new)| *old != Some(b1) && old != new)
+        .count();
     let moved: Vec<_> = after_calls
         .iter()
         .filter(|c| c.ok && c.backend != initial.route(c.hash))
@@ -312,7 +322,8 @@ fn killed_backend_is_detected_and_its_calls_spread_by_weight() {
         name,
         format!(
             "{} calls, {}; {} broken after the new table; {} calls moved, {moved_not_b1} of \
-             them not b1's; tables:\n{}",
+             them not b1's; slots moved: b1's {b1_slots} and {other_slots_moved} others (of \
+             {SLOTS}); tables:\n{}",
             out.calls.len(),
             out.failure_breakdown(),
             failed_after,
@@ -356,8 +367,11 @@ fn killed_backend_is_detected_and_its_calls_spread_by_weight() {
             after.calls(b1)
         ));
     }
-    if moved_not_b1 != 0 {
-        problems.push(format!("{moved_not_b1} calls of survivors moved"));
+    if other_slots_moved as f64 > 0.1 * b1_slots as f64 {
+        problems.push(format!(
+            "{other_slots_moved} slots of survivors moved with b1's {b1_slots}: more than \
+             1.1 x b1's share moved"
+        ));
     }
     problems.extend(after.problems(&survivors, tol));
     problems.extend(out.routing_problems(&dead, 0.0));

@@ -111,7 +111,7 @@ impl Plan {
                 call_rate: 100,
                 call_seconds: 5,
                 table_trials: 2,
-                removals: [2, 2, 1],
+                removals: [4, 4, 4],
                 call_ids: 50_000,
                 deadline: Duration::from_secs(240),
             }
@@ -128,7 +128,7 @@ impl Plan {
                 call_rate: 200,
                 call_seconds: 15,
                 table_trials: 5,
-                removals: [8, 8, 3],
+                removals: [8, 16, 16],
                 call_ids: 200_000,
                 deadline: Duration::from_secs(900),
             }
