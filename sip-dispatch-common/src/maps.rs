@@ -14,8 +14,8 @@ pub const MAP_BACKENDS: &str = "sd_backends_v1";
 /// Per-CPU array of [`BackendStats`], indexed by backend id.
 pub const MAP_BACKEND_STATS: &str = "sd_bstats_v1";
 /// Per-CPU array of u64, indexed by [`Counter`]. (v2: `drop_redirect_failed` added; v3:
-/// the `affinity_*` counters; v4: `pass_not_on_link`, `pass_encap`.)
-pub const MAP_COUNTERS: &str = "sd_counters_v4";
+/// the `affinity_*` counters; v4: `pass_not_on_link`, `pass_encap`; v5: `fib_fallback`.)
+pub const MAP_COUNTERS: &str = "sd_counters_v5";
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "sd_config_v1";
 /// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
@@ -39,6 +39,10 @@ pub const AFFINITY_ENTRIES_MIN: u32 = 1024;
 pub const AFFINITY_ENTRIES_MAX: u32 = 8_388_608;
 /// The program's `.rodata` switch (1: affinity on), set at load.
 pub const GLOBAL_AFFINITY_ON: &str = "AFFINITY_ON";
+
+/// Array of [`NextHop`], indexed by backend id: the controller's copy of each backend's
+/// route and neighbour, which the fast path uses instead of a FIB lookup when valid.
+pub const MAP_NEXTHOP: &str = "sd_nexthop_v1";
 
 /// Single-entry array holding [`EncapSource`]: the outer source address of `ipip`.
 pub const MAP_ENCAP: &str = "sd_encap_v1";
@@ -67,7 +71,7 @@ pub const FWD_L2DSR: u32 = 1;
 pub const FWD_IPIP: u32 = 2;
 
 /// Every map of the object, all pinned under the pin directory.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_TABLES,
     MAP_BACKENDS,
@@ -80,6 +84,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_BACKEND_FLAGS,
     MAP_ENCAP,
     crate::census::MAP_HELD,
+    MAP_NEXTHOP,
 ];
 
 /// The XDP program that dispatches SIP (its scans loop with `may_goto`, kernel 6.9+).
@@ -280,6 +285,39 @@ const _: () = assert!(size_of::<BackendFlags>() == 8, "BackendFlags has padding"
 const _: () = assert!(size_of::<EncapSource>() == 20, "EncapSource has padding");
 const _: () = assert!(core::mem::offset_of!(AffinityEntry, generation) == 4);
 
+/// [`NextHop::flags`]: the entry may be used (clear: the fast path asks the FIB).
+pub const NH_VALID: u32 = 1;
+/// [`NextHop::flags`]: the backend is on the link (its route has no gateway): `l2dsr`
+/// may reach it.
+pub const NH_ON_LINK: u32 = 2;
+
+/// How one backend is reached, as the controller resolved it: the route (egress
+/// interface, gateway or on-link, MTU) and the next hop's link-layer address.
+///
+/// The controller changes an entry in steps that each change either the data or only
+/// the [`NH_VALID`] bit: clear the bit (data unchanged), write the new data (bit still
+/// clear), set the bit (data unchanged). A reader that copies the entry therefore sees
+/// an old valid entry, an invalid one, or the new valid one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    /// The egress interface.
+    pub ifindex: u32,
+    /// Bytes an IP packet (with `ipip`'s outer header) may have on the egress path: the
+    /// route's MTU if it has one, else the interface's.
+    pub mtu: u32,
+    /// The next hop's (backend's or gateway's) link-layer address.
+    pub dmac: [u8; 6],
+    /// The egress interface's link-layer address.
+    pub smac: [u8; 6],
+    /// Bumped by the controller each time it writes new data (for operators and tests).
+    pub generation: u32,
+    /// [`NH_VALID`], [`NH_ON_LINK`].
+    pub flags: u32,
+}
+
+const _: () = assert!(size_of::<NextHop>() == 28, "NextHop has padding");
+
 /// Per-CPU counters of the fast path, indexed by the enum value.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,10 +365,13 @@ pub enum Counter {
     /// Passed: `ipip` could not encapsulate (the packet would exceed the egress MTU, no
     /// headroom, or no outer source address).
     PassEncap,
+    /// The backend's next-hop entry was not valid: the route and neighbour came from a
+    /// FIB lookup (`bpf_fib_lookup`) instead (whatever the outcome).
+    FibFallback,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
         Counter::NotService,
@@ -352,6 +393,7 @@ impl Counter {
         Counter::AffinityInsertFailed,
         Counter::PassNotOnLink,
         Counter::PassEncap,
+        Counter::FibFallback,
     ];
 
     /// Stable snake_case name, used in logs, JSON and metrics.
@@ -377,6 +419,7 @@ impl Counter {
             Counter::AffinityInsertFailed => "affinity_insert_failed",
             Counter::PassNotOnLink => "pass_not_on_link",
             Counter::PassEncap => "pass_encap",
+            Counter::FibFallback => "fib_fallback",
         }
     }
 }
@@ -394,6 +437,7 @@ mod aya_pod {
     unsafe impl aya::Pod for super::BackendFlags {}
     unsafe impl aya::Pod for super::EncapSource {}
     unsafe impl aya::Pod for super::DecapSource {}
+    unsafe impl aya::Pod for super::NextHop {}
 }
 
 /// Index of a Call-ID hash in a service's slot table.
@@ -435,6 +479,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AffinityEntry>(), 24);
         assert_eq!(core::mem::size_of::<BackendFlags>(), 8);
         assert_eq!(core::mem::size_of::<DecapSource>(), 20);
+        assert_eq!(core::mem::size_of::<NextHop>(), 28);
     }
 
     #[test]

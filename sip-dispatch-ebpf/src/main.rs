@@ -52,6 +52,7 @@ mod affinity;
 mod census;
 mod decap;
 mod forward;
+mod nexthop;
 
 use affinity::{ToTagJob, pick_with_affinity};
 
@@ -72,7 +73,7 @@ static TABLES: ArrayOfMaps<
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map(name = "sd_bstats_v1")]
 static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
-#[btf_map(name = "sd_counters_v4")]
+#[btf_map(name = "sd_counters_v5")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 #[btf_map(name = "sd_config_v1")]
 static CONFIG: Array<Config, 1> = Array::new();
@@ -224,10 +225,7 @@ fn dispatch<const LOOP: LoopKind>(ctx: &XdpContext) -> Result<u32, Counter> {
     } else {
         0
     };
-    let fib = fib_lookup(ctx, scratch, &dg, &backend, extra)?;
-    if mode == FWD_L2DSR && !forward::on_link(fib, &backend, dg.family) {
-        return Err(Counter::PassNotOnLink);
-    }
+    let fib = nexthop::next_hop(ctx, scratch, &dg, &backend, backend_id, extra, mode)?;
     let ingress = ctx.ingress_ifindex() as u32;
     let egress = unsafe { (*fib).ifindex };
     if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {

@@ -31,13 +31,13 @@ fn workdir() -> PathBuf {
 }
 
 /// The pins a daemon leaves: the link and every map of this build.
-const PINS: [&str; 13] = [
+const PINS: [&str; 14] = [
     "link_v1",
     "sd_services_v1",
     "sd_tables_v2",
     "sd_backends_v1",
     "sd_bstats_v1",
-    "sd_counters_v4",
+    "sd_counters_v5",
     "sd_config_v1",
     "sd_txports_v1",
     "sd_scratch_v2",
@@ -45,6 +45,7 @@ const PINS: [&str; 13] = [
     "sd_bflags_v1",
     "sd_held_v1",
     "sd_encap_v1",
+    "sd_nexthop_v1",
 ];
 
 /// The names in the pin directory (empty if it is gone).

@@ -416,11 +416,11 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     };
     let backends = dump("sd_backends_v1");
     let services = dump("sd_services_v1");
-    let counters = dump("sd_counters_v4");
+    let counters = dump("sd_counters_v5");
     let flags = dump("sd_bflags_v1");
     let affinity = dump("sd_affinity_v1");
     eprintln!(
-        "[{NAME}] sd_backends_v1[0]: {}\nsd_services_v1[0]: {}\nsd_counters_v4[0]: {}\nsd_bflags_v1[0]: {}",
+        "[{NAME}] sd_backends_v1[0]: {}\nsd_services_v1[0]: {}\nsd_counters_v5[0]: {}\nsd_bflags_v1[0]: {}",
         backends[0], services[0], counters[0], flags[0]
     );
     let stopped = daemon.stop();
@@ -469,13 +469,13 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
         });
         if !ok {
             problems.push(format!(
-                "sd_counters_v4 entry without {cpus} per-cpu {{cpu, value}}: {e}"
+                "sd_counters_v5 entry without {cpus} per-cpu {{cpu, value}}: {e}"
             ));
             break;
         }
     }
     if counters.as_array().map_or(0, Vec::len) < 4 {
-        problems.push(format!("sd_counters_v4 has too few counters: {counters}"));
+        problems.push(format!("sd_counters_v5 has too few counters: {counters}"));
     }
     // Both backends are up and take calls: affinity, up and new (1 | 2 | 4).
     let taking_calls = flags
