@@ -3,9 +3,11 @@
 //! the same packets.
 //!
 //! The run happens on a thread with a private network namespace (`unshare`) holding a
-//! veth with permanent neighbour entries and forwarding on, so that `bpf_fib_lookup`
-//! answers and every repetition goes the whole way (parse, service lookup, payload copy,
-//! Call-ID scan and hash, slot and backend lookups, FIB lookup, rewrite, XDP_TX).
+//! veth with permanent neighbour entries and forwarding on, so that the next-hop cache
+//! (`sd_nexthop_v1`, filled as the daemon fills it) and `bpf_fib_lookup` answer and every
+//! repetition goes the whole way (parse, service lookup, payload copy, Call-ID scan and
+//! hash, slot and backend lookups, next hop, rewrite, XDP_TX). One row (the typical
+//! INVITE, next hop by FIB lookup) runs with the cache empty.
 //!
 //! A repeated test run feeds the program the frame as the previous repetition left it.
 //! So that every repetition dispatches (instead of seeing an already rewritten frame
