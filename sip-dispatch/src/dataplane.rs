@@ -784,8 +784,7 @@ impl Dataplane {
             .and_then(|mut r| r.resolve(&targets))
             .context("resolving the backends' next hops")?;
         let mut valid = 0;
-        for (id, got) in resolved {
-            let want = got.map(|(e, _)| e);
+        for (id, (want, _)) in resolved {
             valid += usize::from(want.is_some());
             for write in crate::nexthops::steps(self.next_hop(id)?, want) {
                 self.set_next_hop(id, write)?;

@@ -382,7 +382,10 @@ pub fn concerns(event: &Event, entry: &NextHop, hop: IpAddr) -> bool {
     match event {
         Event::Route => true,
         Event::Link(index, link) => {
-            *index == entry.ifindex && link.is_none_or(|l| !l.up || l.mac != entry.smac)
+            // (An entry with a route MTU differs from the link's: such entries are made
+            // invalid by any change of their interface, and resolved again at once.)
+            *index == entry.ifindex
+                && link.is_none_or(|l| !l.up || l.mac != entry.smac || l.mtu != entry.mtu)
         }
         Event::Neighbour(index, addr, mac) => {
             *index == entry.ifindex && *addr == hop && *mac != Some(entry.dmac)
@@ -575,22 +578,19 @@ impl Resolver {
             .collect())
     }
 
-    /// The entries (and next-hop addresses) for `targets`, from one reading of the
-    /// tables; None for a backend without a valid entry.
+    /// The entries (None: no valid one) and next-hop addresses (gateway or backend) for
+    /// `targets`, from one reading of the tables.
     pub fn resolve(
         &mut self,
         targets: &BTreeMap<u32, IpAddr>,
-    ) -> io::Result<BTreeMap<u32, Option<(NextHop, IpAddr)>>> {
+    ) -> io::Result<BTreeMap<u32, (Option<NextHop>, IpAddr)>> {
         let links = self.links()?;
         let neighbours = self.neighbours()?;
         let mut out = BTreeMap::new();
         for (&id, &addr) in targets {
             let route = self.route(addr)?;
             let hop = route.and_then(|r| r.gateway).unwrap_or(addr);
-            out.insert(
-                id,
-                entry_for(addr, route, &links, &neighbours).map(|e| (e, hop)),
-            );
+            out.insert(id, (entry_for(addr, route, &links, &neighbours), hop));
         }
         Ok(out)
     }
@@ -719,6 +719,9 @@ pub fn follow(map: MapData, targets: Targets) -> anyhow::Result<Follower> {
 struct State {
     /// Per id written valid: the next-hop address it was resolved for.
     hops: HashMap<u32, IpAddr>,
+    /// The next-hop addresses (gateway or backend) of ids without a valid entry: a
+    /// neighbour entry of one of them becoming usable is worth resolving again for.
+    waiting: std::collections::HashSet<IpAddr>,
     last_resync: Option<Instant>,
     buf: Vec<u8>,
     resync_failures: u32,
@@ -743,8 +746,9 @@ impl State {
             match events.recv(&mut self.buf, flags) {
                 Ok(n) => {
                     let got = events_or_all(&self.buf[..n]);
-                    changed |= !got.is_empty();
-                    self.invalidate(writer, &got);
+                    // Neighbour entries change state all the time (REACHABLE, STALE,
+                    // DELAY, ...): only those of a next hop in use or awaited count.
+                    changed |= self.invalidate(writer, &got) || self.awaited(&got);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     // Notifications were lost: anything may have changed.
@@ -778,20 +782,32 @@ impl State {
         }
     }
 
-    fn invalidate(&mut self, writer: &mut Writer, events: &[Event]) {
+    /// Makes the valid entries `events` may concern invalid; whether there were any.
+    fn invalidate(&mut self, writer: &mut Writer, events: &[Event]) -> bool {
+        let mut any = false;
         if events.is_empty() {
-            return;
+            return any;
         }
         let ids: Vec<(u32, IpAddr)> = self.hops.iter().map(|(&i, &h)| (i, h)).collect();
         for (id, hop) in ids {
             let Ok(entry) = writer.get(id) else { continue };
-            if entry.flags & NH_VALID != 0
-                && events.iter().any(|e| concerns(e, &entry, hop))
-                && let Err(e) = writer.invalidate(id)
-            {
-                log::warn!("next hops: {e:#}");
+            if entry.flags & NH_VALID != 0 && events.iter().any(|e| concerns(e, &entry, hop)) {
+                any = true;
+                if let Err(e) = writer.invalidate(id) {
+                    log::warn!("next hops: {e:#}");
+                }
             }
         }
+        any
+    }
+
+    /// Whether `events` may give an id without a valid entry one: a route or link
+    /// change, or a usable neighbour entry of an awaited next hop.
+    fn awaited(&self, events: &[Event]) -> bool {
+        events.iter().any(|e| match e {
+            Event::Route | Event::Link(..) => true,
+            Event::Neighbour(_, addr, mac) => mac.is_some() && self.waiting.contains(addr),
+        })
     }
 
     fn resync(&mut self, writer: &mut Writer, resolver: &mut Resolver, targets: &Targets) {
@@ -810,28 +826,31 @@ impl State {
                     );
                 }
                 // Nothing known is trusted: every entry goes invalid.
-                snapshot.keys().map(|&id| (id, None)).collect()
+                snapshot.iter().map(|(&id, &ip)| (id, (None, ip))).collect()
             }
         };
         let listed = targets.lock();
         // Ids no longer listed: the dataplane made their entries invalid.
         self.hops.retain(|id, _| listed.contains_key(id));
+        self.waiting.clear();
         for (id, got) in resolved {
             // Written only for an id that still has the address resolved for.
             if listed.get(&id) != snapshot.get(&id) {
                 continue;
             }
-            let want = got.map(|(e, _)| e);
+            let (want, hop) = got;
             match writer.set(id, want) {
-                Ok(_) => match got {
-                    Some((_, hop)) => {
-                        self.hops.insert(id, hop);
-                    }
-                    None => {
-                        self.hops.remove(&id);
-                    }
-                },
-                Err(e) => log::warn!("next hops: {e:#}"),
+                Ok(_) if want.is_some() => {
+                    self.hops.insert(id, hop);
+                }
+                Ok(_) => {
+                    self.hops.remove(&id);
+                    self.waiting.insert(hop);
+                }
+                Err(e) => {
+                    self.hops.remove(&id);
+                    log::warn!("next hops: {e:#}");
+                }
             }
         }
     }
@@ -1129,6 +1148,11 @@ mod tests {
         ));
         assert!(concerns(
             &Event::Link(3, Some(Link { mac: MAC, ..up })),
+            &e,
+            hop
+        ));
+        assert!(concerns(
+            &Event::Link(3, Some(Link { mtu: 9000, ..up })),
             &e,
             hop
         ));
