@@ -679,14 +679,22 @@ pub fn steps(now: NextHop, want: Option<NextHop>) -> Vec<NextHop> {
     out
 }
 
-/// Stops the follower thread when dropped (within its receive timeout).
+/// Stops the follower thread when dropped, and waits for it (its receive timeout and one
+/// resync at most): it leaves every entry invalid, so that a program left attached
+/// (`--keep-attached`) asks the FIB while no daemon follows the tables.
 pub struct Follower {
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Follower {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("next hops: the follower thread panicked");
+        }
     }
 }
 
@@ -702,16 +710,25 @@ pub fn follow(map: MapData, targets: Targets) -> anyhow::Result<Follower> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("nexthops".into())
         .spawn(move || {
             let mut state = State::default();
             while !stopped.load(Ordering::Relaxed) {
                 state.step(&mut writer, &mut resolver, &events, &targets);
             }
+            for id in 0..MAX_BACKENDS {
+                if let Err(e) = writer.invalidate(id) {
+                    log::warn!("next hops: {e:#}");
+                    break;
+                }
+            }
         })
         .context("starting the next-hop thread")?;
-    Ok(Follower { stop })
+    Ok(Follower {
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// The follower's memory between steps.
