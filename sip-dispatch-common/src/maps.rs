@@ -296,8 +296,10 @@ pub const NH_ON_LINK: u32 = 2;
 ///
 /// The controller changes an entry in steps that each change either the data or only
 /// the [`NH_VALID`] bit: clear the bit (data unchanged), write the new data (bit still
-/// clear), set the bit (data unchanged). A reader that copies the entry therefore sees
-/// an old valid entry, an invalid one, or the new valid one, never a mix.
+/// clear), set the bit (data unchanged). Every byte a map update changes is either data
+/// of an invalid entry or the bit itself, so a reader that checks the bit and then reads
+/// the data (nanoseconds apart; the clear and the new data are two syscalls apart) sees
+/// the old valid entry, an invalid one, or the new valid one, never a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NextHop {

@@ -221,7 +221,7 @@ pub fn parse_route(buf: &[u8], seq: u32) -> io::Result<Option<Route>> {
                     return Ok(None);
                 }
             }
-            libc::RTM_NEWROUTE => return route(m.body).map(Some).map(Option::flatten),
+            libc::RTM_NEWROUTE => return route(m.body),
             _ => {}
         }
     }
