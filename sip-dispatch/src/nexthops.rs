@@ -207,9 +207,19 @@ pub fn link_dump_request(seq: u32) -> Vec<u8> {
     m
 }
 
-/// The answer to a [`route_request`]: Ok(None) when the kernel has no unicast route
-/// (an error answer such as ENETUNREACH, a local, blackhole or unreachable route).
-pub fn parse_route(buf: &[u8], seq: u32) -> io::Result<Option<Route>> {
+/// What a buffer holds of the answer to a [`route_request`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteAnswer {
+    Route(Route),
+    /// No unicast route: an error answer (ENETUNREACH), or a local, blackhole or
+    /// unreachable route.
+    NoRoute,
+    /// Only messages of other requests.
+    Elsewhere,
+}
+
+/// The answer to route request `seq` in `buf`.
+pub fn parse_route(buf: &[u8], seq: u32) -> io::Result<RouteAnswer> {
     for m in messages(buf)? {
         if m.seq != seq {
             continue;
@@ -218,14 +228,16 @@ pub fn parse_route(buf: &[u8], seq: u32) -> io::Result<Option<Route>> {
             k if k == libc::NLMSG_ERROR as u16 => {
                 let errno = u32_at(m.body, 0).ok_or_else(|| bad("truncated error"))? as i32;
                 if errno != 0 {
-                    return Ok(None);
+                    return Ok(RouteAnswer::NoRoute);
                 }
             }
-            libc::RTM_NEWROUTE => return route(m.body),
+            libc::RTM_NEWROUTE => {
+                return Ok(route(m.body)?.map_or(RouteAnswer::NoRoute, RouteAnswer::Route));
+            }
             _ => {}
         }
     }
-    Err(bad("no answer to the route request"))
+    Ok(RouteAnswer::Elsewhere)
 }
 
 /// One `RTM_NEWROUTE` body: None unless a unicast route with an output interface.
@@ -516,7 +528,9 @@ impl Resolver {
             sock: Socket::open(0, Duration::from_secs(1))?,
             neighbours: neighbours::Netlink::open()?,
             seq: 0,
-            buf: vec![0; 64 * 1024],
+            // Larger than any dump message the kernel builds (it sizes them to fit
+            // the largest link's attributes): a cut datagram would not parse.
+            buf: vec![0; 1 << 20],
         })
     }
 
@@ -531,9 +545,10 @@ impl Resolver {
         // Bounded: answers to earlier, abandoned requests are skipped.
         for _ in 0..100 {
             let n = self.sock.recv(&mut self.buf, 0)?;
-            match parse_route(&self.buf[..n], seq) {
-                Err(e) if e.to_string().contains("no answer") => continue,
-                got => return got,
+            match parse_route(&self.buf[..n], seq)? {
+                RouteAnswer::Route(r) => return Ok(Some(r)),
+                RouteAnswer::NoRoute => return Ok(None),
+                RouteAnswer::Elsewhere => {}
             }
         }
         Err(bad("the route request got no answer"))
@@ -956,7 +971,7 @@ mod tests {
         let buf = nlmsg(libc::RTM_NEWROUTE, 9, &body);
         assert_eq!(
             parse_route(&buf, 9).unwrap(),
-            Some(Route {
+            RouteAnswer::Route(Route {
                 oif: 5,
                 gateway: Some("198.18.1.21".parse().unwrap()),
                 mtu: Some(1400)
@@ -970,7 +985,7 @@ mod tests {
         );
         assert_eq!(
             parse_route(&nlmsg(libc::RTM_NEWROUTE, 1, &body), 1).unwrap(),
-            Some(Route {
+            RouteAnswer::Route(Route {
                 oif: 2,
                 gateway: None,
                 mtu: None
@@ -995,7 +1010,7 @@ mod tests {
         err.extend_from_slice(&[0; 16]);
         assert_eq!(
             parse_route(&nlmsg(libc::NLMSG_ERROR as u16, 4, &err), 4).unwrap(),
-            None
+            RouteAnswer::NoRoute
         );
         // A local route (RTN_LOCAL) is not a next hop.
         let body = rtmsg(libc::AF_INET, 2, &[attr(RTA_OIF, &1u32.to_ne_bytes())]);
@@ -1011,7 +1026,10 @@ mod tests {
             RTN_UNICAST,
             &[attr(RTA_OIF, &1u32.to_ne_bytes())],
         );
-        assert!(parse_route(&nlmsg(libc::RTM_NEWROUTE, 1, &body), 2).is_err());
+        assert_eq!(
+            parse_route(&nlmsg(libc::RTM_NEWROUTE, 1, &body), 2).unwrap(),
+            RouteAnswer::Elsewhere
+        );
         // Truncated and inconsistent lengths: errors, no panic.
         let good = nlmsg(libc::RTM_NEWROUTE, 1, &body);
         for cut in 0..good.len() {
