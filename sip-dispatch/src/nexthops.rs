@@ -50,6 +50,10 @@ const RTA_VIA: u16 = 18;
 const RTAX_MTU: u16 = 2;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_MTU: u16 = 4;
+const IFLA_AF_SPEC: u16 = 26;
+const IFLA_INET6_CONF: u16 = 2;
+/// Index of the IPv6 MTU in `IFLA_INET6_CONF` (linux/ipv6.h, `DEVCONF_MTU6`).
+const DEVCONF_MTU6: usize = 2;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
 const RTN_UNICAST: u8 = 1;
@@ -93,6 +97,8 @@ pub struct Route {
 pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// Its IPv6 MTU (`net.ipv6.conf.IFACE.mtu`), when the kernel says.
+    pub mtu6: Option<u32>,
     pub up: bool,
 }
 
@@ -285,11 +291,23 @@ pub fn link(body: &[u8]) -> io::Result<(u32, Option<Link>)> {
     }
     let index = u32_at(body, 4).ok_or_else(|| bad("truncated ifinfomsg"))?;
     let flags = u32_at(body, 8).ok_or_else(|| bad("truncated ifinfomsg"))?;
-    let (mut mac, mut mtu) = (None, None);
+    let (mut mac, mut mtu, mut mtu6) = (None, None, None);
     for (kind, value) in attributes(body, IFINFOMSG_LEN)? {
         match kind {
             IFLA_ADDRESS => mac = <[u8; 6]>::try_from(value).ok(),
             IFLA_MTU => mtu = u32_at(value, 0),
+            IFLA_AF_SPEC => {
+                for (family, spec) in attributes(value, 0)? {
+                    if i32::from(family) != libc::AF_INET6 {
+                        continue;
+                    }
+                    for (k, conf) in attributes(spec, 0)? {
+                        if k == IFLA_INET6_CONF {
+                            mtu6 = u32_at(conf, DEVCONF_MTU6 * 4).filter(|&m| m > 0);
+                        }
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -297,6 +315,7 @@ pub fn link(body: &[u8]) -> io::Result<(u32, Option<Link>)> {
         (Some(mac), Some(mtu)) => Some(Link {
             mac,
             mtu,
+            mtu6,
             up: flags & IFF_UP != 0,
         }),
         _ => None,
@@ -376,7 +395,10 @@ pub fn entry_for(
     let dmac = *neighbours.get(&(route.oif, hop))?;
     Some(NextHop {
         ifindex: route.oif,
-        mtu: route.mtu.unwrap_or(link.mtu),
+        mtu: route.mtu.unwrap_or(match backend {
+            IpAddr::V4(_) => link.mtu,
+            IpAddr::V6(_) => link.mtu6.unwrap_or(link.mtu),
+        }),
         dmac,
         smac: link.mac,
         generation: 0,
@@ -397,7 +419,11 @@ pub fn concerns(event: &Event, entry: &NextHop, hop: IpAddr) -> bool {
             // (An entry with a route MTU differs from the link's: such entries are made
             // invalid by any change of their interface, and resolved again at once.)
             *index == entry.ifindex
-                && link.is_none_or(|l| !l.up || l.mac != entry.smac || l.mtu != entry.mtu)
+                && link.is_none_or(|l| {
+                    !l.up
+                        || l.mac != entry.smac
+                        || (l.mtu != entry.mtu && l.mtu6 != Some(entry.mtu))
+                })
         }
         Event::Neighbour(index, addr, mac) => {
             *index == entry.ifindex && *addr == hop && *mac != Some(entry.dmac)
@@ -1117,6 +1143,20 @@ mod tests {
                 &[
                     attr(IFLA_ADDRESS, &MAC),
                     attr(IFLA_MTU, &1500u32.to_ne_bytes()),
+                    // AF_SPEC { AF_INET6 { INET6_CONF [forwarding, hoplimit, mtu6] } }
+                    attr(
+                        IFLA_AF_SPEC,
+                        &attr(
+                            libc::AF_INET6 as u16,
+                            &attr(
+                                IFLA_INET6_CONF,
+                                &[0u32, 64, 1280]
+                                    .iter()
+                                    .flat_map(|w| w.to_ne_bytes())
+                                    .collect::<Vec<u8>>(),
+                            ),
+                        ),
+                    ),
                 ],
             ),
         ));
@@ -1138,6 +1178,7 @@ mod tests {
                     Some(Link {
                         mac: MAC,
                         mtu: 1500,
+                        mtu6: Some(1280),
                         up: true
                     })
                 ),
@@ -1173,6 +1214,7 @@ mod tests {
         let up = Link {
             mac: smac,
             mtu: 1500,
+            mtu6: None,
             up: true,
         };
         assert!(!concerns(&Event::Link(3, Some(up)), &e, hop));
@@ -1251,6 +1293,7 @@ mod tests {
             Link {
                 mac: smac,
                 mtu: 1500,
+                mtu6: Some(1400),
                 up: true,
             },
         )]);
@@ -1301,5 +1344,10 @@ mod tests {
         // A neighbour on another interface is not this route's.
         let elsewhere = HashMap::from([((4, backend), MAC)]);
         assert_eq!(entry_for(backend, Some(on_link), &links, &elsewhere), None);
+        // IPv6: the interface's IPv6 MTU, as the FIB takes it.
+        let v6: IpAddr = "2001:db8::21".parse().unwrap();
+        let neigh6 = HashMap::from([((3, v6), MAC)]);
+        let e = entry_for(v6, Some(on_link), &links, &neigh6).unwrap();
+        assert_eq!(e.mtu, 1400);
     }
 }

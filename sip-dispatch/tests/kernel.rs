@@ -1456,6 +1456,13 @@ mod next_hop {
         // No neighbour entry: not valid (the FIB path, and the stack, resolve it).
         let e = h.dp.next_hop(id_of(&h, "198.18.1.50:5060")).unwrap();
         assert_eq!(e.flags & NH_VALID, 0, "{e:?}");
+        // The interface's IPv6 MTU applies to IPv6 backends only, as in the FIB.
+        let mut h = h;
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{VETH}/mtu"), "1400").unwrap();
+        h.dp.resolve_next_hops().unwrap();
+        let mtu = |h: &Harness, addr: &str| h.dp.next_hop(id_of(h, addr)).unwrap().mtu;
+        assert_eq!(mtu(&h, "[2001:db8:1::23]:5060"), 1400);
+        assert_eq!(mtu(&h, "198.18.1.21:5060"), 1500);
     }
 
     #[test]
