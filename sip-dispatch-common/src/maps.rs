@@ -14,7 +14,8 @@ pub const MAP_BACKENDS: &str = "sd_backends_v1";
 /// Per-CPU array of [`BackendStats`], indexed by backend id.
 pub const MAP_BACKEND_STATS: &str = "sd_bstats_v1";
 /// Per-CPU array of u64, indexed by [`Counter`]. (v2: `drop_redirect_failed` added; v3:
-/// the `affinity_*` counters; v4: `pass_not_on_link`, `pass_encap`; v5: `pass_start_line`.)
+/// the `affinity_*` counters; v4: `pass_not_on_link`, `pass_encap`; v5: `pass_start_line`,
+/// `fib_fallback`.)
 pub const MAP_COUNTERS: &str = "sd_counters_v5";
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "sd_config_v1";
@@ -39,6 +40,10 @@ pub const AFFINITY_ENTRIES_MIN: u32 = 1024;
 pub const AFFINITY_ENTRIES_MAX: u32 = 8_388_608;
 /// The program's `.rodata` switch (1: affinity on), set at load.
 pub const GLOBAL_AFFINITY_ON: &str = "AFFINITY_ON";
+
+/// Array of [`NextHop`], indexed by backend id: the controller's copy of each backend's
+/// route and neighbour, which the fast path uses instead of a FIB lookup when valid.
+pub const MAP_NEXTHOP: &str = "sd_nexthop_v1";
 
 /// Single-entry array holding [`EncapSource`]: the outer source address of `ipip`.
 pub const MAP_ENCAP: &str = "sd_encap_v1";
@@ -81,7 +86,7 @@ pub fn service_port_bit(port: u16) -> (u32, u64) {
 }
 
 /// Every map of the object, all pinned under the pin directory.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_TABLES,
     MAP_BACKENDS,
@@ -95,6 +100,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_ENCAP,
     crate::census::MAP_HELD,
     MAP_SERVICE_PORTS,
+    MAP_NEXTHOP,
 ];
 
 /// The XDP program that dispatches SIP (its scans loop with `may_goto`, kernel 6.9+).
@@ -295,6 +301,41 @@ const _: () = assert!(size_of::<BackendFlags>() == 8, "BackendFlags has padding"
 const _: () = assert!(size_of::<EncapSource>() == 20, "EncapSource has padding");
 const _: () = assert!(core::mem::offset_of!(AffinityEntry, generation) == 4);
 
+/// [`NextHop::flags`]: the entry may be used (clear: the fast path asks the FIB).
+pub const NH_VALID: u32 = 1;
+/// [`NextHop::flags`]: the backend is on the link (its route has no gateway): `l2dsr`
+/// may reach it.
+pub const NH_ON_LINK: u32 = 2;
+
+/// How one backend is reached, as the controller resolved it: the route (egress
+/// interface, gateway or on-link, MTU) and the next hop's link-layer address.
+///
+/// The controller changes an entry in steps that each change either the data or only
+/// the [`NH_VALID`] bit: clear the bit (data unchanged), write the new data (bit still
+/// clear), set the bit (data unchanged). Every byte a map update changes is either data
+/// of an invalid entry or the bit itself, so a reader that checks the bit and then reads
+/// the data (nanoseconds apart; the clear and the new data are two syscalls apart) sees
+/// the old valid entry, an invalid one, or the new valid one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    /// The egress interface.
+    pub ifindex: u32,
+    /// Bytes an IP packet (with `ipip`'s outer header) may have on the egress path: the
+    /// route's MTU if it has one, else the interface's.
+    pub mtu: u32,
+    /// The next hop's (backend's or gateway's) link-layer address.
+    pub dmac: [u8; 6],
+    /// The egress interface's link-layer address.
+    pub smac: [u8; 6],
+    /// Bumped by the controller each time it writes new data (for operators and tests).
+    pub generation: u32,
+    /// [`NH_VALID`], [`NH_ON_LINK`].
+    pub flags: u32,
+}
+
+const _: () = assert!(size_of::<NextHop>() == 28, "NextHop has padding");
+
 /// Per-CPU counters of the fast path, indexed by the enum value.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,10 +386,13 @@ pub enum Counter {
     /// Passed: a Call-ID was found but the start line is not one the fast path accepts
     /// (`parse::start_line::start_line_fast`): not SIP, or SIP in an unusual form.
     PassStartLine,
+    /// The backend's next-hop entry was not valid: the route and neighbour came from a
+    /// FIB lookup (`bpf_fib_lookup`) instead (whatever the outcome).
+    FibFallback,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
         Counter::NotService,
@@ -371,6 +415,7 @@ impl Counter {
         Counter::PassNotOnLink,
         Counter::PassEncap,
         Counter::PassStartLine,
+        Counter::FibFallback,
     ];
 
     /// Stable snake_case name, used in logs, JSON and metrics.
@@ -397,6 +442,7 @@ impl Counter {
             Counter::PassNotOnLink => "pass_not_on_link",
             Counter::PassEncap => "pass_encap",
             Counter::PassStartLine => "pass_start_line",
+            Counter::FibFallback => "fib_fallback",
         }
     }
 }
@@ -414,6 +460,7 @@ mod aya_pod {
     unsafe impl aya::Pod for super::BackendFlags {}
     unsafe impl aya::Pod for super::EncapSource {}
     unsafe impl aya::Pod for super::DecapSource {}
+    unsafe impl aya::Pod for super::NextHop {}
 }
 
 /// Index of a Call-ID hash in a service's slot table.
@@ -455,6 +502,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AffinityEntry>(), 24);
         assert_eq!(core::mem::size_of::<BackendFlags>(), 8);
         assert_eq!(core::mem::size_of::<DecapSource>(), 20);
+        assert_eq!(core::mem::size_of::<NextHop>(), 28);
     }
 
     #[test]

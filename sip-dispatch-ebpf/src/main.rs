@@ -55,6 +55,7 @@ mod affinity;
 mod census;
 mod decap;
 mod forward;
+mod nexthop;
 
 use affinity::{ToTagJob, pick_with_affinity};
 
@@ -233,10 +234,7 @@ fn dispatch<const LOOP: LoopKind>(ctx: &XdpContext) -> Result<u32, Counter> {
     } else {
         0
     };
-    let fib = fib_lookup(ctx, scratch, &dg, &backend, extra)?;
-    if mode == FWD_L2DSR && !forward::on_link(fib, &backend, dg.family) {
-        return Err(Counter::PassNotOnLink);
-    }
+    let fib = nexthop::next_hop(ctx, scratch, &dg, &backend, backend_id, extra, mode)?;
     let ingress = ctx.ingress_ifindex() as u32;
     let egress = unsafe { (*fib).ifindex };
     if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {

@@ -102,6 +102,8 @@ pub struct Dataplane {
     flags_written: Vec<Option<BackendFlags>>,
     /// How the loaded dispatcher's scans loop (which of its two programs it is).
     scan_loop: ScanLoop,
+    /// The backends the next-hop cache resolves (see `crate::nexthops`).
+    next_hop_targets: crate::nexthops::Targets,
 }
 
 /// Setting this environment variable to `1` makes the daemon load the `bpf_loop`
@@ -445,6 +447,7 @@ impl Dataplane {
             .collect::<Result<Vec<u32>, _>>()
             .context("reading the backend generations")?;
         self.ids.adopt_generations(&generations);
+        self.publish_next_hop_targets()?;
         Ok(())
     }
 
@@ -572,6 +575,7 @@ impl Dataplane {
             forwarding: BTreeMap::new(),
             flags_written: vec![None; MAX_BACKENDS as usize],
             scan_loop: ScanLoop::BpfLoop,
+            next_hop_targets: Default::default(),
         };
         dp.scan_loop = ScanLoop::choose(&mut dp.ebpf);
         log::info!(
@@ -721,6 +725,97 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Tells the next-hop cache which ids have which address now. Under its lock, the
+    /// entry of an id whose address changed (new, reused or freed) loses its valid bit
+    /// first: the fast path asks the FIB for it until the cache resolved the new one.
+    fn publish_next_hop_targets(&mut self) -> anyhow::Result<()> {
+        let now: BTreeMap<u32, std::net::IpAddr> = self
+            .ids
+            .addrs()
+            .filter_map(|a| Some((self.ids.get(a)?, a.ip())))
+            .collect();
+        let targets = self.next_hop_targets.clone();
+        let mut listed = targets.lock();
+        let changed: Vec<u32> = listed
+            .iter()
+            .filter(|(id, ip)| now.get(id) != Some(ip))
+            .map(|(&id, _)| id)
+            .chain(now.keys().copied().filter(|id| !listed.contains_key(id)))
+            .collect();
+        for id in changed {
+            let hop = self.next_hop(id)?;
+            if hop.flags & sip_dispatch_common::NH_VALID != 0 {
+                self.set_next_hop(
+                    id,
+                    sip_dispatch_common::NextHop {
+                        flags: hop.flags & !sip_dispatch_common::NH_VALID,
+                        ..hop
+                    },
+                )?;
+            }
+        }
+        *listed = now;
+        Ok(())
+    }
+
+    /// Starts following the routes and neighbours of the backends into the next-hop
+    /// map (`crate::nexthops`); the returned handle stops it when dropped.
+    pub fn follow_next_hops(&self) -> anyhow::Result<crate::nexthops::Follower> {
+        use std::os::fd::AsFd as _;
+        let data = match self.map(sip_dispatch_common::MAP_NEXTHOP)? {
+            aya::maps::Map::Array(m) => m,
+            _ => bail!(
+                "map {} has an unexpected type",
+                sip_dispatch_common::MAP_NEXTHOP
+            ),
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the fd of the next-hop map")?;
+        crate::nexthops::follow(MapData::from_fd(fd)?, self.next_hop_targets.clone())
+    }
+
+    /// Resolves every backend's next hop once and writes the entries, as the follower
+    /// does (for tests and benchmarks, which run no follower); returns how many are
+    /// valid.
+    pub fn resolve_next_hops(&mut self) -> anyhow::Result<usize> {
+        let targets = self.next_hop_targets.lock().clone();
+        let resolved = crate::nexthops::Resolver::new()
+            .and_then(|mut r| r.resolve(&targets))
+            .context("resolving the backends' next hops")?;
+        let mut valid = 0;
+        for (id, (want, _)) in resolved {
+            valid += usize::from(want.is_some());
+            for write in crate::nexthops::steps(self.next_hop(id)?, want) {
+                self.set_next_hop(id, write)?;
+            }
+        }
+        Ok(valid)
+    }
+
+    /// The fast path's next-hop entry of backend `id`.
+    pub fn next_hop(&self, id: u32) -> anyhow::Result<sip_dispatch_common::NextHop> {
+        let map: Array<&MapData, sip_dispatch_common::NextHop> =
+            Array::try_from(self.map(sip_dispatch_common::MAP_NEXTHOP)?)?;
+        map.get(&id, 0)
+            .with_context(|| format!("reading the next hop of backend {id}"))
+    }
+
+    /// Writes the fast path's next-hop entry of backend `id` (see `nexthops` for the
+    /// order of writes that keeps readers from seeing a mix).
+    pub fn set_next_hop(
+        &mut self,
+        id: u32,
+        hop: sip_dispatch_common::NextHop,
+    ) -> anyhow::Result<()> {
+        let mut map: Array<&mut MapData, sip_dispatch_common::NextHop> =
+            Array::try_from(self.map_mut(sip_dispatch_common::MAP_NEXTHOP)?)?;
+        map.set(id, hop, 0)
+            .with_context(|| format!("writing the next hop of backend {id}"))
+    }
+
     /// Installs a service's slot table (entries are backend ids, or NO_BACKEND) with one
     /// atomic swap of the inner map, then makes sure the service entry points at it.
     pub fn publish_table(
@@ -774,7 +869,11 @@ impl Dataplane {
     /// zeroed counters) the first time.
     pub fn backend_id(&mut self, addr: std::net::SocketAddr) -> anyhow::Result<u32> {
         let (id, fresh) = self.ids.allocate(addr)?;
-        if fresh && let Err(e) = self.write_new_backend(id, addr) {
+        if fresh
+            && let Err(e) = self
+                .write_new_backend(id, addr)
+                .and_then(|()| self.publish_next_hop_targets())
+        {
             self.ids.unallocate(addr);
             return Err(e);
         }
@@ -816,6 +915,9 @@ impl Dataplane {
         listed: impl Fn(std::net::SocketAddr) -> bool,
     ) -> Vec<(std::net::SocketAddr, u32)> {
         let freed = self.ids.release_unlisted(listed);
+        if let Err(e) = self.publish_next_hop_targets() {
+            log::warn!("next hops: {e:#}");
+        }
         for (addr, id) in &freed {
             if let Err(e) = self.set_backend_flags(*id, 0) {
                 // Its entries stay valid until the id is reused and written again.
@@ -1051,7 +1153,7 @@ fn census_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
 
 /// The layout each map must have: (name, type, key size, value size, max entries).
 /// The affinity map's size is not checked here: a pin of another size is resized.
-fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 13] {
+fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 14] {
     use std::mem::size_of;
     [
         (
@@ -1115,6 +1217,13 @@ fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 13] {
             1,
         ),
         (MAP_SERVICE_PORTS, MapType::Array, 4, 8, SERVICE_PORT_WORDS),
+        (
+            sip_dispatch_common::MAP_NEXTHOP,
+            MapType::Array,
+            4,
+            size_of::<sip_dispatch_common::NextHop>() as u32,
+            MAX_BACKENDS,
+        ),
     ]
 }
 

@@ -203,7 +203,13 @@ pub fn render(s: &Snapshot) -> String {
     );
     let mut lines = String::new();
     let mut affinity = String::new();
+    let mut fib_fallbacks = None;
     for (reason, v) in &s.counters {
+        // Not an outcome either: how a dispatched or passed packet found its next hop.
+        if reason == sip_dispatch_common::Counter::FibFallback.name() {
+            fib_fallbacks = v.as_u64();
+            continue;
+        }
         // Affinity events are not packet outcomes (a packet has one of each).
         if let Some(event) = reason.strip_prefix("affinity_") {
             let _ = writeln!(
@@ -220,6 +226,14 @@ pub fn render(s: &Snapshot) -> String {
         );
     }
     out.push_str(&lines);
+    if let Some(n) = fib_fallbacks {
+        let _ = writeln!(
+            out,
+            "# HELP sip_dispatch_fastpath_fib_fallbacks_total Packets whose next hop came from a FIB lookup (the backend's next-hop entry was not valid).\n\
+             # TYPE sip_dispatch_fastpath_fib_fallbacks_total counter\n\
+             sip_dispatch_fastpath_fib_fallbacks_total {n}"
+        );
+    }
     let per_backend: [BackendFamily; 6] = [
         (
             "backend_packets_total",
@@ -343,6 +357,7 @@ mod tests {
         let mut counters = serde_json::Map::new();
         counters.insert("xdp_tx".into(), 42.into());
         counters.insert("affinity_hit".into(), 5.into());
+        counters.insert("fib_fallback".into(), 3.into());
         let s = Snapshot {
             counters,
             backends: vec![BackendSnapshot {
@@ -393,9 +408,12 @@ mod tests {
             "sip_dispatch_config_last_reload_successful 0".to_string(),
             "sip_dispatch_affinity_entries 1500".to_string(),
             "sip_dispatch_affinity_capacity 262144".to_string(),
+            "sip_dispatch_fastpath_fib_fallbacks_total 3".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
+        // Not a packet outcome: a packet that fell back also has one.
+        assert!(!text.contains("outcome=\"fib_fallback\""), "{text}");
         for family in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = family.split(' ').nth(2).unwrap();
             assert!(

@@ -368,6 +368,12 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         }
     };
     crate::dataplane::remove_outdated_pins(&pin_path);
+    // Without it the fast path asks the FIB for every packet: slower, still correct.
+    let _next_hops = ctl
+        .dataplane()
+        .follow_next_hops()
+        .inspect_err(|e| log::error!("next hops: not cached, the fast path asks the FIB: {e:#}"))
+        .ok();
     let mut slow = Vec::new();
     for (i, sock) in slow_sockets.into_iter().enumerate() {
         let s = &ctl.services()[i];

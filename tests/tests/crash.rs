@@ -31,7 +31,7 @@ fn workdir() -> PathBuf {
 }
 
 /// The pins a daemon leaves: the link and every map of this build.
-const PINS: [&str; 14] = [
+const PINS: [&str; 15] = [
     "link_v1",
     "sd_services_v1",
     "sd_tables_v2",
@@ -46,6 +46,7 @@ const PINS: [&str; 14] = [
     "sd_held_v1",
     "sd_encap_v1",
     "sd_ports_v1",
+    "sd_nexthop_v1",
 ];
 
 /// The names in the pin directory (empty if it is gone).

@@ -275,8 +275,9 @@ impl Report {
                      per-CPU copy of the payload (bpf_xdp_load_bytes): a step per header line \
                      (its end searched two words per test) and per two words of the Call-ID \
                      value. A dispatched packet also pays for the payload copy, the service, \
-                     slot, backend and tx-port lookups, bpf_fib_lookup, the rewrite and the \
-                     counters: about 230 ns with the scan skipped (measured once, by hand). \
+                     slot, backend, next-hop and tx-port lookups, the rewrite and the \
+                     counters: about 230 ns with the scan skipped (measured once, by hand, \
+                     when it still called bpf_fib_lookup). \
                      The target, {:.0} ns for the whole packet, leaves the scan ~{:.1} ns per \
                      scanned byte.",
                     t.shortfall_text(),
@@ -933,7 +934,9 @@ const METHOD: &str = "## How it was measured\n\n\
 the Ethernet addresses, XDP_TX) run through BPF_PROG_TEST_RUN (aya `TestRun`) with a \
 repeat count sized for a fixed time per trial, in a private network namespace with a veth, \
 permanent neighbours and forwarding on, so that every repetition does the whole dispatch \
-(including `bpf_fib_lookup` and the rewrite). Since a repeated run sees the frame as the \
+(including the next hop, from `sd_nexthop_v1` filled as the daemon fills it, and the \
+rewrite; the row \"next hop by FIB lookup\" leaves it empty, so that `bpf_fib_lookup` \
+answers). Since a repeated run sees the frame as the \
 previous repetition left it, the VIP's backends are themselves services pointing back at \
 the VIP: the frame bounces, and the `xdp_tx` counter proves every repetition dispatched. \
 ns/packet is the kernel's own figure (median of the trials; the kernel stops its clock \

@@ -3,9 +3,11 @@
 //! the same packets.
 //!
 //! The run happens on a thread with a private network namespace (`unshare`) holding a
-//! veth with permanent neighbour entries and forwarding on, so that `bpf_fib_lookup`
-//! answers and every repetition goes the whole way (parse, service lookup, payload copy,
-//! Call-ID scan and hash, slot and backend lookups, FIB lookup, rewrite, XDP_TX).
+//! veth with permanent neighbour entries and forwarding on, so that the next-hop cache
+//! (`sd_nexthop_v1`, filled as the daemon fills it) and `bpf_fib_lookup` answer and every
+//! repetition goes the whole way (parse, service lookup, payload copy, Call-ID scan and
+//! hash, slot and backend lookups, next hop, rewrite, XDP_TX). One row (the typical
+//! INVITE, next hop by FIB lookup) runs with the cache empty.
 //!
 //! A repeated test run feeds the program the frame as the previous repetition left it.
 //! So that every repetition dispatches (instead of seeing an already rewritten frame
@@ -272,6 +274,12 @@ fn weighted(addrs: &[&str]) -> Result<Vec<Weighted>> {
 /// The VIP's backends are services that send everything back to the VIP. Every
 /// backend is up and takes calls (as the controller's flags say for healthy backends).
 fn load_dispatcher(ifindex: u32, affinity: Affinity) -> Result<Dataplane> {
+    load_dispatcher_with(ifindex, affinity, true)
+}
+
+/// [`load_dispatcher`], with the next-hop cache filled or (`next_hops` false) left
+/// empty, so that every packet takes the FIB lookup.
+fn load_dispatcher_with(ifindex: u32, affinity: Affinity, next_hops: bool) -> Result<Dataplane> {
     let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, affinity)?;
     let table = build_table(&weighted(&BACKENDS)?, HashKey::DEFAULT)?;
     dp.install_service(0, VIP.parse()?, &table)?;
@@ -283,8 +291,23 @@ fn load_dispatcher(ifindex: u32, affinity: Affinity) -> Result<Dataplane> {
         dp.set_backend_flags(id, BF_AFFINITY | BF_UP | BF_NEW)?;
     }
     dp.add_tx_port(ifindex)?;
+    if next_hops {
+        fill_next_hops(&mut dp)?;
+    }
     Ok(dp)
 }
+
+/// The next-hop cache (`sd_nexthop_v1`) filled the way the daemon's follower fills it
+/// (every backend has a neighbour entry here): the fast path needs no FIB lookup.
+fn fill_next_hops(dp: &mut Dataplane) -> Result<()> {
+    let want = dp.backend_ids().len();
+    let valid = dp.resolve_next_hops()?;
+    ensure!(valid == want, "{valid} of {want} next-hop entries valid");
+    Ok(())
+}
+
+/// The packet whose row measures the FIB path (the next-hop cache left empty).
+const INVITE_FIB: &str = "invite_fib";
 
 /// The typical INVITE through the program with affinity off and on (a hit), and a BYE
 /// of an unknown call with affinity on (a miss), trial by trial in turn.
@@ -458,16 +481,26 @@ fn check_path(run: &Runner, prog: &Xdp, p: &Packet) -> Result<&'static str> {
 
 fn measure(plan: &Plan) -> Result<TestRunResults> {
     let ifindex = private_netns()?;
-    let mut dp = load_dispatcher(ifindex, Affinity::default())?;
+    let mut dp_cached = load_dispatcher(ifindex, Affinity::default())?;
+    let mut dp_fib = load_dispatcher_with(ifindex, Affinity::default(), false)?;
     let mac_obj = load_program(PROG_MAC_SWAP)?;
-    let packets = messages::packets(
+    let mut packets = messages::packets(
         CLIENT.parse()?,
         VIP.parse()?,
         [0x02, 0, 0, 0, 0, 0x10],
         VETH.1,
     );
+    if let Some(invite) = packets.iter().find(|p| p.key == "invite") {
+        packets.push(Packet {
+            key: INVITE_FIB,
+            label: "INVITE with SDP, next hop by FIB lookup",
+            ..invite.clone()
+        });
+    }
     let mut results = Vec::new();
     for p in packets {
+        let by_fib = p.key == INVITE_FIB;
+        let dp = if by_fib { &mut dp_fib } else { &mut dp_cached };
         let run = Runner::new(ifindex, p.frame.len());
         let verdict = check_path(&run, dp.dispatch_program()?, &p)?;
         let mac: &Xdp = mac_obj
@@ -490,9 +523,15 @@ fn measure(plan: &Plan) -> Result<TestRunResults> {
         let mut mac_kernel = Vec::new();
         let mut every = true;
         for _ in 0..plan.testrun_trials {
-            let before = counter(&dp, watched)?;
+            let before = counter(dp, watched)?;
+            let fallbacks = counter(dp, Counter::FibFallback)?;
             let (w, k, _) = run.timed(dp.dispatch_program()?, &p.frame, repeat_dp)?;
-            every &= counter(&dp, watched)? - before == u64::from(repeat_dp);
+            every &= counter(dp, watched)? - before == u64::from(repeat_dp);
+            // Dispatched rows take the path they are meant to: the cache, or the FIB.
+            let fell_back = counter(dp, Counter::FibFallback)? - fallbacks;
+            if p.dispatched {
+                every &= fell_back == if by_fib { u64::from(repeat_dp) } else { 0 };
+            }
             dp_wall.push(w);
             dp_kernel.push(k);
             let (w, k, _) = run.timed(mac, &p.frame, repeat_mac)?;

@@ -209,6 +209,7 @@ fn load_mode(ifindex: u32, mode: u32) -> Result<Dataplane> {
         dp.set_backend_flags(bid, BF_AFFINITY | BF_UP | BF_NEW)?;
     }
     dp.add_tx_port(ifindex)?;
+    super::fill_next_hops(&mut dp)?;
     Ok(dp)
 }
 
