@@ -198,10 +198,6 @@ fn dispatch<const LOOP: LoopKind>(ctx: &XdpContext) -> Result<u32, Counter> {
         count(Counter::NotService);
         return Ok(XDP_PASS);
     };
-    if !service_port(dg.key.port) {
-        count(Counter::NotService);
-        return Ok(XDP_PASS);
-    }
     let Some(service) = (unsafe { SERVICES.get(&dg.key) }) else {
         count(Counter::NotService);
         return Ok(XDP_PASS);
@@ -300,7 +296,7 @@ fn backend_flags(id: u32) -> BackendFlags {
 const MAX_IPV6_EXT: usize = 4;
 
 /// Ethernet (at most one 802.1Q/802.1ad tag), IPv4 (any header length) or IPv6, UDP.
-/// `Ok(None)` for frames that are not UDP at all. A datagram the fast path cannot
+/// `Ok(None)` for frames that are not UDP at all, or not to a port a service uses. A datagram the fast path cannot
 /// dispatch (IPv6 extension headers, a first fragment, bad lengths) still comes back
 /// with its service key, so that only service traffic is counted by reason.
 #[inline(always)]
@@ -391,6 +387,9 @@ fn parse(ctx: &XdpContext) -> Result<Option<Datagram>, Counter> {
     let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Counter::PassTruncated)?;
     let udp = unsafe { &*udp };
     key.port = u16::from_ne_bytes(udp.dst);
+    if !service_port(key.port) {
+        return Ok(None);
+    }
     let udp_len = u16::from_be_bytes(udp.len) as usize;
     // Lengths that claim more than the frame holds, or less than a UDP header, or a UDP
     // datagram that does not end where the IP packet does (what the frame carries is
