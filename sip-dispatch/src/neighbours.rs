@@ -14,7 +14,7 @@ use std::{
 
 use crate::netlink::{
     self, Message, Messages, NDA_DST, NDA_LLADDR, NDMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NUD_USABLE,
-    bad, u16_at, u32_at,
+    NeighbourMessage, bad, u32_at,
 };
 
 /// One usable neighbour entry.
@@ -74,20 +74,16 @@ pub fn parse(buf: &[u8], seq: u32) -> io::Result<Parsed> {
 /// One `RTM_NEWNEIGH` body: None for an entry that is not usable (state, no address,
 /// not a 6-byte link-layer address, not IPv4/IPv6).
 fn neighbour(body: &[u8]) -> io::Result<Option<Neighbour>> {
-    if body.len() < NDMSG_LEN {
-        return Err(bad("truncated ndmsg"));
-    }
-    let family = body[0];
-    let ifindex = u32_at(body, 4).ok_or_else(|| bad("truncated ndmsg"))?;
-    let state = u16_at(body, 8).ok_or_else(|| bad("truncated ndmsg"))?;
+    let m = NeighbourMessage::parse(body)?;
     let (mut addr, mut mac) = (None, None);
-    for (kind, value) in netlink::attributes(body, NDMSG_LEN)? {
+    for (kind, value) in m.attributes {
         match kind {
-            NDA_DST => addr = netlink::ip_of(family, value).or(addr),
+            NDA_DST => addr = netlink::ip_of(m.family, value).or(addr),
             NDA_LLADDR if value.len() == 6 => mac = <[u8; 6]>::try_from(value).ok(),
             _ => {}
         }
     }
+    let (ifindex, state) = (m.ifindex, m.state);
     Ok(match (addr, mac) {
         (Some(addr), Some(mac)) if state & NUD_USABLE != 0 => {
             Some(Neighbour { ifindex, addr, mac })
@@ -196,22 +192,11 @@ impl NeighbourCache {
 mod tests {
     use super::*;
 
-    use crate::netlink::{NLMSG_HDRLEN, attribute as attr};
+    use crate::netlink::{NLMSG_HDRLEN, attribute as attr, ndmsg};
     use std::net::Ipv6Addr;
 
     fn nlmsg(kind: u16, body: &[u8]) -> Vec<u8> {
         netlink::message(kind, 0, SEQ, body)
-    }
-
-    fn ndmsg(family: i32, ifindex: u32, state: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
-        let mut b = vec![family as u8, 0, 0, 0];
-        b.extend_from_slice(&ifindex.to_ne_bytes());
-        b.extend_from_slice(&state.to_ne_bytes());
-        b.extend_from_slice(&[0, 1]);
-        for a in attrs {
-            b.extend_from_slice(a);
-        }
-        b
     }
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 1, 21];

@@ -132,6 +132,30 @@ pub fn attributes(body: &[u8], at: usize) -> io::Result<Vec<(u16, &[u8])>> {
     Ok(out)
 }
 
+/// The fixed part of a neighbour message (`ndmsg`) and its attributes.
+pub struct NeighbourMessage<'a> {
+    pub family: u8,
+    pub ifindex: u32,
+    /// The entry's NUD state bits.
+    pub state: u16,
+    pub attributes: Vec<(u16, &'a [u8])>,
+}
+
+impl<'a> NeighbourMessage<'a> {
+    /// Reads the body of an `RTM_NEWNEIGH` or `RTM_DELNEIGH`.
+    pub fn parse(body: &'a [u8]) -> io::Result<NeighbourMessage<'a>> {
+        if body.len() < NDMSG_LEN {
+            return Err(bad("truncated ndmsg"));
+        }
+        Ok(NeighbourMessage {
+            family: body[0],
+            ifindex: u32_at(body, 4).ok_or_else(|| bad("truncated ndmsg"))?,
+            state: u16_at(body, 8).ok_or_else(|| bad("truncated ndmsg"))?,
+            attributes: attributes(body, NDMSG_LEN)?,
+        })
+    }
+}
+
 /// A message: header (length without the padding, `kind`, `flags`, `seq`, port 0) and
 /// `body`, padded to 4 bytes.
 pub fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
@@ -157,6 +181,20 @@ pub fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
     a.extend_from_slice(value);
     a.resize(align4(len), 0);
     a
+}
+
+/// A neighbour message body for tests: ndmsg (`family`, `ifindex`, `state`, flags 0,
+/// type 1) and `attrs`.
+#[cfg(test)]
+pub fn ndmsg(family: i32, ifindex: u32, state: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = vec![family as u8, 0, 0, 0];
+    b.extend_from_slice(&ifindex.to_ne_bytes());
+    b.extend_from_slice(&state.to_ne_bytes());
+    b.extend_from_slice(&[0, 1]);
+    for a in attrs {
+        b.extend_from_slice(a);
+    }
+    b
 }
 
 /// A netlink route socket of the calling thread's network namespace, joined to
@@ -200,33 +238,13 @@ impl Socket {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
         };
-        // SAFETY: `tv` is a timeval on the stack and its size is what is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_option(&fd, libc::SO_RCVTIMEO, &tv)?;
         if groups != 0 {
             // A burst of notifications (a link going down) should not overflow the
-            // queue; an overflow still only causes a full resync.
+            // queue; an overflow still only causes a full resync. Best effort: a
+            // smaller queue still works.
             let size: libc::c_int = 1 << 20;
-            // SAFETY: `size` is a c_int on the stack and its size is what is passed.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUF,
-                    (&raw const size).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
+            let _ = set_option(&fd, libc::SO_RCVBUF, &size);
         }
         Ok(Socket { fd })
     }
@@ -257,6 +275,24 @@ impl Socket {
         }
         Ok(usize::try_from(n).unwrap_or(0))
     }
+}
+
+/// Sets socket option `name` (level `SOL_SOCKET`) of `fd` to `value`.
+fn set_option<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a live T and its size is what is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -332,6 +368,28 @@ mod tests {
         // Fewer bytes than a header left: the walk ends.
         assert_eq!(attributes(&[1, 2, 3], 0).unwrap(), vec![]);
         assert_eq!(attributes(&a, usize::MAX).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_neighbour_message_gives_its_fixed_part_and_attributes() {
+        let body = ndmsg(
+            libc::AF_INET6,
+            7,
+            0x04,
+            &[attribute(NDA_DST, &[0; 16]), attribute(NDA_LLADDR, &[2; 6])],
+        );
+        let m = NeighbourMessage::parse(&body).unwrap();
+        assert_eq!(
+            (m.family, m.ifindex, m.state),
+            (libc::AF_INET6 as u8, 7, 0x04)
+        );
+        assert_eq!(
+            m.attributes,
+            vec![(NDA_DST, &[0; 16][..]), (NDA_LLADDR, &[2; 6][..])]
+        );
+        for cut in 0..NDMSG_LEN {
+            assert!(NeighbourMessage::parse(&body[..cut]).is_err());
+        }
     }
 
     #[test]

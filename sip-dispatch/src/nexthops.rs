@@ -34,8 +34,8 @@ use sip_dispatch_common::{MAX_BACKENDS, NH_ON_LINK, NH_VALID, NextHop};
 use crate::{
     neighbours,
     netlink::{
-        NDA_DST, NDA_LLADDR, NDMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NUD_USABLE, Socket, attribute,
-        attributes, bad, ip_of, message, messages, u16_at, u32_at,
+        NDA_DST, NDA_LLADDR, NLMSG_DONE, NLMSG_ERROR, NUD_USABLE, NeighbourMessage, Socket,
+        attribute, attributes, bad, ip_of, message, messages, u16_at, u32_at,
     },
 };
 
@@ -236,22 +236,17 @@ pub type NeighbourChange = (u32, IpAddr, Option<[u8; 6]>);
 /// A neighbour notification: interface, address, and the link-layer address if the
 /// entry is usable (None: not usable, or deleted).
 pub fn neighbour_event(kind: u16, body: &[u8]) -> io::Result<Option<NeighbourChange>> {
-    if body.len() < NDMSG_LEN {
-        return Err(bad("truncated ndmsg"));
-    }
-    let family = body[0];
-    let ifindex = u32_at(body, 4).ok_or_else(|| bad("truncated ndmsg"))?;
-    let state = u16_at(body, 8).ok_or_else(|| bad("truncated ndmsg"))?;
+    let m = NeighbourMessage::parse(body)?;
     let (mut addr, mut mac) = (None, None);
-    for (k, value) in attributes(body, NDMSG_LEN)? {
+    for (k, value) in m.attributes {
         match k {
-            NDA_DST => addr = ip_of(family, value),
+            NDA_DST => addr = ip_of(m.family, value),
             NDA_LLADDR => mac = <[u8; 6]>::try_from(value).ok(),
             _ => {}
         }
     }
-    let usable = kind == libc::RTM_NEWNEIGH && state & NUD_USABLE != 0;
-    Ok(addr.map(|a| (ifindex, a, mac.filter(|_| usable))))
+    let usable = kind == libc::RTM_NEWNEIGH && m.state & NUD_USABLE != 0;
+    Ok(addr.map(|a| (m.ifindex, a, mac.filter(|_| usable))))
 }
 
 /// What a notification may change.
@@ -735,7 +730,7 @@ fn events_or_all(buf: &[u8]) -> Vec<Event> {
 mod tests {
     use super::*;
 
-    use crate::netlink::{NLMSG_HDRLEN, RTA_HDRLEN, attribute as attr};
+    use crate::netlink::{NLMSG_HDRLEN, RTA_HDRLEN, attribute as attr, ndmsg};
     use std::net::Ipv6Addr;
 
     fn nlmsg(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
@@ -874,17 +869,6 @@ mod tests {
         b.extend_from_slice(&index.to_ne_bytes());
         b.extend_from_slice(&flags.to_ne_bytes());
         b.extend_from_slice(&0u32.to_ne_bytes());
-        for a in attrs {
-            b.extend_from_slice(a);
-        }
-        b
-    }
-
-    fn ndmsg(family: i32, ifindex: u32, state: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
-        let mut b = vec![family as u8, 0, 0, 0];
-        b.extend_from_slice(&ifindex.to_ne_bytes());
-        b.extend_from_slice(&state.to_ne_bytes());
-        b.extend_from_slice(&[0, 1]);
         for a in attrs {
             b.extend_from_slice(a);
         }
