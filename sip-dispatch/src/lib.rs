@@ -18,6 +18,7 @@ pub mod health;
 pub mod ippacket;
 pub mod metrics;
 pub mod neighbours;
+pub mod netlink;
 pub mod nexthops;
 pub mod rawudp;
 pub mod reload;

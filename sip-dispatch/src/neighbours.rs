@@ -8,26 +8,14 @@
 use std::{
     collections::HashMap,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
-const NLMSG_HDRLEN: usize = 16;
-const NDMSG_LEN: usize = 12;
-const RTA_HDRLEN: usize = 4;
-const NDA_DST: u16 = 1;
-const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
-const NLMSG_ERROR: u16 = libc::NLMSG_ERROR as u16;
-const NDA_LLADDR: u16 = 2;
-/// Entries whose link-layer address can be used (linux/neighbour.h): not INCOMPLETE,
-/// not FAILED, not NONE.
-const NUD_USABLE: u16 = 0x02 /* REACHABLE */
-    | 0x04 /* STALE */
-    | 0x08 /* DELAY */
-    | 0x10 /* PROBE */
-    | 0x40 /* NOARP */
-    | 0x80 /* PERMANENT */;
+use crate::netlink::{
+    self, Message, Messages, NDA_DST, NDA_LLADDR, NDMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NUD_USABLE,
+    NeighbourMessage, bad, u32_at,
+};
 
 /// One usable neighbour entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,37 +33,20 @@ pub struct Parsed {
     pub done: bool,
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn align4(n: usize) -> usize {
-    n.saturating_add(3) & !3
-}
-
 /// Parses one buffer of the answer to dump request `seq` (host byte order, as the
 /// kernel writes it): the usable entries with a 6-byte link-layer address, and whether
 /// the dump ended. Messages of another sequence number (a late answer to an earlier,
 /// abandoned dump) are skipped. A truncated or malformed message ends the parse with an
 /// error; an `NLMSG_ERROR` becomes the error it carries.
 pub fn parse(buf: &[u8], seq: u32) -> io::Result<Parsed> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
     let mut out = Parsed::default();
-    let mut at = 0;
-    while at < buf.len() {
-        let len = u32_at(buf, at).ok_or_else(|| bad("truncated message header"))? as usize;
-        let kind = u16_at(buf, at + 4).ok_or_else(|| bad("truncated message header"))?;
-        if len < NLMSG_HDRLEN || len > buf.len() - at {
-            return Err(bad(&format!("message length {len} out of bounds")));
-        }
-        let body = &buf[at + NLMSG_HDRLEN..at + len];
-        let this_seq = u32_at(buf, at + 8).ok_or_else(|| bad("truncated message header"))?;
+    for m in Messages::new(buf) {
+        let Message {
+            kind,
+            seq: this_seq,
+            body,
+        } = m?;
         if this_seq != seq {
-            at = at.saturating_add(align4(len));
             continue;
         }
         match kind {
@@ -90,49 +61,29 @@ pub fn parse(buf: &[u8], seq: u32) -> io::Result<Parsed> {
                 }
             }
             libc::RTM_NEWNEIGH => {
-                if let Some(n) = neighbour(body).map_err(bad)? {
+                if let Some(n) = neighbour(body)? {
                     out.neighbours.push(n);
                 }
             }
             _ => {}
         }
-        at = at.saturating_add(align4(len));
     }
     Ok(out)
 }
 
 /// One `RTM_NEWNEIGH` body: None for an entry that is not usable (state, no address,
 /// not a 6-byte link-layer address, not IPv4/IPv6).
-fn neighbour(body: &[u8]) -> Result<Option<Neighbour>, &'static str> {
-    if body.len() < NDMSG_LEN {
-        return Err("truncated ndmsg");
-    }
-    let family = i32::from(body[0]);
-    let ifindex = u32_at(body, 4).ok_or("truncated ndmsg")?;
-    let state = u16_at(body, 8).ok_or("truncated ndmsg")?;
+fn neighbour(body: &[u8]) -> io::Result<Option<Neighbour>> {
+    let m = NeighbourMessage::parse(body)?;
     let (mut addr, mut mac) = (None, None);
-    let mut at = NDMSG_LEN;
-    while at + RTA_HDRLEN <= body.len() {
-        let len = usize::from(u16_at(body, at).ok_or("truncated attribute")?);
-        let kind = u16_at(body, at + 2).ok_or("truncated attribute")? & 0x3fff;
-        if len < RTA_HDRLEN || len > body.len() - at {
-            return Err("attribute length out of bounds");
-        }
-        let value = &body[at + RTA_HDRLEN..at + len];
-        match (kind, family, value.len()) {
-            (NDA_DST, libc::AF_INET, 4) => {
-                let octets = <[u8; 4]>::try_from(value).map_err(|_| "address")?;
-                addr = Some(IpAddr::V4(Ipv4Addr::from(octets)));
-            }
-            (NDA_DST, libc::AF_INET6, 16) => {
-                let octets = <[u8; 16]>::try_from(value).map_err(|_| "address")?;
-                addr = Some(IpAddr::V6(Ipv6Addr::from(octets)));
-            }
-            (NDA_LLADDR, _, 6) => mac = <[u8; 6]>::try_from(value).ok(),
+    for (kind, value) in m.attributes {
+        match kind {
+            NDA_DST => addr = netlink::ip_of(m.family, value).or(addr),
+            NDA_LLADDR if value.len() == 6 => mac = <[u8; 6]>::try_from(value).ok(),
             _ => {}
         }
-        at = at.saturating_add(align4(len));
     }
+    let (ifindex, state) = (m.ifindex, m.state);
     Ok(match (addr, mac) {
         (Some(addr), Some(mac)) if state & NUD_USABLE != 0 => {
             Some(Neighbour { ifindex, addr, mac })
@@ -144,71 +95,29 @@ fn neighbour(body: &[u8]) -> Result<Option<Neighbour>, &'static str> {
 /// A netlink route socket, opened in the network namespace whose neighbour table it
 /// reads (the one of the thread that opens it).
 pub struct Netlink {
-    sock: OwnedFd,
+    sock: netlink::Socket,
     seq: u32,
 }
 
 impl Netlink {
     pub fn open() -> io::Result<Netlink> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new socket that nothing else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
         // A dump takes microseconds; bound the wait anyway.
-        let timeout = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
-        // SAFETY: `timeout` is a timeval on the stack and its size is what is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let sock = netlink::Socket::open(0, Duration::from_secs(1))?;
         Ok(Netlink { sock, seq: 0 })
     }
 
     /// Dumps the neighbour table (every interface, both families).
     pub fn dump(&mut self) -> io::Result<Vec<Neighbour>> {
         self.seq = self.seq.wrapping_add(1);
-        let mut req = [0u8; NLMSG_HDRLEN + NDMSG_LEN];
-        req[0..4].copy_from_slice(&((NLMSG_HDRLEN + NDMSG_LEN) as u32).to_ne_bytes());
-        req[4..6].copy_from_slice(&libc::RTM_GETNEIGH.to_ne_bytes());
-        req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-        req[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
         // ndmsg: family AF_UNSPEC (both), everything else 0.
-        // SAFETY: `req` is valid for its length during the call; no address (the kernel).
-        let sent = unsafe { libc::send(self.sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let req = netlink::message(libc::RTM_GETNEIGH, flags, self.seq, &[0; NDMSG_LEN]);
+        self.sock.send(&req)?;
         let mut all = Vec::new();
         let mut buf = vec![0u8; 32 * 1024];
         // Bounded: a dump of a table of any sane size ends long before this.
         for _ in 0..10_000 {
-            // SAFETY: `buf` is valid for writes of its length during the call.
-            let n =
-                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let n = usize::try_from(n).unwrap_or(0);
+            let n = self.sock.recv(&mut buf, 0)?;
             if n == 0 {
                 break;
             }
@@ -218,10 +127,7 @@ impl Netlink {
                 return Ok(all);
             }
         }
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "netlink: the neighbour dump did not end",
-        ))
+        Err(bad("the neighbour dump did not end"))
     }
 }
 
@@ -286,40 +192,11 @@ impl NeighbourCache {
 mod tests {
     use super::*;
 
+    use crate::netlink::{NLMSG_HDRLEN, attribute as attr, ndmsg};
+    use std::net::Ipv6Addr;
+
     fn nlmsg(kind: u16, body: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 2]);
-        m.extend_from_slice(&SEQ.to_ne_bytes());
-        m.extend_from_slice(&[0; 4]);
-        m.extend_from_slice(body);
-        while m.len() % 4 != 0 {
-            m.push(0);
-        }
-        m
-    }
-
-    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut a = Vec::new();
-        a.extend_from_slice(&((RTA_HDRLEN + value.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(value);
-        while a.len() % 4 != 0 {
-            a.push(0);
-        }
-        a
-    }
-
-    fn ndmsg(family: i32, ifindex: u32, state: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
-        let mut b = vec![family as u8, 0, 0, 0];
-        b.extend_from_slice(&ifindex.to_ne_bytes());
-        b.extend_from_slice(&state.to_ne_bytes());
-        b.extend_from_slice(&[0, 1]);
-        for a in attrs {
-            b.extend_from_slice(a);
-        }
-        b
+        netlink::message(kind, 0, SEQ, body)
     }
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 1, 21];

@@ -19,8 +19,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -32,16 +31,19 @@ use anyhow::Context as _;
 use aya::maps::{Array, MapData};
 use sip_dispatch_common::{MAX_BACKENDS, NH_ON_LINK, NH_VALID, NextHop};
 
-use crate::neighbours;
+use crate::{
+    neighbours,
+    netlink::{
+        NDA_DST, NDA_LLADDR, NLMSG_DONE, NLMSG_ERROR, NUD_USABLE, NeighbourMessage, Socket,
+        attribute, attributes, bad, ip_of, message, messages, u16_at, u32_at,
+    },
+};
 
 /// How often every entry is resolved again without a notification.
 pub const RESYNC: Duration = Duration::from_secs(3);
 
-const NLMSG_HDRLEN: usize = 16;
 const RTMSG_LEN: usize = 12;
 const IFINFOMSG_LEN: usize = 16;
-const NDMSG_LEN: usize = 12;
-const RTA_HDRLEN: usize = 4;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
@@ -54,11 +56,8 @@ const IFLA_AF_SPEC: u16 = 26;
 const IFLA_INET6_CONF: u16 = 2;
 /// Index of the IPv6 MTU in `IFLA_INET6_CONF` (linux/ipv6.h, `DEVCONF_MTU6`).
 const DEVCONF_MTU6: usize = 2;
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
 const RTN_UNICAST: u8 = 1;
 const IFF_UP: u32 = 1;
-const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
@@ -102,115 +101,23 @@ pub struct Link {
     pub up: bool,
 }
 
-/// One netlink message: type, sequence number, body.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Message<'a> {
-    pub kind: u16,
-    pub seq: u32,
-    pub body: &'a [u8],
-}
-
-fn bad(what: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"))
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(
-        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
-    ))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(
-        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
-}
-
-fn align4(n: usize) -> usize {
-    n.saturating_add(3) & !3
-}
-
-/// The messages of a netlink buffer; a length that does not fit ends it with an error.
-pub fn messages(buf: &[u8]) -> io::Result<Vec<Message<'_>>> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < buf.len() {
-        let len = u32_at(buf, at).ok_or_else(|| bad("truncated message header"))? as usize;
-        let kind = u16_at(buf, at + 4).ok_or_else(|| bad("truncated message header"))?;
-        let seq = u32_at(buf, at + 8).ok_or_else(|| bad("truncated message header"))?;
-        if len < NLMSG_HDRLEN || len > buf.len() - at {
-            return Err(bad(format!("message length {len} out of bounds")));
-        }
-        out.push(Message {
-            kind,
-            seq,
-            body: &buf[at + NLMSG_HDRLEN..at + len],
-        });
-        at = at.saturating_add(align4(len));
-    }
-    Ok(out)
-}
-
-/// The attributes (type without the nested/byte-order bits, value) from `at` on.
-pub fn attributes(body: &[u8], at: usize) -> io::Result<Vec<(u16, &[u8])>> {
-    let mut out = Vec::new();
-    let mut at = at;
-    while at.saturating_add(RTA_HDRLEN) <= body.len() {
-        let len = usize::from(u16_at(body, at).ok_or_else(|| bad("truncated attribute"))?);
-        let kind = u16_at(body, at + 2).ok_or_else(|| bad("truncated attribute"))? & 0x3fff;
-        if len < RTA_HDRLEN || len > body.len() - at {
-            return Err(bad(format!("attribute length {len} out of bounds")));
-        }
-        out.push((kind, &body[at + RTA_HDRLEN..at + len]));
-        at = at.saturating_add(align4(len));
-    }
-    Ok(out)
-}
-
-fn ip_of(family: u8, value: &[u8]) -> Option<IpAddr> {
-    match (i32::from(family), value.len()) {
-        (libc::AF_INET, 4) => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?))),
-        (libc::AF_INET6, 16) => Some(IpAddr::V6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(value).ok()?,
-        ))),
-        _ => None,
-    }
-}
-
-fn header(len: usize, kind: u16, flags: u16, seq: u32) -> Vec<u8> {
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m
-}
-
 /// `RTM_GETROUTE` for the route to `dst` (no source, no incoming interface).
 pub fn route_request(seq: u32, dst: IpAddr) -> Vec<u8> {
     let (family, bits, addr): (i32, u8, Vec<u8>) = match dst {
         IpAddr::V4(a) => (libc::AF_INET, 32, a.octets().to_vec()),
         IpAddr::V6(a) => (libc::AF_INET6, 128, a.octets().to_vec()),
     };
-    let len = NLMSG_HDRLEN + RTMSG_LEN + RTA_HDRLEN + addr.len();
-    let mut m = header(len, libc::RTM_GETROUTE, libc::NLM_F_REQUEST as u16, seq);
     // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags (u32).
-    m.extend_from_slice(&[family as u8, bits, 0, 0, 0, 0, 0, 0]);
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&((RTA_HDRLEN + addr.len()) as u16).to_ne_bytes());
-    m.extend_from_slice(&RTA_DST.to_ne_bytes());
-    m.extend_from_slice(&addr);
-    m
+    let mut body = vec![family as u8, bits, 0, 0, 0, 0, 0, 0];
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body.extend(attribute(RTA_DST, &addr));
+    message(libc::RTM_GETROUTE, libc::NLM_F_REQUEST as u16, seq, &body)
 }
 
 /// `RTM_GETLINK` dump of every interface.
 pub fn link_dump_request(seq: u32) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + IFINFOMSG_LEN;
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    let mut m = header(len, libc::RTM_GETLINK, flags, seq);
-    m.resize(len, 0);
-    m
+    message(libc::RTM_GETLINK, flags, seq, &[0; IFINFOMSG_LEN])
 }
 
 /// What a buffer holds of the answer to a [`route_request`].
@@ -231,7 +138,7 @@ pub fn parse_route(buf: &[u8], seq: u32) -> io::Result<RouteAnswer> {
             continue;
         }
         match m.kind {
-            k if k == libc::NLMSG_ERROR as u16 => {
+            NLMSG_ERROR => {
                 let errno = u32_at(m.body, 0).ok_or_else(|| bad("truncated error"))? as i32;
                 if errno != 0 {
                     return Ok(RouteAnswer::NoRoute);
@@ -329,22 +236,17 @@ pub type NeighbourChange = (u32, IpAddr, Option<[u8; 6]>);
 /// A neighbour notification: interface, address, and the link-layer address if the
 /// entry is usable (None: not usable, or deleted).
 pub fn neighbour_event(kind: u16, body: &[u8]) -> io::Result<Option<NeighbourChange>> {
-    if body.len() < NDMSG_LEN {
-        return Err(bad("truncated ndmsg"));
-    }
-    let family = body[0];
-    let ifindex = u32_at(body, 4).ok_or_else(|| bad("truncated ndmsg"))?;
-    let state = u16_at(body, 8).ok_or_else(|| bad("truncated ndmsg"))?;
+    let m = NeighbourMessage::parse(body)?;
     let (mut addr, mut mac) = (None, None);
-    for (k, value) in attributes(body, NDMSG_LEN)? {
+    for (k, value) in m.attributes {
         match k {
-            NDA_DST => addr = ip_of(family, value),
+            NDA_DST => addr = ip_of(m.family, value),
             NDA_LLADDR => mac = <[u8; 6]>::try_from(value).ok(),
             _ => {}
         }
     }
-    let usable = kind == libc::RTM_NEWNEIGH && state & NUD_VALID != 0;
-    Ok(addr.map(|a| (ifindex, a, mac.filter(|_| usable))))
+    let usable = kind == libc::RTM_NEWNEIGH && m.state & NUD_USABLE != 0;
+    Ok(addr.map(|a| (m.ifindex, a, mac.filter(|_| usable))))
 }
 
 /// What a notification may change.
@@ -442,104 +344,6 @@ fn same(a: &NextHop, b: &NextHop) -> bool {
     }
 }
 
-/// A netlink route socket of the calling thread's network namespace, joined to
-/// `groups` (0: requests only).
-pub struct Socket {
-    fd: OwnedFd,
-}
-
-impl Socket {
-    pub fn open(groups: u32, timeout: Duration) -> io::Result<Socket> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new socket that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: all zeroes is a valid sockaddr_nl.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = groups;
-        // SAFETY: `addr` is a sockaddr_nl on the stack and its size is what is passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-        };
-        // SAFETY: `tv` is a timeval on the stack and its size is what is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if groups != 0 {
-            // A burst of notifications (a link going down) should not overflow the
-            // queue; an overflow still only causes a full resync.
-            let size: libc::c_int = 1 << 20;
-            // SAFETY: `size` is a c_int on the stack and its size is what is passed.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUF,
-                    (&raw const size).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-        }
-        Ok(Socket { fd })
-    }
-
-    pub fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: `msg` is valid for its length during the call.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// One datagram into `buf` (bytes received), waiting at most the socket's timeout.
-    pub fn recv(&self, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of its length during the call.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(usize::try_from(n).unwrap_or(0))
-    }
-}
-
 /// Reads the kernel's routes, interfaces and neighbours.
 pub struct Resolver {
     sock: Socket,
@@ -591,8 +395,8 @@ impl Resolver {
                     continue;
                 }
                 match m.kind {
-                    k if k == libc::NLMSG_DONE as u16 => return Ok(out),
-                    k if k == libc::NLMSG_ERROR as u16 => {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
                         let errno = u32_at(m.body, 0).unwrap_or(0) as i32;
                         if errno != 0 {
                             return Err(io::Error::from_raw_os_error(errno.saturating_neg()));
@@ -926,24 +730,11 @@ fn events_or_all(buf: &[u8]) -> Vec<Event> {
 mod tests {
     use super::*;
 
-    fn nlmsg(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-        let mut m = header(NLMSG_HDRLEN + body.len(), kind, 0, seq);
-        m.extend_from_slice(body);
-        while !m.len().is_multiple_of(4) {
-            m.push(0);
-        }
-        m
-    }
+    use crate::netlink::{NLMSG_HDRLEN, RTA_HDRLEN, attribute as attr, ndmsg};
+    use std::net::Ipv6Addr;
 
-    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut a = Vec::new();
-        a.extend_from_slice(&((RTA_HDRLEN + value.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(value);
-        while !a.len().is_multiple_of(4) {
-            a.push(0);
-        }
-        a
+    fn nlmsg(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+        message(kind, 0, seq, body)
     }
 
     fn rtmsg(family: i32, kind: u8, attrs: &[Vec<u8>]) -> Vec<u8> {
@@ -1078,17 +869,6 @@ mod tests {
         b.extend_from_slice(&index.to_ne_bytes());
         b.extend_from_slice(&flags.to_ne_bytes());
         b.extend_from_slice(&0u32.to_ne_bytes());
-        for a in attrs {
-            b.extend_from_slice(a);
-        }
-        b
-    }
-
-    fn ndmsg(family: i32, ifindex: u32, state: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
-        let mut b = vec![family as u8, 0, 0, 0];
-        b.extend_from_slice(&ifindex.to_ne_bytes());
-        b.extend_from_slice(&state.to_ne_bytes());
-        b.extend_from_slice(&[0, 1]);
         for a in attrs {
             b.extend_from_slice(a);
         }
