@@ -9,9 +9,12 @@
 //!   second: the entry holds the new MAC, and b1's UAS (which only receives frames sent
 //!   to its current MAC: others are dropped as PACKET_OTHERHOST) gets requests again
 //!   within a second;
-//! - the dispatcher's neighbour entry for b1 is deleted: the entry becomes invalid and
-//!   packets take the FIB lookup (`fib_fallback` rises) instead of a stale entry, until
-//!   the stack resolved b1 again and the entry is valid again;
+//! - in `rewrite`, the dispatcher's neighbour entry for b1 is deleted: the entry becomes
+//!   invalid and packets take the FIB lookup (`fib_fallback` rises) instead of a stale
+//!   entry, until the stack resolved b1 again and the entry is valid again. Not in
+//!   `l2dsr`: there the FIB's miss passes the packet to the slow path, which drops it
+//!   (`not_on_link`, README) until the kernel has resolved b1 again, so calls in
+//!   progress would lose messages by design; the kernel tests cover l2dsr's fallback;
 //! - no call is lost: every Call-ID completes, at exactly one backend.
 use std::{
     net::SocketAddr,
@@ -142,7 +145,16 @@ fn prepare_b1(ns: &str, iface: &str) -> String {
 
 /// With the daemon running and both backends up, the UAC `start`ed: the steady window,
 /// b1's MAC change, the deleted neighbour entry. Returns when b1's MAC changed.
-fn phases(net: &Net, old_mac: &str, problems: &mut Vec<String>) -> f64 {
+/// What the test does to the dispatcher's neighbour entry of b1 after the MAC change.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NeighbourPhase {
+    /// Delete it: the fast path must fall back to the FIB, then use the cache again.
+    Delete,
+    /// Leave it (l2dsr: the slow path drops what it cannot send to a known MAC).
+    Keep,
+}
+
+fn phases(net: &Net, old_mac: &str, neighbour: NeighbourPhase, problems: &mut Vec<String>) -> f64 {
     let name = net.name;
     let pins = net.pins;
     // The health checks resolved both neighbours: the cache has both.
@@ -205,6 +217,9 @@ fn phases(net: &Net, old_mac: &str, problems: &mut Vec<String>) -> f64 {
         )),
     }
 
+    if neighbour == NeighbourPhase::Keep {
+        return changed_at;
+    }
     // The dispatcher forgets b1's neighbour: the entry goes invalid, the fast path falls
     // back to the FIB (and the stack resolves b1 again), then the entry is valid again.
     let c2 = counters(net.control);
@@ -306,7 +321,7 @@ fn rewrite_follows_a_backend_mac_change_under_load() {
         [b1, b2].iter().all(|&a| state(l, a) == Some("up"))
     });
     let uac = bed.start_uac(&bed.uac_spec(CALLS, RATE), "uac");
-    let changed_at = phases(&net, &old_mac, &mut problems);
+    let changed_at = phases(&net, &old_mac, NeighbourPhase::Delete, &mut problems);
     let report = uac.finish().expect("UAC");
     let stopped = daemon.stop();
     let reports = bed.stop_backends();
@@ -391,7 +406,7 @@ fn l2dsr_follows_a_backend_mac_change_under_load() {
     }
     let spec = UacSpec::calls(topo.client().ip(Family::V4), vip, CALLS, RATE);
     let uac = sipp::Uac::start(topo.client().ns_name(), &spec, &dir, "uac").expect("UAC");
-    let changed_at = phases(&net, &old_mac, &mut problems);
+    let changed_at = phases(&net, &old_mac, NeighbourPhase::Keep, &mut problems);
     let report = uac.finish().expect("UAC");
     let stopped = daemon.stop();
     // Each report carries its backend's own address (every UAS is bound to the VIP).
