@@ -312,10 +312,11 @@ pub const NH_ON_LINK: u32 = 2;
 ///
 /// The controller changes an entry in steps that each change either the data or only
 /// the [`NH_VALID`] bit: clear the bit (data unchanged), write the new data (bit still
-/// clear), set the bit (data unchanged). Every byte a map update changes is either data
-/// of an invalid entry or the bit itself, so a reader that checks the bit and then reads
-/// the data (nanoseconds apart; the clear and the new data are two syscalls apart) sees
-/// the old valid entry, an invalid one, or the new valid one, never a mix.
+/// clear, generation bumped), set the bit (data unchanged). The XDP program reads the bit
+/// and the generation, then the data, then the bit and the generation again, and uses
+/// the data only if neither changed: the data it read was then that of one valid entry,
+/// never a mix, however long it stalled between the reads (x86's load order; BPF has no
+/// load-acquire before Linux 6.15).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NextHop {

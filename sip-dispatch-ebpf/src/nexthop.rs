@@ -24,9 +24,12 @@ pub(super) fn next_hop(
     mode: u32,
 ) -> Result<*const FibLookup, Counter> {
     if let Some(entry) = NEXTHOP.get_ptr(backend_id) {
-        // The valid bit first, then the data: the controller changes either the data
-        // (with the bit clear) or only the bit (see `NextHop`).
+        // The valid bit first, then the data, then the bit and the generation again: the
+        // controller changes either the data (with the bit clear, the generation bumped)
+        // or only the bit (see `NextHop`), so an entry whose bit and generation did not
+        // change meanwhile was read whole, however long this CPU stalled in between.
         let flags = unsafe { core::ptr::read_volatile(&raw const (*entry).flags) };
+        let generation = unsafe { core::ptr::read_volatile(&raw const (*entry).generation) };
         if flags & NH_VALID != 0 {
             let mtu = unsafe { core::ptr::read_volatile(&raw const (*entry).mtu) };
             let len = dg.l4 - dg.l3 + UdpHdr::LEN + dg.payload_len + extra;
@@ -49,7 +52,13 @@ pub(super) fn next_hop(
                 (*fib).smac = core::ptr::read_volatile(&raw const (*entry).smac);
                 (*fib).dmac = core::ptr::read_volatile(&raw const (*entry).dmac);
             }
-            return Ok(fib);
+            let unchanged = unsafe {
+                core::ptr::read_volatile(&raw const (*entry).flags) == flags
+                    && core::ptr::read_volatile(&raw const (*entry).generation) == generation
+            };
+            if unchanged {
+                return Ok(fib);
+            }
         }
     }
     count(Counter::FibFallback);

@@ -12,8 +12,10 @@
 //! FIB lookup and the stack resolve it (the health checks keep neighbours fresh).
 //!
 //! The route is looked up as the host's own output route to the backend (no source
-//! address, no incoming interface): policy rules that select by source or incoming
-//! interface are not followed by the cache.
+//! address, no incoming interface), which is what the fast path's FIB lookup finds only
+//! while no routing rule selects by anything else than the destination. So while the
+//! host has such a rule (by source, incoming or outgoing interface, mark, a VRF's l3mdev
+//! rule, TOS, protocol or ports, ...), no entry is valid and every packet asks the FIB.
 //!
 //! The thread runs in the daemon's network namespace, the one of `--iface`.
 use std::{
@@ -61,12 +63,22 @@ const IFF_UP: u32 = 1;
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV4_RULE: u32 = 8;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
+const RTNLGRP_IPV6_RULE: u32 = 19;
+/// `struct fib_rule_hdr`: family, dst_len, src_len, tos, table, res1, res2, action, flags.
+const FIB_RULE_HDR_LEN: usize = 12;
+/// The rule attributes that select nothing the cache's route lookup does not share with
+/// the packet's (linux/fib_rules.h): FRA_DST, FRA_GOTO, FRA_PRIORITY,
+/// FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_PAD, FRA_PROTOCOL.
+const NEUTRAL_RULE_ATTRS: [u16; 8] = [1, 4, 6, 13, 14, 15, 18, 21];
 /// The rtnetlink multicast groups followed, as `nl_groups` bits (group n is bit n - 1).
 pub const GROUPS: u32 = 1 << (RTNLGRP_LINK - 1)
     | 1 << (RTNLGRP_NEIGH - 1)
     | 1 << (RTNLGRP_IPV4_ROUTE - 1)
-    | 1 << (RTNLGRP_IPV6_ROUTE - 1);
+    | 1 << (RTNLGRP_IPV6_ROUTE - 1)
+    | 1 << (RTNLGRP_IPV4_RULE - 1)
+    | 1 << (RTNLGRP_IPV6_RULE - 1);
 
 /// The backend ids the cache keeps entries for, and their addresses. The dataplane
 /// changes it as ids are allocated and freed (and writes such an id's entry invalid
@@ -118,6 +130,42 @@ pub fn route_request(seq: u32, dst: IpAddr) -> Vec<u8> {
 pub fn link_dump_request(seq: u32) -> Vec<u8> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     message(libc::RTM_GETLINK, flags, seq, &[0; IFINFOMSG_LEN])
+}
+
+/// `RTM_GETRULE` dump of the routing rules of both families.
+pub fn rule_dump_request(seq: u32) -> Vec<u8> {
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    message(libc::RTM_GETRULE, flags, seq, &[0; FIB_RULE_HDR_LEN])
+}
+
+/// What in a routing rule (an `RTM_NEWRULE` body) selects by more than the destination,
+/// if anything: then the fast path's FIB lookup may find another route than the cache.
+pub fn selective_rule(body: &[u8]) -> io::Result<Option<String>> {
+    let hdr = body
+        .get(..FIB_RULE_HDR_LEN)
+        .ok_or_else(|| bad("truncated fib_rule_hdr"))?;
+    let (src_len, tos) = (hdr[2], hdr[3]);
+    if src_len != 0 {
+        return Ok(Some("a rule selects by source address".into()));
+    }
+    if tos != 0 {
+        return Ok(Some("a rule selects by TOS".into()));
+    }
+    for (kind, _) in attributes(body, FIB_RULE_HDR_LEN)? {
+        if !NEUTRAL_RULE_ATTRS.contains(&kind) {
+            let what = match kind {
+                3 => "incoming interface",
+                10 | 16 => "firewall mark",
+                17 => "outgoing interface",
+                19 => "l3mdev (a VRF)",
+                20 => "UID",
+                22..=24 => "IP protocol or ports",
+                _ => "an attribute the cache cannot follow",
+            };
+            return Ok(Some(format!("a rule selects by {what} (attribute {kind})")));
+        }
+    }
+    Ok(None)
 }
 
 /// What a buffer holds of the answer to a [`route_request`].
@@ -276,7 +324,10 @@ pub fn events(buf: &[u8]) -> io::Result<Vec<Event>> {
                 out.push(Event::Link(i, l));
             }
             libc::RTM_DELLINK => out.push(Event::Link(link(m.body)?.0, None)),
-            libc::RTM_NEWROUTE | libc::RTM_DELROUTE => out.push(Event::Route),
+            // A rule may change every route: as a route change.
+            libc::RTM_NEWROUTE | libc::RTM_DELROUTE | libc::RTM_NEWRULE | libc::RTM_DELRULE => {
+                out.push(Event::Route)
+            }
             _ => {}
         }
     }
@@ -412,6 +463,33 @@ impl Resolver {
             }
         }
         Err(bad("the link dump did not end"))
+    }
+
+    /// The first routing rule that selects by more than the destination, described.
+    pub fn selective_rule(&mut self) -> io::Result<Option<String>> {
+        let seq = self.next_seq();
+        self.sock.send(&rule_dump_request(seq))?;
+        let mut found = None;
+        for _ in 0..10_000 {
+            let n = self.sock.recv(&mut self.buf, 0)?;
+            for m in messages(&self.buf[..n])? {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.kind {
+                    NLMSG_DONE => return Ok(found),
+                    NLMSG_ERROR => {
+                        let errno = u32_at(m.body, 0).unwrap_or(0) as i32;
+                        if errno != 0 {
+                            return Err(io::Error::from_raw_os_error(errno.saturating_neg()));
+                        }
+                    }
+                    libc::RTM_NEWRULE if found.is_none() => found = selective_rule(m.body)?,
+                    _ => {}
+                }
+            }
+        }
+        Err(bad("the rule dump did not end"))
     }
 
     pub fn neighbours(&mut self) -> io::Result<HashMap<(u32, IpAddr), [u8; 6]>> {
@@ -587,6 +665,8 @@ struct State {
     last_resync: Option<Instant>,
     buf: Vec<u8>,
     resync_failures: u32,
+    /// Why no entry is valid while a routing rule selects by more than the destination.
+    selective: Option<String>,
 }
 
 impl State {
@@ -675,14 +755,32 @@ impl State {
     fn resync(&mut self, writer: &mut Writer, resolver: &mut Resolver, targets: &Targets) {
         self.last_resync = Some(Instant::now());
         let snapshot = targets.lock().clone();
-        let resolved = match resolver.resolve(&snapshot) {
+        let rules = resolver.selective_rule();
+        match (&rules, &self.selective) {
+            (Ok(Some(why)), None) => log::warn!(
+                "next hops: {why}: the cache cannot follow it, so every packet asks the FIB \
+                 while the rule is there"
+            ),
+            (Ok(None), Some(_)) => {
+                log::info!("next hops: no routing rule selects by more than the destination now")
+            }
+            _ => {}
+        }
+        if let Ok(r) = &rules {
+            self.selective = r.clone();
+        }
+        let resolved = match rules.and_then(|r| match r {
+            // As a failed reading: every entry invalid (the warning above says why).
+            Some(_) => Err(io::Error::other("selective routing rules")),
+            None => resolver.resolve(&snapshot),
+        }) {
             Ok(r) => {
                 self.resync_failures = 0;
                 r
             }
             Err(e) => {
                 self.resync_failures = self.resync_failures.saturating_add(1);
-                if self.resync_failures == 1 {
+                if self.resync_failures == 1 && self.selective.is_none() {
                     log::warn!(
                         "next hops: reading the routing tables: {e}; the fast path asks the FIB"
                     );
@@ -743,6 +841,72 @@ mod tests {
             b.extend_from_slice(a);
         }
         b
+    }
+
+    #[test]
+    fn rules_that_select_by_more_than_the_destination_are_told_apart() {
+        let rule = |src_len: u8, tos: u8, attrs: &[Vec<u8>]| {
+            let mut b = vec![
+                libc::AF_INET as u8,
+                0,
+                src_len,
+                tos,
+                254,
+                0,
+                0,
+                1,
+                0,
+                0,
+                0,
+                0,
+            ];
+            for a in attrs {
+                b.extend_from_slice(a);
+            }
+            b
+        };
+        let table = attr(15, &254u32.to_ne_bytes());
+        let prio = attr(6, &32766u32.to_ne_bytes());
+        let proto = attr(21, &[2]);
+        // `from all lookup main`, and `to 198.18.0.0/15 lookup main`: neutral.
+        let dst = attr(1, &[198, 18, 0, 0]);
+        assert_eq!(
+            selective_rule(&rule(0, 0, &[table.clone(), prio.clone(), proto])).unwrap(),
+            None
+        );
+        assert_eq!(
+            selective_rule(&rule(0, 0, &[table.clone(), dst])).unwrap(),
+            None
+        );
+        // By source, TOS, incoming interface, mark, a VRF's l3mdev: selective.
+        let src = attr(2, &[198, 18, 0, 0]);
+        assert!(
+            selective_rule(&rule(15, 0, &[src, table.clone()]))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            selective_rule(&rule(0, 0x10, std::slice::from_ref(&table)))
+                .unwrap()
+                .is_some()
+        );
+        for (kind, value) in [
+            (3u16, &b"eth1\0"[..]),
+            (10, &[1, 0, 0, 0][..]),
+            (19, &[1][..]),
+        ] {
+            let why = selective_rule(&rule(0, 0, &[prio.clone(), attr(kind, value)])).unwrap();
+            assert!(
+                why.is_some_and(|w| w.contains(&kind.to_string())),
+                "attribute {kind}"
+            );
+        }
+        // Bad data is an error, never a panic.
+        assert!(selective_rule(&[0; 4]).is_err());
+        assert!(selective_rule(&rule(0, 0, &[vec![200, 0, 15, 0]])).is_err());
+        let m = rule_dump_request(3);
+        assert_eq!(u16_at(&m, 4), Some(libc::RTM_GETRULE));
+        assert_eq!(m.len(), NLMSG_HDRLEN + FIB_RULE_HDR_LEN);
     }
 
     #[test]

@@ -369,7 +369,7 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
     };
     crate::dataplane::remove_outdated_pins(&pin_path);
     // Without it the fast path asks the FIB for every packet: slower, still correct.
-    let _next_hops = ctl
+    let next_hops = ctl
         .dataplane()
         .follow_next_hops()
         .inspect_err(|e| log::error!("next hops: not cached, the fast path asks the FIB: {e:#}"))
@@ -434,6 +434,9 @@ async fn run_daemon(mut settings: Settings, args: RunArgs) -> anyhow::Result<()>
         task.abort();
     }
 
+    // The follower leaves every entry invalid; it stops while this daemon still holds the
+    // pin directory's lock, so that it never writes over a next daemon's entries.
+    drop(next_hops);
     // A clean stop: the only place that detaches (a crash or a failed start never does).
     let snap = ctl.snapshot();
     if settings.keep_attached {

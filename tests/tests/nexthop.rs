@@ -15,6 +15,8 @@
 //!   `l2dsr`: there the FIB's miss passes the packet to the slow path, which drops it
 //!   (`not_on_link`, README) until the kernel has resolved b1 again, so calls in
 //!   progress would lose messages by design; the kernel tests cover l2dsr's fallback;
+//! - in `rewrite`, a routing rule by source is added: the cache cannot follow it, so its
+//!   entries go invalid and the fast path asks the FIB; they come back once it is gone;
 //! - no call is lost: every Call-ID completes, at exactly one backend.
 use std::{
     net::SocketAddr,
@@ -245,6 +247,40 @@ fn phases(net: &Net, old_mac: &str, neighbour: NeighbourPhase, problems: &mut Ve
     }
     if valid_again.is_none() {
         problems.push("b1's entry never became valid again".into());
+    }
+
+    // A routing rule that selects by source: the cache cannot follow it (the FIB lookup
+    // sees the client's source), so no entry stays valid and the fast path asks the FIB;
+    // once the rule is gone, the entries come back.
+    let c4 = counters(net.control);
+    let rule = [
+        "rule",
+        "add",
+        "from",
+        "198.18.0.0/15",
+        "lookup",
+        "main",
+        "priority",
+        "100",
+    ];
+    sh(&net.disp_ns, "ip", &rule);
+    let emptied = wait_for(Duration::from_secs(5), || valid_next_hops(pins).is_empty());
+    let fell_back = wait_for(Duration::from_secs(3), || {
+        counter(&counters(net.control), "fib_fallback") > counter(&c4, "fib_fallback")
+    });
+    sh(&net.disp_ns, "ip", &["rule", "del", "priority", "100"]);
+    let back = wait_for(Duration::from_secs(5), || valid_next_hops(pins).len() == 2);
+    eprintln!(
+        "[{name}] a rule by source: entries invalid after {emptied:?}, FIB fallback after {fell_back:?}; rule removed: valid again after {back:?}"
+    );
+    if emptied.is_none() || fell_back.is_none() {
+        problems.push(format!(
+            "with a rule by source the cache kept valid entries ({:?}) or the FIB was not asked ({fell_back:?})",
+            valid_next_hops(pins)
+        ));
+    }
+    if back.is_none() {
+        problems.push("the entries did not come back once the rule was removed".into());
     }
     changed_at
 }
