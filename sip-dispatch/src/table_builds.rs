@@ -133,6 +133,7 @@ impl TableBuilds {
         let key = self.key;
         let handle = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
+            injected_build_delay();
             let table = build_table(&members, key).map_err(anyhow::Error::from);
             (table, started.elapsed())
         });
@@ -142,6 +143,19 @@ impl TableBuilds {
             selection,
             handle,
         });
+    }
+}
+
+/// Debug builds only (tests): `SIP_DISPATCH_TEST_BUILD_DELAY_MS=N` makes every build take
+/// N ms (at most 10 s) longer, so that a test can tell a build that holds the runtime
+/// thread from one that does not (a real build of 512 backends takes milliseconds).
+fn injected_build_delay() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("SIP_DISPATCH_TEST_BUILD_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
     }
 }
 

@@ -195,6 +195,8 @@ pub struct RunConfig {
     pub state_file: Option<PathBuf>,
     /// Further arguments, appended as given (health-check settings and the like).
     pub extra: Vec<String>,
+    /// `NAME=VALUE` settings for the daemon's environment (through `env`).
+    pub env: Vec<String>,
 }
 
 /// The key of the testbed's key file: the built-in public key, which the tests'
@@ -253,6 +255,7 @@ impl RunConfig {
             hash_key_file: Some(test_key_file()),
             state_file: None,
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -401,7 +404,14 @@ impl Dispatcher {
             .as_ref()
             .filter(|p| p.starts_with(CONTROL_DIR))
             .map(|p| ControlSocket(p.clone()));
-        let mut daemon = Self::start(binary, ns, &config.args(), dir, "sip-dispatch-run")?;
+        let mut daemon = if config.env.is_empty() {
+            Self::start(binary, ns, &config.args(), dir, "sip-dispatch-run")?
+        } else {
+            let mut args = config.env.clone();
+            args.push(binary.to_string_lossy().into_owned());
+            args.extend(config.args());
+            Self::start(Path::new("env"), ns, &args, dir, "sip-dispatch-run")?
+        };
         daemon._control = control;
         Ok(daemon)
     }

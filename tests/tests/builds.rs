@@ -16,12 +16,11 @@
 //!
 //! Why the floor: weighted Maglev builds 512 backends in a few ms in a release build and
 //! some 50 ms in a debug one, so half a build is a bound of milliseconds, which the
-//! scheduling noise of a loaded 2-core CI machine breaks with no build involved. The
-//! test thus fails when anything holds the runtime thread (or the health checks) for
-//! more than `STALL_FLOOR` during the churn, and, for builds slower than twice that (the
-//! rendezvous builder before issue 13 took seconds in a debug build), when a build holds
-//! them for more than half its time. An inline build as fast as today's would stay under
-//! the floor: at that speed it would not stall anyone noticeably either.
+//! scheduling noise of a loaded 2-core CI machine breaks with no build involved. So the
+//! daemon (a debug build) is told to make every build `BUILD_DELAY` longer
+//! (`SIP_DISPATCH_TEST_BUILD_DELAY_MS`, honoured by debug builds only), as slow as the
+//! rendezvous builder before issue 13 was: a build held on the runtime thread would then
+//! stall `stats` and the slow path for a whole second, past the bound of half a change.
 //!
 //! Real XDP (native, on veth), the real daemon, and a responder (tests/src/responder.rs)
 //! answering OPTIONS on the 512 addresses 2001:db8::1:0..2001:db8::1:1ff of one backend
@@ -61,6 +60,9 @@ const CHURN_LIMIT: Duration = Duration::from_secs(120);
 /// busy by two spinning shells, 244 ms and 197 ms, but then a change took 1 s and half
 /// of that was the bound (see the module doc).
 const STALL_FLOOR: Duration = Duration::from_millis(300);
+/// How much longer the daemon (a debug build) makes each table build, through
+/// `SIP_DISPATCH_TEST_BUILD_DELAY_MS`: half of it is well above `STALL_FLOOR`.
+const BUILD_DELAY: Duration = Duration::from_millis(1000);
 /// Pause between `stats` requests, and between slow-path INVITEs.
 const STATS_EVERY: Duration = Duration::from_millis(50);
 const INVITE_EVERY: Duration = Duration::from_millis(100);
@@ -152,6 +154,12 @@ fn table_builds_of_512_backends_do_not_stall_the_daemon() {
     let mut run = RunConfig::new(&disp.iface, vip, XdpMode::Native);
     run.control = Some(control_path.clone());
     run.backends = addrs.iter().map(|a| BackendArg::new(*a, 1)).collect();
+    // Builds as slow as the rendezvous builder's were: one held on the runtime thread
+    // would stall `stats` and the slow path for a whole build, past the bound.
+    run.env = vec![format!(
+        "SIP_DISPATCH_TEST_BUILD_DELAY_MS={}",
+        BUILD_DELAY.as_millis()
+    )];
     let mut daemon = Dispatcher::run(&binary, disp.ns_name(), &run, &dir)
         .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
 
@@ -311,6 +319,13 @@ fn table_builds_of_512_backends_do_not_stall_the_daemon() {
     );
 
     let mut problems = Vec::new();
+    // The delay took effect (else the bounds would be toothless).
+    if one_build < BUILD_DELAY {
+        problems.push(format!(
+            "median change {one_build:?}, shorter than the {BUILD_DELAY:?} every build was \
+             told to take: is the daemon a debug build?"
+        ));
+    }
     if changes.len() < ROUNDS * 2 {
         problems.push(format!(
             "{} table changes in {churn:?}, median {one_build:?}: too few to tell",
