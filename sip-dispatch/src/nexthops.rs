@@ -435,10 +435,15 @@ impl Resolver {
         Err(bad("the route request got no answer"))
     }
 
-    pub fn links(&mut self) -> io::Result<HashMap<u32, Link>> {
-        let seq = self.next_seq();
-        self.sock.send(&link_dump_request(seq))?;
-        let mut out = HashMap::new();
+    /// Sends dump `request` (sequence `seq`) and hands each answer message's kind and
+    /// body to `each`, up to the end of the dump.
+    fn dump(
+        &mut self,
+        request: &[u8],
+        seq: u32,
+        mut each: impl FnMut(u16, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.sock.send(request)?;
         for _ in 0..10_000 {
             let n = self.sock.recv(&mut self.buf, 0)?;
             for m in messages(&self.buf[..n])? {
@@ -446,50 +451,45 @@ impl Resolver {
                     continue;
                 }
                 match m.kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
                         let errno = u32_at(m.body, 0).unwrap_or(0) as i32;
                         if errno != 0 {
                             return Err(io::Error::from_raw_os_error(errno.saturating_neg()));
                         }
                     }
-                    libc::RTM_NEWLINK => {
-                        if let (index, Some(l)) = link(m.body)? {
-                            out.insert(index, l);
-                        }
-                    }
-                    _ => {}
+                    kind => each(kind, m.body)?,
                 }
             }
         }
-        Err(bad("the link dump did not end"))
+        Err(bad("a dump did not end"))
+    }
+
+    pub fn links(&mut self) -> io::Result<HashMap<u32, Link>> {
+        let seq = self.next_seq();
+        let mut out = HashMap::new();
+        self.dump(&link_dump_request(seq), seq, |kind, body| {
+            if kind == libc::RTM_NEWLINK
+                && let (index, Some(l)) = link(body)?
+            {
+                out.insert(index, l);
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// The first routing rule that selects by more than the destination, described.
     pub fn selective_rule(&mut self) -> io::Result<Option<String>> {
         let seq = self.next_seq();
-        self.sock.send(&rule_dump_request(seq))?;
         let mut found = None;
-        for _ in 0..10_000 {
-            let n = self.sock.recv(&mut self.buf, 0)?;
-            for m in messages(&self.buf[..n])? {
-                if m.seq != seq {
-                    continue;
-                }
-                match m.kind {
-                    NLMSG_DONE => return Ok(found),
-                    NLMSG_ERROR => {
-                        let errno = u32_at(m.body, 0).unwrap_or(0) as i32;
-                        if errno != 0 {
-                            return Err(io::Error::from_raw_os_error(errno.saturating_neg()));
-                        }
-                    }
-                    libc::RTM_NEWRULE if found.is_none() => found = selective_rule(m.body)?,
-                    _ => {}
-                }
+        self.dump(&rule_dump_request(seq), seq, |kind, body| {
+            if kind == libc::RTM_NEWRULE && found.is_none() {
+                found = selective_rule(body)?;
             }
-        }
-        Err(bad("the rule dump did not end"))
+            Ok(())
+        })?;
+        Ok(found)
     }
 
     pub fn neighbours(&mut self) -> io::Result<HashMap<(u32, IpAddr), [u8; 6]>> {
