@@ -260,20 +260,29 @@ impl Socket {
     }
 
     /// One datagram into `buf` (bytes received), waiting at most the socket's timeout.
+    /// One datagram into `buf`. A signal for this thread (the daemon's handlers run on
+    /// any thread) interrupts the wait: it is waited again, a few times at most.
     pub fn recv(&self, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of its length during the call.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        let mut tries = 0;
+        loop {
+            // SAFETY: `buf` is valid for writes of its length during the call.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    flags,
+                )
+            };
+            if n >= 0 {
+                return Ok(usize::try_from(n).unwrap_or(0));
+            }
+            let e = io::Error::last_os_error();
+            tries += 1;
+            if e.kind() != io::ErrorKind::Interrupted || tries >= 5 {
+                return Err(e);
+            }
         }
-        Ok(usize::try_from(n).unwrap_or(0))
     }
 }
 

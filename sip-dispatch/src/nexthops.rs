@@ -667,6 +667,8 @@ struct State {
     resync_failures: u32,
     /// Why no entry is valid while a routing rule selects by more than the destination.
     selective: Option<String>,
+    /// Reading the notifications failed last time (warned once).
+    read_failing: bool,
 }
 
 impl State {
@@ -687,6 +689,9 @@ impl State {
         loop {
             match events.recv(&mut self.buf, flags) {
                 Ok(n) => {
+                    if std::mem::take(&mut self.read_failing) {
+                        log::info!("next hops: rtnetlink notifications are read again");
+                    }
                     let got = events_or_all(&self.buf[..n]);
                     // Neighbour entries change state all the time (REACHABLE, STALE,
                     // DELAY, ...): only those of a next hop in use or awaited count.
@@ -708,7 +713,11 @@ impl State {
                     break;
                 }
                 Err(e) => {
-                    log::warn!("next hops: reading rtnetlink notifications: {e}");
+                    // Once per run of failures, not every 200 ms.
+                    if !self.read_failing {
+                        log::warn!("next hops: reading rtnetlink notifications: {e}");
+                        self.read_failing = true;
+                    }
                     self.invalidate(writer, &[Event::Route]);
                     changed = true;
                     std::thread::sleep(Duration::from_millis(200));
