@@ -657,8 +657,9 @@ pub fn follow(map: MapData, targets: Targets) -> anyhow::Result<Follower> {
 /// The follower's memory between steps.
 #[derive(Default)]
 struct State {
-    /// Per id written valid: the next-hop address it was resolved for.
-    hops: HashMap<u32, IpAddr>,
+    /// Per id written valid: the next-hop address it was resolved for, and the entry
+    /// (so that a notification is matched without reading the map).
+    hops: HashMap<u32, (IpAddr, NextHop)>,
     /// The next-hop addresses (gateway or backend) of ids without a valid entry: a
     /// neighbour entry of one of them becoming usable is worth resolving again for.
     waiting: std::collections::HashSet<IpAddr>,
@@ -739,14 +740,18 @@ impl State {
         if events.is_empty() {
             return any;
         }
-        let ids: Vec<(u32, IpAddr)> = self.hops.iter().map(|(&i, &h)| (i, h)).collect();
-        for (id, hop) in ids {
-            let Ok(entry) = writer.get(id) else { continue };
-            if entry.flags & NH_VALID != 0 && events.iter().any(|e| concerns(e, &entry, hop)) {
-                any = true;
-                if let Err(e) = writer.invalidate(id) {
-                    log::warn!("next hops: {e:#}");
-                }
+        let concerned: Vec<u32> = self
+            .hops
+            .iter()
+            .filter(|(_, (hop, entry))| events.iter().any(|e| concerns(e, entry, *hop)))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in concerned {
+            any = true;
+            // Invalid until the resync that follows resolves it again.
+            self.hops.remove(&id);
+            if let Err(e) = writer.invalidate(id) {
+                log::warn!("next hops: {e:#}");
             }
         }
         any
@@ -809,8 +814,8 @@ impl State {
             }
             let (want, hop) = got;
             match writer.set(id, want) {
-                Ok(_) if want.is_some() => {
-                    self.hops.insert(id, hop);
+                Ok(_) if let Some(entry) = want => {
+                    self.hops.insert(id, (hop, entry));
                 }
                 Ok(_) => {
                     self.hops.remove(&id);
