@@ -3,8 +3,9 @@
 //! [`Dataplane`] is one type; its methods are split by job:
 //! - `load`: the embedded object, loading it, the dispatcher program the kernel gets
 //!   (`may_goto` or `bpf_loop`), and the programs loaded on their own (`decap`, benchmarks);
-//! - `pins`: the pinned maps and link: the layout check, adoption across a restart,
-//!   removal, the affinity map's resize;
+//! - `pins`: the pinned maps and link: the layout check against the map table
+//!   (`sip_dispatch_common::MAPS`), adoption across a restart, removal, the affinity
+//!   map's resize;
 //! - `attach`: attaching to an interface, taking over a pinned link, detaching;
 //! - `tables`: service entries, slot tables and the service ports map;
 //! - `backends`: backend ids and their entries (address, flags, next hop);
@@ -27,6 +28,8 @@ mod attach;
 mod backends;
 mod counters;
 mod load;
+#[cfg(test)]
+mod object_maps;
 mod pins;
 mod tables;
 

@@ -9,11 +9,7 @@ use aya::{
     maps::{MapData, MapType},
 };
 use sip_dispatch_common::{
-    ALL_MAPS, AffinityEntry, AffinityKey, Backend, BackendFlags, BackendStats, Config, Counter,
-    EncapSource, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAP_BACKEND_FLAGS, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_ENCAP, MAP_SCRATCH, MAP_SERVICE_PORTS,
-    MAP_SERVICES, MAP_TABLES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, SERVICE_PORT_WORDS,
-    Scratch, ServiceInfo, ServiceKey,
+    ALL_MAPS, Entries, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAPS, MapKind, MapSpec,
 };
 
 use super::{Affinity, Dataplane, load::OBJECT};
@@ -224,96 +220,43 @@ fn put_affinity_back(dir: &Path) {
     }
 }
 
-/// The layout each map must have: (name, type, key size, value size, max entries).
-/// The affinity map's size is not checked here: a pin of another size is resized.
-fn expected_layout() -> [(&'static str, MapType, u32, u32, u32); 14] {
-    use std::mem::size_of;
-    [
-        (
-            MAP_SERVICES,
-            MapType::Hash,
-            size_of::<ServiceKey>() as u32,
-            size_of::<ServiceInfo>() as u32,
-            MAX_SERVICES,
-        ),
-        (MAP_TABLES, MapType::ArrayOfMaps, 4, 4, MAX_SERVICES),
-        (
-            MAP_BACKENDS,
-            MapType::Array,
-            4,
-            size_of::<Backend>() as u32,
-            MAX_BACKENDS,
-        ),
-        (
-            MAP_BACKEND_STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<BackendStats>() as u32,
-            MAX_BACKENDS,
-        ),
-        (MAP_COUNTERS, MapType::PerCpuArray, 4, 8, Counter::COUNT),
-        (MAP_CONFIG, MapType::Array, 4, size_of::<Config>() as u32, 1),
-        (MAP_TX_PORTS, MapType::DevMapHash, 4, 8, 64),
-        (
-            MAP_SCRATCH,
-            MapType::PerCpuArray,
-            4,
-            size_of::<Scratch>() as u32,
-            1,
-        ),
-        (
-            MAP_AFFINITY,
-            MapType::LruHash,
-            size_of::<AffinityKey>() as u32,
-            size_of::<AffinityEntry>() as u32,
-            0,
-        ),
-        (
-            MAP_BACKEND_FLAGS,
-            MapType::Array,
-            4,
-            size_of::<BackendFlags>() as u32,
-            MAX_BACKENDS,
-        ),
-        (
-            sip_dispatch_common::census::MAP_HELD,
-            MapType::Array,
-            4,
-            8,
-            sip_dispatch_common::census::HELD_SLOTS,
-        ),
-        (
-            MAP_ENCAP,
-            MapType::Array,
-            4,
-            size_of::<EncapSource>() as u32,
-            1,
-        ),
-        (MAP_SERVICE_PORTS, MapType::Array, 4, 8, SERVICE_PORT_WORDS),
-        (
-            sip_dispatch_common::MAP_NEXTHOP,
-            MapType::Array,
-            4,
-            size_of::<sip_dispatch_common::NextHop>() as u32,
-            MAX_BACKENDS,
-        ),
-    ]
+/// The kernel's name of a map kind, as aya reads it from a map's info.
+fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::ArrayOfMaps => MapType::ArrayOfMaps,
+        MapKind::DevMapHash => MapType::DevMapHash,
+    }
 }
 
-/// Refuses pinned maps whose type or sizes differ from this build's.
+/// The layout a pinned map must have: (type, key size, value size, entries). Entries set
+/// at load count as 0: a pin of another size is resized, not refused.
+fn pinned_layout(spec: &MapSpec) -> (MapType, u32, u32, u32) {
+    let entries = match spec.entries {
+        Entries::Fixed(n) => n,
+        Entries::AtLoad { .. } => 0,
+    };
+    (map_type(spec.kind), spec.key_size, spec.value_size, entries)
+}
+
+/// Refuses pinned maps whose type or sizes differ from this build's (the pinned maps of
+/// the table [`MAPS`]).
 fn check_pinned_layout(dir: &Path) -> anyhow::Result<()> {
-    for (name, kind, key, value, max) in expected_layout() {
-        let path = dir.join(name);
+    for spec in MAPS.iter().filter(|m| m.pinned) {
+        let (kind, key, value, max) = pinned_layout(spec);
+        let path = dir.join(spec.name);
         if !path.exists() {
             continue;
         }
         let info = MapData::from_pin(&path)
             .and_then(|m| m.info())
             .with_context(|| format!("reading the pinned map {}", path.display()))?;
-        let entries = if name == MAP_AFFINITY {
-            0
-        } else {
-            info.max_entries()
+        let entries = match spec.entries {
+            Entries::Fixed(_) => info.max_entries(),
+            Entries::AtLoad { .. } => 0,
         };
         let found = (
             info.map_type().ok(),
@@ -338,6 +281,7 @@ fn check_pinned_layout(dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sip_dispatch_common::MAP_TABLES;
 
     #[test]
     fn outdated_pins_are_other_versions_of_our_maps() {
