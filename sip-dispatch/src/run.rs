@@ -31,6 +31,7 @@ use crate::{
 
 fn ifindex(iface: &str) -> anyhow::Result<u32> {
     let name = CString::new(iface).with_context(|| format!("invalid interface name {iface:?}"))?;
+    // SAFETY: `name` is a NUL-terminated string that lives across the call.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
         0 => bail!("interface {iface:?} not found"),
         i => Ok(i),
