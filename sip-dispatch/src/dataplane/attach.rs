@@ -3,7 +3,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{MapData, xdp::DevMapHash},
     programs::{
         Xdp, XdpMode,
@@ -15,7 +15,7 @@ use sip_dispatch_common::{MAP_TX_PORTS, PROG_PASS};
 
 use super::{
     Dataplane,
-    load::{OBJECT, load_retrying},
+    load::load_program,
     pins::{LINK_PIN, remove_pins},
 };
 
@@ -174,17 +174,8 @@ pub fn attach_pass(iface: &str) -> anyhow::Result<(Ebpf, XdpLinkId)> {
 /// without maps of their own) to `iface` (kernel's choice of mode) and returns what keeps
 /// it attached.
 pub fn attach_program(iface: &str, name: &str) -> anyhow::Result<(Ebpf, XdpLinkId)> {
-    let mut ebpf = EbpfLoader::new()
-        .load(OBJECT)
-        .context("loading the XDP object")?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
-        .try_into()?;
-    load_retrying(prog).with_context(|| format!("loading {name}"))?;
-    let link = prog
-        .attach(iface, XdpMode::Default)
-        .with_context(|| format!("attaching {name} to {iface}"))?;
+    let mut ebpf = load_program(name)?;
+    let link = attach_loaded(&mut ebpf, iface, name)?;
     Ok((ebpf, link))
 }
 
