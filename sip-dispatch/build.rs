@@ -1,6 +1,6 @@
 //! Builds the XDP program (the `sip-dispatch-ebpf` crate) for the BPF target with the
-//! nightly toolchain and bpf-linker; `src/ebpf.rs` embeds the object. `cargo xtask`
-//! installs that toolchain on a fresh machine.
+//! nightly toolchain and bpf-linker; `src/dataplane/load.rs` embeds the object.
+//! `cargo xtask` installs that toolchain on a fresh machine.
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 

@@ -6,6 +6,9 @@ use bytemuck::{Pod, Zeroable};
 
 /// Service address (VIP, UDP port) -> [`ServiceInfo`].
 pub const MAP_SERVICES: &str = "sd_services_v1";
+/// Flags of [`MAP_SERVICES`]: `BPF_F_NO_PREALLOC` (a hash map that allocates entries as
+/// they are added).
+pub const SERVICES_MAP_FLAGS: u32 = 1;
 /// Array of maps, indexed by service id; each inner map is a slot table (see [`SLOTS`]),
 /// created with [`TABLE_MAP_FLAGS`]. (v2: the inner maps became mmap-able.)
 pub const MAP_TABLES: &str = "sd_tables_v2";
@@ -21,6 +24,8 @@ pub const MAP_COUNTERS: &str = "sd_counters_v5";
 pub const MAP_CONFIG: &str = "sd_config_v1";
 /// Device map (hash by ifindex) used for XDP_REDIRECT to another interface.
 pub const MAP_TX_PORTS: &str = "sd_txports_v1";
+/// Entries of [`MAP_TX_PORTS`]: the interfaces XDP_REDIRECT may send to.
+pub const MAX_TX_PORTS: u32 = 64;
 /// Per-CPU scratch space the XDP program copies the UDP payload into.
 pub const MAP_SCRATCH: &str = "sd_scratch_v2";
 
@@ -50,7 +55,7 @@ pub const MAP_ENCAP: &str = "sd_encap_v1";
 
 /// Hash [`DecapSource`] -> u8 (1): the outer sources whose IP-in-IP packets `ipip_decap`
 /// decapsulates (`sip-dispatch decap --from`). Only `sip-dispatch decap` fills it, in its
-/// own unpinned copy of the object: it is not one of [`ALL_MAPS`].
+/// own unpinned copy of the object: it is not one of [`crate::ALL_MAPS`].
 pub const MAP_DECAP_FROM: &str = "sd_decapsrc_v1";
 /// Entries of [`MAP_DECAP_FROM`]: the `--from` addresses one `decap` accepts.
 pub const MAX_DECAP_SOURCES: u32 = 64;
@@ -84,24 +89,6 @@ pub const SERVICE_PORT_WORDS: u32 = 1024;
 pub fn service_port_bit(port: u16) -> (u32, u64) {
     (u32::from(port >> 6), 1u64 << (port & 63))
 }
-
-/// Every map of the object, all pinned under the pin directory.
-pub const ALL_MAPS: [&str; 14] = [
-    MAP_SERVICES,
-    MAP_TABLES,
-    MAP_BACKENDS,
-    MAP_BACKEND_STATS,
-    MAP_COUNTERS,
-    MAP_CONFIG,
-    MAP_TX_PORTS,
-    MAP_SCRATCH,
-    MAP_AFFINITY,
-    MAP_BACKEND_FLAGS,
-    MAP_ENCAP,
-    crate::census::MAP_HELD,
-    MAP_SERVICE_PORTS,
-    MAP_NEXTHOP,
-];
 
 /// The XDP program that dispatches SIP (its scans loop with `may_goto`, kernel 6.9+).
 pub const PROG_DISPATCH: &str = "sip_dispatch";
@@ -482,14 +469,6 @@ mod tests {
                 assert_ne!(c.name(), d.name());
             }
         }
-    }
-
-    #[test]
-    fn map_names_fit_the_kernel_limit() {
-        for n in ALL_MAPS {
-            assert!(n.len() <= 15, "{n} is longer than 15 characters");
-        }
-        assert!(MAP_DECAP_FROM.len() <= 15);
     }
 
     #[test]

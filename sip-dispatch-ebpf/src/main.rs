@@ -9,6 +9,34 @@
 //!
 //! With call affinity on, a message of a call the affinity map knows follows the call's
 //! entry instead of the table, by the rules of `sip_dispatch_common::affinity::choose`.
+//!
+//! The maps are declared here and in the modules (`#[btf_map(name = "...")]` takes only a
+//! string literal); their names and layouts are the table `sip_dispatch_common::MAPS`,
+//! which a unit test of the daemon compares with this object.
+//!
+//! # How accesses are proven to the verifier
+//!
+//! Every `unsafe` dereference in this crate is of a pointer that one of these checks
+//! produced, in a form the verifier follows:
+//! - Frame bytes: only through `ptr_at::<T>(ctx, offset)`, which compares
+//!   `data + offset + size_of::<T>()` with `data_end` and gives `None` past it. Offsets
+//!   read from the frame (IHL, IPv6 extension header lengths) go through it again at
+//!   each use. `bpf_xdp_adjust_head` invalidates every frame pointer: code after it
+//!   takes them anew from `ctx`.
+//! - The UDP payload is not read in place: `bpf_xdp_load_bytes` copies it into per-CPU
+//!   scratch (a map value of a fixed size) with a length proven to lie in
+//!   `1..=SCAN_WINDOW`, and the scanners read it through `Window`, whose indices are
+//!   masked with `SCAN_WINDOW - 1` (a power of two): in bounds whatever the index.
+//!   Scratch has 8 bytes of padding so that the second load of an unaligned word stays
+//!   inside it.
+//! - Map values: `get`, `get_ptr` and `get_ptr_mut` give an `Option` (the verifier's
+//!   null check); `None` takes another way (pass with a counted reason, or skip a
+//!   counter), never a dereference.
+//! - Loops: bounded by `may_goto` or run as `bpf_loop` callbacks; what crosses from one
+//!   step to the next lives in scratch and is read volatile, so the verifier tracks no
+//!   value across the back edge and walks the body once.
+//!
+//! Comments starting "Verifier constraint" say why a piece of code has the shape it has.
 #![no_std]
 #![no_main]
 // `may_goto` through inline asm (the BPF target's asm is unstable).
@@ -38,9 +66,9 @@ use network_types::{
 use sip_dispatch_common::{
     AFFINITY_ENTRIES_MIN, AffinityEntry, AffinityKey, BACKEND_FLAGS_MAP_FLAGS, Backend,
     BackendFlags, BackendStats, Config, Counter, EncapSource, FAMILY_V4, FAMILY_V6, FWD_IPIP,
-    FWD_L2DSR, FWD_MASK, HashKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SCAN_WINDOW,
-    SCRATCH_XDP_WORDS, SERVICE_PORT_WORDS, SLOTS, Scan, ScanOutcome, Scanner, Scratch, ServiceInfo,
-    ServiceKey, TABLE_MAP_FLAGS,
+    FWD_L2DSR, FWD_MASK, HashKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, NO_BACKEND,
+    SCAN_WINDOW, SCRATCH_XDP_WORDS, SERVICE_PORT_WORDS, SERVICES_MAP_FLAGS, SLOTS, Scan,
+    ScanOutcome, Scanner, Scratch, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS,
     affinity::{EntryWrite, Route, choose, classify_word, created_flags},
     census::{CensusInput, HELD_ENTRIES, HELD_SLOTS, HELD_STALE, holds_call},
     csum::CsumDelta,
@@ -59,14 +87,17 @@ mod nexthop;
 
 use affinity::{ToTagJob, pick_with_affinity};
 
-const BPF_F_NO_PREALLOC: usize = 1;
 const IPPROTO_UDP: u8 = 17;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 #[btf_map(name = "sd_services_v1")]
-static SERVICES: HashMap<ServiceKey, ServiceInfo, { MAX_SERVICES as usize }, BPF_F_NO_PREALLOC> =
-    HashMap::new();
+static SERVICES: HashMap<
+    ServiceKey,
+    ServiceInfo,
+    { MAX_SERVICES as usize },
+    { SERVICES_MAP_FLAGS as usize },
+> = HashMap::new();
 #[btf_map(name = "sd_ports_v1")]
 static SERVICE_PORTS: Array<u64, { SERVICE_PORT_WORDS as usize }> = Array::new();
 #[btf_map(name = "sd_tables_v2")]
@@ -83,7 +114,7 @@ static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::ne
 #[btf_map(name = "sd_config_v1")]
 static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "sd_txports_v1")]
-static TX_PORTS: DevMapHash<64> = DevMapHash::new();
+static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
 #[btf_map(name = "sd_encap_v1")]
 static ENCAP: Array<EncapSource, 1> = Array::new();
 #[btf_map(name = "sd_scratch_v2")]

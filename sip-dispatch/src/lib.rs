@@ -1,5 +1,7 @@
 //! sip-dispatch's controller, as a library: the binary (`main.rs`) is its CLI, and the
 //! kernel tests drive the same [`dataplane::Dataplane`] the daemon uses.
+// Every unsafe block says why it is sound (`clippy --all-targets -- -D warnings` checks).
+#![warn(clippy::undocumented_unsafe_blocks)]
 pub mod addrs;
 pub mod affinity_maps;
 pub mod backend_ids;

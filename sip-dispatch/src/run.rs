@@ -36,6 +36,7 @@ pub use programs::{decap, detach, xdp_pass};
 
 fn ifindex(iface: &str) -> anyhow::Result<u32> {
     let name = CString::new(iface).with_context(|| format!("invalid interface name {iface:?}"))?;
+    // SAFETY: `name` is a NUL-terminated string that lives across the call.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
         0 => bail!("interface {iface:?} not found"),
         i => Ok(i),
