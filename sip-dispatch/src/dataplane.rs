@@ -33,6 +33,10 @@ use sip_dispatch_common::{
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sip-dispatch"));
 
+/// The benchmarks' MAC-swap baseline, an object of its own built beside [`OBJECT`].
+#[cfg(feature = "mac-swap")]
+static MAC_SWAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mac-swap"));
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
     Native,
@@ -1297,11 +1301,23 @@ pub fn attach_program(iface: &str, name: &str) -> anyhow::Result<(Ebpf, XdpLinkI
 }
 
 /// Loads the object with private, unpinned maps and loads only the XDP program `name`
-/// into the kernel (benchmarks: the MAC-swap baseline). Get it back with
-/// `ebpf.program_mut(name)` to test-run or attach it.
+/// into the kernel. Get it back with `ebpf.program_mut(name)` to test-run or attach it.
 pub fn load_program(name: &str) -> anyhow::Result<Ebpf> {
+    load_program_of(OBJECT, name)
+}
+
+/// Loads the benchmarks' MAC-swap baseline ([`PROG_MAC_SWAP`], from its own object) into
+/// the kernel; get it back with `ebpf.program_mut(PROG_MAC_SWAP)`.
+///
+/// [`PROG_MAC_SWAP`]: sip_dispatch_common::PROG_MAC_SWAP
+#[cfg(feature = "mac-swap")]
+pub fn load_mac_swap() -> anyhow::Result<Ebpf> {
+    load_program_of(MAC_SWAP_OBJECT, sip_dispatch_common::PROG_MAC_SWAP)
+}
+
+fn load_program_of(object: &[u8], name: &str) -> anyhow::Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
-        .load(OBJECT)
+        .load(object)
         .context("loading the XDP object")?;
     let prog: &mut Xdp = ebpf
         .program_mut(name)
@@ -1401,6 +1417,31 @@ fn fill_mmapable(map: &MapData, values: &[u32]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn programs_of(object: &[u8]) -> BTreeSet<String> {
+        let parsed = aya_obj::Object::parse(object).expect("the embedded object parses");
+        parsed.programs.into_keys().collect()
+    }
+
+    #[test]
+    fn the_daemon_object_has_no_benchmark_baseline() {
+        let programs = programs_of(OBJECT);
+        assert!(programs.contains(PROG_DISPATCH), "{programs:?}");
+        assert!(
+            !programs.contains(sip_dispatch_common::PROG_MAC_SWAP),
+            "{programs:?}"
+        );
+    }
+
+    #[cfg(feature = "mac-swap")]
+    #[test]
+    fn the_mac_swap_object_holds_the_baseline_alone() {
+        let programs = programs_of(MAC_SWAP_OBJECT);
+        assert_eq!(
+            programs.into_iter().collect::<Vec<_>>(),
+            [sip_dispatch_common::PROG_MAC_SWAP]
+        );
+    }
 
     #[test]
     fn per_cpu_sums_saturate_instead_of_overflowing() {

@@ -123,6 +123,14 @@ fn pseudo_header_sum(src: IpAddr, dst: IpAddr, udp_len: usize) -> u32 {
     (!checksum(0, &bytes)) as u32
 }
 
+/// A MAC address as `ip` writes it: `02:00:00:00:00:aa`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The UDP checksum of `udp` (header with a zero checksum field, then payload).
 pub fn udp_checksum(src: IpAddr, dst: IpAddr, udp: &[u8]) -> u16 {
     match checksum(pseudo_header_sum(src, dst, udp.len()), udp) {
