@@ -30,12 +30,4 @@ pub fn mac_swap(ctx: XdpContext) -> u32 {
     XDP_TX
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+sip_dispatch_ebpf::object_essentials!();
