@@ -5,6 +5,7 @@
 //! typed `xdp_md` context, and single and timed runs.
 use std::{
     fs::File,
+    marker::PhantomData,
     net::IpAddr,
     os::fd::{AsRawFd as _, OwnedFd},
 };
@@ -21,9 +22,11 @@ pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
 /// The calling thread in a network namespace of its own (`unshare`), and back in the one
-/// it came from on drop. What the thread spawns meanwhile (`ip`) runs in it too.
+/// it came from on drop. What the thread spawns meanwhile (`ip`) runs in it too. Not
+/// `Send`: it belongs to the thread that entered.
 pub struct PrivateNetns {
     original: OwnedFd,
+    _this_thread: PhantomData<*const ()>,
 }
 
 impl PrivateNetns {
@@ -36,6 +39,7 @@ impl PrivateNetns {
         }
         Ok(PrivateNetns {
             original: OwnedFd::from(original),
+            _this_thread: PhantomData,
         })
     }
 }
