@@ -104,7 +104,8 @@ pub const PROG_PASS: &str = "xdp_pass";
 /// An XDP program for backends of `ipip` services whose kernel has no tunnel device:
 /// strips the outer IPv4/IPv6 header (`sip-dispatch decap`).
 pub const PROG_DECAP: &str = "ipip_decap";
-/// The benchmarks' baseline XDP program: swaps the MAC addresses and returns XDP_TX.
+/// The benchmarks' baseline XDP program: swaps the MAC addresses and returns XDP_TX. It
+/// lives in an object of its own (the eBPF crate's `mac-swap` binary), not the daemon's.
 pub const PROG_MAC_SWAP: &str = "mac_swap";
 
 /// Slots per service table. A power of two: the slot is the low bits of the Call-ID hash.

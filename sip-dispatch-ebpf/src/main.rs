@@ -806,28 +806,4 @@ fn rewrite(
     Ok(())
 }
 
-/// The benchmarks' baseline: the least an XDP forwarder does. Swaps the Ethernet
-/// addresses and sends the frame back out (XDP_TX); `cargo xtask bench` compares the
-/// dispatcher's per-packet cost and throughput against it.
-#[xdp]
-pub fn mac_swap(ctx: XdpContext) -> u32 {
-    let Some(eth) = ptr_at::<EthHdr>(&ctx, 0) else {
-        return XDP_PASS;
-    };
-    unsafe {
-        let dst = (*eth).dst_addr;
-        (*eth).dst_addr = (*eth).src_addr;
-        (*eth).src_addr = dst;
-    }
-    XDP_TX
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+sip_dispatch_ebpf::object_essentials!();

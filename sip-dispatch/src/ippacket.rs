@@ -4,7 +4,7 @@
 //! for IPv6). Pure functions over byte buffers.
 use std::net::{IpAddr, SocketAddr};
 
-use sip_dispatch_common::csum::checksum;
+use sip_dispatch_common::csum::{checksum, udp_checksum};
 
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
@@ -19,48 +19,6 @@ const TTL: u8 = 64;
 /// IPv4 flags: More Fragments, Don't Fragment (in the flags/offset word).
 const IPV4_MF: u16 = 0x2000;
 const IPV4_DF: u16 = 0x4000;
-
-/// The one's-complement sum (not inverted) of `data` plus `initial`, folded.
-fn sum(initial: u32, data: &[u8]) -> u32 {
-    u32::from(!checksum(initial, data))
-}
-
-/// The UDP checksum over the pseudo-header of `src` -> `dst`, the UDP header (checksum
-/// field 0) and the payload; a computed 0 is sent as all ones (RFC 768, RFC 8200 8.1).
-fn udp_checksum(src: IpAddr, dst: IpAddr, udp_header: &[u8], payload: &[u8]) -> u16 {
-    let udp_len = (udp_header.len() + payload.len()) as u32;
-    let pseudo = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut p = [0u8; 12];
-            p[0..4].copy_from_slice(&s.octets());
-            p[4..8].copy_from_slice(&d.octets());
-            p[9] = PROTO_UDP;
-            p[10..12].copy_from_slice(&(udp_len as u16).to_be_bytes());
-            sum(0, &p)
-        }
-        _ => {
-            let mut p = [0u8; 40];
-            p[0..16].copy_from_slice(&v6_octets(src));
-            p[16..32].copy_from_slice(&v6_octets(dst));
-            p[32..36].copy_from_slice(&udp_len.to_be_bytes());
-            p[39] = PROTO_UDP;
-            sum(0, &p)
-        }
-    };
-    // The pseudo-header and the UDP header are of even length, so the running sum
-    // carries over unchanged into the payload's.
-    match checksum(sum(pseudo, udp_header), payload) {
-        0 => 0xffff,
-        c => c,
-    }
-}
-
-fn v6_octets(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V6(a) => a.octets(),
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-    }
-}
 
 /// The IP datagram carrying `payload` as UDP from `src` to `dst`, with the IP header
 /// (IPv4: `ident` as its identification, no DF, header checksum) and the UDP checksum.

@@ -14,7 +14,6 @@ pub mod control;
 pub mod controller;
 pub mod dataplane;
 pub mod forwarder;
-pub mod frames;
 pub mod hashkey;
 pub mod health;
 pub mod ippacket;

@@ -10,19 +10,16 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use sip_dispatch::{
-    dataplane::{Affinity, Dataplane, ENV_FORCE_BPF_LOOP, ScanLoop},
-    frames::{FrameSpec, parse},
-};
+use sip_dispatch::dataplane::{Affinity, Dataplane, ENV_FORCE_BPF_LOOP, ScanLoop};
 use sip_dispatch_common::{
     Backend, Counter, HashKey, ScanOutcome,
     parse::{golden::GOLDEN_MESSAGES, scan_message},
     table::{SlotTable, Weighted, build_table},
 };
-
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+use sip_dispatch_testbed::{
+    frames::{FrameSpec, parse},
+    testrun::{TestNet, TestVeth, XDP_PASS, XDP_REDIRECT, XDP_TX, XdpMd, run_once},
+};
 
 const VETH: &str = "kt0";
 const VETH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
@@ -60,6 +57,8 @@ struct Harness {
     v4_ids: Vec<u32>,
     v6: SlotTable,
     v6_ids: Vec<u32>,
+    /// The private namespace; the thread leaves it when the harness is dropped.
+    _net: TestNet,
 }
 
 fn weighted(addrs: &[(&str, u32)]) -> Vec<Weighted> {
@@ -84,69 +83,27 @@ impl Harness {
             "kernel tests load XDP programs and need root: run them through `cargo xtask test`"
         );
         // This thread (and the commands it spawns) gets a network namespace of its own.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET)"
-        );
-        sh(&["ip", "link", "set", "lo", "up"]);
-        sh(&[
-            "ip", "link", "add", VETH, "type", "veth", "peer", "name", "kt1",
-        ]);
-        sh(&[
-            "ip",
-            "link",
-            "set",
-            VETH,
-            "address",
-            "02:00:00:00:00:aa",
-            "up",
-        ]);
-        sh(&["ip", "link", "set", "kt1", "up"]);
-        sh(&["ip", "addr", "add", "198.18.1.1/24", "dev", VETH]);
-        sh(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::1/64",
-            "dev",
-            VETH,
-            "nodad",
-        ]);
-        for ip in [
+        let neighbours = [
             "198.18.1.21",
             "198.18.1.22",
             "198.18.1.23",
             "2001:db8:1::21",
             "2001:db8:1::22",
             "2001:db8:1::23",
-        ] {
-            let mac = backend_mac(ip.parse().unwrap());
-            let mac = mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            sh(&[
-                "ip",
-                "neigh",
-                "add",
-                ip,
-                "lladdr",
-                &mac,
-                "dev",
-                VETH,
-                "nud",
-                "permanent",
-            ]);
+        ]
+        .map(|ip| {
+            let ip: IpAddr = ip.parse().unwrap();
+            (ip, backend_mac(ip))
+        });
+        let net = TestVeth {
+            name: VETH,
+            peer: "kt1",
+            mac: VETH_MAC,
+            neighbours: neighbours.to_vec(),
         }
-        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").unwrap();
-        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
-        let ifindex = std::fs::read_to_string(format!("/sys/class/net/{VETH}/ifindex"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| if_index(VETH));
+        .build()
+        .unwrap_or_else(|e| panic!("the test namespace: {e:#}"));
+        let ifindex = net.ifindex;
 
         let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, affinity)
             .unwrap_or_else(|e| panic!("loading the XDP program: {e:#}"));
@@ -208,28 +165,16 @@ impl Harness {
             v4_ids,
             v6,
             v6_ids,
+            _net: net,
         }
     }
 
     /// Runs one frame; `ingress_veth` makes the frame arrive on the veth (so a backend
     /// behind it is reached with XDP_TX), otherwise it arrives on lo (XDP_REDIRECT).
     fn run(&mut self, frame: &[u8], ingress_veth: bool) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut ctx = [0u32; 6];
-        ctx[1] = frame.len() as u32; // data_end
-        ctx[3] = if ingress_veth { self.ifindex } else { 1 };
-        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx = XdpMd::frame(frame.len(), if ingress_veth { self.ifindex } else { 1 });
         let prog = self.dp.dispatch_program().unwrap();
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx_bytes),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        run_once(prog, frame, &ctx.to_bytes()).expect("BPF_PROG_TEST_RUN")
     }
 
     fn counters(&self) -> Vec<(Counter, u64)> {
@@ -247,11 +192,6 @@ impl Harness {
             .backend
             .to_socket_addr()
     }
-}
-
-fn if_index(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 fn invite(call_id_header: &str) -> Vec<u8> {

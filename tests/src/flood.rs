@@ -7,7 +7,7 @@
 //! With native XDP on a receiving veth, frames wait in the veth's XDP ring (holding the
 //! socket's send buffer) whenever softirq work is deferred to ksoftirqd, and trafgen dies
 //! within a second. A blocking socket simply waits instead: full speed, with the
-//! receiver's backpressure. (The same reasoning as the benchmark's generator in xtask.)
+//! receiver's backpressure. (The same reasoning as the benchmark's generator, `sd-bench`.)
 //!
 //! The frames are random and malformed datagrams for the service (see [`Kind`]), each
 //! from a fresh source (an address of 198.19.0.0/16, inside the test range 198.18.0.0/15,

@@ -1,6 +1,8 @@
 //! Test bed for sip-dispatch: network-namespace topologies with RAII cleanup, child
 //! processes inside them, SIPp drivers with exact call accounting, and an end-to-end
-//! scenario runner shared by the integration tests (`tests/`) and `cargo xtask run`.
+//! scenario runner shared by the integration tests (`tests/`) and `cargo xtask run`; the
+//! kernel tests' frames and BPF_PROG_TEST_RUN harness (`frames`, `testrun`); and the
+//! benchmark `sd-bench` (`src/bin/sd-bench/`, feature `bench`).
 //!
 //! Everything runs inside namespaces this crate creates (`sdt<pid>n<seq>-<role>`), using
 //! only 198.18.0.0/24 and 2001:db8::/64 (and 198.19.0.0/16 for the flood generator's
@@ -16,6 +18,7 @@ pub mod dns;
 pub mod dsr;
 pub mod events;
 pub mod flood;
+pub mod frames;
 pub mod link;
 pub mod netns;
 pub mod nft;
@@ -25,6 +28,7 @@ pub mod rawnet;
 pub mod responder;
 pub mod scenario;
 pub mod sipp;
+pub mod testrun;
 pub mod topology;
 
 pub use dispatcher::XdpMode;

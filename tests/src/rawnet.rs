@@ -1,5 +1,5 @@
 //! Raw network plumbing for test threads (the flood, slow-path and endpoint tests, the
-//! responder) and the benchmark in xtask: entering a namespace (or running a closure on
+//! responder) and the benchmark (`sd-bench`): entering a namespace (or running a closure on
 //! a thread inside one), pinning to a CPU, socket options, and an AF_PACKET socket that
 //! writes frames straight into a veth.
 use std::{

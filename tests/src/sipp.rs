@@ -95,18 +95,70 @@ impl CallMessages {
     }
 }
 
+/// One line of SIPp's `-trace_shortmsg` log: `date \t time \t epoch \t S|R \t Call-ID \t
+/// CSeq:N METHOD \t first line`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShortMessage<'a> {
+    /// Seconds since the Unix epoch; `None` if the field does not parse.
+    pub at: Option<f64>,
+    /// `S` (sent) or `R` (received).
+    pub direction: &'a str,
+    pub call_id: &'a str,
+    /// The CSeq field as logged (`CSeq:N METHOD`).
+    pub cseq: &'a str,
+    /// The request or status line.
+    pub first_line: &'a str,
+}
+
+impl<'a> ShortMessage<'a> {
+    /// `None` for a line with fewer than seven fields.
+    pub fn parse(line: &'a str) -> Option<ShortMessage<'a>> {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 7 {
+            return None;
+        }
+        Some(ShortMessage {
+            at: f[2].parse().ok(),
+            direction: f[3],
+            call_id: f[4],
+            cseq: f[5],
+            first_line: f[6],
+        })
+    }
+
+    pub fn sent(&self) -> bool {
+        self.direction == "S"
+    }
+
+    pub fn received(&self) -> bool {
+        self.direction == "R"
+    }
+
+    pub fn is_response(&self) -> bool {
+        self.first_line.starts_with("SIP/2.0")
+    }
+
+    /// The CSeq's method (`INVITE`, `BYE`, ...), `""` if the field is empty.
+    pub fn cseq_method(&self) -> &'a str {
+        self.cseq.split_whitespace().last().unwrap_or_default()
+    }
+}
+
+/// The lines of a `-trace_shortmsg` log that have every field.
+pub fn short_messages(text: &str) -> impl Iterator<Item = ShortMessage<'_>> {
+    text.lines().filter_map(ShortMessage::parse)
+}
+
 /// Parses a `-trace_shortmsg` log: `date \t time \t epoch \t S|R \t Call-ID \t CSeq:N METHOD
 /// \t first line`, and collects the requests received (`R`) per Call-ID.
 pub fn parse_short_messages(text: &str) -> BTreeMap<String, CallMessages> {
     let mut calls: BTreeMap<String, CallMessages> = BTreeMap::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() < 7 || f[3] != "R" || f[6].starts_with("SIP/2.0") {
+    for m in short_messages(text) {
+        if !m.received() || m.is_response() {
             continue;
         }
-        let method = f[5].split_whitespace().last().unwrap_or_default();
-        let entry = calls.entry(f[4].to_owned()).or_default();
-        match method {
+        let entry = calls.entry(m.call_id.to_owned()).or_default();
+        match m.cseq_method() {
             "INVITE" => entry.invite = true,
             "ACK" => entry.ack = true,
             "BYE" => entry.bye = true,
@@ -130,23 +182,21 @@ pub struct UacCall {
 /// and whether a 200 to the BYE came back.
 pub fn parse_uac_calls(text: &str) -> BTreeMap<String, UacCall> {
     let mut calls: BTreeMap<String, UacCall> = BTreeMap::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() < 7 {
-            continue;
-        }
-        let Ok(at) = f[2].parse::<f64>() else {
+    for m in short_messages(text) {
+        let Some(at) = m.at else {
             continue;
         };
-        let method = f[5].split_whitespace().last().unwrap_or_default();
-        let entry = calls.entry(f[4].to_owned()).or_insert(UacCall {
+        let entry = calls.entry(m.call_id.to_owned()).or_insert(UacCall {
             invite_at: f64::INFINITY,
             ok: false,
         });
-        match f[3] {
-            "S" if f[6].starts_with("INVITE ") => entry.invite_at = entry.invite_at.min(at),
-            "R" if method == "BYE" && f[6].starts_with("SIP/2.0 200") => entry.ok = true,
-            _ => {}
+        if m.sent() && m.first_line.starts_with("INVITE ") {
+            entry.invite_at = entry.invite_at.min(at);
+        } else if m.received()
+            && m.cseq_method() == "BYE"
+            && m.first_line.starts_with("SIP/2.0 200")
+        {
+            entry.ok = true;
         }
     }
     calls.retain(|_, c| c.invite_at.is_finite());
@@ -174,21 +224,17 @@ impl UacDialog {
 /// BYE it sent.
 pub fn parse_uac_dialogs(text: &str) -> BTreeMap<String, UacDialog> {
     let mut dialogs: BTreeMap<String, UacDialog> = BTreeMap::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() < 7 || f[3] != "S" {
-            continue;
-        }
-        let Ok(at) = f[2].parse::<f64>() else {
+    for m in short_messages(text) {
+        let (true, Some(at)) = (m.sent(), m.at) else {
             continue;
         };
-        let entry = dialogs.entry(f[4].to_owned()).or_insert(UacDialog {
+        let entry = dialogs.entry(m.call_id.to_owned()).or_insert(UacDialog {
             invite_at: f64::INFINITY,
             bye_at: None,
         });
-        if f[6].starts_with("INVITE ") {
+        if m.first_line.starts_with("INVITE ") {
             entry.invite_at = entry.invite_at.min(at);
-        } else if f[6].starts_with("BYE ") {
+        } else if m.first_line.starts_with("BYE ") {
             entry.bye_at = Some(entry.bye_at.map_or(at, |b| b.min(at)));
         }
     }
@@ -208,16 +254,13 @@ pub struct Received {
 
 /// The requests (not responses) received, in log order.
 pub fn parse_received_requests(text: &str) -> Vec<Received> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.len() < 7 || f[3] != "R" || f[6].starts_with("SIP/2.0") {
-                return None;
-            }
+    short_messages(text)
+        .filter(|m| m.received() && !m.is_response())
+        .filter_map(|m| {
             Some(Received {
-                at: f[2].parse().ok()?,
-                call_id: f[4].to_owned(),
-                method: f[5].split_whitespace().last()?.to_owned(),
+                at: m.at?,
+                call_id: m.call_id.to_owned(),
+                method: m.cseq.split_whitespace().last()?.to_owned(),
             })
         })
         .collect()

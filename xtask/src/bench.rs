@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: installs what the benchmark needs, builds the daemon and the
-//! benchmark program (`sd-bench`, the `bench` feature of this package: it links the
+//! benchmark program (`sd-bench`, the `bench` feature of the testbed package: it links the
 //! sip-dispatch library and so the XDP object), then replaces this process with it.
-//! Everything measured, and how, is described in `src/bench/main.rs`.
+//! Everything measured, and how, is described in `tests/src/bin/sd-bench/main.rs`.
 use std::os::unix::process::CommandExt as _;
 
 use anyhow::{Context as _, Result, bail};
@@ -27,7 +27,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             "build",
             "--release",
             "-p",
-            "xtask",
+            "sip-dispatch-testbed",
             "--features",
             "bench",
             "--bin",

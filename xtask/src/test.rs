@@ -106,8 +106,8 @@ pub fn run(skip_install: bool) -> Result<()> {
             || {
                 shell::run(
                     cargo(&["test", "-p", "sip-dispatch", "--test", "kernel"])
-                        // sip_dispatch::dataplane::ENV_FORCE_BPF_LOOP (xtask links
-                        // the daemon's library only with the bench feature).
+                        // sip_dispatch::dataplane::ENV_FORCE_BPF_LOOP (xtask does not
+                        // link the daemon's library).
                         .env("SIP_DISPATCH_FORCE_BPF_LOOP", "1"),
                 )
             },

@@ -23,6 +23,11 @@ use crate::backend_ids::BackendIds;
 pub(super) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sip-dispatch"));
 
+/// The benchmarks' MAC-swap baseline, an object of its own built beside [`OBJECT`].
+#[cfg(feature = "mac-swap")]
+pub(super) static MAC_SWAP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mac-swap"));
+
 /// Setting this environment variable to `1` makes the daemon load the `bpf_loop`
 /// dispatcher even on a kernel that knows `may_goto` (tests of the fallback).
 pub const ENV_FORCE_BPF_LOOP: &str = "SIP_DISPATCH_FORCE_BPF_LOOP";
@@ -156,11 +161,23 @@ pub(super) fn census_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
 }
 
 /// Loads the object with private, unpinned maps and loads only the XDP program `name`
-/// into the kernel (benchmarks: the MAC-swap baseline). Get it back with
-/// `ebpf.program_mut(name)` to test-run or attach it.
+/// into the kernel. Get it back with `ebpf.program_mut(name)` to test-run or attach it.
 pub fn load_program(name: &str) -> anyhow::Result<Ebpf> {
+    load_program_of(OBJECT, name)
+}
+
+/// Loads the benchmarks' MAC-swap baseline ([`PROG_MAC_SWAP`], from its own object) into
+/// the kernel; get it back with `ebpf.program_mut(PROG_MAC_SWAP)`.
+///
+/// [`PROG_MAC_SWAP`]: sip_dispatch_common::PROG_MAC_SWAP
+#[cfg(feature = "mac-swap")]
+pub fn load_mac_swap() -> anyhow::Result<Ebpf> {
+    load_program_of(MAC_SWAP_OBJECT, sip_dispatch_common::PROG_MAC_SWAP)
+}
+
+fn load_program_of(object: &[u8], name: &str) -> anyhow::Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
-        .load(OBJECT)
+        .load(object)
         .context("loading the XDP object")?;
     let prog: &mut Xdp = ebpf
         .program_mut(name)

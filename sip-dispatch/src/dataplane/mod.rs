@@ -35,6 +35,8 @@ mod tables;
 
 pub use affinity::Affinity;
 pub use attach::{AttachMode, attach_loaded, attach_pass, attach_program};
+#[cfg(feature = "mac-swap")]
+pub use load::load_mac_swap;
 pub use load::{ENV_FORCE_BPF_LOOP, ScanLoop, load_decap, load_program};
 pub use pins::{LINK_PIN, remove_outdated_pins, remove_pins};
 

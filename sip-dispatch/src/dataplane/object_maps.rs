@@ -104,3 +104,31 @@ fn every_map_of_the_table_is_in_the_object() {
     }
     assert_eq!(declared.len(), MAPS.len());
 }
+
+fn programs_of(object: &[u8]) -> std::collections::BTreeSet<String> {
+    let parsed = Object::parse(object).expect("the embedded object parses");
+    parsed.programs.into_keys().collect()
+}
+
+#[test]
+fn the_daemon_object_has_no_benchmark_baseline() {
+    let programs = programs_of(OBJECT);
+    assert!(
+        programs.contains(sip_dispatch_common::PROG_DISPATCH),
+        "{programs:?}"
+    );
+    assert!(
+        !programs.contains(sip_dispatch_common::PROG_MAC_SWAP),
+        "{programs:?}"
+    );
+}
+
+#[cfg(feature = "mac-swap")]
+#[test]
+fn the_mac_swap_object_holds_the_baseline_alone() {
+    let programs = programs_of(super::load::MAC_SWAP_OBJECT);
+    assert_eq!(
+        programs.into_iter().collect::<Vec<_>>(),
+        [sip_dispatch_common::PROG_MAC_SWAP]
+    );
+}

@@ -1,5 +1,12 @@
 use super::*;
 
+fn v6_octets(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+    }
+}
+
 fn payload(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = seed | 1;
     (0..len)

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sip_dispatch_testbed::{
     dispatcher::XdpMode,
     process::Process,
-    sipp::{StatRow, Uas},
+    sipp::{StatRow, Uas, short_messages},
 };
 
 use crate::{
@@ -91,28 +91,20 @@ pub fn response_times(log: &str) -> Timings {
     let mut sent: BTreeMap<&str, f64> = BTreeMap::new();
     let mut answered: BTreeMap<&str, f64> = BTreeMap::new();
     let mut reordered = std::collections::BTreeSet::new();
-    for line in log.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() < 7 {
-            continue;
-        }
-        let Ok(at) = f[2].parse::<f64>() else {
+    for m in short_messages(log) {
+        let Some(at) = m.at else {
             continue;
         };
-        match f[3] {
-            "S" if f[6].starts_with("INVITE ") => {
-                sent.entry(f[4]).or_insert(at);
-            }
-            "R" if f[5].ends_with(" INVITE") && f[6].starts_with("SIP/2.0 200") => {
-                answered.entry(f[4]).or_insert(at);
-            }
-            "R" if f[5].ends_with(" INVITE")
-                && f[6].starts_with("SIP/2.0 1")
-                && answered.contains_key(f[4]) =>
-            {
-                reordered.insert(f[4]);
-            }
-            _ => {}
+        let invite_response = m.received() && m.cseq.ends_with(" INVITE");
+        if m.sent() && m.first_line.starts_with("INVITE ") {
+            sent.entry(m.call_id).or_insert(at);
+        } else if invite_response && m.first_line.starts_with("SIP/2.0 200") {
+            answered.entry(m.call_id).or_insert(at);
+        } else if invite_response
+            && m.first_line.starts_with("SIP/2.0 1")
+            && answered.contains_key(m.call_id)
+        {
+            reordered.insert(m.call_id);
         }
     }
     let mut times: Vec<f64> = answered

@@ -45,19 +45,19 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::Xdp;
 use serde::Serialize;
-use sip_dispatch::{
-    dataplane::{Affinity, Dataplane, load_program},
-    frames::{self, FrameSpec},
-};
+use sip_dispatch::dataplane::{Affinity, Dataplane, load_mac_swap};
 use sip_dispatch_common::{
     BF_AFFINITY, BF_NEW, BF_UP, Counter, EncapSource, FWD_IPIP, FWD_L2DSR, FWD_REWRITE, HashKey,
     PROG_MAC_SWAP, table::build_table,
 };
-use sip_dispatch_testbed::cancel;
+use sip_dispatch_testbed::{
+    cancel,
+    frames::{self, FrameSpec},
+    testrun::{OWN4, OWN6, Runner, XDP_TX},
+};
 
 use super::{
-    BACKENDS, BACKENDS6, CLIENT, CLIENT6, OWN4, OWN6, Runner, VETH, VIP, VIP6, XDP_TX, counter,
-    median, neighbour_mac, weighted,
+    BACKENDS, BACKENDS6, CLIENT, CLIENT6, VETH, VIP, VIP6, counter, median, neighbour_mac, weighted,
 };
 use crate::{Plan, brief, messages, note};
 
@@ -118,7 +118,7 @@ pub struct ModeCost {
 }
 
 pub(super) fn measure(plan: &Plan, ifindex: u32) -> Result<(Vec<ModeCost>, Vec<String>)> {
-    let mac_obj = load_program(PROG_MAC_SWAP)?;
+    let mac_obj = load_mac_swap()?;
     let mac: &Xdp = mac_obj
         .program(PROG_MAC_SWAP)
         .context("mac_swap missing")?
@@ -454,13 +454,13 @@ impl Family {
         }
         for ((i, dp), timed) in here.iter_mut().zip(&mut timed) {
             if let Some(repeat) = self.subjects[*i].repeat {
-                let ns = run.timed(dp.dispatch_program()?, frame, repeat)?.1;
+                let ns = run.timed(dp.dispatch_program()?, frame, repeat)?.kernel_ns;
                 self.subjects[*i].loop_ns.push(ns);
                 *timed += u64::from(repeat);
             }
         }
         self.mac_loop
-            .push(run.timed(mac, frame, self.repeat_mac)?.1);
+            .push(run.timed(mac, frame, self.repeat_mac)?.kernel_ns);
         let mut samples = vec![Vec::new(); here.len()];
         let mut swap = Vec::new();
         let started = Instant::now();
@@ -587,9 +587,9 @@ fn grown(before: &[(Counter, u64)], dp: &Dataplane) -> String {
 /// Single runs of `prog`, `SINGLE_CHUNK` of them: the kernel's ns of each.
 fn single_runs(run: &Runner, prog: &Xdp, frame: &[u8], into: &mut Vec<u64>) -> Result<()> {
     for _ in 0..SINGLE_CHUNK {
-        let (_, ns, verdict) = run.timed(prog, frame, 1)?;
-        ensure!(verdict == XDP_TX, "a single run answered {verdict}");
-        into.push(ns);
+        let t = run.timed(prog, frame, 1)?;
+        ensure!(t.verdict == XDP_TX, "a single run answered {}", t.verdict);
+        into.push(t.kernel_ns);
     }
     Ok(())
 }

@@ -48,11 +48,12 @@ use anyhow::{Context as _, Result, ensure};
 use aya::programs::{Xdp, XdpMode};
 use serde::Serialize;
 use serde_json::Value;
-use sip_dispatch::dataplane::{attach_pass, load_program};
+use sip_dispatch::dataplane::{attach_pass, load_mac_swap};
 use sip_dispatch_common::PROG_MAC_SWAP;
 use sip_dispatch_testbed::{
     cmd,
     dispatcher::{BackendArg, Dispatcher, RunConfig, XdpMode as DaemonMode},
+    frames::mac_text,
     link::{link_json, mac_address, xdp_prog_id},
     netns,
     process::Process,
@@ -91,13 +92,6 @@ pub struct Bed {
     pub switch_ns: String,
     pub switch_disp_if: String,
     pub backends: Vec<BackendHost>,
-}
-
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 impl Bed {
@@ -216,7 +210,7 @@ impl Bed {
 fn hold_mac_swap(ns: &str, iface: &str) -> Result<NsThread<()>> {
     let iface = iface.to_owned();
     NsThread::spawn(ns, "mac-swap", move |ctl| {
-        let mut ebpf = load_program(PROG_MAC_SWAP)?;
+        let mut ebpf = load_mac_swap()?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROG_MAC_SWAP)
             .context("mac_swap missing")?

@@ -20,24 +20,20 @@
 //! IPv6, in the same namespace.
 mod forwarding;
 
-use std::{
-    net::SocketAddr,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, thread};
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use anyhow::{Context as _, Result, anyhow, ensure};
+use aya::programs::Xdp;
 use serde::Serialize;
-use sip_dispatch::{
-    dataplane::{Affinity, Dataplane, load_program},
-    frames,
-};
+use sip_dispatch::dataplane::{Affinity, Dataplane, load_mac_swap};
 use sip_dispatch_common::{
     BF_AFFINITY, BF_NEW, BF_UP, Backend, Counter, HashKey, PROG_MAC_SWAP,
     table::{Weighted, build_table},
 };
-use sip_dispatch_testbed::{cancel, cmd};
+use sip_dispatch_testbed::{
+    cancel, frames,
+    testrun::{Runner, TestNet, TestVeth, XDP_PASS, XDP_TX},
+};
 
 use crate::{
     Plan, brief,
@@ -56,14 +52,7 @@ const BACKENDS6: [&str; 3] = [
     "[2001:db8:1::23]:5060",
 ];
 const CLIENT6: &str = "[2001:db8:1::10]:5070";
-/// The veth's own addresses: the outer source of `ipip`.
-const OWN4: &str = "198.18.1.1";
-const OWN6: &str = "2001:db8:1::1";
 const VETH: (&str, [u8; 6]) = ("sdb0", [0x02, 0, 0, 0, 0, 0xaa]);
-
-/// XDP verdicts (`enum xdp_action`).
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PacketCost {
@@ -178,79 +167,23 @@ pub fn run(plan: &Plan) -> Result<TestRunResults> {
         .map_err(|_| anyhow!("the test-run thread panicked"))?
 }
 
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// This thread's own network namespace with a veth, neighbours and forwarding.
-fn private_netns() -> Result<u32> {
-    // SAFETY: unshare affects this thread (and what it spawns) only.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-    }
-    cmd::run("ip", ["link", "set", "lo", "up"])?;
-    cmd::run(
-        "ip",
-        [
-            "link", "add", VETH.0, "type", "veth", "peer", "name", "sdb1",
-        ],
-    )?;
-    cmd::run(
-        "ip",
-        ["link", "set", VETH.0, "address", &mac_text(VETH.1), "up"],
-    )?;
-    cmd::run("ip", ["link", "set", "sdb1", "up"])?;
-    cmd::run("ip", ["addr", "add", &format!("{OWN4}/24"), "dev", VETH.0])?;
-    cmd::run(
-        "ip",
-        [
-            "-6",
-            "addr",
-            "add",
-            &format!("{OWN6}/64"),
-            "dev",
-            VETH.0,
-            "nodad",
-        ],
-    )?;
+/// This thread's own network namespace with a veth, neighbours (the VIP, its backends,
+/// then the same for IPv6) and forwarding on.
+fn private_netns() -> Result<TestNet> {
     let v4 = std::iter::once(VIP).chain(BACKENDS);
     let v6 = std::iter::once(VIP6).chain(BACKENDS6);
-    for (i, addr) in v4.chain(v6).enumerate() {
-        let ip = addr.parse::<SocketAddr>()?.ip().to_string();
-        let mac = mac_text(neighbour_mac(i));
-        cmd::run(
-            "ip",
-            [
-                "neigh",
-                "add",
-                &ip,
-                "lladdr",
-                &mac,
-                "dev",
-                VETH.0,
-                "nud",
-                "permanent",
-            ],
-        )?;
+    let neighbours = v4
+        .chain(v6)
+        .enumerate()
+        .map(|(i, addr)| Ok((addr.parse::<SocketAddr>()?.ip(), neighbour_mac(i))))
+        .collect::<Result<_>>()?;
+    TestVeth {
+        name: VETH.0,
+        peer: "sdb1",
+        mac: VETH.1,
+        neighbours,
     }
-    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-        .context("turning forwarding on in the private namespace")?;
-    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-        .context("turning IPv6 forwarding on in the private namespace")?;
-    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", VETH.0))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    match ifindex {
-        Some(i) => Ok(i),
-        None => {
-            let name = std::ffi::CString::new(VETH.0)?;
-            // SAFETY: a valid C string.
-            Ok(unsafe { libc::if_nametoindex(name.as_ptr()) })
-        }
-    }
+    .build()
 }
 
 /// The MAC of the `i`th neighbour entry: the VIP, its three backends, then the same for
@@ -346,7 +279,7 @@ fn measure_affinity(plan: &Plan, ifindex: u32, invite: &Packet) -> Result<Affini
         let repeat = run.repeat_for(prog, frame, plan.testrun_trial)?;
         let mut kernel = Vec::new();
         for _ in 0..plan.testrun_trials {
-            kernel.push(run.timed(prog, frame, repeat)?.1);
+            kernel.push(run.timed(prog, frame, repeat)?.kernel_ns);
         }
         medians.push(median(kernel) as f64);
     }
@@ -369,61 +302,6 @@ fn measure_affinity(plan: &Plan, ifindex: u32, invite: &Packet) -> Result<Affini
         cost.hit_ratio, cost.miss_ratio
     ));
     Ok(cost)
-}
-
-struct Runner {
-    ctx: Vec<u8>,
-}
-
-impl Runner {
-    fn new(ifindex: u32, frame_len: usize) -> Runner {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, ...
-        let mut ctx = [0u32; 6];
-        ctx[1] = frame_len as u32;
-        ctx[3] = ifindex;
-        Runner {
-            ctx: ctx.iter().flat_map(|w| w.to_ne_bytes()).collect(),
-        }
-    }
-
-    /// One run, returning the verdict and the frame it leaves.
-    fn once(&self, prog: &Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&self.ctx),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
-    }
-
-    /// `repeat` runs in the kernel: (wall-clock ns per run, kernel ns per run).
-    fn timed(&self, prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, u64, u32)> {
-        cancel::check()?;
-        let started = Instant::now();
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                ctx_in: Some(&self.ctx),
-                repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        let wall = started.elapsed().as_nanos() as f64 / f64::from(repeat);
-        Ok((wall, res.duration.as_nanos() as u64, res.return_value))
-    }
-
-    /// The repeat count that makes one trial last about `target`.
-    fn repeat_for(&self, prog: &Xdp, frame: &[u8], target: Duration) -> Result<u32> {
-        let probe = 20_000;
-        let (ns, _, _) = self.timed(prog, frame, probe)?;
-        let want = target.as_nanos() as f64 / ns.max(0.1);
-        Ok(want.clamp(f64::from(probe), 200_000_000.0) as u32)
-    }
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -480,10 +358,11 @@ fn check_path(run: &Runner, prog: &Xdp, p: &Packet) -> Result<&'static str> {
 }
 
 fn measure(plan: &Plan) -> Result<TestRunResults> {
-    let ifindex = private_netns()?;
+    let net = private_netns()?;
+    let ifindex = net.ifindex;
     let mut dp_cached = load_dispatcher(ifindex, Affinity::default())?;
     let mut dp_fib = load_dispatcher_with(ifindex, Affinity::default(), false)?;
-    let mac_obj = load_program(PROG_MAC_SWAP)?;
+    let mac_obj = load_mac_swap()?;
     let mut packets = messages::packets(
         CLIENT.parse()?,
         VIP.parse()?,
@@ -525,18 +404,18 @@ fn measure(plan: &Plan) -> Result<TestRunResults> {
         for _ in 0..plan.testrun_trials {
             let before = counter(dp, watched)?;
             let fallbacks = counter(dp, Counter::FibFallback)?;
-            let (w, k, _) = run.timed(dp.dispatch_program()?, &p.frame, repeat_dp)?;
+            let t = run.timed(dp.dispatch_program()?, &p.frame, repeat_dp)?;
             every &= counter(dp, watched)? - before == u64::from(repeat_dp);
             // Dispatched rows take the path they are meant to: the cache, or the FIB.
             let fell_back = counter(dp, Counter::FibFallback)? - fallbacks;
             if p.dispatched {
                 every &= fell_back == if by_fib { u64::from(repeat_dp) } else { 0 };
             }
-            dp_wall.push(w);
-            dp_kernel.push(k);
-            let (w, k, _) = run.timed(mac, &p.frame, repeat_mac)?;
-            mac_wall.push(w);
-            mac_kernel.push(k);
+            dp_wall.push(t.wall_ns);
+            dp_kernel.push(t.kernel_ns);
+            let t = run.timed(mac, &p.frame, repeat_mac)?;
+            mac_wall.push(t.wall_ns);
+            mac_kernel.push(t.kernel_ns);
         }
         let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
         let (dispatch_ns, mac_swap_ns) = (median(dp_kernel) as f64, median(mac_kernel) as f64);

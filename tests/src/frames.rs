@@ -2,7 +2,7 @@
 //! tests and the packets of the benchmarks.
 use std::net::{IpAddr, SocketAddr};
 
-use sip_dispatch_common::csum::checksum;
+use sip_dispatch_common::csum::{checksum, udp_checksum, udp_pseudo_header_sum};
 
 #[derive(Clone, Debug)]
 pub struct FrameSpec {
@@ -57,7 +57,7 @@ impl FrameSpec {
         udp.extend_from_slice(&udp_len.to_be_bytes());
         udp.extend_from_slice(&[0, 0]);
         udp.extend_from_slice(&self.payload);
-        let check = udp_checksum(self.src.ip(), self.dst.ip(), &udp);
+        let check = udp_checksum(self.src.ip(), self.dst.ip(), &udp[..8], &udp[8..]);
         if !(self.zero_udp_checksum && self.src.is_ipv4()) {
             udp[6..8].copy_from_slice(&check.to_be_bytes());
         }
@@ -104,31 +104,12 @@ impl FrameSpec {
     }
 }
 
-fn pseudo_header_sum(src: IpAddr, dst: IpAddr, udp_len: usize) -> u32 {
-    let mut bytes = Vec::new();
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            bytes.extend_from_slice(&s.octets());
-            bytes.extend_from_slice(&d.octets());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            bytes.extend_from_slice(&s.octets());
-            bytes.extend_from_slice(&d.octets());
-        }
-        _ => {}
-    }
-    bytes.extend_from_slice(&[0, 17]);
-    bytes.extend_from_slice(&(udp_len as u32).to_be_bytes());
-    // Sum (not complemented) of the pseudo header.
-    (!checksum(0, &bytes)) as u32
-}
-
-/// The UDP checksum of `udp` (header with a zero checksum field, then payload).
-pub fn udp_checksum(src: IpAddr, dst: IpAddr, udp: &[u8]) -> u16 {
-    match checksum(pseudo_header_sum(src, dst, udp.len()), udp) {
-        0 => 0xffff,
-        c => c,
-    }
+/// A MAC address as `ip` writes it: `02:00:00:00:00:aa`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// What a dispatched frame says, with its checksums verified from scratch.
@@ -187,7 +168,7 @@ pub fn parse(frame: &[u8]) -> Option<ParsedFrame> {
     let udp_checksum_ok = if check == 0 && src_ip.is_ipv4() {
         true
     } else {
-        checksum(pseudo_header_sum(src_ip, dst_ip, udp.len()), udp) == 0
+        checksum(udp_pseudo_header_sum(src_ip, dst_ip, udp.len()), udp) == 0
     };
     Some(ParsedFrame {
         src_mac,

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use serde::Serialize;
-use sip_dispatch::frames::FrameSpec;
+use sip_dispatch_testbed::frames::FrameSpec;
 
 /// Placeholder in a Call-ID that the throughput generator replaces by counters.
 pub const CALL_ID_VARIABLE: &str = "VVVVVVVV";
