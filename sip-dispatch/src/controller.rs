@@ -23,12 +23,17 @@ use crate::{
     control,
     dataplane::Dataplane,
     health::{self, Admin, Health, HealthConfig, ProbeOutcome},
+    protocol::{
+        Added, AdminChanged, AffinityView, Answer, BackendState, BackendView, BackendsList,
+        ReloadReply, Reloads, Removed, Reply, Request, ServiceView, WeightSet, WhichReply,
+        check_weight,
+    },
     reload::Reloader,
     select::{Candidate, Selection, select},
     slowpath,
     srv::{SrvAnswer, SrvEvent, Watchers},
     state::{self, AdminSetting, OperatorState},
-    stats::{BackendInfo, Reloads},
+    stats::BackendInfo,
     table_builds::{Built, TableBuilds},
 };
 
@@ -213,7 +218,7 @@ impl Known {
             self.health.reason = "set by the operator (state file)".into();
             log::info!(
                 "backend {addr} state={} reason=\"set by the operator (state file)\"",
-                self.health.display_state()
+                BackendState::of(&self.health)
             );
         }
         if let Some(weight) = weight {
@@ -342,21 +347,20 @@ pub struct Controller {
 /// A reply sent once every service `(index, request number)` names has its build back.
 struct WaitingReply {
     builds: Vec<(usize, u64)>,
-    answer: Answer,
-    reply: tokio::sync::oneshot::Sender<control::Response>,
+    answer: Deferred,
+    reply: tokio::sync::oneshot::Sender<Answer>,
 }
 
-enum Answer {
-    Ready(control::Response),
+/// The answer a waiting reply gets.
+enum Deferred {
+    Ready(Answer),
     /// `backends list`, made when sent (its shares come from the tables in force).
     BackendsList,
 }
 
-fn response(result: anyhow::Result<serde_json::Value>) -> control::Response {
-    match result {
-        Ok(result) => control::Response::ok(result),
-        Err(e) => control::Response::error(format!("{e:#}")),
-    }
+/// A request's result as the control socket tells it.
+fn answer_of(result: anyhow::Result<Reply>) -> Answer {
+    result.map_err(|e| format!("{e:#}"))
 }
 
 impl Controller {
@@ -739,10 +743,10 @@ impl Controller {
         }
     }
 
-    fn answer(&self, answer: Answer) -> control::Response {
+    fn answer(&self, answer: Deferred) -> Answer {
         match answer {
-            Answer::Ready(r) => r,
-            Answer::BackendsList => response(self.backends_json()),
+            Deferred::Ready(r) => r,
+            Deferred::BackendsList => answer_of(self.backends_list().map(Reply::BackendsList)),
         }
     }
 
@@ -757,12 +761,8 @@ impl Controller {
     /// Answers a request. `backends list` shows held calls, so it first waits for a
     /// census unless the last one is under a second old; `stats` (hence the metrics)
     /// starts one then but answers with the occupancy it has.
-    fn command(
-        &mut self,
-        request: control::Request,
-        reply: tokio::sync::oneshot::Sender<control::Response>,
-    ) {
-        use control::Request::{BackendsList, Stats};
+    fn command(&mut self, request: Request, reply: tokio::sync::oneshot::Sender<Answer>) {
+        use Request::{BackendsList, Stats};
         let counts = matches!(request, BackendsList | Stats) && self.dp.affinity().on;
         if !counts || self.censuses.fresh() {
             return self.command_now(request, reply);
@@ -814,21 +814,17 @@ impl Controller {
     /// Carries out a control request and answers it: `stats` and `which` at once;
     /// changes once the tables they caused are in force, and `backends list` once the
     /// tables being built are (so that its shares match its states).
-    fn command_now(
-        &mut self,
-        request: control::Request,
-        reply: tokio::sync::oneshot::Sender<control::Response>,
-    ) {
-        use control::Request::{BackendsList, Stats, Which};
+    fn command_now(&mut self, request: Request, reply: tokio::sync::oneshot::Sender<Answer>) {
+        use Request::{BackendsList, Stats, Which};
         let answer = match request {
             Stats | Which { .. } => {
-                let _ = reply.send(response(self.handle(request)));
+                let _ = reply.send(answer_of(self.handle(request)));
                 return;
             }
-            BackendsList => Answer::BackendsList,
+            BackendsList => Deferred::BackendsList,
             change => {
-                let result = self.handle(change).map(|v| self.saved(v));
-                Answer::Ready(response(result))
+                let result = self.handle(change).map(|r| self.saved(r));
+                Deferred::Ready(answer_of(result))
             }
         };
         let builds: Vec<(usize, u64)> = self
@@ -837,7 +833,7 @@ impl Controller {
             .enumerate()
             .filter_map(|(i, s)| s.requested.as_ref().map(|(seq, _)| (i, *seq)))
             .collect();
-        let failed = matches!(&answer, Answer::Ready(r) if !r.ok);
+        let failed = matches!(&answer, Deferred::Ready(Err(_)));
         if builds.is_empty() || failed {
             let _ = reply.send(self.answer(answer));
             return;
@@ -870,8 +866,11 @@ impl Controller {
                 Some((addr, outcome)) = self.probe_rx.recv() => self.on_probe(addr, outcome, true),
                 Some(event) = self.srv.rx.recv() => self.on_srv(event),
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
-                    match self.reload().map(|v| self.saved(v)) {
-                        Ok(done) => log::info!("reload (SIGHUP): {done}"),
+                    match self.reload().map(|r| self.saved(Reply::Reload(r))) {
+                        Ok(done) => log::info!(
+                            "reload (SIGHUP): {}",
+                            serde_json::to_string(&done).unwrap_or_default()
+                        ),
                         Err(e) => log::error!("reload (SIGHUP): {e:#}"),
                     }
                 }
@@ -900,14 +899,14 @@ impl Controller {
     }
 
     /// Carries out one control request.
-    fn handle(&mut self, request: control::Request) -> anyhow::Result<serde_json::Value> {
-        use control::Request::*;
+    fn handle(&mut self, request: Request) -> anyhow::Result<Reply> {
+        use Request::*;
         if !matches!(request, BackendsList | Stats | Which { .. }) {
             self.flags_stale = true;
         }
         match request {
-            BackendsList => self.backends_json(),
-            Stats => Ok(serde_json::to_value(self.snapshot()?)?),
+            BackendsList => self.backends_list().map(Reply::BackendsList),
+            Stats => Ok(Reply::Stats(Box::new(self.snapshot()?))),
             Which { call_id, service } => {
                 if call_id.len() > MAX_WHICH_CALL_ID {
                     bail!(
@@ -915,9 +914,9 @@ impl Controller {
                         call_id.len()
                     );
                 }
-                self.which(&call_id, service)
+                self.which(&call_id, service).map(Reply::Which)
             }
-            Reload => self.reload(),
+            Reload => self.reload().map(Reply::Reload),
             BackendAdd {
                 address,
                 weight,
@@ -936,7 +935,11 @@ impl Controller {
                 });
                 self.services[i].cli_added.insert(address);
                 self.changed_backends();
-                Ok(serde_json::json!({"added": address, "service": vip}))
+                Ok(Reply::Added(Added {
+                    added: address,
+                    service: vip,
+                    warning: None,
+                }))
             }
             BackendRemove { address } => {
                 self.known(address)?;
@@ -956,15 +959,13 @@ impl Controller {
                 }
                 self.censuses.invalidate();
                 self.changed_backends();
-                Ok(serde_json::json!({"removed": address}))
+                Ok(Reply::Removed(Removed {
+                    removed: address,
+                    warning: None,
+                }))
             }
             BackendAdmin { address, admin } => {
-                let admin = match admin.as_str() {
-                    "enable" => Admin::Enabled,
-                    "drain" => Admin::Drained,
-                    "disable" => Admin::Disabled,
-                    other => bail!("unknown admin state {other:?} (enable, drain or disable)"),
-                };
+                let admin = admin.admin();
                 self.known(address)?;
                 self.censuses.invalidate();
                 let k = self.known_mut(address)?;
@@ -974,19 +975,25 @@ impl Controller {
                 }
                 k.health.admin = admin;
                 k.health.reason = "set by the operator".into();
-                let state = k.health.display_state();
+                let state = BackendState::of(&k.health);
                 log::info!("backend {address} state={state} reason=\"set by the operator\"");
                 self.sync_probers();
                 self.republish();
-                Ok(serde_json::json!({"address": address, "state": state}))
+                Ok(Reply::AdminChanged(AdminChanged {
+                    address,
+                    state,
+                    warning: None,
+                }))
             }
             BackendWeight { address, weight } => {
-                if weight > u16::MAX as u32 {
-                    bail!("weight {weight} is above 65535");
-                }
+                check_weight(weight)?;
                 self.known_mut(address)?.weight_override = Some(weight);
                 self.republish();
-                Ok(serde_json::json!({"address": address, "weight": weight}))
+                Ok(Reply::WeightSet(WeightSet {
+                    address,
+                    weight,
+                    warning: None,
+                }))
             }
         }
     }
@@ -1013,9 +1020,7 @@ impl Controller {
         {
             bail!("backend {address} is already configured for {vip}");
         }
-        if weight > u16::MAX as u32 {
-            bail!("weight {weight} is above 65535");
-        }
+        check_weight(weight)?;
         let total = backends_adding(&self.services, address);
         if total > MAX_BACKENDS_IN_ALL {
             bail!(
@@ -1090,7 +1095,7 @@ impl Controller {
                 .weights
                 .into_iter()
                 .filter(|(addr, w)| {
-                    let ok = *w <= u32::from(u16::MAX);
+                    let ok = check_weight(*w).is_ok();
                     if !ok {
                         log::warn!("state file {file}: weight {w} of {addr} skipped: above 65535");
                     }
@@ -1143,23 +1148,21 @@ impl Controller {
 
     /// Writes the state file after a change, before its reply: a failure is logged and
     /// told in the reply (`warning`); the change itself stays applied.
-    fn saved(&mut self, mut reply: serde_json::Value) -> serde_json::Value {
+    fn saved(&mut self, mut reply: Reply) -> Reply {
         let Some(path) = &self.state_file else {
             return reply;
         };
         if let Err(e) = state::write(path, &self.operator_state()) {
             let warning = format!("applied, but not saved (it is lost at restart): {e:#}");
             log::warn!("{warning}");
-            if let Some(o) = reply.as_object_mut() {
-                o.insert("warning".into(), warning.into());
-            }
+            reply.warn(warning);
         }
         reply
     }
 
     /// Reads the settings again and applies them (all or nothing), then resolves every
     /// SRV name now. Counted for `stats` and the metrics.
-    fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+    fn reload(&mut self) -> anyhow::Result<ReloadReply> {
         self.flags_stale = true;
         let result = self.try_reload();
         let failed = result.is_err();
@@ -1172,7 +1175,7 @@ impl Controller {
         result
     }
 
-    fn try_reload(&mut self) -> anyhow::Result<serde_json::Value> {
+    fn try_reload(&mut self) -> anyhow::Result<ReloadReply> {
         let mut changes = Vec::new();
         let mut config = None;
         if let Some(mut reloader) = self.reloader.take() {
@@ -1189,11 +1192,12 @@ impl Controller {
         for change in &changes {
             log::info!("reload: {change}");
         }
-        Ok(serde_json::json!({
-            "reloaded": self.srv_names(),
-            "config": config,
-            "changes": changes,
-        }))
+        Ok(ReloadReply {
+            reloaded: self.srv_names().into_iter().collect(),
+            config,
+            changes,
+            warning: None,
+        })
     }
 
     /// Takes reloaded settings (the same VIPs: [`Reloader::reread`] checked that):
@@ -1289,11 +1293,7 @@ impl Controller {
     }
 
     /// Which backend a Call-ID value goes to now.
-    fn which(
-        &self,
-        call_id: &str,
-        service: Option<SocketAddr>,
-    ) -> anyhow::Result<serde_json::Value> {
+    fn which(&self, call_id: &str, service: Option<SocketAddr>) -> anyhow::Result<WhichReply> {
         let service = &self.services[self.service_index(service)?];
         let compact: Vec<u8> = call_id
             .trim()
@@ -1306,17 +1306,17 @@ impl Controller {
                 .member_for_hash(hash)
                 .map(|m| m.backend.to_socket_addr())
         });
-        Ok(serde_json::json!({
-            "call_id": call_id,
-            "service": service.vip,
-            "slot": sip_dispatch_common::slot_of(hash),
-            "backend": backend,
-            "affinity": self.affinity_json(service.id, hash)?,
-        }))
+        Ok(WhichReply {
+            call_id: call_id.to_string(),
+            service: service.vip,
+            slot: sip_dispatch_common::slot_of(hash),
+            backend,
+            affinity: self.affinity_view(service.id, hash)?,
+        })
     }
 
     /// `which`: the call's affinity entry, if the map has one.
-    fn affinity_json(&self, service: u32, hash: u64) -> anyhow::Result<serde_json::Value> {
+    fn affinity_view(&self, service: u32, hash: u64) -> anyhow::Result<Option<AffinityView>> {
         use sip_dispatch_common::{AFF_BYE, AFF_CANCEL, AffinityKey, BF_AFFINITY};
         let key = AffinityKey {
             hash,
@@ -1324,7 +1324,7 @@ impl Controller {
             _zero: 0,
         };
         let Some(e) = self.dp.affinity_entry(&key)? else {
-            return Ok(serde_json::Value::Null);
+            return Ok(None);
         };
         let backend = self
             .dp
@@ -1334,21 +1334,21 @@ impl Controller {
             .map(|(addr, _)| addr);
         let flags = self.dp.backend_flags(e.backend);
         let idle = slowpath::monotonic_ns().saturating_sub(e.last_seen_ns);
-        Ok(serde_json::json!({
-            "backend": backend,
-            "valid": backend.is_some()
+        Ok(Some(AffinityView {
+            backend,
+            valid: backend.is_some()
                 && flags.generation == e.generation
                 && flags.flags & BF_AFFINITY != 0,
-            "idle_s": idle / 1_000_000_000,
-            "bye_seen": e.flags & AFF_BYE != 0,
-            "cancel_seen": e.flags & AFF_CANCEL != 0,
+            idle_s: idle / 1_000_000_000,
+            bye_seen: e.flags & AFF_BYE != 0,
+            cancel_seen: e.flags & AFF_CANCEL != 0,
         }))
     }
 
     /// `backends list`: every backend of every service, with its share of the slots.
-    fn backends_json(&self) -> anyhow::Result<serde_json::Value> {
+    fn backends_list(&self) -> anyhow::Result<BackendsList> {
         let snap = self.snapshot()?;
-        let services: Vec<serde_json::Value> = self
+        let services = self
             .services
             .iter()
             .map(|s| {
@@ -1363,32 +1363,25 @@ impl Controller {
                             .collect()
                     })
                     .unwrap_or_default();
-                let vip = s.vip.to_string();
-                let backends: Vec<serde_json::Value> = snap
+                let backends = snap
                     .backends
                     .iter()
-                    .filter(|b| b.service == vip)
-                    .map(|b| {
-                        let mut v = serde_json::to_value(b).unwrap_or_default();
-                        let share = b
-                            .address
-                            .parse()
-                            .ok()
-                            .and_then(|a: SocketAddr| shares.get(&a).copied());
-                        v["share"] = serde_json::json!(share.unwrap_or(0.0));
-                        v
+                    .filter(|b| b.service == s.vip)
+                    .map(|b| BackendView {
+                        backend: b.clone(),
+                        share: shares.get(&b.address).copied().unwrap_or(0.0),
                     })
                     .collect();
-                serde_json::json!({
-                    "vip": s.vip,
-                    "forwarding": s.forwarding.name(),
-                    "generation": s.generation,
-                    "priority": s.published.as_ref().and_then(|p| p.priority),
-                    "backends": backends,
-                })
+                ServiceView {
+                    vip: s.vip,
+                    forwarding: s.forwarding.name().to_string(),
+                    generation: s.generation,
+                    priority: s.published.as_ref().and_then(|p| p.priority),
+                    backends,
+                }
             })
             .collect();
-        Ok(serde_json::json!({ "services": services }))
+        Ok(BackendsList { services })
     }
 
     /// What the stats and the exit line show of each backend, per service.
@@ -1413,7 +1406,7 @@ impl Controller {
                     ),
                     state_from: state::state_from(k.health.admin != Admin::Enabled),
                     source,
-                    state: k.health.display_state(),
+                    state: BackendState::of(&k.health),
                     reason: k.health.reason.clone(),
                     rtt: k.health.srtt,
                     last_code: k.health.last_code,
@@ -1434,7 +1427,7 @@ impl Controller {
     }
 
     /// Counters and backend states, as the exit line and the stats show them.
-    pub fn snapshot(&self) -> anyhow::Result<crate::stats::Snapshot> {
+    pub fn snapshot(&self) -> anyhow::Result<crate::protocol::Snapshot> {
         let mut s = crate::stats::snapshot(
             &self.dp,
             &self.backend_infos(),

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod neighbours;
 pub mod netlink;
 pub mod nexthops;
+pub mod protocol;
 pub mod rawudp;
 pub mod reload;
 pub mod run;
