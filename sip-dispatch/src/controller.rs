@@ -19,16 +19,13 @@ use tokio::{
 };
 
 use crate::{
-    config::{ServiceSpec, Settings},
     control,
     dataplane::Dataplane,
     health::{self, Admin, Health, HealthConfig, ProbeOutcome},
     protocol::{
         Added, AdminChanged, AffinityView, Answer, BackendState, BackendView, BackendsList,
-        ReloadReply, Reloads, Removed, Reply, Request, ServiceView, WeightSet, WhichReply,
-        check_weight,
+        Reloads, Removed, Reply, Request, ServiceView, WeightSet, WhichReply, check_weight,
     },
-    reload::Reloader,
     select::{Candidate, Selection, select},
     slowpath,
     srv::{SrvAnswer, SrvEvent, Watchers},
@@ -36,6 +33,10 @@ use crate::{
     stats::BackendInfo,
     table_builds::{Built, TableBuilds},
 };
+
+pub mod reload;
+
+use reload::Reloader;
 
 /// Where a backend came from.
 pub const SOURCE_STATIC: &str = "static";
@@ -120,49 +121,6 @@ impl Service {
         let mut seen = std::collections::HashSet::new();
         out.retain(|(c, _)| seen.insert(c.addr));
         out
-    }
-
-    /// Takes the static backends and SRV names of a reloaded configuration; returns
-    /// what changed. SRV names kept keep their last answer.
-    fn reconfigure(&mut self, spec: &ServiceSpec) -> Vec<String> {
-        let vip = self.vip;
-        let statics: Vec<Candidate> = spec.backends.iter().map(Candidate::from).collect();
-        let mut changes = Vec::new();
-        for c in &statics {
-            match self.statics.iter().find(|o| o.addr == c.addr) {
-                None => changes.push(format!("{vip}: backend {} added", c.addr)),
-                Some(o) if (o.weight, o.priority) != (c.weight, c.priority) => {
-                    changes.push(format!(
-                        "{vip}: backend {} now weight {} priority {}",
-                        c.addr, c.weight, c.priority
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
-        for o in &self.statics {
-            if !statics.iter().any(|c| c.addr == o.addr) {
-                changes.push(format!("{vip}: backend {} removed", o.addr));
-            }
-        }
-        self.statics = statics;
-        self.cli_added.clear();
-        self.removed.clear();
-        let names: BTreeSet<&String> = spec.srv.iter().collect();
-        self.srv.retain(|name, _| {
-            let keep = names.contains(name);
-            if !keep {
-                changes.push(format!("{vip}: srv {name} removed"));
-            }
-            keep
-        });
-        for name in names {
-            if !self.srv.contains_key(name) {
-                changes.push(format!("{vip}: srv {name} added"));
-                self.srv.insert(name.clone(), Vec::new());
-            }
-        }
-        changes
     }
 
     /// A member of `selection` this service no longer lists (removed since it was made).
@@ -269,25 +227,6 @@ pub fn backends_adding(services: &[Service], addr: SocketAddr) -> usize {
         .map(|(c, _)| c.addr)
         .collect();
     all.insert(addr);
-    all.len()
-}
-
-/// How many distinct backend addresses all `services` would list once the services
-/// of `specs` take their static backends (their SRV names keep their last answers).
-pub fn backends_reconfigured(services: &[Service], specs: &[ServiceSpec]) -> usize {
-    let mut all = std::collections::HashSet::new();
-    for s in services {
-        match specs.iter().find(|spec| spec.vip == s.vip) {
-            Some(spec) => {
-                all.extend(spec.backends.iter().map(|b| b.addr));
-                for name in &spec.srv {
-                    let kept = s.srv.get(name).into_iter().flatten();
-                    all.extend(kept.map(|c| c.addr));
-                }
-            }
-            None => all.extend(s.candidates().into_iter().map(|(c, _)| c.addr)),
-        }
-    }
     all.len()
 }
 
@@ -1160,106 +1099,6 @@ impl Controller {
         reply
     }
 
-    /// Reads the settings again and applies them (all or nothing), then resolves every
-    /// SRV name now. Counted for `stats` and the metrics.
-    fn reload(&mut self) -> anyhow::Result<ReloadReply> {
-        self.flags_stale = true;
-        let result = self.try_reload();
-        let failed = result.is_err();
-        self.reloads.last_failed = failed;
-        if failed {
-            self.reloads.failed += 1;
-        } else {
-            self.reloads.ok += 1;
-        }
-        result
-    }
-
-    fn try_reload(&mut self) -> anyhow::Result<ReloadReply> {
-        let mut changes = Vec::new();
-        let mut config = None;
-        if let Some(mut reloader) = self.reloader.take() {
-            let applied = reloader.reread().and_then(|next| {
-                changes = self.apply(&next)?;
-                reloader.accept(next);
-                Ok(())
-            });
-            config = reloader.config_path().map(|p| p.display().to_string());
-            self.reloader = Some(reloader);
-            applied?;
-        }
-        self.srv.resolve_now();
-        for change in &changes {
-            log::info!("reload: {change}");
-        }
-        Ok(ReloadReply {
-            reloaded: self.srv_names().into_iter().collect(),
-            config,
-            changes,
-            warning: None,
-        })
-    }
-
-    /// Takes reloaded settings (the same VIPs: [`Reloader::reread`] checked that):
-    /// backends, SRV names, health checks and DNS. Operator states (drained, disabled)
-    /// of backends still listed are kept; `set-weight` overrides are not, since the
-    /// file says what the weights are. Returns what changed, for the log and the CLI.
-    fn apply(&mut self, next: &Settings) -> anyhow::Result<Vec<String>> {
-        // The only steps that can fail come first, so a failure changes nothing.
-        let total = backends_reconfigured(&self.services, &next.services);
-        if total > MAX_BACKENDS_IN_ALL {
-            bail!(
-                "{total} backends in all services with the last DNS answers, at most \
-                 {MAX_BACKENDS_IN_ALL} (nothing was reloaded)"
-            );
-        }
-        let dns_changed = self.srv.reconfigure(next.dns)?;
-        if next.services.iter().any(|s| !s.srv.is_empty()) {
-            self.srv.resolver()?;
-        }
-        let mut changes = Vec::new();
-        if dns_changed {
-            changes.push("dns settings changed: SRV names are resolved again".to_string());
-        }
-        for spec in &next.services {
-            let Some(service) = self.services.iter_mut().find(|s| s.vip == spec.vip) else {
-                continue;
-            };
-            changes.extend(service.reconfigure(spec));
-        }
-        let overridden = self
-            .backends
-            .values_mut()
-            .filter_map(|k| k.weight_override.take())
-            .count();
-        self.pending.reloaded();
-        if overridden > 0 {
-            changes.push(format!(
-                "{overridden} set-weight override(s) replaced by the configured weights"
-            ));
-        }
-        if next.health != self.health_cfg {
-            self.health_cfg = next.health.clone();
-            // Every prober restarts with the new settings; the states so far stay.
-            for (_, handle) in self.probers.drain() {
-                handle.abort();
-            }
-            changes.push("health-check settings changed".to_string());
-        }
-        if next.call_idle != self.call_idle {
-            changes.push(format!(
-                "call-idle {} (was {})",
-                crate::cli::show_duration(next.call_idle),
-                crate::cli::show_duration(self.call_idle)
-            ));
-            self.set_call_idle(next.call_idle);
-        }
-        self.censuses.invalidate();
-        self.watch_srv(&BTreeMap::new())?;
-        self.changed_backends();
-        Ok(changes)
-    }
-
     /// The service a command names, or the only one.
     fn service_index(&self, vip: Option<SocketAddr>) -> anyhow::Result<usize> {
         match vip {
@@ -1464,7 +1303,7 @@ impl Controller {
 mod backend_limit_tests {
     use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
-    use super::*;
+    use super::{reload::backends_reconfigured, *};
     use crate::{
         backend_ids::{BackendIds, Full},
         cli::BackendSpec,

@@ -22,7 +22,6 @@ pub mod netlink;
 pub mod nexthops;
 pub mod protocol;
 pub mod rawudp;
-pub mod reload;
 pub mod run;
 pub mod select;
 pub mod service_ids;
