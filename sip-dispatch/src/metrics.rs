@@ -355,28 +355,12 @@ mod tests {
         ]);
         let s = Snapshot {
             counters,
-            backends: vec![BackendSnapshot {
-                service: "198.18.0.100:5060".parse().unwrap(),
-                address: "198.18.0.21:5060".parse().unwrap(),
-                weight: 2,
-                priority: 10,
-                source: "_sip._udp.example.net".into(),
-                added_by: "config".into(),
-                weight_from: "dns".into(),
-                state_from: "health".into(),
-                state: BackendState::Up,
-                reason: String::new(),
-                rtt_ms: Some(1.5),
-                last_code: Some(200),
-                last_rtt_ms: Some(1.2),
-                consecutive_failures: 0,
-                last_change: 0,
-                checks: 9,
-                check_failures: 1,
-                packets: 7,
-                bytes: 700,
-                calls: Some(4),
-            }],
+            // Service 198.18.0.100:5060, source _sip._udp.example.net, up, rtt 1.5 ms,
+            // 9 checks, 1 failed, 7 packets.
+            backends: vec![crate::protocol::sample_backend(
+                "198.18.0.21:5060",
+                BackendState::Up,
+            )],
             dns_failures: 3,
             reloads: crate::protocol::Reloads {
                 ok: 2,
