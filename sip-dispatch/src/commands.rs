@@ -1,13 +1,17 @@
 //! The CLI commands that talk to a running daemon over its control socket, and how they
 //! print: a table for people, `--json` for scripts.
-use std::{collections::HashMap, io::Write as _, time::Duration};
+use std::{collections::HashMap, fmt::Display, io::Write as _, net::SocketAddr, time::Duration};
 
 use anyhow::bail;
-use serde_json::Value;
+use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     cli::{BackendsCommand, ClientArgs, Command},
-    control::{Request, call, resolve_socket},
+    control::{call, resolve_socket},
+    protocol::{
+        Added, AdminAction, AdminChanged, BackendState, BackendsList, ReloadReply, Removed,
+        Request, Snapshot, WeightSet, WhichReply, slow_path_counters,
+    },
 };
 
 pub fn run(command: Command) -> anyhow::Result<()> {
@@ -19,30 +23,12 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             service,
             client,
         } => {
-            let v = request(&client, &Request::Which { call_id, service })?;
-            print(&client, &v, |v| {
-                format!(
-                    "{} -> {} (slot {})",
-                    v["call_id"],
-                    text(&v["backend"]),
-                    v["slot"]
-                )
-            })
+            let reply: WhichReply = request(&client, &Request::Which { call_id, service })?;
+            print(&client, &reply, which_line)
         }
         Command::Reload { client } => {
-            let v = request(&client, &Request::Reload)?;
-            print(&client, &v, |v| {
-                let mut lines: Vec<String> = v["changes"]
-                    .as_array()
-                    .map(|c| c.iter().map(text).collect())
-                    .unwrap_or_default();
-                if lines.is_empty() {
-                    lines.push("no configuration change".into());
-                }
-                let names = v["reloaded"].as_array().map_or(0, Vec::len);
-                lines.push(format!("resolving {names} SRV name(s) now"));
-                lines.join("\n")
-            })
+            let reply: ReloadReply = request(&client, &Request::Reload)?;
+            print(&client, &reply, reload_lines)
         }
         Command::Run(_) | Command::XdpPass(_) | Command::Decap(_) | Command::Detach(_) => {
             bail!("not a client command")
@@ -50,65 +36,111 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn request(client: &ClientArgs, req: &Request) -> anyhow::Result<Value> {
+/// Sends `req` to the daemon `client` names; `R` is the reply type of the request.
+fn request<R: DeserializeOwned>(client: &ClientArgs, req: &Request) -> anyhow::Result<R> {
     let socket = resolve_socket(client.control.as_deref())?;
     call(&socket, req)
 }
 
-fn print(client: &ClientArgs, v: &Value, human: impl Fn(&Value) -> String) -> anyhow::Result<()> {
+/// A reply as `--json` asks (pretty JSON), else as `human` puts it.
+fn print<R: Serialize>(
+    client: &ClientArgs,
+    reply: &R,
+    human: impl Fn(&R) -> String,
+) -> anyhow::Result<()> {
     if client.json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        println!("{}", serde_json::to_string_pretty(reply)?);
     } else {
-        println!("{}", human(v));
+        println!("{}", human(reply));
     }
     Ok(())
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
+/// A reply on one line of JSON.
+fn compact<R: Serialize>(reply: &R) -> String {
+    serde_json::to_string(reply).unwrap_or_default()
+}
+
+/// A value, or `-` when there is none.
+fn or_dash<T: Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// `which` for people: the Call-ID quoted as in JSON, its backend, its slot.
+fn which_line(w: &WhichReply) -> String {
+    format!(
+        "{} -> {} (slot {})",
+        compact(&w.call_id),
+        or_dash(w.backend),
+        w.slot
+    )
+}
+
+/// `reload` for people: what changed, and how many SRV names are resolved again.
+fn reload_lines(r: &ReloadReply) -> String {
+    let mut lines = r.changes.clone();
+    if lines.is_empty() {
+        lines.push("no configuration change".into());
     }
+    lines.push(format!("resolving {} SRV name(s) now", r.reloaded.len()));
+    lines.join("\n")
+}
+
+/// Sends a change and prints its reply (`ok: JSON` for people).
+fn change<R: Serialize + DeserializeOwned>(
+    client: &ClientArgs,
+    req: &Request,
+) -> anyhow::Result<()> {
+    let reply: R = request(client, req)?;
+    print(client, &reply, |r| format!("ok: {}", compact(r)))
 }
 
 fn backends(command: BackendsCommand, client: &ClientArgs) -> anyhow::Result<()> {
-    let admin = |address, admin: &str| Request::BackendAdmin {
-        address,
-        admin: admin.into(),
-    };
-    let req = match command {
+    let admin = |address, admin| Request::BackendAdmin { address, admin };
+    match command {
         BackendsCommand::List => {
-            let v = request(client, &Request::BackendsList)?;
-            return print(client, &v, backends_table);
+            let list: BackendsList = request(client, &Request::BackendsList)?;
+            print(client, &list, backends_table)
         }
         BackendsCommand::Add {
             address,
             weight,
             priority,
             service,
-        } => Request::BackendAdd {
-            address,
-            weight: weight.into(),
-            priority,
-            service,
-        },
-        BackendsCommand::Remove { address } => Request::BackendRemove { address },
+        } => change::<Added>(
+            client,
+            &Request::BackendAdd {
+                address,
+                weight: weight.into(),
+                priority,
+                service,
+            },
+        ),
+        BackendsCommand::Remove { address } => {
+            change::<Removed>(client, &Request::BackendRemove { address })
+        }
         BackendsCommand::Drain {
             address,
             wait: true,
             timeout,
-        } => return drain_and_wait(client, address, timeout),
-        BackendsCommand::Drain { address, .. } => admin(address, "drain"),
-        BackendsCommand::Enable { address } => admin(address, "enable"),
-        BackendsCommand::Disable { address } => admin(address, "disable"),
-        BackendsCommand::SetWeight { address, weight } => Request::BackendWeight {
-            address,
-            weight: weight.into(),
-        },
-    };
-    let v = request(client, &req)?;
-    print(client, &v, |v| format!("ok: {v}"))
+        } => drain_and_wait(client, address, timeout),
+        BackendsCommand::Drain { address, .. } => {
+            change::<AdminChanged>(client, &admin(address, AdminAction::Drain))
+        }
+        BackendsCommand::Enable { address } => {
+            change::<AdminChanged>(client, &admin(address, AdminAction::Enable))
+        }
+        BackendsCommand::Disable { address } => {
+            change::<AdminChanged>(client, &admin(address, AdminAction::Disable))
+        }
+        BackendsCommand::SetWeight { address, weight } => change::<WeightSet>(
+            client,
+            &Request::BackendWeight {
+                address,
+                weight: weight.into(),
+            },
+        ),
+    }
 }
 
 /// A command's end that is no error but has its own exit status (`drain --wait`):
@@ -158,7 +190,7 @@ pub enum Seen {
     },
     /// Listed in another state (enabled: its health state; or disabled).
     Other {
-        state: String,
+        state: BackendState,
     },
     /// Listed by no service any more.
     Gone,
@@ -166,27 +198,25 @@ pub enum Seen {
 
 /// `address` in a `backends list` answer. Calls are per address, whatever the service
 /// (every row of it shows the same count). An error when the daemon counts no calls.
-pub fn seen_in(list: &Value, address: std::net::SocketAddr) -> anyhow::Result<Seen> {
-    let rows: Vec<&Value> = list["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|s| s["backends"].as_array().into_iter().flatten())
-        .filter(|b| b["address"].as_str().and_then(|a| a.parse().ok()) == Some(address))
+pub fn seen_in(list: &BackendsList, address: SocketAddr) -> anyhow::Result<Seen> {
+    let rows: Vec<_> = list
+        .services
+        .iter()
+        .flat_map(|s| &s.backends)
+        .map(|b| &b.backend)
+        .filter(|b| b.address == address)
         .collect();
     if rows.is_empty() {
         return Ok(Seen::Gone);
     }
-    let Some(calls) = rows.iter().filter_map(|b| b["calls"].as_u64()).max() else {
+    let Some(calls) = rows.iter().filter_map(|b| b.calls).max() else {
         bail!(
             "the daemon counts no calls of {address} (with --affinity off it cannot see calls; \
              otherwise its log says why): --wait cannot wait for them"
         );
     };
-    if let Some(other) = rows.iter().find(|b| b["state"] != "drained") {
-        return Ok(Seen::Other {
-            state: text(&other["state"]),
-        });
+    if let Some(other) = rows.iter().find(|b| b.state != BackendState::Drained) {
+        return Ok(Seen::Other { state: other.state });
     }
     Ok(Seen::Drained { calls })
 }
@@ -206,20 +236,19 @@ pub fn drain_end(seen: &Seen, elapsed: Duration, timeout: Option<Duration>) -> O
 /// prints the calls the backend holds about once a second until none are left.
 fn drain_and_wait(
     client: &ClientArgs,
-    address: std::net::SocketAddr,
+    address: SocketAddr,
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // Refused before anything changes when the daemon cannot count calls.
     seen_in(&request(client, &Request::BackendsList)?, address)?;
-    let v = request(
+    change::<AdminChanged>(
         client,
         &Request::BackendAdmin {
             address,
-            admin: "drain".into(),
+            admin: AdminAction::Drain,
         },
     )?;
-    print(client, &v, |v| format!("ok: {v}"))?;
     loop {
         let seen = seen_in(&request(client, &Request::BackendsList)?, address)?;
         match &seen {
@@ -262,22 +291,28 @@ fn drain_and_wait(
 
 /// A value with where it came from, e.g. `3(cli)`, unless that is `usual` (or unknown,
 /// from an older daemon).
-fn with_origin(value: &Value, origin: &Value, usual: &str) -> String {
-    match origin.as_str() {
-        Some(o) if !o.is_empty() && o != usual => format!("{}({o})", text(value)),
-        _ => text(value),
+fn with_origin(value: impl Display, origin: &str, usual: &str) -> String {
+    if !origin.is_empty() && origin != usual {
+        format!("{value}({origin})")
+    } else {
+        value.to_string()
     }
 }
 
-fn backends_table(v: &Value) -> String {
+/// Milliseconds with two decimals, or `-`.
+fn millis(ms: Option<f64>) -> String {
+    ms.map_or("-".into(), |r| format!("{r:.2}"))
+}
+
+fn backends_table(list: &BackendsList) -> String {
     let mut out = String::new();
-    for s in v["services"].as_array().into_iter().flatten() {
+    for s in &list.services {
         out += &format!(
             "service {}  forwarding {}  table generation {}  priority in use {}\n",
-            text(&s["vip"]),
-            text(&s["forwarding"]),
-            text(&s["generation"]),
-            text(&s["priority"])
+            s.vip,
+            s.forwarding,
+            s.generation,
+            or_dash(s.priority)
         );
         out += &format!(
             "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>7} {:>10} {:>6}  {}\n",
@@ -294,25 +329,22 @@ fn backends_table(v: &Value) -> String {
             "calls",
             "reason"
         );
-        for b in s["backends"].as_array().into_iter().flatten() {
+        for row in &s.backends {
+            let b = &row.backend;
             out += &format!(
                 "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10} {:>6}  {}\n",
-                text(&b["address"]),
-                with_origin(&b["source"], &b["added_by"], "config"),
-                text(&b["priority"]),
-                with_origin(&b["weight"], &b["weight_from"], "config"),
-                with_origin(&b["state"], &b["state_from"], "health"),
-                b["rtt_ms"]
-                    .as_f64()
-                    .map_or("-".into(), |r| format!("{r:.2}")),
-                text(&b["last_code"]),
-                b["last_rtt_ms"]
-                    .as_f64()
-                    .map_or("-".into(), |r| format!("{r:.2}")),
-                b["share"].as_f64().unwrap_or(0.0) * 100.0,
-                text(&b["packets"]),
-                text(&b["calls"]),
-                text(&b["reason"]),
+                b.address.to_string(),
+                with_origin(&b.source, &b.added_by, "config"),
+                b.priority.to_string(),
+                with_origin(b.weight, &b.weight_from, "config"),
+                with_origin(b.state, &b.state_from, "health"),
+                millis(b.rtt_ms),
+                or_dash(b.last_code),
+                millis(b.last_rtt_ms),
+                row.share * 100.0,
+                b.packets.to_string(),
+                or_dash(b.calls),
+                b.reason,
             );
         }
     }
@@ -321,32 +353,32 @@ fn backends_table(v: &Value) -> String {
 
 fn stats(watch: bool, client: &ClientArgs) -> anyhow::Result<()> {
     if !watch {
-        let v = request(client, &Request::Stats)?;
-        return print(client, &v, |v| stats_table(v, None, Duration::ZERO));
+        let snapshot: Snapshot = request(client, &Request::Stats)?;
+        return print(client, &snapshot, |s| stats_table(s, None, Duration::ZERO));
     }
-    let mut previous: Option<Value> = None;
+    let mut previous: Option<Snapshot> = None;
     let mut last = std::time::Instant::now();
     loop {
-        let v = request(client, &Request::Stats)?;
+        let snapshot: Snapshot = request(client, &Request::Stats)?;
         let elapsed = last.elapsed();
         last = std::time::Instant::now();
         if client.json {
-            println!("{}", serde_json::to_string(&v)?);
+            println!("{}", serde_json::to_string(&snapshot)?);
         } else {
             // Clear the screen and go home, like top.
             println!(
                 "\x1b[2J\x1b[H{}",
-                stats_table(&v, previous.as_ref(), elapsed)
+                stats_table(&snapshot, previous.as_ref(), elapsed)
             );
             std::io::stdout().flush()?;
         }
-        previous = Some(v);
+        previous = Some(snapshot);
         std::thread::sleep(Duration::from_secs(1));
     }
 }
 
 /// Counters as a table; with a previous sample, rates per second too.
-fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String {
+fn stats_table(s: &Snapshot, previous: Option<&Snapshot>, elapsed: Duration) -> String {
     let rate = |now: u64, before: Option<u64>| match before {
         Some(b) if !elapsed.is_zero() => format!(
             "{:.0}/s",
@@ -355,37 +387,30 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
         _ => String::new(),
     };
     let mut out = String::from("fast path\n");
-    let before: HashMap<String, u64> = previous
-        .and_then(|p| p["counters"].as_object())
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
+    let before: HashMap<&str, u64> = previous
+        .map(|p| p.counters.iter().collect())
         .unwrap_or_default();
-    for (name, value) in v["counters"].as_object().into_iter().flatten() {
-        let n = value.as_u64().unwrap_or(0);
+    for (name, n) in s.counters.iter() {
         out += &format!(
             "  {name:<28} {n:>14} {:>12}\n",
             rate(n, before.get(name).copied())
         );
     }
-    let total: u64 = v["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|b| b["packets"].as_u64().unwrap_or(0))
+    let total: u64 = s
+        .backends
+        .iter()
+        .map(|b| b.packets)
         .fold(0, u64::saturating_add);
     out += "backends\n";
-    for (i, b) in v["backends"].as_array().into_iter().flatten().enumerate() {
-        let packets = b["packets"].as_u64().unwrap_or(0);
-        let before = previous.and_then(|p| p["backends"][i]["packets"].as_u64());
+    for (i, b) in s.backends.iter().enumerate() {
+        let packets = b.packets;
+        let before = previous.and_then(|p| p.backends.get(i)).map(|b| b.packets);
         out += &format!(
             "  {:<26} {:<9} {:>12} pkts {:>14} bytes {:>6.1}% {:>10}\n",
-            text(&b["address"]),
-            text(&b["state"]),
+            b.address.to_string(),
+            b.state.name(),
             packets,
-            text(&b["bytes"]),
+            b.bytes,
             if total > 0 {
                 packets as f64 * 100.0 / total as f64
             } else {
@@ -395,22 +420,22 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
         );
     }
     out += "slow path\n";
-    for (name, value) in v["slow_path"].as_object().into_iter().flatten() {
-        out += &format!("  {name:<28} {:>14}\n", value.as_u64().unwrap_or(0));
+    for (name, value) in slow_path_counters(&s.slow_path) {
+        out += &format!("  {name:<28} {value:>14}\n");
     }
-    if let (Some(n), Some(cap)) = (
-        v["affinity_entries"].as_u64(),
-        v["affinity_capacity"].as_u64().filter(|c| *c > 0),
-    ) {
-        out += &format!("affinity map {n} of {cap} entries\n");
+    if s.affinity_capacity > 0 {
+        out += &format!(
+            "affinity map {} of {} entries\n",
+            s.affinity_entries, s.affinity_capacity
+        );
     }
-    out += &format!("dns failures {}\n", v["dns_failures"]);
-    let r = &v["reloads"];
+    out += &format!("dns failures {}\n", s.dns_failures);
+    let r = &s.reloads;
     out += &format!(
         "reloads ok {} failed {}{}",
-        r["ok"],
-        r["failed"],
-        if r["last_failed"] == true {
+        r.ok,
+        r.failed,
+        if r.last_failed {
             " (the last one failed)"
         } else {
             ""
@@ -421,15 +446,39 @@ fn stats_table(v: &Value, previous: Option<&Value>, elapsed: Duration) -> String
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
+    use crate::protocol::{BackendSnapshot, BackendView, FastPathCounters, sample_backend};
 
     const B: &str = "198.18.0.22:5060";
 
-    fn list(rows: &[serde_json::Value]) -> Value {
-        serde_json::json!({"services": [
-            {"vip": "198.18.0.100:5060", "backends": [{"address": "198.18.0.21:5060", "state": "up", "calls": 9}]},
-            {"vip": "198.18.0.101:5060", "backends": rows},
-        ]})
+    /// A `backends list` answer, as the daemon writes it: a backend of one service, and
+    /// `rows` in another. Rows are JSON with the fields a test cares about.
+    fn list(rows: &[Value]) -> BackendsList {
+        let row = |fields: &Value| {
+            let mut row = serde_json::to_value(BackendView {
+                backend: sample_backend("198.18.0.1:5060", BackendState::Up),
+                share: 0.0,
+            })
+            .unwrap();
+            row.as_object_mut().unwrap().remove("calls");
+            for (k, v) in fields.as_object().unwrap() {
+                row[k] = v.clone();
+            }
+            row
+        };
+        let service = |vip: &str, rows: Vec<Value>| {
+            serde_json::json!({"vip": vip, "forwarding": "rewrite", "generation": 1,
+                "priority": 0, "backends": rows})
+        };
+        serde_json::from_value(serde_json::json!({"services": [
+            service("198.18.0.100:5060", vec![row(&serde_json::json!(
+                {"address": "198.18.0.21:5060", "state": "up", "calls": 9}
+            ))]),
+            service("198.18.0.101:5060", rows.iter().map(row).collect()),
+        ]}))
+        .unwrap()
     }
 
     #[test]
@@ -445,7 +494,9 @@ mod tests {
         );
         assert_eq!(
             seen_in(&list(&[row("up", Some(3))]), b).unwrap(),
-            Seen::Other { state: "up".into() }
+            Seen::Other {
+                state: BackendState::Up
+            }
         );
         assert_eq!(seen_in(&list(&[]), b).unwrap(), Seen::Gone);
         let e = seen_in(&list(&[row("drained", None)]), b).unwrap_err();
@@ -489,14 +540,16 @@ mod tests {
             (held(5), s(0), Some(s(1)), None),
             (held(5), s(1), Some(s(1)), Some(DrainEnd::TimedOut)),
             (
-                Seen::Other { state: "up".into() },
+                Seen::Other {
+                    state: BackendState::Up,
+                },
                 s(0),
                 None,
                 Some(DrainEnd::Ended),
             ),
             (
                 Seen::Other {
-                    state: "disabled".into(),
+                    state: BackendState::Disabled,
                 },
                 s(0),
                 Some(s(9)),
@@ -519,18 +572,126 @@ mod tests {
 
     #[test]
     fn stats_of_backends_at_the_top_of_the_counter_range_do_not_overflow() {
-        let backend = |a: &str| {
-            serde_json::json!({
-                "address": a, "state": "up", "packets": u64::MAX, "bytes": u64::MAX,
-            })
+        let backend = |a: &str| BackendSnapshot {
+            packets: u64::MAX,
+            bytes: u64::MAX,
+            ..sample_backend(a, BackendState::Up)
         };
-        let v = serde_json::json!({
-            "counters": {"rx": u64::MAX},
-            "backends": [backend("198.18.0.21:5060"), backend("198.18.0.22:5060")],
-        });
+        let v = Snapshot {
+            counters: FastPathCounters(vec![("rx".into(), u64::MAX)]),
+            backends: vec![backend("198.18.0.21:5060"), backend("198.18.0.22:5060")],
+            dns_failures: 0,
+            reloads: Default::default(),
+            slow_path: Default::default(),
+            affinity_entries: 0,
+            affinity_capacity: 0,
+        };
         let out = stats_table(&v, Some(&v), Duration::from_secs(1));
         assert!(out.contains("198.18.0.22:5060"), "{out}");
         // The total saturates: each shows 100% rather than the CLI panicking.
         assert!(out.contains("100.0%"), "{out}");
     }
+    /// What people see, pinned: the same text as when the CLI read the replies as
+    /// untyped JSON.
+    #[test]
+    fn human_renderings_are_pinned() {
+        let mut b2 = sample_backend("[2001:db8::22]:5060", BackendState::Drained);
+        b2.calls = None;
+        b2.rtt_ms = None;
+        b2.last_code = None;
+        b2.last_rtt_ms = None;
+        b2.added_by = "cli".into();
+        b2.weight_from = "cli".into();
+        b2.state_from = "cli".into();
+        b2.reason = "set by the operator".into();
+        b2.source = "static".into();
+        let list = BackendsList {
+            services: vec![crate::protocol::ServiceView {
+                vip: "198.18.0.100:5060".parse().unwrap(),
+                forwarding: "rewrite".into(),
+                generation: 3,
+                priority: None,
+                backends: vec![
+                    BackendView {
+                        backend: sample_backend("198.18.0.21:5060", BackendState::Up),
+                        share: 0.25,
+                    },
+                    BackendView {
+                        backend: b2.clone(),
+                        share: 0.0,
+                    },
+                ],
+            }],
+        };
+        assert_eq!(backends_table(&list), BACKENDS_TABLE);
+        let which = WhichReply {
+            call_id: "a\"b@c".into(),
+            service: "198.18.0.100:5060".parse().unwrap(),
+            slot: 7,
+            backend: None,
+            affinity: None,
+        };
+        assert_eq!(which_line(&which), WHICH_LINE);
+        let reload = ReloadReply {
+            reloaded: vec!["a".into(), "b".into()],
+            config: None,
+            changes: vec![],
+            warning: None,
+        };
+        assert_eq!(reload_lines(&reload), RELOAD_LINES);
+        let s = Snapshot {
+            counters: FastPathCounters(vec![("rx".into(), 10), ("xdp_tx".into(), 4)]),
+            backends: vec![sample_backend("198.18.0.21:5060", BackendState::Up), b2],
+            dns_failures: 1,
+            reloads: crate::protocol::Reloads {
+                ok: 2,
+                failed: 1,
+                last_failed: true,
+            },
+            slow_path: Default::default(),
+            affinity_entries: 3,
+            affinity_capacity: 262_144,
+        };
+        let mut before = s.clone();
+        before.counters.0[0].1 = 5;
+        before.backends[0].packets = 3;
+        assert_eq!(
+            stats_table(&s, Some(&before), Duration::from_secs(2)),
+            STATS_TABLE
+        );
+    }
+
+    const BACKENDS_TABLE: &str = concat!(
+        "service 198.18.0.100:5060  forwarding rewrite  table generation 3  priority in use -\n",
+        "backend                    source                   prio      weight state            rtt ms last  last ms   share    packets  calls  reason\n",
+        "198.18.0.21:5060           _sip._udp.example.net      10      2(dns) up                 1.50  200     1.20   25.0%          7      4  \n",
+        "[2001:db8::22]:5060        static(cli)                10      2(cli) drained(cli)          -    -        -    0.0%          7      -  set by the operator",
+    );
+    const WHICH_LINE: &str = "\"a\\\"b@c\" -> - (slot 7)";
+    const RELOAD_LINES: &str = concat!("no configuration change\n", "resolving 2 SRV name(s) now",);
+    const STATS_TABLE: &str = concat!(
+        "fast path\n",
+        "  rx                                       10          2/s\n",
+        "  xdp_tx                                    4          0/s\n",
+        "backends\n",
+        "  198.18.0.21:5060           up                   7 pkts            700 bytes   50.0%        2/s\n",
+        "  [2001:db8::22]:5060        drained              7 pkts            700 bytes   50.0%        0/s\n",
+        "slow path\n",
+        "  received                                  0\n",
+        "  forwarded                                 0\n",
+        "  answered_503                              0\n",
+        "  dropped_not_sip                           0\n",
+        "  dropped_no_call_id                        0\n",
+        "  dropped_no_backend                        0\n",
+        "  rate_limited_503                          0\n",
+        "  send_errors                               0\n",
+        "  too_large_503                             0\n",
+        "  affinity_followed                         0\n",
+        "  affinity_written                          0\n",
+        "  not_on_link                               0\n",
+        "  too_big                                   0\n",
+        "affinity map 3 of 262144 entries\n",
+        "dns failures 1\n",
+        "reloads ok 2 failed 1 (the last one failed)",
+    );
 }

@@ -1,11 +1,10 @@
 //! The control socket: a Unix stream socket (mode 0600, in a 0700 directory, root only:
 //! each peer's credentials are checked) on which the CLI sends one JSON request per
-//! connection and reads one JSON response. The daemon applies every change through the
+//! connection and reads one JSON response (the types are in [`crate::protocol`]). The daemon applies every change through the
 //! controller, so each one is a table swap with the minimal disruption property.
 //! Connections are bounded in number and in time.
 use std::{
     io::{BufRead as _, Write as _},
-    net::SocketAddr,
     os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
@@ -13,12 +12,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{Semaphore, mpsc, oneshot},
 };
+
+use crate::protocol::{Answer, Reply, Request, Response};
 
 /// Where daemons put their sockets: `<dir>/<iface>.sock`.
 pub const SOCKET_DIR: &str = "/run/sip-dispatch";
@@ -33,65 +34,15 @@ pub fn default_socket(iface: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{iface}.sock"))
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Request {
-    BackendsList,
-    BackendAdd {
-        address: SocketAddr,
-        weight: u32,
-        priority: u16,
-        service: Option<SocketAddr>,
-    },
-    BackendRemove {
-        address: SocketAddr,
-    },
-    /// `admin`: enable, drain or disable.
-    BackendAdmin {
-        address: SocketAddr,
-        admin: String,
-    },
-    BackendWeight {
-        address: SocketAddr,
-        weight: u32,
-    },
-    Stats,
-    Which {
-        call_id: String,
-        service: Option<SocketAddr>,
-    },
-    Reload,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub result: serde_json::Value,
-}
-
-impl Response {
-    pub fn ok(result: serde_json::Value) -> Response {
-        Response {
-            ok: true,
-            error: None,
-            result,
-        }
-    }
-
-    pub fn error(e: impl std::fmt::Display) -> Response {
-        Response {
-            ok: false,
-            error: Some(e.to_string()),
-            result: serde_json::Value::Null,
-        }
-    }
-}
-
 /// A request on its way to the controller, with where its answer goes.
-pub type Command = (Request, oneshot::Sender<Response>);
+pub type Command = (Request, oneshot::Sender<Answer>);
+
+/// The line the daemon writes for an answer (with its newline).
+fn wire(answer: Answer) -> Option<String> {
+    let mut text = serde_json::to_string(&Response::<Reply>::from(answer)).ok()?;
+    text.push('\n');
+    Some(text)
+}
 
 /// Sleeps after a failed `accept` so that a full file table (EMFILE, ENFILE) or any
 /// other persistent error does not spin the runtime thread: 10 ms, doubling up to 1 s,
@@ -169,16 +120,14 @@ fn peer_allowed(uid: u32) -> bool {
 }
 
 /// Why a peer may not use the control socket, or `None` when it may.
-fn refusal(stream: &UnixStream) -> Option<Response> {
+fn refusal(stream: &UnixStream) -> Option<String> {
     match stream.peer_cred() {
         Ok(cred) if peer_allowed(cred.uid()) => None,
-        Ok(cred) => Some(Response::error(format!(
+        Ok(cred) => Some(format!(
             "refused: the control socket is for root only (you are uid {})",
             cred.uid()
-        ))),
-        Err(e) => Some(Response::error(format!(
-            "refused: cannot read the peer's credentials: {e}"
-        ))),
+        )),
+        Err(e) => Some(format!("refused: cannot read the peer's credentials: {e}")),
     }
 }
 
@@ -196,8 +145,8 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
         else {
             continue;
         };
-        if let Some(response) = refusal(&stream) {
-            refuse(stream, &response, &lingering);
+        if let Some(why) = refusal(&stream) {
+            refuse(stream, why, &lingering);
             continue;
         }
         // While every slot is busy, further peers wait in the listen backlog.
@@ -217,12 +166,11 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Command>) {
 /// connection then stays open for up to [`REFUSED_LINGER`] while the peer writes (its
 /// request is read and ignored), so that its write does not fail before it reads why;
 /// otherwise it is closed at once.
-fn refuse(stream: UnixStream, response: &Response, lingering: &Arc<Semaphore>) {
+fn refuse(stream: UnixStream, why: String, lingering: &Arc<Semaphore>) {
     let Ok(stream) = stream.into_std() else {
         return;
     };
-    if let Ok(mut text) = serde_json::to_string(response) {
-        text.push('\n');
+    if let Some(text) = wire(Err(why)) {
         let _ = (&stream).write_all(text.as_bytes());
     }
     let Ok(permit) = lingering.clone().try_acquire_owned() else {
@@ -246,24 +194,22 @@ async fn answer(stream: UnixStream, tx: mpsc::Sender<Command>) {
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
     let received = tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line)).await;
-    let response = match received {
+    let shutting_down = || Err("the daemon is shutting down".to_string());
+    let answer = match received {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let (reply, answer) = oneshot::channel();
                 if tx.send((req, reply)).await.is_err() {
-                    Response::error("the daemon is shutting down")
+                    shutting_down()
                 } else {
-                    answer
-                        .await
-                        .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                    answer.await.unwrap_or_else(|_| shutting_down())
                 }
             }
-            Err(e) => Response::error(format!("bad request: {e}")),
+            Err(e) => Err(format!("bad request: {e}")),
         },
-        _ => Response::error("no request received"),
+        _ => Err("no request received".to_string()),
     };
-    if let Ok(mut text) = serde_json::to_string(&response) {
-        text.push('\n');
+    if let Some(text) = wire(answer) {
         let _ = tokio::time::timeout(IO_TIMEOUT, write.write_all(text.as_bytes())).await;
     }
 }
@@ -352,8 +298,9 @@ pub fn resolve_socket(control: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Sends one request and returns the daemon's result, or its error as an error.
-pub fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+/// Sends one request and returns the daemon's reply, or its error as an error. `R` is
+/// the reply type of the request.
+pub fn call<R: DeserializeOwned>(socket: &Path, request: &Request) -> anyhow::Result<R> {
     let mut stream =
         std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -380,10 +327,11 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Valu
     std::io::BufReader::new(&stream)
         .read_line(&mut line)
         .with_context(|| format!("reading from {}", socket.display()))?;
-    let response: Response =
+    let response: Response<serde_json::Value> =
         serde_json::from_str(&line).context("the daemon's answer is not JSON")?;
     if response.ok {
-        Ok(response.result)
+        let result = response.result.unwrap_or_default();
+        serde_json::from_value(result).context("the daemon's answer is not the reply expected")
     } else {
         bail!(
             "{}",
@@ -399,23 +347,19 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
+    use crate::protocol::WeightSet;
 
-    #[test]
-    fn requests_have_a_stable_wire_form() {
-        let r = Request::BackendAdmin {
+    /// A reply that carries a number the test can check (`weight`).
+    fn seen(n: u32) -> Answer {
+        Ok(Reply::WeightSet(WeightSet {
             address: "198.18.0.21:5060".parse().unwrap(),
-            admin: "drain".into(),
-        };
-        let text = serde_json::to_string(&r).unwrap();
-        assert_eq!(
-            text,
-            r#"{"op":"backend-admin","address":"198.18.0.21:5060","admin":"drain"}"#
-        );
-        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
-        assert_eq!(
-            serde_json::to_string(&Request::BackendsList).unwrap(),
-            r#"{"op":"backends-list"}"#
-        );
+            weight: n,
+            warning: None,
+        }))
+    }
+
+    fn stats(path: &Path) -> anyhow::Result<WeightSet> {
+        call(path, &Request::Stats)
     }
 
     #[tokio::test]
@@ -437,19 +381,19 @@ mod tests {
         tokio::spawn(async move {
             while let Some((req, reply)) = rx.recv().await {
                 let _ = reply.send(match req {
-                    Request::Stats => Response::ok(serde_json::json!({"seen": 7})),
-                    _ => Response::error("unknown backend 198.18.0.99:5060"),
+                    Request::Stats => seen(7),
+                    _ => Err("unknown backend 198.18.0.99:5060".into()),
                 });
             }
         });
         let p = path.clone();
-        let got = tokio::task::spawn_blocking(move || call(&p, &Request::Stats))
+        let got = tokio::task::spawn_blocking(move || stats(&p))
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got["seen"], 7);
+        assert_eq!(got.weight, 7);
         let p = path.clone();
-        let err = tokio::task::spawn_blocking(move || call(&p, &Request::Reload))
+        let err = tokio::task::spawn_blocking(move || call::<WeightSet>(&p, &Request::Reload))
             .await
             .unwrap()
             .unwrap_err();
@@ -459,7 +403,7 @@ mod tests {
             "a second daemon on the same socket is refused"
         );
         std::fs::remove_dir_all(&dir).unwrap();
-        let err = call(&path, &Request::Stats).unwrap_err().to_string();
+        let err = stats(&path).unwrap_err().to_string();
         assert!(err.contains("the daemon is not running"), "{err}");
     }
 
@@ -497,12 +441,12 @@ mod tests {
         tokio::spawn(serve(listener, tx));
         tokio::spawn(async move {
             while let Some((_, reply)) = rx.recv().await {
-                let _ = reply.send(Response::ok(serde_json::json!({"seen": 1})));
+                let _ = reply.send(seen(1));
             }
         });
         // A refused CLI reads why, not a broken pipe.
         let p = path.clone();
-        let err = tokio::task::spawn_blocking(move || as_nobody(move || call(&p, &Request::Stats)))
+        let err = tokio::task::spawn_blocking(move || as_nobody(move || stats(&p)))
             .await
             .unwrap()
             .unwrap_err()
@@ -521,12 +465,12 @@ mod tests {
         .unwrap();
         let started = Instant::now();
         let p = path.clone();
-        let got = tokio::task::spawn_blocking(move || call(&p, &Request::Stats))
+        let got = tokio::task::spawn_blocking(move || stats(&p))
             .await
             .unwrap()
             .unwrap();
         let waited = started.elapsed();
-        assert_eq!(got["seen"], 1);
+        assert_eq!(got.weight, 1);
         // Before the fix root waited for the refused peers' slots to time out (5 s).
         assert!(waited < IO_TIMEOUT / 5, "root answered after {waited:?}");
         let started = Instant::now();
@@ -566,7 +510,7 @@ mod tests {
         tokio::spawn(serve(listener, tx));
         tokio::spawn(async move {
             while let Some((_, reply)) = rx.recv().await {
-                let _ = reply.send(Response::ok(serde_json::json!({"seen": 1})));
+                let _ = reply.send(seen(1));
             }
         });
         // Every slot taken by a peer that sends nothing.
@@ -576,12 +520,12 @@ mod tests {
         }
         let started = Instant::now();
         let p = path.clone();
-        let got = tokio::task::spawn_blocking(move || call(&p, &Request::Stats))
+        let got = tokio::task::spawn_blocking(move || stats(&p))
             .await
             .unwrap()
             .unwrap();
         let waited = started.elapsed();
-        assert_eq!(got["seen"], 1);
+        assert_eq!(got.weight, 1);
         // It waited in the backlog until the idle peers timed out, not longer.
         assert!(
             waited >= IO_TIMEOUT - Duration::from_millis(500) && waited < IO_TIMEOUT * 3,

@@ -3,6 +3,9 @@
 //! number of services that use it. Every change that alters which backends take traffic (or their weights)
 //! builds a new table and swaps it in atomically; a table is only rebuilt when the
 //! selection really changed, so calls on surviving backends are never moved.
+//!
+//! This module holds the state machine and the table publishing; control requests and
+//! the views they answer with are in [`requests`], reload in [`reload`].
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
@@ -10,7 +13,6 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail};
 use sip_dispatch_common::{HashKey, MAX_BACKENDS, table::SlotTable};
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -19,24 +21,24 @@ use tokio::{
 };
 
 use crate::{
-    config::{ServiceSpec, Settings},
     control,
     dataplane::Dataplane,
     health::{self, Admin, Health, HealthConfig, ProbeOutcome},
-    reload::Reloader,
+    protocol::{BackendState, Reloads, Reply, check_weight},
     select::{Candidate, Selection, select},
     slowpath,
     srv::{SrvAnswer, SrvEvent, Watchers},
     state::{self, AdminSetting, OperatorState},
-    stats::{BackendInfo, Reloads},
     table_builds::{Built, TableBuilds},
 };
 
+pub mod reload;
+mod requests;
+
+use self::{reload::Reloader, requests::WaitingReply};
+
 /// Where a backend came from.
 pub const SOURCE_STATIC: &str = "static";
-/// Longest Call-ID `which` takes: longer than any Call-ID of a real call (a SIP message
-/// over UDP is rarely above 8 KiB), short enough to hash at once.
-const MAX_WHICH_CALL_ID: usize = 8192;
 
 /// A service (VIP:port) with its backends and the table in force.
 pub struct Service {
@@ -117,49 +119,6 @@ impl Service {
         out
     }
 
-    /// Takes the static backends and SRV names of a reloaded configuration; returns
-    /// what changed. SRV names kept keep their last answer.
-    fn reconfigure(&mut self, spec: &ServiceSpec) -> Vec<String> {
-        let vip = self.vip;
-        let statics: Vec<Candidate> = spec.backends.iter().map(Candidate::from).collect();
-        let mut changes = Vec::new();
-        for c in &statics {
-            match self.statics.iter().find(|o| o.addr == c.addr) {
-                None => changes.push(format!("{vip}: backend {} added", c.addr)),
-                Some(o) if (o.weight, o.priority) != (c.weight, c.priority) => {
-                    changes.push(format!(
-                        "{vip}: backend {} now weight {} priority {}",
-                        c.addr, c.weight, c.priority
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
-        for o in &self.statics {
-            if !statics.iter().any(|c| c.addr == o.addr) {
-                changes.push(format!("{vip}: backend {} removed", o.addr));
-            }
-        }
-        self.statics = statics;
-        self.cli_added.clear();
-        self.removed.clear();
-        let names: BTreeSet<&String> = spec.srv.iter().collect();
-        self.srv.retain(|name, _| {
-            let keep = names.contains(name);
-            if !keep {
-                changes.push(format!("{vip}: srv {name} removed"));
-            }
-            keep
-        });
-        for name in names {
-            if !self.srv.contains_key(name) {
-                changes.push(format!("{vip}: srv {name} added"));
-                self.srv.insert(name.clone(), Vec::new());
-            }
-        }
-        changes
-    }
-
     /// A member of `selection` this service no longer lists (removed since it was made).
     fn unlisted_member(&self, selection: &Selection) -> Option<SocketAddr> {
         let listed: std::collections::HashSet<SocketAddr> =
@@ -213,7 +172,7 @@ impl Known {
             self.health.reason = "set by the operator (state file)".into();
             log::info!(
                 "backend {addr} state={} reason=\"set by the operator (state file)\"",
-                self.health.display_state()
+                BackendState::of(&self.health)
             );
         }
         if let Some(weight) = weight {
@@ -264,25 +223,6 @@ pub fn backends_adding(services: &[Service], addr: SocketAddr) -> usize {
         .map(|(c, _)| c.addr)
         .collect();
     all.insert(addr);
-    all.len()
-}
-
-/// How many distinct backend addresses all `services` would list once the services
-/// of `specs` take their static backends (their SRV names keep their last answers).
-pub fn backends_reconfigured(services: &[Service], specs: &[ServiceSpec]) -> usize {
-    let mut all = std::collections::HashSet::new();
-    for s in services {
-        match specs.iter().find(|spec| spec.vip == s.vip) {
-            Some(spec) => {
-                all.extend(spec.backends.iter().map(|b| b.addr));
-                for name in &spec.srv {
-                    let kept = s.srv.get(name).into_iter().flatten();
-                    all.extend(kept.map(|c| c.addr));
-                }
-            }
-            None => all.extend(s.candidates().into_iter().map(|(c, _)| c.addr)),
-        }
-    }
     all.len()
 }
 
@@ -337,26 +277,6 @@ pub struct Controller {
     call_idle: std::time::Duration,
     /// Where health checks come from, per family.
     probe_source: crate::addrs::SourceAddrs,
-}
-
-/// A reply sent once every service `(index, request number)` names has its build back.
-struct WaitingReply {
-    builds: Vec<(usize, u64)>,
-    answer: Answer,
-    reply: tokio::sync::oneshot::Sender<control::Response>,
-}
-
-enum Answer {
-    Ready(control::Response),
-    /// `backends list`, made when sent (its shares come from the tables in force).
-    BackendsList,
-}
-
-fn response(result: anyhow::Result<serde_json::Value>) -> control::Response {
-    match result {
-        Ok(result) => control::Response::ok(result),
-        Err(e) => control::Response::error(format!("{e:#}")),
-    }
 }
 
 impl Controller {
@@ -722,131 +642,12 @@ impl Controller {
         }
     }
 
-    /// Sends the replies whose tables are all back.
-    fn answer_waiting(&mut self) {
-        let services = &self.services;
-        let (ready, waiting): (Vec<WaitingReply>, Vec<WaitingReply>) =
-            std::mem::take(&mut self.waiting)
-                .into_iter()
-                .partition(|w| {
-                    w.builds
-                        .iter()
-                        .all(|(i, seq)| services.get(*i).is_none_or(|s| s.built_seq >= *seq))
-                });
-        self.waiting = waiting;
-        for w in ready {
-            let _ = w.reply.send(self.answer(w.answer));
-        }
-    }
-
-    fn answer(&self, answer: Answer) -> control::Response {
-        match answer {
-            Answer::Ready(r) => r,
-            Answer::BackendsList => response(self.backends_json()),
-        }
-    }
-
     /// `--call-idle` (at start, and on reload).
     pub fn set_call_idle(&mut self, idle: std::time::Duration) {
         if idle != self.call_idle {
             self.call_idle = idle;
             self.censuses.invalidate();
         }
-    }
-
-    /// Answers a request. `backends list` shows held calls, so it first waits for a
-    /// census unless the last one is under a second old; `stats` (hence the metrics)
-    /// starts one then but answers with the occupancy it has.
-    fn command(
-        &mut self,
-        request: control::Request,
-        reply: tokio::sync::oneshot::Sender<control::Response>,
-    ) {
-        use control::Request::{BackendsList, Stats};
-        let counts = matches!(request, BackendsList | Stats) && self.dp.affinity().on;
-        if !counts || self.censuses.fresh() {
-            return self.command_now(request, reply);
-        }
-        if !self.censuses.running() {
-            match self.start_census() {
-                Ok(census) => self.censuses.start(census),
-                Err(e) => {
-                    log::warn!("affinity census: {e:#}");
-                    return self.command_now(request, reply);
-                }
-            }
-        }
-        // `stats` (and the metrics) answer at once with the last occupancy and leave the
-        // census to refresh it; `backends list` waits for the calls each backend holds.
-        if matches!(request, Stats) {
-            return self.command_now(request, reply);
-        }
-        self.censuses.wait((request, reply));
-    }
-
-    /// Starts a census of held calls on the blocking pool.
-    fn start_census(
-        &mut self,
-    ) -> anyhow::Result<JoinHandle<anyhow::Result<crate::census::Census>>> {
-        let runner = self.dp.census_runner()?;
-        let ids: Vec<u32> = self
-            .dp
-            .backend_ids()
-            .into_iter()
-            .map(|(_, id)| id)
-            .collect();
-        let idle = self.call_idle;
-        Ok(tokio::task::spawn_blocking(move || runner.run(&ids, idle)))
-    }
-
-    /// Answers the requests that waited for a census; those that a change of state made
-    /// it too old for wait for the next one.
-    fn census_done(&mut self, waiting: Vec<control::Command>, ok: bool) {
-        for (request, reply) in waiting {
-            if ok && !self.censuses.current() {
-                self.command(request, reply);
-            } else {
-                self.command_now(request, reply);
-            }
-        }
-    }
-
-    /// Carries out a control request and answers it: `stats` and `which` at once;
-    /// changes once the tables they caused are in force, and `backends list` once the
-    /// tables being built are (so that its shares match its states).
-    fn command_now(
-        &mut self,
-        request: control::Request,
-        reply: tokio::sync::oneshot::Sender<control::Response>,
-    ) {
-        use control::Request::{BackendsList, Stats, Which};
-        let answer = match request {
-            Stats | Which { .. } => {
-                let _ = reply.send(response(self.handle(request)));
-                return;
-            }
-            BackendsList => Answer::BackendsList,
-            change => {
-                let result = self.handle(change).map(|v| self.saved(v));
-                Answer::Ready(response(result))
-            }
-        };
-        let builds: Vec<(usize, u64)> = self
-            .services
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.requested.as_ref().map(|(seq, _)| (i, *seq)))
-            .collect();
-        let failed = matches!(&answer, Answer::Ready(r) if !r.ok);
-        if builds.is_empty() || failed {
-            let _ = reply.send(self.answer(answer));
-            return;
-        }
-        self.waiting.push(WaitingReply {
-            builds,
-            answer,
-            reply,
-        });
     }
 
     /// Runs until `stop` resolves: health events, DNS answers and the operator's
@@ -870,8 +671,11 @@ impl Controller {
                 Some((addr, outcome)) = self.probe_rx.recv() => self.on_probe(addr, outcome, true),
                 Some(event) = self.srv.rx.recv() => self.on_srv(event),
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
-                    match self.reload().map(|v| self.saved(v)) {
-                        Ok(done) => log::info!("reload (SIGHUP): {done}"),
+                    match self.reload().map(|r| self.saved(Reply::Reload(r))) {
+                        Ok(done) => log::info!(
+                            "reload (SIGHUP): {}",
+                            serde_json::to_string(&done).unwrap_or_default()
+                        ),
                         Err(e) => log::error!("reload (SIGHUP): {e:#}"),
                     }
                 }
@@ -896,133 +700,6 @@ impl Controller {
         let vips: Vec<SocketAddr> = self.services.iter().map(|s| s.vip).collect();
         self.dp.retain_services(&vips)?;
         self.release_unused_ids();
-        Ok(())
-    }
-
-    /// Carries out one control request.
-    fn handle(&mut self, request: control::Request) -> anyhow::Result<serde_json::Value> {
-        use control::Request::*;
-        if !matches!(request, BackendsList | Stats | Which { .. }) {
-            self.flags_stale = true;
-        }
-        match request {
-            BackendsList => self.backends_json(),
-            Stats => Ok(serde_json::to_value(self.snapshot()?)?),
-            Which { call_id, service } => {
-                if call_id.len() > MAX_WHICH_CALL_ID {
-                    bail!(
-                        "Call-ID of {} bytes: at most {MAX_WHICH_CALL_ID}",
-                        call_id.len()
-                    );
-                }
-                self.which(&call_id, service)
-            }
-            Reload => self.reload(),
-            BackendAdd {
-                address,
-                weight,
-                priority,
-                service,
-            } => {
-                let i = self.service_index(service)?;
-                let vip = self.services[i].vip;
-                self.check_add(i, address, weight)?;
-                self.services[i].statics.push(Candidate {
-                    addr: address,
-                    priority,
-                    weight,
-                    sharing: 1,
-                    healthy: true,
-                });
-                self.services[i].cli_added.insert(address);
-                self.changed_backends();
-                Ok(serde_json::json!({"added": address, "service": vip}))
-            }
-            BackendRemove { address } => {
-                self.known(address)?;
-                let mut removed = false;
-                for s in &mut self.services {
-                    let before = s.statics.len();
-                    s.statics.retain(|c| c.addr != address);
-                    if s.statics.len() != before {
-                        removed = true;
-                        if !s.cli_added.remove(&address) {
-                            s.removed.insert(address);
-                        }
-                    }
-                }
-                if !removed {
-                    bail!("backend {address} comes from DNS SRV: change the zone, or disable it");
-                }
-                self.censuses.invalidate();
-                self.changed_backends();
-                Ok(serde_json::json!({"removed": address}))
-            }
-            BackendAdmin { address, admin } => {
-                let admin = match admin.as_str() {
-                    "enable" => Admin::Enabled,
-                    "drain" => Admin::Drained,
-                    "disable" => Admin::Disabled,
-                    other => bail!("unknown admin state {other:?} (enable, drain or disable)"),
-                };
-                self.known(address)?;
-                self.censuses.invalidate();
-                let k = self.known_mut(address)?;
-                if k.health.admin == Admin::Disabled && admin != Admin::Disabled {
-                    // Back in service: its first probe decides again.
-                    k.health = Health::unprobed();
-                }
-                k.health.admin = admin;
-                k.health.reason = "set by the operator".into();
-                let state = k.health.display_state();
-                log::info!("backend {address} state={state} reason=\"set by the operator\"");
-                self.sync_probers();
-                self.republish();
-                Ok(serde_json::json!({"address": address, "state": state}))
-            }
-            BackendWeight { address, weight } => {
-                if weight > u16::MAX as u32 {
-                    bail!("weight {weight} is above 65535");
-                }
-                self.known_mut(address)?.weight_override = Some(weight);
-                self.republish();
-                Ok(serde_json::json!({"address": address, "weight": weight}))
-            }
-        }
-    }
-
-    /// Whether `address` may be added to service `i` with `weight`: the rules of
-    /// `backends add`, also applied to the backends the state file adds.
-    fn check_add(&self, i: usize, address: SocketAddr, weight: u32) -> anyhow::Result<()> {
-        let vip = self.services[i].vip;
-        if address.port() == 0 {
-            bail!("backend {address}: port 0");
-        }
-        let local = crate::addrs::local_addresses().context("listing this host's addresses")?;
-        crate::addrs::check_backend(address.ip(), &local).map_err(anyhow::Error::msg)?;
-        if address.is_ipv6() != vip.is_ipv6() {
-            bail!("backend {address} and VIP {vip} are of different address families");
-        }
-        if self.services.iter().any(|s| s.vip == address) {
-            bail!("backend {address} is a VIP of this dispatcher (a forwarding loop)");
-        }
-        if self.services[i]
-            .candidates()
-            .iter()
-            .any(|(c, _)| c.addr == address)
-        {
-            bail!("backend {address} is already configured for {vip}");
-        }
-        if weight > u16::MAX as u32 {
-            bail!("weight {weight} is above 65535");
-        }
-        let total = backends_adding(&self.services, address);
-        if total > MAX_BACKENDS_IN_ALL {
-            bail!(
-                "backend {address}: {total} backends in all services, at most \
-                 {MAX_BACKENDS_IN_ALL}"
-            );
-        }
         Ok(())
     }
 
@@ -1090,7 +767,7 @@ impl Controller {
                 .weights
                 .into_iter()
                 .filter(|(addr, w)| {
-                    let ok = *w <= u32::from(u16::MAX);
+                    let ok = check_weight(*w).is_ok();
                     if !ok {
                         log::warn!("state file {file}: weight {w} of {addr} skipped: above 65535");
                     }
@@ -1143,327 +820,16 @@ impl Controller {
 
     /// Writes the state file after a change, before its reply: a failure is logged and
     /// told in the reply (`warning`); the change itself stays applied.
-    fn saved(&mut self, mut reply: serde_json::Value) -> serde_json::Value {
+    fn saved(&mut self, mut reply: Reply) -> Reply {
         let Some(path) = &self.state_file else {
             return reply;
         };
         if let Err(e) = state::write(path, &self.operator_state()) {
             let warning = format!("applied, but not saved (it is lost at restart): {e:#}");
             log::warn!("{warning}");
-            if let Some(o) = reply.as_object_mut() {
-                o.insert("warning".into(), warning.into());
-            }
+            reply.warn(warning);
         }
         reply
-    }
-
-    /// Reads the settings again and applies them (all or nothing), then resolves every
-    /// SRV name now. Counted for `stats` and the metrics.
-    fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
-        self.flags_stale = true;
-        let result = self.try_reload();
-        let failed = result.is_err();
-        self.reloads.last_failed = failed;
-        if failed {
-            self.reloads.failed += 1;
-        } else {
-            self.reloads.ok += 1;
-        }
-        result
-    }
-
-    fn try_reload(&mut self) -> anyhow::Result<serde_json::Value> {
-        let mut changes = Vec::new();
-        let mut config = None;
-        if let Some(mut reloader) = self.reloader.take() {
-            let applied = reloader.reread().and_then(|next| {
-                changes = self.apply(&next)?;
-                reloader.accept(next);
-                Ok(())
-            });
-            config = reloader.config_path().map(|p| p.display().to_string());
-            self.reloader = Some(reloader);
-            applied?;
-        }
-        self.srv.resolve_now();
-        for change in &changes {
-            log::info!("reload: {change}");
-        }
-        Ok(serde_json::json!({
-            "reloaded": self.srv_names(),
-            "config": config,
-            "changes": changes,
-        }))
-    }
-
-    /// Takes reloaded settings (the same VIPs: [`Reloader::reread`] checked that):
-    /// backends, SRV names, health checks and DNS. Operator states (drained, disabled)
-    /// of backends still listed are kept; `set-weight` overrides are not, since the
-    /// file says what the weights are. Returns what changed, for the log and the CLI.
-    fn apply(&mut self, next: &Settings) -> anyhow::Result<Vec<String>> {
-        // The only steps that can fail come first, so a failure changes nothing.
-        let total = backends_reconfigured(&self.services, &next.services);
-        if total > MAX_BACKENDS_IN_ALL {
-            bail!(
-                "{total} backends in all services with the last DNS answers, at most \
-                 {MAX_BACKENDS_IN_ALL} (nothing was reloaded)"
-            );
-        }
-        let dns_changed = self.srv.reconfigure(next.dns)?;
-        if next.services.iter().any(|s| !s.srv.is_empty()) {
-            self.srv.resolver()?;
-        }
-        let mut changes = Vec::new();
-        if dns_changed {
-            changes.push("dns settings changed: SRV names are resolved again".to_string());
-        }
-        for spec in &next.services {
-            let Some(service) = self.services.iter_mut().find(|s| s.vip == spec.vip) else {
-                continue;
-            };
-            changes.extend(service.reconfigure(spec));
-        }
-        let overridden = self
-            .backends
-            .values_mut()
-            .filter_map(|k| k.weight_override.take())
-            .count();
-        self.pending.reloaded();
-        if overridden > 0 {
-            changes.push(format!(
-                "{overridden} set-weight override(s) replaced by the configured weights"
-            ));
-        }
-        if next.health != self.health_cfg {
-            self.health_cfg = next.health.clone();
-            // Every prober restarts with the new settings; the states so far stay.
-            for (_, handle) in self.probers.drain() {
-                handle.abort();
-            }
-            changes.push("health-check settings changed".to_string());
-        }
-        if next.call_idle != self.call_idle {
-            changes.push(format!(
-                "call-idle {} (was {})",
-                crate::cli::show_duration(next.call_idle),
-                crate::cli::show_duration(self.call_idle)
-            ));
-            self.set_call_idle(next.call_idle);
-        }
-        self.censuses.invalidate();
-        self.watch_srv(&BTreeMap::new())?;
-        self.changed_backends();
-        Ok(changes)
-    }
-
-    /// The service a command names, or the only one.
-    fn service_index(&self, vip: Option<SocketAddr>) -> anyhow::Result<usize> {
-        match vip {
-            Some(v) => self
-                .services
-                .iter()
-                .position(|s| s.vip == v)
-                .with_context(|| {
-                    let all: Vec<String> =
-                        self.services.iter().map(|s| s.vip.to_string()).collect();
-                    format!(
-                        "unknown service {v} (this daemon serves {})",
-                        all.join(", ")
-                    )
-                }),
-            None if self.services.len() == 1 => Ok(0),
-            None => bail!("this daemon serves several services: name one with --service VIP:PORT"),
-        }
-    }
-
-    fn known(&self, address: SocketAddr) -> anyhow::Result<&Known> {
-        self.backends
-            .get(&address)
-            .with_context(|| format!("unknown backend {address}"))
-    }
-
-    fn known_mut(&mut self, address: SocketAddr) -> anyhow::Result<&mut Known> {
-        self.backends
-            .get_mut(&address)
-            .with_context(|| format!("unknown backend {address}"))
-    }
-
-    /// Which backend a Call-ID value goes to now.
-    fn which(
-        &self,
-        call_id: &str,
-        service: Option<SocketAddr>,
-    ) -> anyhow::Result<serde_json::Value> {
-        let service = &self.services[self.service_index(service)?];
-        let compact: Vec<u8> = call_id
-            .trim()
-            .bytes()
-            .filter(|b| *b != b' ' && *b != b'\t')
-            .collect();
-        let hash = sip_dispatch_common::hash::siphash13(self.key, &compact);
-        let backend = service.table().and_then(|t| {
-            t.table
-                .member_for_hash(hash)
-                .map(|m| m.backend.to_socket_addr())
-        });
-        Ok(serde_json::json!({
-            "call_id": call_id,
-            "service": service.vip,
-            "slot": sip_dispatch_common::slot_of(hash),
-            "backend": backend,
-            "affinity": self.affinity_json(service.id, hash)?,
-        }))
-    }
-
-    /// `which`: the call's affinity entry, if the map has one.
-    fn affinity_json(&self, service: u32, hash: u64) -> anyhow::Result<serde_json::Value> {
-        use sip_dispatch_common::{AFF_BYE, AFF_CANCEL, AffinityKey, BF_AFFINITY};
-        let key = AffinityKey {
-            hash,
-            service,
-            _zero: 0,
-        };
-        let Some(e) = self.dp.affinity_entry(&key)? else {
-            return Ok(serde_json::Value::Null);
-        };
-        let backend = self
-            .dp
-            .backend_ids()
-            .into_iter()
-            .find(|(_, id)| *id == e.backend)
-            .map(|(addr, _)| addr);
-        let flags = self.dp.backend_flags(e.backend);
-        let idle = slowpath::monotonic_ns().saturating_sub(e.last_seen_ns);
-        Ok(serde_json::json!({
-            "backend": backend,
-            "valid": backend.is_some()
-                && flags.generation == e.generation
-                && flags.flags & BF_AFFINITY != 0,
-            "idle_s": idle / 1_000_000_000,
-            "bye_seen": e.flags & AFF_BYE != 0,
-            "cancel_seen": e.flags & AFF_CANCEL != 0,
-        }))
-    }
-
-    /// `backends list`: every backend of every service, with its share of the slots.
-    fn backends_json(&self) -> anyhow::Result<serde_json::Value> {
-        let snap = self.snapshot()?;
-        let services: Vec<serde_json::Value> = self
-            .services
-            .iter()
-            .map(|s| {
-                let shares: HashMap<SocketAddr, f64> = s
-                    .table()
-                    .map(|t| {
-                        t.table
-                            .members
-                            .iter()
-                            .zip(t.table.shares())
-                            .map(|(m, x)| (m.backend.to_socket_addr(), x))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let vip = s.vip.to_string();
-                let backends: Vec<serde_json::Value> = snap
-                    .backends
-                    .iter()
-                    .filter(|b| b.service == vip)
-                    .map(|b| {
-                        let mut v = serde_json::to_value(b).unwrap_or_default();
-                        let share = b
-                            .address
-                            .parse()
-                            .ok()
-                            .and_then(|a: SocketAddr| shares.get(&a).copied());
-                        v["share"] = serde_json::json!(share.unwrap_or(0.0));
-                        v
-                    })
-                    .collect();
-                serde_json::json!({
-                    "vip": s.vip,
-                    "forwarding": s.forwarding.name(),
-                    "generation": s.generation,
-                    "priority": s.published.as_ref().and_then(|p| p.priority),
-                    "backends": backends,
-                })
-            })
-            .collect();
-        Ok(serde_json::json!({ "services": services }))
-    }
-
-    /// What the stats and the exit line show of each backend, per service.
-    pub fn backend_infos(&self) -> Vec<BackendInfo> {
-        let mut out = Vec::new();
-        for s in &self.services {
-            let effective = self.candidates_with_health(s);
-            for ((c, source), eff) in s.candidates().into_iter().zip(effective) {
-                let Some(k) = self.backends.get(&c.addr) else {
-                    continue;
-                };
-                out.push(BackendInfo {
-                    id: self.dp.known_backend_id(c.addr),
-                    service: s.vip,
-                    address: c.addr,
-                    weight: eff.weight,
-                    priority: c.priority,
-                    added_by: state::added_by(s.cli_added.contains(&c.addr)),
-                    weight_from: state::weight_from(
-                        k.weight_override.is_some() || s.cli_added.contains(&c.addr),
-                        source != SOURCE_STATIC,
-                    ),
-                    state_from: state::state_from(k.health.admin != Admin::Enabled),
-                    source,
-                    state: k.health.display_state(),
-                    reason: k.health.reason.clone(),
-                    rtt: k.health.srtt,
-                    last_code: k.health.last_code,
-                    last_rtt: k.health.last_rtt,
-                    consecutive_failures: k.health.consecutive_failures,
-                    last_change: k
-                        .health
-                        .last_change
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                    checks: k.health.checks,
-                    check_failures: k.health.check_failures,
-                    calls: self.calls_held(c.addr),
-                });
-            }
-        }
-        out
-    }
-
-    /// Counters and backend states, as the exit line and the stats show them.
-    pub fn snapshot(&self) -> anyhow::Result<crate::stats::Snapshot> {
-        let mut s = crate::stats::snapshot(
-            &self.dp,
-            &self.backend_infos(),
-            self.dns_failures,
-            self.reloads,
-            &self.slow_path,
-        )?;
-        let affinity = self.dp.affinity();
-        if affinity.on {
-            s.affinity_entries = self.censuses.last().map_or(0, |c| c.entries);
-            s.affinity_capacity = affinity.entries.into();
-        }
-        Ok(s)
-    }
-
-    /// The calls the last census saw `addr` hold (None with affinity off, before the
-    /// first census, or when the last one is older than the last change).
-    fn calls_held(&self, addr: SocketAddr) -> Option<u64> {
-        if !self.dp.affinity().on {
-            return None;
-        }
-        // Only a census started after the last change counts: an older one (or none, when
-        // the last one failed) would show calls the drain or enable since has changed.
-        if !self.censuses.current() {
-            return None;
-        }
-        let census = self.censuses.last()?;
-        let id = self.dp.known_backend_id(addr);
-        Some(id.and_then(|id| census.held.get(&id).copied()).unwrap_or(0))
     }
 }
 
@@ -1471,7 +837,7 @@ impl Controller {
 mod backend_limit_tests {
     use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
-    use super::*;
+    use super::{reload::backends_reconfigured, *};
     use crate::{
         backend_ids::{BackendIds, Full},
         cli::BackendSpec,

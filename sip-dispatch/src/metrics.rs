@@ -22,8 +22,8 @@ use tokio::{
 };
 
 use crate::{
-    control::{AcceptBackoff, Command, Request},
-    stats::{BackendSnapshot, Snapshot},
+    control::{AcceptBackoff, Command},
+    protocol::{BackendSnapshot, BackendState, Reply, Request, Snapshot, slow_path_counters},
 };
 
 /// Connections open at once.
@@ -168,9 +168,7 @@ async fn cached_page(tx: &mpsc::Sender<Command>, cache: &Cache) -> Option<String
     let (reply, answer) = oneshot::channel();
     let page = match tx.send((Request::Stats, reply)).await {
         Ok(()) => match answer.await {
-            Ok(r) if r.ok => serde_json::from_value::<Snapshot>(r.result)
-                .map(|s| render(&s))
-                .ok(),
+            Ok(Ok(Reply::Stats(s))) => Some(render(&s)),
             _ => None,
         },
         Err(_) => None,
@@ -204,25 +202,23 @@ pub fn render(s: &Snapshot) -> String {
     let mut lines = String::new();
     let mut affinity = String::new();
     let mut fib_fallbacks = None;
-    for (reason, v) in &s.counters {
+    for (reason, v) in s.counters.iter() {
         // Not an outcome either: how a dispatched or passed packet found its next hop.
         if reason == sip_dispatch_common::Counter::FibFallback.name() {
-            fib_fallbacks = v.as_u64();
+            fib_fallbacks = Some(v);
             continue;
         }
         // Affinity events are not packet outcomes (a packet has one of each).
         if let Some(event) = reason.strip_prefix("affinity_") {
             let _ = writeln!(
                 affinity,
-                "sip_dispatch_affinity_events_total{{path=\"fast\",event=\"{event}\"}} {}",
-                v.as_u64().unwrap_or(0)
+                "sip_dispatch_affinity_events_total{{path=\"fast\",event=\"{event}\"}} {v}"
             );
             continue;
         }
         let _ = writeln!(
             lines,
-            "sip_dispatch_fastpath_packets_total{{outcome=\"{reason}\"}} {}",
-            v.as_u64().unwrap_or(0)
+            "sip_dispatch_fastpath_packets_total{{outcome=\"{reason}\"}} {v}"
         );
     }
     out.push_str(&lines);
@@ -251,7 +247,7 @@ pub fn render(s: &Snapshot) -> String {
             "backend_up",
             "gauge",
             "1 when the backend takes calls (healthy and enabled).",
-            |b| u8::from(b.state == "up").to_string(),
+            |b| u8::from(b.state == BackendState::Up).to_string(),
         ),
         (
             "backend_rtt_seconds",
@@ -296,20 +292,18 @@ pub fn render(s: &Snapshot) -> String {
         "# HELP sip_dispatch_slowpath_datagrams_total Datagrams handled by the userspace slow path, by outcome.\n\
          # TYPE sip_dispatch_slowpath_datagrams_total counter"
     );
-    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&s.slow_path) {
-        for (outcome, v) in map {
-            if let Some(event) = outcome.strip_prefix("affinity_") {
-                let _ = writeln!(
-                    affinity,
-                    "sip_dispatch_affinity_events_total{{path=\"slow\",event=\"{event}\"}} {v}"
-                );
-                continue;
-            }
+    for (outcome, v) in slow_path_counters(&s.slow_path) {
+        if let Some(event) = outcome.strip_prefix("affinity_") {
             let _ = writeln!(
-                out,
-                "sip_dispatch_slowpath_datagrams_total{{outcome=\"{outcome}\"}} {v}"
+                affinity,
+                "sip_dispatch_affinity_events_total{{path=\"slow\",event=\"{event}\"}} {v}"
             );
+            continue;
         }
+        let _ = writeln!(
+            out,
+            "sip_dispatch_slowpath_datagrams_total{{outcome=\"{outcome}\"}} {v}"
+        );
     }
     let _ = writeln!(
         out,
@@ -354,36 +348,21 @@ mod tests {
 
     #[test]
     fn renders_every_family_with_labels() {
-        let mut counters = serde_json::Map::new();
-        counters.insert("xdp_tx".into(), 42.into());
-        counters.insert("affinity_hit".into(), 5.into());
-        counters.insert("fib_fallback".into(), 3.into());
+        let counters = crate::protocol::FastPathCounters(vec![
+            ("xdp_tx".into(), 42),
+            ("affinity_hit".into(), 5),
+            ("fib_fallback".into(), 3),
+        ]);
         let s = Snapshot {
             counters,
-            backends: vec![BackendSnapshot {
-                service: "198.18.0.100:5060".into(),
-                address: "198.18.0.21:5060".into(),
-                weight: 2,
-                priority: 10,
-                source: "_sip._udp.example.net".into(),
-                added_by: "config".into(),
-                weight_from: "dns".into(),
-                state_from: "health".into(),
-                state: "up".into(),
-                reason: String::new(),
-                rtt_ms: Some(1.5),
-                last_code: Some(200),
-                last_rtt_ms: Some(1.2),
-                consecutive_failures: 0,
-                last_change: 0,
-                checks: 9,
-                check_failures: 1,
-                packets: 7,
-                bytes: 700,
-                calls: Some(4),
-            }],
+            // Service 198.18.0.100:5060, source _sip._udp.example.net, up, rtt 1.5 ms,
+            // 9 checks, 1 failed, 7 packets.
+            backends: vec![crate::protocol::sample_backend(
+                "198.18.0.21:5060",
+                BackendState::Up,
+            )],
             dns_failures: 3,
-            reloads: crate::stats::Reloads {
+            reloads: crate::protocol::Reloads {
                 ok: 2,
                 failed: 1,
                 last_failed: true,
@@ -443,9 +422,7 @@ mod tests {
                     affinity_entries: 0,
                     affinity_capacity: 0,
                 };
-                let _ = reply.send(crate::control::Response::ok(
-                    serde_json::to_value(&s).unwrap(),
-                ));
+                let _ = reply.send(Ok(Reply::Stats(Box::new(s))));
             }
         });
         (tx, asked)

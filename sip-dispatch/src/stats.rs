@@ -1,9 +1,11 @@
-//! Counter snapshots, as JSON for scripts.
+//! Counter snapshots: what the controller knows of each backend, joined with the
+//! kernel's and the slow path's counters into a [`Snapshot`].
 use std::{net::SocketAddr, time::Duration};
 
-use serde::{Deserialize, Serialize};
-
-use crate::dataplane::Dataplane;
+use crate::{
+    dataplane::Dataplane,
+    protocol::{BackendSnapshot, BackendState, FastPathCounters, Reloads, Snapshot},
+};
 
 /// What the controller knows of a backend.
 #[derive(Clone, Debug)]
@@ -22,7 +24,7 @@ pub struct BackendInfo {
     pub weight_from: &'static str,
     /// `health`, or `cli` (drained or disabled by the operator).
     pub state_from: &'static str,
-    pub state: &'static str,
+    pub state: BackendState,
     pub reason: String,
     /// Smoothed health-check round trip.
     pub rtt: Option<Duration>,
@@ -39,63 +41,6 @@ pub struct BackendInfo {
     pub calls: Option<u64>,
 }
 
-#[derive(Serialize, Deserialize)]
-pub struct BackendSnapshot {
-    pub service: String,
-    pub address: String,
-    pub weight: u32,
-    pub priority: u16,
-    pub source: String,
-    /// Where the backend, its weight and its state came from (see [`BackendInfo`]).
-    #[serde(default)]
-    pub added_by: String,
-    #[serde(default)]
-    pub weight_from: String,
-    #[serde(default)]
-    pub state_from: String,
-    pub state: String,
-    pub reason: String,
-    pub rtt_ms: Option<f64>,
-    /// Of the last health check; null when it got no final response.
-    #[serde(default)]
-    pub last_code: Option<u16>,
-    #[serde(default)]
-    pub last_rtt_ms: Option<f64>,
-    pub consecutive_failures: u32,
-    pub last_change: u64,
-    pub checks: u64,
-    pub check_failures: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    /// See [`BackendInfo::calls`]; left out when unknown.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calls: Option<u64>,
-}
-
-/// Outcomes of `reload` (and SIGHUP) since the daemon started.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Reloads {
-    pub ok: u64,
-    pub failed: u64,
-    /// Whether the last one failed (false before any).
-    pub last_failed: bool,
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct Snapshot {
-    pub counters: serde_json::Map<String, serde_json::Value>,
-    pub backends: Vec<BackendSnapshot>,
-    pub dns_failures: u64,
-    #[serde(default)]
-    pub reloads: Reloads,
-    pub slow_path: crate::slowpath::CountersSnapshot,
-    /// Entries in the affinity map (0 with `--affinity off`), and its size (0 then).
-    #[serde(default)]
-    pub affinity_entries: u64,
-    #[serde(default)]
-    pub affinity_capacity: u64,
-}
-
 pub fn snapshot(
     dp: &Dataplane,
     backends: &[BackendInfo],
@@ -103,11 +48,12 @@ pub fn snapshot(
     reloads: Reloads,
     slow_path: &crate::slowpath::Counters,
 ) -> anyhow::Result<Snapshot> {
-    let counters = dp
-        .counters()?
-        .into_iter()
-        .map(|(c, v)| (c.name().to_string(), v.into()))
-        .collect();
+    let counters = FastPathCounters(
+        dp.counters()?
+            .into_iter()
+            .map(|(c, v)| (c.name().to_string(), v))
+            .collect(),
+    );
     let per_backend = backends
         .iter()
         .map(|b| {
@@ -118,15 +64,15 @@ pub fn snapshot(
             // What the slow path forwarded counts too: one backend, one set of numbers.
             let slow = slow_path.forwarded_to(b.address);
             Ok(BackendSnapshot {
-                service: b.service.to_string(),
-                address: b.address.to_string(),
+                service: b.service,
+                address: b.address,
                 weight: b.weight,
                 priority: b.priority,
                 source: b.source.clone(),
                 added_by: b.added_by.to_string(),
                 weight_from: b.weight_from.to_string(),
                 state_from: b.state_from.to_string(),
-                state: b.state.to_string(),
+                state: b.state,
                 reason: b.reason.clone(),
                 rtt_ms: b.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 last_code: b.last_code,

@@ -1,13 +1,24 @@
-//! `sip-dispatch reload` (and SIGHUP): the flags and the config file are read again, and
-//! what they say about backends, SRV names, health checks and DNS takes effect without a
-//! restart. Settings that only a restart can change (interface, XDP mode, hash key, pin
-//! directory, control socket, metrics address, the set of VIPs) must be unchanged, or
-//! nothing at all is applied.
-use std::{collections::BTreeSet, net::SocketAddr, path::Path};
+//! `sip-dispatch reload` (and SIGHUP): the flags and the config file are read again
+//! ([`Reloader`]), and what they say about backends, SRV names, health checks and DNS
+//! takes effect without a restart ([`Controller::reload`]). Settings that only a restart
+//! can change (interface, XDP mode, hash key, pin directory, control socket, metrics
+//! address, the set of VIPs) must be unchanged, or nothing at all is applied.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+};
 
 use anyhow::bail;
 
-use crate::{cli::RunArgs, config::Settings, hashkey::KeyOrigin};
+use super::{Controller, MAX_BACKENDS_IN_ALL, Service};
+use crate::{
+    cli::RunArgs,
+    config::{ServiceSpec, Settings},
+    hashkey::KeyOrigin,
+    protocol::ReloadReply,
+    select::Candidate,
+};
 
 /// Re-reads the settings the daemon was started with.
 pub struct Reloader {
@@ -102,6 +113,173 @@ pub fn restart_only_changes(running: &Settings, next: &Settings) -> Vec<String> 
         changed.push(format!("`forwarding` ({})", moved.join(", ")));
     }
     changed
+}
+
+/// How the controller takes reloaded settings.
+impl Controller {
+    /// Reads the settings again and applies them (all or nothing), then resolves every
+    /// SRV name now. Counted for `stats` and the metrics.
+    pub(super) fn reload(&mut self) -> anyhow::Result<ReloadReply> {
+        self.flags_stale = true;
+        let result = self.try_reload();
+        let failed = result.is_err();
+        self.reloads.last_failed = failed;
+        if failed {
+            self.reloads.failed += 1;
+        } else {
+            self.reloads.ok += 1;
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<ReloadReply> {
+        let mut changes = Vec::new();
+        let mut config = None;
+        if let Some(mut reloader) = self.reloader.take() {
+            let applied = reloader.reread().and_then(|next| {
+                changes = self.apply(&next)?;
+                reloader.accept(next);
+                Ok(())
+            });
+            config = reloader.config_path().map(|p| p.display().to_string());
+            self.reloader = Some(reloader);
+            applied?;
+        }
+        self.srv.resolve_now();
+        for change in &changes {
+            log::info!("reload: {change}");
+        }
+        Ok(ReloadReply {
+            reloaded: self.srv_names().into_iter().collect(),
+            config,
+            changes,
+            warning: None,
+        })
+    }
+
+    /// Takes reloaded settings (the same VIPs: [`Reloader::reread`] checked that):
+    /// backends, SRV names, health checks and DNS. Operator states (drained, disabled)
+    /// of backends still listed are kept; `set-weight` overrides are not, since the
+    /// file says what the weights are. Returns what changed, for the log and the CLI.
+    fn apply(&mut self, next: &Settings) -> anyhow::Result<Vec<String>> {
+        // The only steps that can fail come first, so a failure changes nothing.
+        let total = backends_reconfigured(&self.services, &next.services);
+        if total > MAX_BACKENDS_IN_ALL {
+            bail!(
+                "{total} backends in all services with the last DNS answers, at most \
+                 {MAX_BACKENDS_IN_ALL} (nothing was reloaded)"
+            );
+        }
+        let dns_changed = self.srv.reconfigure(next.dns)?;
+        if next.services.iter().any(|s| !s.srv.is_empty()) {
+            self.srv.resolver()?;
+        }
+        let mut changes = Vec::new();
+        if dns_changed {
+            changes.push("dns settings changed: SRV names are resolved again".to_string());
+        }
+        for spec in &next.services {
+            let Some(service) = self.services.iter_mut().find(|s| s.vip == spec.vip) else {
+                continue;
+            };
+            changes.extend(service.reconfigure(spec));
+        }
+        let overridden = self
+            .backends
+            .values_mut()
+            .filter_map(|k| k.weight_override.take())
+            .count();
+        self.pending.reloaded();
+        if overridden > 0 {
+            changes.push(format!(
+                "{overridden} set-weight override(s) replaced by the configured weights"
+            ));
+        }
+        if next.health != self.health_cfg {
+            self.health_cfg = next.health.clone();
+            // Every prober restarts with the new settings; the states so far stay.
+            for (_, handle) in self.probers.drain() {
+                handle.abort();
+            }
+            changes.push("health-check settings changed".to_string());
+        }
+        if next.call_idle != self.call_idle {
+            changes.push(format!(
+                "call-idle {} (was {})",
+                crate::cli::show_duration(next.call_idle),
+                crate::cli::show_duration(self.call_idle)
+            ));
+            self.set_call_idle(next.call_idle);
+        }
+        self.censuses.invalidate();
+        self.watch_srv(&BTreeMap::new())?;
+        self.changed_backends();
+        Ok(changes)
+    }
+}
+
+impl Service {
+    /// Takes the static backends and SRV names of a reloaded configuration; returns
+    /// what changed. SRV names kept keep their last answer.
+    pub(super) fn reconfigure(&mut self, spec: &ServiceSpec) -> Vec<String> {
+        let vip = self.vip;
+        let statics: Vec<Candidate> = spec.backends.iter().map(Candidate::from).collect();
+        let mut changes = Vec::new();
+        for c in &statics {
+            match self.statics.iter().find(|o| o.addr == c.addr) {
+                None => changes.push(format!("{vip}: backend {} added", c.addr)),
+                Some(o) if (o.weight, o.priority) != (c.weight, c.priority) => {
+                    changes.push(format!(
+                        "{vip}: backend {} now weight {} priority {}",
+                        c.addr, c.weight, c.priority
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        for o in &self.statics {
+            if !statics.iter().any(|c| c.addr == o.addr) {
+                changes.push(format!("{vip}: backend {} removed", o.addr));
+            }
+        }
+        self.statics = statics;
+        self.cli_added.clear();
+        self.removed.clear();
+        let names: BTreeSet<&String> = spec.srv.iter().collect();
+        self.srv.retain(|name, _| {
+            let keep = names.contains(name);
+            if !keep {
+                changes.push(format!("{vip}: srv {name} removed"));
+            }
+            keep
+        });
+        for name in names {
+            if !self.srv.contains_key(name) {
+                changes.push(format!("{vip}: srv {name} added"));
+                self.srv.insert(name.clone(), Vec::new());
+            }
+        }
+        changes
+    }
+}
+
+/// How many distinct backend addresses all `services` would list once the services
+/// of `specs` take their static backends (their SRV names keep their last answers).
+pub fn backends_reconfigured(services: &[Service], specs: &[ServiceSpec]) -> usize {
+    let mut all = std::collections::HashSet::new();
+    for s in services {
+        match specs.iter().find(|spec| spec.vip == s.vip) {
+            Some(spec) => {
+                all.extend(spec.backends.iter().map(|b| b.addr));
+                for name in &spec.srv {
+                    let kept = s.srv.get(name).into_iter().flatten();
+                    all.extend(kept.map(|c| c.addr));
+                }
+            }
+            None => all.extend(s.candidates().into_iter().map(|(c, _)| c.addr)),
+        }
+    }
+    all.len()
 }
 
 #[cfg(test)]

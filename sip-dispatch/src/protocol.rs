@@ -1,0 +1,769 @@
+//! The control protocol: the requests the CLI (and the metrics endpoint) send the daemon
+//! and the typed replies the controller answers with. On the control socket each is one
+//! line of JSON: the request, then `{"ok":true,"result":REPLY}` or
+//! `{"ok":false,"error":"...","result":null}` ([`Response`]).
+//!
+//! Field names, their order and which are left out when absent are the wire contract
+//! (scripts read `--json`, the tests read the replies): the unit tests below pin each
+//! reply's JSON.
+use std::{fmt, net::SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use sip_dispatch_common::health::{Admin, Health, State};
+
+use crate::slowpath::CountersSnapshot;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    BackendsList,
+    BackendAdd {
+        address: SocketAddr,
+        /// Checked by the daemon ([`check_weight`]), so that a raw request with a
+        /// weight past the range is told why.
+        weight: u32,
+        priority: u16,
+        service: Option<SocketAddr>,
+    },
+    BackendRemove {
+        address: SocketAddr,
+    },
+    BackendAdmin {
+        address: SocketAddr,
+        admin: AdminAction,
+    },
+    BackendWeight {
+        address: SocketAddr,
+        weight: u32,
+    },
+    Stats,
+    Which {
+        call_id: String,
+        service: Option<SocketAddr>,
+    },
+    Reload,
+}
+
+/// What `backends enable|drain|disable` asks for.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum AdminAction {
+    Enable,
+    Drain,
+    Disable,
+}
+
+impl AdminAction {
+    /// The operator's setting this action leaves the backend in.
+    pub fn admin(self) -> Admin {
+        match self {
+            AdminAction::Enable => Admin::Enabled,
+            AdminAction::Drain => Admin::Drained,
+            AdminAction::Disable => Admin::Disabled,
+        }
+    }
+}
+
+/// Parsed by hand so that a raw request with another word is told which ones exist.
+impl TryFrom<String> for AdminAction {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<AdminAction, String> {
+        match s.as_str() {
+            "enable" => Ok(AdminAction::Enable),
+            "drain" => Ok(AdminAction::Drain),
+            "disable" => Ok(AdminAction::Disable),
+            other => Err(format!(
+                "unknown admin state {other:?} (enable, drain or disable)"
+            )),
+        }
+    }
+}
+
+/// The highest weight a backend may have (weights are 16-bit in the tables).
+pub const MAX_WEIGHT: u32 = u16::MAX as u32;
+
+/// The weight range, for `backends add`, `set-weight` and the state file.
+pub fn check_weight(weight: u32) -> anyhow::Result<()> {
+    if weight > MAX_WEIGHT {
+        anyhow::bail!("weight {weight} is above {MAX_WEIGHT}");
+    }
+    Ok(())
+}
+
+/// What an operator sees of a backend: its health, unless the operator drained or
+/// disabled it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Up,
+    Down,
+    Drained,
+    Disabled,
+}
+
+impl BackendState {
+    pub fn of(health: &Health) -> BackendState {
+        match (health.admin, health.state) {
+            (Admin::Disabled, _) => BackendState::Disabled,
+            (Admin::Drained, _) => BackendState::Drained,
+            (Admin::Enabled, State::Up) => BackendState::Up,
+            (Admin::Enabled, State::Down) => BackendState::Down,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Drained => "drained",
+            BackendState::Disabled => "disabled",
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The envelope of every answer on the control socket. `result` is null on errors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response<R> {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Missing (as from an error of an older daemon) reads as null.
+    pub result: Option<R>,
+}
+
+impl<R> From<Answer<R>> for Response<R> {
+    fn from(answer: Answer<R>) -> Response<R> {
+        match answer {
+            Ok(result) => Response {
+                ok: true,
+                error: None,
+                result: Some(result),
+            },
+            Err(e) => Response {
+                ok: false,
+                error: Some(e),
+                result: None,
+            },
+        }
+    }
+}
+
+/// What the controller answers a request with: its reply, or why it refused.
+pub type Answer<R = Reply> = Result<R, String>;
+
+/// Every reply the daemon sends, as the controller hands it over (the metrics endpoint
+/// takes [`Reply::Stats`] as it is; the control socket writes its JSON, without a tag).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Reply {
+    BackendsList(BackendsList),
+    Stats(Box<Snapshot>),
+    Which(WhichReply),
+    Reload(ReloadReply),
+    Added(Added),
+    Removed(Removed),
+    AdminChanged(AdminChanged),
+    WeightSet(WeightSet),
+}
+
+impl Reply {
+    /// Tells a reply to a change that the change was not saved (in `warning`).
+    pub fn warn(&mut self, warning: String) {
+        match self {
+            Reply::Reload(r) => r.warning = Some(warning),
+            Reply::Added(r) => r.warning = Some(warning),
+            Reply::Removed(r) => r.warning = Some(warning),
+            Reply::AdminChanged(r) => r.warning = Some(warning),
+            Reply::WeightSet(r) => r.warning = Some(warning),
+            Reply::BackendsList(_) | Reply::Stats(_) | Reply::Which(_) => {}
+        }
+    }
+}
+
+/// `backends list`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendsList {
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceView {
+    pub vip: SocketAddr,
+    /// `rewrite`, `l2dsr` or `ipip`.
+    pub forwarding: String,
+    pub generation: u64,
+    /// The priority level the table in force uses (null: no table, or no backend up).
+    pub priority: Option<u16>,
+    pub backends: Vec<BackendView>,
+}
+
+/// A backend of a service in `backends list`: its stats, and its share of the slots.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendView {
+    #[serde(flatten)]
+    pub backend: BackendSnapshot,
+    pub share: f64,
+}
+
+/// `stats` (and the metrics page, and the exit line): counters and backend states.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub counters: FastPathCounters,
+    pub backends: Vec<BackendSnapshot>,
+    pub dns_failures: u64,
+    #[serde(default)]
+    pub reloads: Reloads,
+    pub slow_path: CountersSnapshot,
+    /// Entries in the affinity map (0 with `--affinity off`), and its size (0 then).
+    #[serde(default)]
+    pub affinity_entries: u64,
+    #[serde(default)]
+    pub affinity_capacity: u64,
+}
+
+/// The fast path's counters by name, in the order of `sip_dispatch_common::Counter`
+/// (a JSON object on the wire).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FastPathCounters(pub Vec<(String, u64)>);
+
+impl FastPathCounters {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.0.iter().map(|(name, v)| (name.as_str(), *v))
+    }
+
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
+
+impl Serialize for FastPathCounters {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+impl<'de> Deserialize<'de> for FastPathCounters {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FastPathCounters;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of counters")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<FastPathCounters, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, u64>()? {
+                    out.push(entry);
+                }
+                Ok(FastPathCounters(out))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// The slow path's counters by name, in their JSON order.
+pub fn slow_path_counters(c: &CountersSnapshot) -> [(&'static str, u64); 13] {
+    [
+        ("received", c.received),
+        ("forwarded", c.forwarded),
+        ("answered_503", c.answered_503),
+        ("dropped_not_sip", c.dropped_not_sip),
+        ("dropped_no_call_id", c.dropped_no_call_id),
+        ("dropped_no_backend", c.dropped_no_backend),
+        ("rate_limited_503", c.rate_limited_503),
+        ("send_errors", c.send_errors),
+        ("too_large_503", c.too_large_503),
+        ("affinity_followed", c.affinity_followed),
+        ("affinity_written", c.affinity_written),
+        ("not_on_link", c.not_on_link),
+        ("too_big", c.too_big),
+    ]
+}
+
+/// A backend of a service, as `stats` and `backends list` show it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendSnapshot {
+    pub service: SocketAddr,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub priority: u16,
+    /// `static`, or the SRV name it came from.
+    pub source: String,
+    /// Where the backend, its weight and its state came from (see
+    /// [`crate::stats::BackendInfo`]); empty from a daemon too old to tell.
+    #[serde(default)]
+    pub added_by: String,
+    #[serde(default)]
+    pub weight_from: String,
+    #[serde(default)]
+    pub state_from: String,
+    pub state: BackendState,
+    pub reason: String,
+    pub rtt_ms: Option<f64>,
+    /// Of the last health check; null when it got no final response.
+    #[serde(default)]
+    pub last_code: Option<u16>,
+    #[serde(default)]
+    pub last_rtt_ms: Option<f64>,
+    pub consecutive_failures: u32,
+    pub last_change: u64,
+    pub checks: u64,
+    pub check_failures: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Calls it holds as far as the dispatcher can tell; left out when unknown
+    /// (`--affinity off`, or no census since the last change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<u64>,
+}
+
+/// Outcomes of `reload` (and SIGHUP) since the daemon started.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reloads {
+    pub ok: u64,
+    pub failed: u64,
+    /// Whether the last one failed (false before any).
+    pub last_failed: bool,
+}
+
+/// `which`: where a Call-ID goes now.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WhichReply {
+    pub call_id: String,
+    pub service: SocketAddr,
+    pub slot: u32,
+    /// Null when the service has no table, or its table no backend.
+    pub backend: Option<SocketAddr>,
+    /// The call's entry in the affinity map; null when it has none.
+    pub affinity: Option<AffinityView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AffinityView {
+    /// Null when the entry's backend id is no longer any backend's.
+    pub backend: Option<SocketAddr>,
+    /// Whether the fast path would still follow it.
+    pub valid: bool,
+    pub idle_s: u64,
+    pub bye_seen: bool,
+    pub cancel_seen: bool,
+}
+
+/// `reload`: the SRV names resolved again, the configuration file read, what changed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadReply {
+    pub reloaded: Vec<String>,
+    pub config: Option<String>,
+    pub changes: Vec<String>,
+    /// Set when the change could not be saved to the state file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `backends add`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Added {
+    pub added: SocketAddr,
+    pub service: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `backends remove`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Removed {
+    pub removed: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `backends enable|drain|disable`: the state the backend is in now.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminChanged {
+    pub address: SocketAddr,
+    pub state: BackendState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `backends set-weight`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WeightSet {
+    pub address: SocketAddr,
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// A backend row with every field set, for tests.
+#[cfg(test)]
+pub fn sample_backend(address: &str, state: BackendState) -> BackendSnapshot {
+    BackendSnapshot {
+        service: "198.18.0.100:5060".parse().unwrap(),
+        address: address.parse().unwrap(),
+        weight: 2,
+        priority: 10,
+        source: "_sip._udp.example.net".into(),
+        added_by: "config".into(),
+        weight_from: "dns".into(),
+        state_from: "health".into(),
+        state,
+        reason: String::new(),
+        rtt_ms: Some(1.5),
+        last_code: Some(200),
+        last_rtt_ms: Some(1.2),
+        consecutive_failures: 0,
+        last_change: 0,
+        checks: 9,
+        check_failures: 1,
+        packets: 7,
+        bytes: 700,
+        calls: Some(4),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn json<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap()
+    }
+
+    /// Serializes, checks the text, and reads it back to the same value.
+    fn pinned<T>(v: &T, text: &str)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        assert_eq!(json(v), text);
+        assert_eq!(&serde_json::from_str::<T>(text).unwrap(), v);
+    }
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r = Request::BackendAdmin {
+            address: a("198.18.0.21:5060"),
+            admin: AdminAction::Drain,
+        };
+        pinned(
+            &r,
+            r#"{"op":"backend-admin","address":"198.18.0.21:5060","admin":"drain"}"#,
+        );
+        pinned(&Request::BackendsList, r#"{"op":"backends-list"}"#);
+        pinned(
+            &Request::BackendAdd {
+                address: a("198.18.0.77:5060"),
+                weight: 70000,
+                priority: 0,
+                service: None,
+            },
+            r#"{"op":"backend-add","address":"198.18.0.77:5060","weight":70000,"priority":0,"service":null}"#,
+        );
+        pinned(
+            &Request::Which {
+                call_id: "a@b".into(),
+                service: Some(a("198.18.0.100:5060")),
+            },
+            r#"{"op":"which","call_id":"a@b","service":"198.18.0.100:5060"}"#,
+        );
+        for (action, word) in [
+            (AdminAction::Enable, "enable"),
+            (AdminAction::Drain, "drain"),
+            (AdminAction::Disable, "disable"),
+        ] {
+            assert_eq!(json(&action), format!("\"{word}\""));
+        }
+    }
+
+    #[test]
+    fn an_unknown_admin_state_is_refused_naming_the_known_ones() {
+        let e = serde_json::from_str::<Request>(
+            r#"{"op":"backend-admin","address":"198.18.0.21:5060","admin":"sleep"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(r#"unknown admin state "sleep" (enable, drain or disable)"#),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn weights_above_65535_are_refused_with_the_documented_text() {
+        assert!(check_weight(0).is_ok());
+        assert!(check_weight(65535).is_ok());
+        assert_eq!(
+            check_weight(70000).unwrap_err().to_string(),
+            "weight 70000 is above 65535"
+        );
+    }
+
+    #[test]
+    fn states_are_the_words_operators_see() {
+        use sip_dispatch_common::health::Health;
+        let with = |state, admin| Health {
+            admin,
+            ..Health::new(state, "test")
+        };
+        for (health, word) in [
+            (with(State::Up, Admin::Enabled), "up"),
+            (with(State::Down, Admin::Enabled), "down"),
+            (with(State::Up, Admin::Drained), "drained"),
+            (with(State::Up, Admin::Disabled), "disabled"),
+            (Health::unprobed(), "down"),
+        ] {
+            let state = BackendState::of(&health);
+            assert_eq!(state.to_string(), word);
+            assert_eq!(state.to_string(), health.display_state());
+            assert_eq!(json(&state), format!("\"{word}\""));
+        }
+    }
+
+    #[test]
+    fn responses_wrap_replies_and_errors() {
+        let ok: Response<Reply> = Ok(Reply::Removed(Removed {
+            removed: a("198.18.0.21:5060"),
+            warning: None,
+        }))
+        .into();
+        assert_eq!(
+            json(&ok),
+            r#"{"ok":true,"result":{"removed":"198.18.0.21:5060"}}"#
+        );
+        let err: Response<Reply> =
+            Err::<Reply, _>("unknown backend 198.18.0.99:5060".into()).into();
+        assert_eq!(
+            json(&err),
+            r#"{"ok":false,"error":"unknown backend 198.18.0.99:5060","result":null}"#
+        );
+        let back: Response<Removed> = serde_json::from_str(&json(&err)).unwrap();
+        assert!(!back.ok && back.result.is_none());
+    }
+
+    #[test]
+    fn change_replies_have_a_stable_wire_form() {
+        pinned(
+            &Added {
+                added: a("198.18.0.24:5060"),
+                service: a("198.18.0.100:5060"),
+                warning: None,
+            },
+            r#"{"added":"198.18.0.24:5060","service":"198.18.0.100:5060"}"#,
+        );
+        pinned(
+            &Removed {
+                removed: a("[2001:db8::22]:5060"),
+                warning: None,
+            },
+            r#"{"removed":"[2001:db8::22]:5060"}"#,
+        );
+        pinned(
+            &AdminChanged {
+                address: a("198.18.0.21:5060"),
+                state: BackendState::Drained,
+                warning: None,
+            },
+            r#"{"address":"198.18.0.21:5060","state":"drained"}"#,
+        );
+        pinned(
+            &WeightSet {
+                address: a("198.18.0.21:5060"),
+                weight: 3,
+                warning: None,
+            },
+            r#"{"address":"198.18.0.21:5060","weight":3}"#,
+        );
+        pinned(
+            &ReloadReply {
+                reloaded: vec!["_sip._udp.example.net".into()],
+                config: None,
+                changes: vec![],
+                warning: None,
+            },
+            r#"{"reloaded":["_sip._udp.example.net"],"config":null,"changes":[]}"#,
+        );
+        // A change the state file could not keep says so last.
+        let mut reply = Reply::WeightSet(WeightSet {
+            address: a("198.18.0.21:5060"),
+            weight: 0,
+            warning: None,
+        });
+        reply.warn("applied, but not saved".into());
+        assert_eq!(
+            json(&reply),
+            r#"{"address":"198.18.0.21:5060","weight":0,"warning":"applied, but not saved"}"#
+        );
+        let mut reply = Reply::Reload(ReloadReply {
+            reloaded: vec![],
+            config: Some("/etc/sip-dispatch.toml".into()),
+            changes: vec!["198.18.0.100:5060: backend 198.18.0.23:5060 added".into()],
+            warning: None,
+        });
+        reply.warn("w".into());
+        assert_eq!(
+            json(&reply),
+            r#"{"reloaded":[],"config":"/etc/sip-dispatch.toml","changes":["198.18.0.100:5060: backend 198.18.0.23:5060 added"],"warning":"w"}"#
+        );
+    }
+
+    #[test]
+    fn which_has_a_stable_wire_form() {
+        pinned(
+            &WhichReply {
+                call_id: "a84b4c76e66710@pc33.atlanta.example.com".into(),
+                service: a("198.18.0.100:5060"),
+                slot: 4242,
+                backend: Some(a("198.18.0.21:5060")),
+                affinity: Some(AffinityView {
+                    backend: Some(a("198.18.0.22:5060")),
+                    valid: true,
+                    idle_s: 12,
+                    bye_seen: false,
+                    cancel_seen: true,
+                }),
+            },
+            r#"{"call_id":"a84b4c76e66710@pc33.atlanta.example.com","service":"198.18.0.100:5060","slot":4242,"backend":"198.18.0.21:5060","affinity":{"backend":"198.18.0.22:5060","valid":true,"idle_s":12,"bye_seen":false,"cancel_seen":true}}"#,
+        );
+        pinned(
+            &WhichReply {
+                call_id: "x".into(),
+                service: a("198.18.0.100:5060"),
+                slot: 0,
+                backend: None,
+                affinity: None,
+            },
+            r#"{"call_id":"x","service":"198.18.0.100:5060","slot":0,"backend":null,"affinity":null}"#,
+        );
+    }
+
+    const BACKEND: &str = r#""service":"198.18.0.100:5060","address":"198.18.0.21:5060","weight":2,"priority":10,"source":"_sip._udp.example.net","added_by":"config","weight_from":"dns","state_from":"health","state":"up","reason":"","rtt_ms":1.5,"last_code":200,"last_rtt_ms":1.2,"consecutive_failures":0,"last_change":0,"checks":9,"check_failures":1,"packets":7,"bytes":700"#;
+
+    #[test]
+    fn backends_list_has_a_stable_wire_form() {
+        let mut unknown_calls = sample_backend("198.18.0.21:5060", BackendState::Up);
+        unknown_calls.calls = None;
+        unknown_calls.rtt_ms = None;
+        unknown_calls.last_code = None;
+        unknown_calls.last_rtt_ms = None;
+        let list = BackendsList {
+            services: vec![ServiceView {
+                vip: a("198.18.0.100:5060"),
+                forwarding: "rewrite".into(),
+                generation: 3,
+                priority: Some(10),
+                backends: vec![
+                    BackendView {
+                        backend: sample_backend("198.18.0.21:5060", BackendState::Up),
+                        share: 0.5,
+                    },
+                    BackendView {
+                        backend: unknown_calls,
+                        share: 0.0,
+                    },
+                ],
+            }],
+        };
+        let unknown = BACKEND
+            .replace(r#""rtt_ms":1.5"#, r#""rtt_ms":null"#)
+            .replace(r#""last_code":200"#, r#""last_code":null"#)
+            .replace(r#""last_rtt_ms":1.2"#, r#""last_rtt_ms":null"#);
+        pinned(
+            &list,
+            &format!(
+                r#"{{"services":[{{"vip":"198.18.0.100:5060","forwarding":"rewrite","generation":3,"priority":10,"backends":[{{{BACKEND},"calls":4,"share":0.5}},{{{unknown},"share":0.0}}]}}]}}"#
+            ),
+        );
+        let empty = BackendsList {
+            services: vec![ServiceView {
+                vip: a("[2001:db8::100]:5060"),
+                forwarding: "ipip".into(),
+                generation: 0,
+                priority: None,
+                backends: vec![],
+            }],
+        };
+        pinned(
+            &empty,
+            r#"{"services":[{"vip":"[2001:db8::100]:5060","forwarding":"ipip","generation":0,"priority":null,"backends":[]}]}"#,
+        );
+    }
+
+    #[test]
+    fn stats_have_a_stable_wire_form() {
+        let s = Snapshot {
+            counters: FastPathCounters(vec![("rx".into(), 10), ("xdp_tx".into(), 4)]),
+            backends: vec![sample_backend("198.18.0.21:5060", BackendState::Up)],
+            dns_failures: 1,
+            reloads: Reloads {
+                ok: 2,
+                failed: 1,
+                last_failed: false,
+            },
+            slow_path: CountersSnapshot {
+                received: 5,
+                too_big: 1,
+                ..Default::default()
+            },
+            affinity_entries: 3,
+            affinity_capacity: 262_144,
+        };
+        pinned(
+            &s,
+            &format!(
+                r#"{{"counters":{{"rx":10,"xdp_tx":4}},"backends":[{{{BACKEND},"calls":4}}],"dns_failures":1,"reloads":{{"ok":2,"failed":1,"last_failed":false}},"slow_path":{{"received":5,"forwarded":0,"answered_503":0,"dropped_not_sip":0,"dropped_no_call_id":0,"dropped_no_backend":0,"rate_limited_503":0,"send_errors":0,"too_large_503":0,"affinity_followed":0,"affinity_written":0,"not_on_link":0,"too_big":1}},"affinity_entries":3,"affinity_capacity":262144}}"#
+            ),
+        );
+        // The untagged reply writes the snapshot as it is.
+        assert_eq!(json(&Reply::Stats(Box::new(s.clone()))), json(&s));
+        assert_eq!(s.counters.get("xdp_tx"), Some(4));
+        assert_eq!(s.counters.get("nope"), None);
+    }
+
+    #[test]
+    fn the_slow_path_counters_are_named_as_in_their_json() {
+        let c = CountersSnapshot {
+            received: 1,
+            forwarded: 2,
+            answered_503: 3,
+            dropped_not_sip: 4,
+            dropped_no_call_id: 5,
+            dropped_no_backend: 6,
+            rate_limited_503: 7,
+            send_errors: 8,
+            too_large_503: 9,
+            affinity_followed: 10,
+            affinity_written: 11,
+            not_on_link: 12,
+            too_big: 13,
+        };
+        let serde_json::Value::Object(map) = serde_json::to_value(&c).unwrap() else {
+            panic!("not an object");
+        };
+        let from_json: Vec<(String, u64)> = map
+            .into_iter()
+            .map(|(k, v)| (k, v.as_u64().unwrap()))
+            .collect();
+        let named: Vec<(String, u64)> = slow_path_counters(&c)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(named, from_json);
+    }
+}
