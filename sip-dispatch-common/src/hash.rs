@@ -189,6 +189,19 @@ pub fn siphash13(key: HashKey, bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// The hash of a Call-ID value as the scanner computes it: SipHash-1-3 under `key` of the
+/// value without its spaces and tabs (the scanner drops them as it reads). Userspace's one
+/// form of it: the controller's `which`, the reference scanner and the tests.
+pub fn call_id_hash(key: HashKey, value: &[u8]) -> u64 {
+    let mut h = CallIdHasher::new(key);
+    for &b in value {
+        if b != b' ' && b != b'\t' {
+            h.write_byte(b);
+        }
+    }
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +227,30 @@ mod tests {
                     "len {n}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_call_id_hash_covers_the_value_without_its_blanks() {
+        use std::vec::Vec;
+        let values: [&[u8]; 5] = [
+            b"",
+            b"a84b4c76e66710@pc33",
+            b" \t x y\t",
+            b"\t\t",
+            b"a\r\nb  c",
+        ];
+        for v in values {
+            let kept: Vec<u8> = v
+                .iter()
+                .copied()
+                .filter(|&b| b != b' ' && b != b'\t')
+                .collect();
+            assert_eq!(
+                call_id_hash(HashKey::DEFAULT, v),
+                reference(HashKey::DEFAULT, &kept),
+                "{v:?}"
+            );
         }
     }
 

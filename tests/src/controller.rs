@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use sip_dispatch_common::{
     Backend, HashKey,
-    hash::siphash13,
+    hash::call_id_hash,
     table::{SlotTable, Weighted, build_table},
 };
 
@@ -479,7 +479,7 @@ impl Outcome {
             .into_iter()
             .map(|(id, c)| CallRecord {
                 backend: done_at.get(id.as_str()).and_then(|v| v.first().copied()),
-                hash: siphash13(HashKey::DEFAULT, id.as_bytes()),
+                hash: call_id_hash(HashKey::DEFAULT, id.as_bytes()),
                 invite_at: c.invite_at,
                 ok: c.ok,
                 id,
@@ -960,7 +960,7 @@ mod tests {
         let t = TableAt::new(event(vec![(a, 3), (b, 1)])).unwrap();
         let shares = t.table.shares();
         assert!((shares[0] - 0.75).abs() < 0.01, "{shares:?}");
-        let h = siphash13(HashKey::DEFAULT, b"1-sdt@198.18.0.10");
+        let h = call_id_hash(HashKey::DEFAULT, b"1-sdt@198.18.0.10");
         assert!(t.route(h).is_some());
         // All weights 0: they share equally.
         let z = TableAt::new(event(vec![(a, 0), (b, 0)])).unwrap();

@@ -4,7 +4,7 @@
 use std::vec::Vec;
 
 use super::{Scan, ScanOutcome, is_blank, is_eol};
-use crate::hash::{HashKey, siphash13};
+use crate::hash::{HashKey, call_id_hash};
 
 use ScanOutcome::{Empty, Found, NoCallId};
 
@@ -130,18 +130,13 @@ pub fn reference(msg: &[u8]) -> Expect {
     Expect::miss(NoCallId, msg.len())
 }
 
-/// The value without its spaces and tabs: what the hash covers.
-pub fn strip_blanks(v: &[u8]) -> Vec<u8> {
-    v.iter().copied().filter(|&c| !is_blank(c)).collect()
-}
-
 /// The `Scan` the scanner must give for `msg` (under `key`) when `want` is the
 /// reference answer.
 pub fn expected_scan(msg: &[u8], want: Expect, key: HashKey) -> Scan {
     if want.outcome != Found {
         return Scan::miss(want.outcome);
     }
-    let hash = siphash13(key, &strip_blanks(&msg[want.start..want.end]));
+    let hash = call_id_hash(key, &msg[want.start..want.end]);
     Scan {
         outcome: Found,
         hash,

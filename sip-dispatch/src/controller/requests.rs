@@ -331,12 +331,7 @@ impl Controller {
     /// Which backend a Call-ID value goes to now.
     fn which(&self, call_id: &str, service: Option<SocketAddr>) -> anyhow::Result<WhichReply> {
         let service = &self.services[self.service_index(service)?];
-        let compact: Vec<u8> = call_id
-            .trim()
-            .bytes()
-            .filter(|b| *b != b' ' && *b != b'\t')
-            .collect();
-        let hash = sip_dispatch_common::hash::siphash13(self.key, &compact);
+        let hash = sip_dispatch_common::hash::call_id_hash(self.key, call_id.trim().as_bytes());
         let backend = service.table().and_then(|t| {
             t.table
                 .member_for_hash(hash)
