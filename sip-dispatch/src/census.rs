@@ -3,7 +3,7 @@
 //!
 //! The census walks the affinity map in the kernel: the `affinity_census` program is
 //! run through BPF_PROG_TEST_RUN, and its per-id counts are read back from `sd_held_v1`.
-//! Measured on a full default map (262144 entries, `tests/kernel.rs`): 31 ms in the
+//! Measured on a full default map (262144 entries, `tests/kernel/affinity.rs`): 31 ms in the
 //! kernel, against 430 ms for a userspace walk (aya `HashMap::iter`: a next-key and a
 //! lookup syscall per entry; release build, 614 ms in a debug build). It runs on tokio's
 //! blocking pool (never on the

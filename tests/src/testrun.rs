@@ -1,5 +1,5 @@
 //! BPF_PROG_TEST_RUN for XDP programs, shared by the kernel tests
-//! (`sip-dispatch/tests/kernel.rs`) and the benchmark's per-packet cost (`sd-bench`): a
+//! (`sip-dispatch/tests/kernel/`) and the benchmark's per-packet cost (`sd-bench`): a
 //! private network namespace for the calling thread with one veth, permanent neighbour
 //! entries and forwarding on (so that `bpf_fib_lookup` answers as on a dispatcher), the
 //! typed `xdp_md` context, and single and timed runs.
