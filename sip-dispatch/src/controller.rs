@@ -37,12 +37,14 @@ mod publish;
 pub mod reload;
 mod requests;
 mod service;
+mod start;
 mod state_file;
 
 pub use self::service::{
     MAX_BACKENDS_IN_ALL, SOURCE_STATIC, Service, affinity_flags, backends_adding, backends_with,
     log_answer,
 };
+pub use self::start::Started;
 use self::{reload::Reloader, requests::WaitingReply, service::Known};
 
 pub struct Controller {
