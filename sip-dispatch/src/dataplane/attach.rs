@@ -34,11 +34,18 @@ impl AttachMode {
     }
 }
 
+/// The mode asked for: exactly one, or `Auto` (native, else skb).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeChoice {
+    Auto,
+    Only(AttachMode),
+}
+
 impl Dataplane {
     /// Attaches the dispatcher and pins the link. If a previous daemon left its link
     /// pinned, this program replaces the old one in it atomically instead (and the mode
     /// stays what it was). `Auto` tries native first, then skb.
-    pub fn attach(&mut self, mode: crate::cli::XdpModeArg) -> anyhow::Result<AttachMode> {
+    pub fn attach(&mut self, mode: ModeChoice) -> anyhow::Result<AttachMode> {
         if let Some(dir) = self.pin_dir.clone()
             && dir.join(LINK_PIN).exists()
         {
@@ -94,8 +101,7 @@ impl Dataplane {
         Ok(mode)
     }
 
-    fn attach_new(&mut self, mode: crate::cli::XdpModeArg) -> anyhow::Result<AttachMode> {
-        use crate::cli::XdpModeArg;
+    fn attach_new(&mut self, mode: ModeChoice) -> anyhow::Result<AttachMode> {
         let iface = self.iface.clone();
         let prog = self.dispatch_program()?;
         let attempt = |prog: &mut Xdp, m: AttachMode| {
@@ -106,9 +112,8 @@ impl Dataplane {
             prog.attach(&iface, flags)
         };
         let (link, got) = match mode {
-            XdpModeArg::Native => (attempt(prog, AttachMode::Native), AttachMode::Native),
-            XdpModeArg::Skb => (attempt(prog, AttachMode::Skb), AttachMode::Skb),
-            XdpModeArg::Auto => match attempt(prog, AttachMode::Native) {
+            ModeChoice::Only(m) => (attempt(prog, m), m),
+            ModeChoice::Auto => match attempt(prog, AttachMode::Native) {
                 Ok(l) => (Ok(l), AttachMode::Native),
                 Err(e) => {
                     log::info!("native XDP on {iface} failed ({e}); falling back to skb mode");

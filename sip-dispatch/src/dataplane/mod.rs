@@ -34,7 +34,7 @@ mod pins;
 mod tables;
 
 pub use affinity::Affinity;
-pub use attach::{AttachMode, attach_loaded, attach_pass, attach_program};
+pub use attach::{AttachMode, ModeChoice, attach_loaded, attach_pass, attach_program};
 #[cfg(feature = "mac-swap")]
 pub use load::load_mac_swap;
 pub use load::{ENV_FORCE_BPF_LOOP, ScanLoop, load_decap, load_program};
