@@ -11,9 +11,9 @@
 use libfuzzer_sys::fuzz_target;
 use sip_dispatch_common::{
     HashKey, SCAN_WINDOW, Scan, ScanOutcome,
-    hash::siphash13,
+    hash::call_id_hash,
     parse::{
-        reference::{DECOYS, expected_scan, reference, strip_blanks},
+        reference::{DECOYS, expected_scan, reference},
         scan_message,
     },
     scan_call_id,
@@ -66,7 +66,7 @@ fuzz_target!(|msg: &[u8]| {
         let value = &msg[start..end];
         assert!(!value.iter().copied().any(is_eol), "line end in the value");
         assert!(!is_blank(value[0]) && !is_blank(value[value.len() - 1]));
-        assert_eq!(by_slice.hash, siphash13(KEY, &strip_blanks(value)));
+        assert_eq!(by_slice.hash, call_id_hash(KEY, value));
     } else {
         assert_eq!(by_slice, Scan::miss(by_slice.outcome));
         assert_ne!(by_slice.outcome, ScanOutcome::BeyondWindow);
