@@ -269,15 +269,6 @@ impl Health {
         self.probed && self.state == State::Up && self.admin == Admin::Enabled
     }
 
-    /// What an operator sees: up, down, drained or disabled.
-    pub fn display_state(&self) -> &'static str {
-        match self.admin {
-            Admin::Disabled => "disabled",
-            Admin::Drained => "drained",
-            Admin::Enabled => self.state.name(),
-        }
-    }
-
     /// The state a backend starts in: its first probe alone decides.
     pub fn from_first_probe(outcome: &ProbeOutcome, cfg: &HealthConfig, now: Instant) -> Health {
         let mut h = Health::new(State::Up, "answered the first probe");

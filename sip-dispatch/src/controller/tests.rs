@@ -230,7 +230,10 @@ fn pending_state_applies_when_the_address_appears() {
     assert_eq!(k.weight_override, Some(3));
     assert!(!k.health.takes_traffic());
     let k = Known::appearing(addr(2), &mut pending);
-    assert_eq!(k.health.display_state(), "disabled");
+    assert_eq!(
+        crate::protocol::BackendState::of(&k.health),
+        crate::protocol::BackendState::Disabled
+    );
     assert_eq!(k.weight_override, None);
     // Applied once: the next appearance of addr(1) is a plain new backend.
     let k = Known::appearing(addr(1), &mut pending);

@@ -92,7 +92,6 @@ fn states_are_the_words_operators_see() {
     ] {
         let state = BackendState::of(&health);
         assert_eq!(state.to_string(), word);
-        assert_eq!(state.to_string(), health.display_state());
         assert_eq!(json(&state), format!("\"{word}\""));
     }
 }
