@@ -47,7 +47,14 @@ impl PrivateNetns {
 impl Drop for PrivateNetns {
     fn drop(&mut self) {
         // SAFETY: setns on an open namespace descriptor; it affects this thread only.
-        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let rc = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        // A thread left in the private namespace would run whatever comes next there.
+        if rc != 0 && !std::thread::panicking() {
+            panic!(
+                "setns back to the original network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use super::Controller;
 use crate::{
     health::Admin,
-    protocol::{Reply, check_weight},
+    protocol::{MAX_WEIGHT, Reply},
     select::Candidate,
     state::{self, AdminSetting, OperatorState},
 };
@@ -73,9 +73,11 @@ impl Controller {
                 .weights
                 .into_iter()
                 .filter(|(addr, w)| {
-                    let ok = check_weight(*w).is_ok();
+                    let ok = *w <= MAX_WEIGHT;
                     if !ok {
-                        log::warn!("state file {file}: weight {w} of {addr} skipped: above 65535");
+                        log::warn!(
+                            "state file {file}: weight {w} of {addr} skipped: above {MAX_WEIGHT}"
+                        );
                     }
                     ok
                 })
