@@ -78,9 +78,9 @@ impl BackendIds {
         self.by_addr.get(&addr).copied()
     }
 
-    /// The addresses that have an id.
-    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.by_addr.keys().copied()
+    /// Every address that has an id, with it.
+    pub fn assigned(&self) -> impl Iterator<Item = (SocketAddr, u32)> + '_ {
+        self.by_addr.iter().map(|(a, id)| (*a, *id))
     }
 
     /// The id of `addr`, and whether it was just allocated (its map entry is then to be

@@ -23,6 +23,7 @@ use tokio::{
 };
 
 use crate::{
+    backend_ids::BackendIds,
     control,
     dataplane::Dataplane,
     health::{self, Admin, HealthConfig, ProbeOutcome},
@@ -53,6 +54,10 @@ pub struct Controller {
     health_cfg: HealthConfig,
     services: Vec<Service>,
     backends: BTreeMap<SocketAddr, Known>,
+    /// The one owner of backend ids (the dataplane's writes borrow it): an address of
+    /// `backends` gets one when a table first lists it, and gives it up once it is
+    /// gone from `backends` and from every installed table.
+    ids: BackendIds,
     probers: HashMap<SocketAddr, JoinHandle<()>>,
     probe_tx: mpsc::Sender<(SocketAddr, ProbeOutcome)>,
     probe_rx: mpsc::Receiver<(SocketAddr, ProbeOutcome)>,
@@ -82,8 +87,9 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// The dataplane comes with the backend ids its maps use (from `Dataplane::load`).
     pub fn new(
-        dp: Dataplane,
+        (dp, ids): (Dataplane, BackendIds),
         key: HashKey,
         health_cfg: HealthConfig,
         services: Vec<Service>,
@@ -97,6 +103,7 @@ impl Controller {
             health_cfg,
             services,
             backends: BTreeMap::new(),
+            ids,
             probers: HashMap::new(),
             probe_tx,
             probe_rx,
@@ -340,7 +347,7 @@ impl Controller {
     /// VIPs, and the ids of backends no service lists.
     pub fn forget_unconfigured(&mut self) -> anyhow::Result<()> {
         let vips: Vec<SocketAddr> = self.services.iter().map(|s| s.vip).collect();
-        self.dp.retain_services(&vips)?;
+        self.dp.retain_services(&mut self.ids, &vips)?;
         self.release_unused_ids();
         Ok(())
     }

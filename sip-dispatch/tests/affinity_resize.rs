@@ -60,7 +60,10 @@ fn pinned_size(pins: &std::path::Path) -> u32 {
 fn a_resized_affinity_map_keeps_the_newest_calls_and_a_failed_start_puts_it_back() {
     let fs = BpfFs::mount();
     let pins = fs.0.join("kt-resize");
-    let load = |n: u32| Dataplane::load(&pins, "kt-none", false, HashKey::DEFAULT, entries(n));
+    // (The backend ids the loads return are not used here.)
+    let load = |n: u32| {
+        Dataplane::load(&pins, "kt-none", false, HashKey::DEFAULT, entries(n)).map(|(dp, _ids)| dp)
+    };
 
     let mut dp = load(4096).expect("first load");
     for i in 0..3000u64 {

@@ -5,9 +5,9 @@
 //! Needs root (CAP_BPF): fails loudly without it.
 use std::net::SocketAddr;
 
-use sip_dispatch::dataplane::Dataplane;
+use sip_dispatch::{backend_ids::BackendIds, dataplane::Dataplane};
 use sip_dispatch_common::{
-    Backend, HashKey,
+    Backend, HashKey, MAX_BACKENDS,
     table::{Weighted, build_table},
 };
 
@@ -31,6 +31,7 @@ fn weighted(addrs: &[SocketAddr]) -> Vec<Weighted> {
 fn an_id_in_the_installed_table_is_kept_until_the_table_is_replaced() {
     let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, Default::default())
         .expect("loading the XDP object");
+    let mut ids = BackendIds::new(MAX_BACKENDS);
     let (a, b, c, d) = (
         addr("198.18.1.21:5060"),
         addr("198.18.1.22:5060"),
@@ -38,14 +39,17 @@ fn an_id_in_the_installed_table_is_kept_until_the_table_is_replaced() {
         addr("198.18.1.24:5060"),
     );
     let first = build_table(&weighted(&[a, b]), HashKey::DEFAULT).unwrap();
-    dp.install_service(0, addr(VIP), &first).unwrap();
-    let id_b = dp.known_backend_id(b).expect("b has an id");
+    dp.install_service(&mut ids, 0, addr(VIP), &first).unwrap();
+    let id_b = ids.get(b).expect("b has an id");
 
     // b is no longer listed (say its service's next publish failed): the table in the
     // kernel still sends calls to id_b, so it stays b's.
-    assert!(dp.release_unlisted(|x| x == a || x == c).is_empty());
-    assert_eq!(dp.known_backend_id(b), Some(id_b));
-    let id_c = dp.backend_id(c).unwrap();
+    assert!(
+        dp.release_unlisted(&mut ids, |x| x == a || x == c)
+            .is_empty()
+    );
+    assert_eq!(ids.get(b), Some(id_b));
+    let id_c = dp.backend_id(&mut ids, c).unwrap();
     assert_ne!(
         id_c, id_b,
         "a new address got the id the installed table uses"
@@ -53,8 +57,11 @@ fn an_id_in_the_installed_table_is_kept_until_the_table_is_replaced() {
 
     // The replacement table does not reference b: now its id goes, and is reused.
     let second = build_table(&weighted(&[a, c]), HashKey::DEFAULT).unwrap();
-    dp.install_service(0, addr(VIP), &second).unwrap();
-    assert_eq!(dp.release_unlisted(|x| x == a || x == c), vec![(b, id_b)]);
-    assert_eq!(dp.known_backend_id(b), None);
-    assert_eq!(dp.backend_id(d).unwrap(), id_b);
+    dp.install_service(&mut ids, 0, addr(VIP), &second).unwrap();
+    assert_eq!(
+        dp.release_unlisted(&mut ids, |x| x == a || x == c),
+        vec![(b, id_b)]
+    );
+    assert_eq!(ids.get(b), None);
+    assert_eq!(dp.backend_id(&mut ids, d).unwrap(), id_b);
 }

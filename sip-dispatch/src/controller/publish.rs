@@ -17,7 +17,10 @@ impl Controller {
     /// references them (a table whose publish failed stays in force with its ids).
     pub(super) fn release_unused_ids(&mut self) {
         let backends = &self.backends;
-        for (addr, id) in self.dp.release_unlisted(|a| backends.contains_key(&a)) {
+        for (addr, id) in self
+            .dp
+            .release_unlisted(&mut self.ids, |a| backends.contains_key(&a))
+        {
             log::debug!("backend {addr} gave up id {id}");
         }
     }
@@ -144,13 +147,19 @@ impl Controller {
     /// keeps its id (and its counters) for as long as it is listed.
     pub(super) fn install(&mut self, i: usize, table: SlotTable) -> anyhow::Result<()> {
         // New members get their ids and flags before a table sends calls to them.
+        let mut ids = Vec::with_capacity(table.members.len());
         for m in &table.members {
-            self.dp.backend_id(m.backend.to_socket_addr())?;
+            ids.push(
+                self.dp
+                    .backend_id(&mut self.ids, m.backend.to_socket_addr())?,
+            );
         }
         self.sync_flags();
         let service = &self.services[i];
-        let members = self.dp.install_service(service.id, service.vip, &table)?;
-        let ids = members.iter().map(|(id, _, _)| *id).collect();
+        let slots = crate::dataplane::slot_ids(&table, &ids);
+        let key = sip_dispatch_common::ServiceKey::from_socket_addr(service.vip);
+        self.dp
+            .publish_table(&mut self.ids, service.id, key, &slots)?;
         service
             .tables
             .send_replace(Some(Arc::new(slowpath::InstalledTable { table, ids })));
@@ -163,11 +172,12 @@ impl Controller {
     /// every second, a pass per probe answer would be most of the event loop's time.
     pub(super) fn sync_flags(&mut self) {
         self.flags_stale = false;
-        for (addr, id) in self.dp.backend_ids() {
+        let assigned: Vec<(SocketAddr, u32)> = self.ids.assigned().collect();
+        for (addr, id) in assigned {
             let flags = self.backends.get(&addr).map_or(0, |k| {
                 affinity_flags(&k.health, k.weight_override == Some(0))
             });
-            if let Err(e) = self.dp.set_backend_flags(id, flags) {
+            if let Err(e) = self.dp.set_backend_flags(&mut self.ids, id, flags) {
                 log::warn!("backend {addr}: {e:#}");
             }
         }

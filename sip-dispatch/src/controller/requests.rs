@@ -102,12 +102,7 @@ impl Controller {
         &mut self,
     ) -> anyhow::Result<JoinHandle<anyhow::Result<crate::census::Census>>> {
         let runner = self.dp.census_runner()?;
-        let ids: Vec<u32> = self
-            .dp
-            .backend_ids()
-            .into_iter()
-            .map(|(_, id)| id)
-            .collect();
+        let ids: Vec<u32> = self.ids.assigned().map(|(_, id)| id).collect();
         let idle = self.call_idle;
         Ok(tokio::task::spawn_blocking(move || runner.run(&ids, idle)))
     }
@@ -358,9 +353,8 @@ impl Controller {
             return Ok(None);
         };
         let backend = self
-            .dp
-            .backend_ids()
-            .into_iter()
+            .ids
+            .assigned()
             .find(|(_, id)| *id == e.backend)
             .map(|(addr, _)| addr);
         let flags = self.dp.backend_flags(e.backend);
@@ -425,7 +419,7 @@ impl Controller {
                     continue;
                 };
                 out.push(BackendInfo {
-                    id: self.dp.known_backend_id(c.addr),
+                    id: self.ids.get(c.addr),
                     service: s.vip,
                     address: c.addr,
                     weight: eff.weight,
@@ -486,7 +480,7 @@ impl Controller {
             return None;
         }
         let census = self.censuses.last()?;
-        let id = self.dp.known_backend_id(addr);
+        let id = self.ids.get(addr);
         Some(id.and_then(|id| census.held.get(&id).copied()).unwrap_or(0))
     }
 }

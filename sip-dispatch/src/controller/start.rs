@@ -154,7 +154,7 @@ impl Controller {
         // to take over, nothing it uses is changed: first the pin lock, the verifier, every
         // socket, the service ids and the key file (each can fail), then the hash key, the
         // tables and the link.
-        let mut dp = Dataplane::load(&pin_path, &iface, reset, provisional_key, affinity)?;
+        let (mut dp, ids) = Dataplane::load(&pin_path, &iface, reset, provisional_key, affinity)?;
         // (Read under the pin lock: no other daemon changes it now.)
         let adopted_link = pin_path.join(crate::dataplane::LINK_PIN).exists();
         let mut ip_forwarding = Vec::new();
@@ -211,7 +211,14 @@ impl Controller {
         // Taking over: the maps the running program reads change from here on (after the
         // first probes), and the link last.
         let srv_watchers = srv::Watchers::new(dns, resolver);
-        let mut ctl = Controller::new(dp, key, health, services, srv_watchers, Some(reloader));
+        let mut ctl = Controller::new(
+            (dp, ids),
+            key,
+            health,
+            services,
+            srv_watchers,
+            Some(reloader),
+        );
         ctl.set_call_idle(settings.call_idle);
         ctl.set_probe_source(probe_source);
         ctl.restore(settings.state_file.clone(), saved_state);
@@ -444,7 +451,7 @@ async fn take_over(
     wrote: &mut bool,
 ) -> anyhow::Result<AttachMode> {
     ctl.initial_probe().await;
-    let dp = ctl.dataplane();
+    let dp = &mut ctl.dp;
     *wrote = true;
     dp.write_hash_key()?;
     dp.set_encap_source(encap)?;
@@ -455,7 +462,7 @@ async fn take_over(
     }
     if let Some(keep) = keep_until_attached {
         // Their ids go to new VIPs: their entries must not point at the new tables.
-        dp.retain_services(&keep)?;
+        dp.retain_services(&mut ctl.ids, &keep)?;
     }
     ctl.publish_all().await;
     injected_attach_failure()?;

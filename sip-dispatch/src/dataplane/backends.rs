@@ -1,4 +1,6 @@
-//! Backend ids and what the fast path knows of each: address, flags, next hop.
+//! What the fast path knows of each backend id: address, counters, flags, next hop.
+//! The ids themselves are the caller's ([`BackendIds`], owned by the controller): the
+//! writes that allocate or free one take it, so the two never disagree.
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
@@ -10,18 +12,23 @@ use sip_dispatch_common::{
 };
 
 use super::Dataplane;
+use crate::backend_ids::BackendIds;
 
 impl Dataplane {
-    /// The id of a backend address, allocating one (and writing its map entry, with
-    /// zeroed counters) the first time.
-    pub fn backend_id(&mut self, addr: std::net::SocketAddr) -> anyhow::Result<u32> {
-        let (id, fresh) = self.ids.allocate(addr)?;
+    /// The id of a backend address, allocating one in `ids` (and writing its map entry,
+    /// with zeroed counters) the first time.
+    pub fn backend_id(
+        &mut self,
+        ids: &mut BackendIds,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<u32> {
+        let (id, fresh) = ids.allocate(addr)?;
         if fresh
             && let Err(e) = self
                 .write_new_backend(id, addr)
-                .and_then(|()| self.publish_next_hop_targets())
+                .and_then(|()| self.publish_next_hop_targets(ids))
         {
-            self.ids.unallocate(addr);
+            ids.unallocate(addr);
             return Err(e);
         }
         Ok(id)
@@ -42,24 +49,6 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The id of a backend address that has one.
-    pub fn known_backend_id(&self, addr: std::net::SocketAddr) -> Option<u32> {
-        self.ids.get(addr)
-    }
-
-    /// The addresses that have an id.
-    pub fn backend_addrs(&self) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
-        self.ids.addrs()
-    }
-
-    /// The ids that have an address, with it.
-    pub fn backend_ids(&self) -> Vec<(std::net::SocketAddr, u32)> {
-        self.ids
-            .addrs()
-            .filter_map(|a| Some((a, self.ids.get(a)?)))
-            .collect()
-    }
-
     /// Frees the ids of addresses `listed` rejects, except those an installed table
     /// still references (they go once their table is replaced); returns the freed ones.
     ///
@@ -67,14 +56,15 @@ impl Dataplane {
     /// its address are not followed any more.
     pub fn release_unlisted(
         &mut self,
+        ids: &mut BackendIds,
         listed: impl Fn(std::net::SocketAddr) -> bool,
     ) -> Vec<(std::net::SocketAddr, u32)> {
-        let freed = self.ids.release_unlisted(listed);
-        if let Err(e) = self.publish_next_hop_targets() {
+        let freed = ids.release_unlisted(listed);
+        if let Err(e) = self.publish_next_hop_targets(ids) {
             log::warn!("next hops: {e:#}");
         }
         for (addr, id) in &freed {
-            if let Err(e) = self.set_backend_flags(*id, 0) {
+            if let Err(e) = self.set_backend_flags(ids, *id, 0) {
                 // Its entries stay valid until the id is reused and written again.
                 log::warn!("backend {addr}: {e:#}");
             }
@@ -82,9 +72,9 @@ impl Dataplane {
         freed
     }
 
-    /// Takes over the backend ids a previous daemon wrote, so that its tables (still in
-    /// force until ours replace them) keep pointing at the right backends.
-    pub(super) fn adopt_backend_ids(&mut self) -> anyhow::Result<()> {
+    /// The backend ids a previous daemon wrote, so that its tables (still in force until
+    /// ours replace them) keep pointing at the right backends; for fresh maps, none.
+    pub(super) fn read_backend_ids(&mut self) -> anyhow::Result<BackendIds> {
         let backends: Array<&MapData, Backend> = Array::try_from(self.map(MAP_BACKENDS)?)?;
         let mut found = Vec::new();
         for id in 0..MAX_BACKENDS {
@@ -101,15 +91,16 @@ impl Dataplane {
             .filter_map(Result::ok)
             .map(|(_, info)| info.id)
             .collect();
-        self.ids.adopt(&found, &tables);
+        let mut ids = BackendIds::new(MAX_BACKENDS);
+        ids.adopt(&found, &tables);
         let flags: Array<&MapData, BackendFlags> = Array::try_from(self.map(MAP_BACKEND_FLAGS)?)?;
         let generations = (0..MAX_BACKENDS)
             .map(|id| flags.get(&id, 0).map(|f| f.generation))
             .collect::<Result<Vec<u32>, _>>()
             .context("reading the backend generations")?;
-        self.ids.adopt_generations(&generations);
-        self.publish_next_hop_targets()?;
-        Ok(())
+        ids.adopt_generations(&generations);
+        self.publish_next_hop_targets(&ids)?;
+        Ok(ids)
     }
 
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()> {
@@ -126,7 +117,12 @@ impl Dataplane {
     ///
     /// Flags that end affinity (disabled, or listed by no service) also start a new
     /// generation: the backend's calls do not come back to it when it is enabled again.
-    pub fn set_backend_flags(&mut self, id: u32, flags: u32) -> anyhow::Result<()> {
+    pub fn set_backend_flags(
+        &mut self,
+        ids: &mut BackendIds,
+        id: u32,
+        flags: u32,
+    ) -> anyhow::Result<()> {
         let had_affinity = self
             .flags_written
             .get(id as usize)
@@ -134,10 +130,10 @@ impl Dataplane {
             .flatten()
             .is_some_and(|f| f.flags & BF_AFFINITY != 0);
         if had_affinity && flags & BF_AFFINITY == 0 {
-            self.ids.bump_generation(id);
+            ids.bump_generation(id);
         }
         let value = BackendFlags {
-            generation: self.ids.generation(id),
+            generation: ids.generation(id),
             flags,
         };
         let Some(slot) = self.flags_written.get(id as usize) else {
@@ -166,12 +162,9 @@ impl Dataplane {
     /// Tells the next-hop cache which ids have which address now. Under its lock, the
     /// entry of an id whose address changed (new, reused or freed) loses its valid bit
     /// first: the fast path asks the FIB for it until the cache resolved the new one.
-    fn publish_next_hop_targets(&mut self) -> anyhow::Result<()> {
-        let now: BTreeMap<u32, std::net::IpAddr> = self
-            .ids
-            .addrs()
-            .filter_map(|a| Some((self.ids.get(a)?, a.ip())))
-            .collect();
+    fn publish_next_hop_targets(&mut self, ids: &BackendIds) -> anyhow::Result<()> {
+        let now: BTreeMap<u32, std::net::IpAddr> =
+            ids.assigned().map(|(a, id)| (id, a.ip())).collect();
         let targets = self.next_hop_targets.clone();
         let mut listed = targets.lock();
         let changed: Vec<u32> = listed

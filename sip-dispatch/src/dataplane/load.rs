@@ -17,7 +17,6 @@ use sip_dispatch_common::{
 };
 
 use super::{Affinity, Dataplane};
-use crate::backend_ids::BackendIds;
 
 /// The XDP object built from the sip-dispatch-ebpf crate by build.rs.
 pub(super) static OBJECT: &[u8] =
@@ -111,7 +110,6 @@ impl Dataplane {
             pin_dir,
             iface: iface.to_string(),
             link: None,
-            ids: BackendIds::new(MAX_BACKENDS),
             key,
             _pin_lock: None,
             found_pins: Vec::new(),

@@ -8,7 +8,9 @@
 //!   map's resize;
 //! - `attach`: attaching to an interface, taking over a pinned link, detaching;
 //! - `tables`: service entries, slot tables and the service ports map;
-//! - `backends`: backend ids and their entries (address, flags, next hop);
+//! - `backends`: what the fast path knows of each backend id (address, counters,
+//!   flags, next hop); the ids are the caller's [`crate::backend_ids::BackendIds`]
+//!   (the controller's), lent to the writes that allocate or free one;
 //! - `affinity`: the affinity map and the held-call census;
 //! - `counters`: the fast path's counters.
 use std::{collections::BTreeMap, path::PathBuf};
@@ -20,8 +22,6 @@ use aya::{
     programs::xdp::XdpLinkId,
 };
 use sip_dispatch_common::{BackendFlags, Config, EncapSource, HashKey, MAP_CONFIG, MAP_ENCAP};
-
-use crate::backend_ids::BackendIds;
 
 mod affinity;
 mod attach;
@@ -39,6 +39,7 @@ pub use attach::{AttachMode, ModeChoice, attach_loaded, attach_pass, attach_prog
 pub use load::load_mac_swap;
 pub use load::{ENV_FORCE_BPF_LOOP, ScanLoop, load_decap, load_program};
 pub use pins::{LINK_PIN, remove_outdated_pins, remove_pins};
+pub use tables::slot_ids;
 
 /// Dropping it never detaches: a pinned link (and its maps) outlives the daemon, however
 /// it ends. Only `detach`, on a clean stop, removes the pins; an unpinned link (kernel
@@ -48,7 +49,6 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     iface: String,
     link: Option<XdpLinkId>,
-    ids: BackendIds,
     key: HashKey,
     /// Held while this daemon owns the pins (see `bpffs::lock_pin_dir`).
     _pin_lock: Option<crate::bpffs::PinDirLock>,

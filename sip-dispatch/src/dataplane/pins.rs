@@ -9,10 +9,12 @@ use aya::{
     maps::{MapData, MapType},
 };
 use sip_dispatch_common::{
-    ALL_MAPS, Entries, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAPS, MapKind, MapSpec,
+    ALL_MAPS, Entries, GLOBAL_AFFINITY_ON, HashKey, MAP_AFFINITY, MAPS, MAX_BACKENDS, MapKind,
+    MapSpec,
 };
 
 use super::{Affinity, Dataplane, load::OBJECT};
+use crate::backend_ids::BackendIds;
 
 /// Where a resized affinity map's previous pin waits until the take-over (or goes back
 /// on a failed start). No dot: bpffs refuses names with one.
@@ -27,6 +29,9 @@ impl Dataplane {
     /// hash key waits for `write_hash_key`, so a daemon that fails to start before its
     /// take-over leaves a pinned, forwarding link as it was.
     ///
+    /// Returns the backend ids the adopted maps use (none for fresh maps): the caller owns
+    /// them from here on.
+    ///
     /// An affinity map pinned with another size is resized: moved aside, replaced by a new
     /// one holding its newest entries, and removed at the take-over.
     pub fn load(
@@ -35,7 +40,7 @@ impl Dataplane {
         reset: bool,
         key: HashKey,
         affinity: Affinity,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<(Self, BackendIds)> {
         crate::bpffs::prepare_pin_dir(pin_dir)?;
         // Before anything in the directory is read or removed (also by --reset).
         let lock = crate::bpffs::lock_pin_dir(pin_dir)?;
@@ -91,23 +96,28 @@ impl Dataplane {
         }
         let resizing = resized.is_some();
         let adopted = (|| {
-            if adopting {
-                dp.adopt_backend_ids()?;
+            let ids = if adopting {
+                let ids = dp.read_backend_ids()?;
                 dp.sync_service_ports()?;
                 log::info!("adopted the maps pinned in {}", pin_dir.display());
-            }
+                ids
+            } else {
+                BackendIds::new(MAX_BACKENDS)
+            };
             if let Some(old) = resized {
                 dp.copy_affinity_from(old)?;
             }
-            anyhow::Ok(())
+            anyhow::Ok(ids)
         })();
-        if let Err(e) = adopted {
-            if resizing {
-                put_affinity_back(pin_dir);
+        match adopted {
+            Ok(ids) => Ok((dp, ids)),
+            Err(e) => {
+                if resizing {
+                    put_affinity_back(pin_dir);
+                }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(dp)
     }
 
     /// Undoes a start that failed with no pinned link to keep: closes our link, if any,

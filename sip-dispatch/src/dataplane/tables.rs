@@ -6,15 +6,18 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, MapData};
 use sip_dispatch_common::{
     FWD_REWRITE, MAP_SERVICE_PORTS, MAP_SERVICES, MAP_TABLES, MAX_SERVICES, NO_BACKEND,
     SERVICE_PORT_WORDS, SLOTS, ServiceInfo, ServiceKey, TABLE_MAP_FLAGS, service_port_bit,
+    table::SlotTable,
 };
 
 use super::Dataplane;
+use crate::backend_ids::BackendIds;
 
 impl Dataplane {
     /// Installs a service's slot table (entries are backend ids, or NO_BACKEND) with one
     /// atomic swap of the inner map, then makes sure the service entry points at it.
     pub fn publish_table(
         &mut self,
+        ids: &mut BackendIds,
         service_id: u32,
         key: ServiceKey,
         slots: &[u32],
@@ -37,7 +40,7 @@ impl Dataplane {
             .copied()
             .filter(|&id| id != NO_BACKEND)
             .collect();
-        self.ids.table_installed(service_id, referenced);
+        ids.table_installed(service_id, referenced);
         let flags = self
             .forwarding
             .get(&service_id)
@@ -64,32 +67,28 @@ impl Dataplane {
     /// Returns (id, address, weight) per table member, in the table's order.
     pub fn install_service(
         &mut self,
+        ids: &mut BackendIds,
         service_id: u32,
         vip: std::net::SocketAddr,
-        table: &sip_dispatch_common::table::SlotTable,
+        table: &SlotTable,
     ) -> anyhow::Result<Vec<(u32, std::net::SocketAddr, u32)>> {
         let mut members = Vec::with_capacity(table.members.len());
         for m in &table.members {
             let addr = m.backend.to_socket_addr();
-            members.push((self.backend_id(addr)?, addr, m.weight));
+            members.push((self.backend_id(ids, addr)?, addr, m.weight));
         }
-        let slots: Vec<u32> = table
-            .slots
-            .iter()
-            .map(|&m| {
-                if m == NO_BACKEND {
-                    NO_BACKEND
-                } else {
-                    members[m as usize].0
-                }
-            })
-            .collect();
-        self.publish_table(service_id, ServiceKey::from_socket_addr(vip), &slots)?;
+        let member_ids: Vec<u32> = members.iter().map(|(id, _, _)| *id).collect();
+        let slots = slot_ids(table, &member_ids);
+        self.publish_table(ids, service_id, ServiceKey::from_socket_addr(vip), &slots)?;
         Ok(members)
     }
 
     /// Removes the service entries of VIPs not in `vips`.
-    pub fn retain_services(&mut self, vips: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+    pub fn retain_services(
+        &mut self,
+        ids: &mut BackendIds,
+        vips: &[std::net::SocketAddr],
+    ) -> anyhow::Result<()> {
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
             HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
         let stale: Vec<ServiceKey> = services
@@ -109,7 +108,7 @@ impl Dataplane {
             .collect();
         for table in 0..MAX_SERVICES {
             if !reached.contains(&table) {
-                self.ids.table_removed(table);
+                ids.table_removed(table);
             }
         }
         self.sync_service_ports()
@@ -172,6 +171,21 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// A table's slots as backend ids: `member_ids` holds the id of each of its members.
+pub fn slot_ids(table: &SlotTable, member_ids: &[u32]) -> Vec<u32> {
+    table
+        .slots
+        .iter()
+        .map(|&m| {
+            if m == NO_BACKEND {
+                NO_BACKEND
+            } else {
+                member_ids[m as usize]
+            }
+        })
+        .collect()
 }
 
 /// Writes `values` into an mmap-able array map of as many u32 entries: one copy through

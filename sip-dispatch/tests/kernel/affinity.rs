@@ -60,12 +60,12 @@ fn send(h: &mut Harness, msg: &[u8]) -> (SocketAddr, Vec<(Counter, u64)>) {
 }
 
 fn id_of(h: &Harness, addr: &str) -> u32 {
-    h.dp.known_backend_id(addr.parse().unwrap()).unwrap()
+    h.ids.get(addr.parse().unwrap()).unwrap()
 }
 
 fn set_flags(h: &mut Harness, addr: &str, flags: u32) {
     let id = id_of(h, addr);
-    h.dp.set_backend_flags(id, flags).unwrap();
+    h.dp.set_backend_flags(&mut h.ids, id, flags).unwrap();
 }
 
 /// A harness whose v4 backends all take calls, and a Call-ID the v4 table sends to A.
@@ -85,7 +85,8 @@ fn swap_in_table_without_a(h: &mut Harness) -> SlotTable {
         HashKey::DEFAULT,
     )
     .unwrap();
-    h.dp.install_service(0, VIP4.parse().unwrap(), &t).unwrap();
+    h.dp.install_service(&mut h.ids, 0, VIP4.parse().unwrap(), &t)
+        .unwrap();
     t
 }
 
@@ -214,7 +215,7 @@ fn disable_and_a_reused_id_end_affinity() {
     send(&mut h, &request("INVITE", &call, None));
     let a_id = id_of(&h, A);
     swap_in_table_without_a(&mut h);
-    let freed = h.dp.release_unlisted(|x| x != a());
+    let freed = h.dp.release_unlisted(&mut h.ids, |x| x != a());
     assert_eq!(freed, vec![(a(), a_id)]);
     let newcomer = "198.18.1.22:5099";
     let t = build_table(
@@ -222,7 +223,8 @@ fn disable_and_a_reused_id_end_affinity() {
         HashKey::DEFAULT,
     )
     .unwrap();
-    h.dp.install_service(0, VIP4.parse().unwrap(), &t).unwrap();
+    h.dp.install_service(&mut h.ids, 0, VIP4.parse().unwrap(), &t)
+        .unwrap();
     assert_eq!(id_of(&h, newcomer), a_id, "the lowest free id is reused");
     set_flags(&mut h, newcomer, ALL);
     let (to, moved) = send(&mut h, &request("BYE", &call, Some("9")));
@@ -287,7 +289,9 @@ fn fast_and_slow_path_agree_with_affinity() {
         HashKey::DEFAULT,
     )
     .unwrap();
-    let members = h.dp.install_service(0, VIP4.parse().unwrap(), &t).unwrap();
+    let members =
+        h.dp.install_service(&mut h.ids, 0, VIP4.parse().unwrap(), &t)
+            .unwrap();
     let installed = InstalledTable {
         table: t,
         ids: members.iter().map(|m| m.0).collect(),

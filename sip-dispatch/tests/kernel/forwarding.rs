@@ -19,8 +19,10 @@ fn with_mode(mode: u32) -> Harness {
     let (v4, v6) = (h.v4.clone(), h.v6.clone());
     h.dp.set_forwarding(0, mode);
     h.dp.set_forwarding(1, mode);
-    h.dp.install_service(0, VIP4.parse().unwrap(), &v4).unwrap();
-    h.dp.install_service(1, VIP6.parse().unwrap(), &v6).unwrap();
+    h.dp.install_service(&mut h.ids, 0, VIP4.parse().unwrap(), &v4)
+        .unwrap();
+    h.dp.install_service(&mut h.ids, 1, VIP6.parse().unwrap(), &v6)
+        .unwrap();
     h
 }
 
@@ -63,7 +65,7 @@ fn l2dsr_passes_a_backend_behind_a_gateway() {
     sh(&["ip", "route", "add", "198.18.7.0/24", "via", "198.18.1.21"]);
     let far = build_table(&weighted(&[("198.18.7.7:5060", 1)]), HashKey::DEFAULT).unwrap();
     h.dp.set_forwarding(2, FWD_L2DSR);
-    h.dp.install_service(2, VIP_NO_NEIGH.parse().unwrap(), &far)
+    h.dp.install_service(&mut h.ids, 2, VIP_NO_NEIGH.parse().unwrap(), &far)
         .unwrap();
     let f = FrameSpec::udp(
         CLIENT4.parse().unwrap(),

@@ -7,9 +7,12 @@ use std::{
     process::Command,
 };
 
-use sip_dispatch::dataplane::{Affinity, Dataplane, ENV_FORCE_BPF_LOOP, ScanLoop};
+use sip_dispatch::{
+    backend_ids::BackendIds,
+    dataplane::{Affinity, Dataplane, ENV_FORCE_BPF_LOOP, ScanLoop},
+};
 use sip_dispatch_common::{
-    Backend, Counter, HashKey, ScanOutcome,
+    Backend, Counter, HashKey, MAX_BACKENDS, ScanOutcome,
     parse::scan_message,
     table::{SlotTable, Weighted, build_table},
 };
@@ -46,6 +49,8 @@ pub fn sh(args: &[&str]) {
 
 pub struct Harness {
     pub dp: Dataplane,
+    /// The backend ids of `dp`'s maps (the daemon's controller owns them).
+    pub ids: BackendIds,
     pub ifindex: u32,
     pub v4: SlotTable,
     pub v4_ids: Vec<u32>,
@@ -102,6 +107,7 @@ impl Harness {
 
         let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, affinity)
             .unwrap_or_else(|e| panic!("loading the XDP program: {e:#}"));
+        let mut ids = BackendIds::new(MAX_BACKENDS);
         // Both loop modes run these tests (`cargo xtask test` runs them again with the
         // fallback forced); this kernel (6.9+) has may_goto, so the default must use it.
         let forced = std::env::var(ENV_FORCE_BPF_LOOP).is_ok_and(|v| v == "1");
@@ -136,18 +142,18 @@ impl Harness {
         let no_neigh =
             build_table(&weighted(&[("198.18.1.50:5060", 1)]), HashKey::DEFAULT).unwrap();
         let v4_ids = dp
-            .install_service(0, VIP4.parse().unwrap(), &v4)
+            .install_service(&mut ids, 0, VIP4.parse().unwrap(), &v4)
             .unwrap()
             .iter()
             .map(|m| m.0)
             .collect();
         let v6_ids = dp
-            .install_service(1, VIP6.parse().unwrap(), &v6)
+            .install_service(&mut ids, 1, VIP6.parse().unwrap(), &v6)
             .unwrap()
             .iter()
             .map(|m| m.0)
             .collect();
-        dp.install_service(2, VIP_NO_NEIGH.parse().unwrap(), &no_neigh)
+        dp.install_service(&mut ids, 2, VIP_NO_NEIGH.parse().unwrap(), &no_neigh)
             .unwrap();
         dp.add_tx_port(ifindex).unwrap();
         // The next-hop cache as the daemon's follower fills it: every backend with a
@@ -155,6 +161,7 @@ impl Harness {
         assert_eq!(dp.resolve_next_hops().unwrap(), 6, "valid next-hop entries");
         Harness {
             dp,
+            ids,
             ifindex,
             v4,
             v4_ids,

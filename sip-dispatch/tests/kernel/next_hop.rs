@@ -14,8 +14,7 @@ use crate::harness::{
 };
 
 fn id_of(h: &Harness, addr: &str) -> u32 {
-    h.dp.known_backend_id(addr.parse().unwrap())
-        .expect("backend has an id")
+    h.ids.get(addr.parse().unwrap()).expect("backend has an id")
 }
 
 /// Sends `msg` to the v4 VIP from the veth: verdict, output, counters that moved.
@@ -152,7 +151,8 @@ fn a_valid_entry_keeps_the_mtu_and_on_link_rules() {
     .unwrap();
     let v4 = h.v4.clone();
     h.dp.set_forwarding(0, FWD_IPIP);
-    h.dp.install_service(0, VIP4.parse().unwrap(), &v4).unwrap();
+    h.dp.install_service(&mut h.ids, 0, VIP4.parse().unwrap(), &v4)
+        .unwrap();
     write(
         &mut h,
         NextHop {
@@ -173,7 +173,8 @@ fn a_valid_entry_keeps_the_mtu_and_on_link_rules() {
     assert_eq!(moved, vec![(Counter::Seen, 1), (Counter::PassEncap, 1)]);
     // l2dsr: an entry behind a gateway is not on the link.
     h.dp.set_forwarding(0, FWD_L2DSR);
-    h.dp.install_service(0, VIP4.parse().unwrap(), &v4).unwrap();
+    h.dp.install_service(&mut h.ids, 0, VIP4.parse().unwrap(), &v4)
+        .unwrap();
     write(&mut h, known);
     assert_eq!(send(&mut h, &msg).0, XDP_TX);
     write(
@@ -202,7 +203,7 @@ fn a_backend_behind_a_gateway_gets_the_gateways_mac() {
         "1400",
     ]);
     let far = build_table(&weighted(&[("198.18.7.7:5060", 1)]), HashKey::DEFAULT).unwrap();
-    h.dp.install_service(2, VIP_NO_NEIGH.parse().unwrap(), &far)
+    h.dp.install_service(&mut h.ids, 2, VIP_NO_NEIGH.parse().unwrap(), &far)
         .unwrap();
     assert_eq!(h.dp.resolve_next_hops().unwrap(), 7);
     let e = h.dp.next_hop(id_of(&h, "198.18.7.7:5060")).unwrap();

@@ -167,6 +167,7 @@ fn kamailio_model(hashes: &[u64], n: usize, removed: usize) -> (f64, f64, f64) {
 pub fn run(plan: &Plan) -> Result<TableResults> {
     let key = HashKey::DEFAULT;
     let mut dp = Dataplane::load_unpinned(key, Default::default())?;
+    let mut ids = sip_dispatch::backend_ids::BackendIds::new(sip_dispatch_common::MAX_BACKENDS);
     let call_hashes: Vec<u64> = (0..plan.call_ids)
         .map(|i| siphash13(key, format!("{i}-sdbench-7f3a@198.18.0.10").as_bytes()))
         .collect();
@@ -185,12 +186,12 @@ pub fn run(plan: &Plan) -> Result<TableResults> {
         }
         let table = table.expect("at least one trial");
         let t = Instant::now();
-        dp.install_service(idx as u32, vip, &table)?;
+        dp.install_service(&mut ids, idx as u32, vip, &table)?;
         let first_install_ms = ms_since(t);
         let mut swaps = Vec::new();
         for _ in 0..plan.table_trials {
             let t = Instant::now();
-            dp.install_service(idx as u32, vip, &table)?;
+            dp.install_service(&mut ids, idx as u32, vip, &table)?;
             swaps.push(ms_since(t));
         }
 

@@ -25,9 +25,12 @@ use std::{net::SocketAddr, thread};
 use anyhow::{Context as _, Result, anyhow, ensure};
 use aya::programs::Xdp;
 use serde::Serialize;
-use sip_dispatch::dataplane::{Affinity, Dataplane, load_mac_swap};
+use sip_dispatch::{
+    backend_ids::BackendIds,
+    dataplane::{Affinity, Dataplane, load_mac_swap},
+};
 use sip_dispatch_common::{
-    BF_AFFINITY, BF_NEW, BF_UP, Backend, Counter, HashKey, PROG_MAC_SWAP,
+    BF_AFFINITY, BF_NEW, BF_UP, Backend, Counter, HashKey, MAX_BACKENDS, PROG_MAC_SWAP,
     table::{Weighted, build_table},
 };
 use sip_dispatch_testbed::{
@@ -214,26 +217,27 @@ fn load_dispatcher(ifindex: u32, affinity: Affinity) -> Result<Dataplane> {
 /// empty, so that every packet takes the FIB lookup.
 fn load_dispatcher_with(ifindex: u32, affinity: Affinity, next_hops: bool) -> Result<Dataplane> {
     let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, affinity)?;
+    let mut ids = BackendIds::new(MAX_BACKENDS);
     let table = build_table(&weighted(&BACKENDS)?, HashKey::DEFAULT)?;
-    dp.install_service(0, VIP.parse()?, &table)?;
+    dp.install_service(&mut ids, 0, VIP.parse()?, &table)?;
     let back = build_table(&weighted(&[VIP])?, HashKey::DEFAULT)?;
     for (i, b) in BACKENDS.iter().enumerate() {
-        dp.install_service(i as u32 + 1, b.parse()?, &back)?;
+        dp.install_service(&mut ids, i as u32 + 1, b.parse()?, &back)?;
     }
-    for (_, id) in dp.backend_ids() {
-        dp.set_backend_flags(id, BF_AFFINITY | BF_UP | BF_NEW)?;
+    for (_, id) in ids.assigned().collect::<Vec<_>>() {
+        dp.set_backend_flags(&mut ids, id, BF_AFFINITY | BF_UP | BF_NEW)?;
     }
     dp.add_tx_port(ifindex)?;
     if next_hops {
-        fill_next_hops(&mut dp)?;
+        fill_next_hops(&mut dp, &ids)?;
     }
     Ok(dp)
 }
 
 /// The next-hop cache (`sd_nexthop_v1`) filled the way the daemon's follower fills it
 /// (every backend has a neighbour entry here): the fast path needs no FIB lookup.
-fn fill_next_hops(dp: &mut Dataplane) -> Result<()> {
-    let want = dp.backend_ids().len();
+fn fill_next_hops(dp: &mut Dataplane, ids: &BackendIds) -> Result<()> {
+    let want = ids.assigned().count();
     let valid = dp.resolve_next_hops()?;
     ensure!(valid == want, "{valid} of {want} next-hop entries valid");
     Ok(())

@@ -187,6 +187,7 @@ fn words(a: Ipv6Addr) -> [u32; 4] {
 /// `rewrite` the backends are services pointing back at their VIP (the bounce).
 fn load_mode(ifindex: u32, mode: u32) -> Result<Dataplane> {
     let mut dp = Dataplane::load_unpinned(HashKey::DEFAULT, Affinity::default())?;
+    let mut ids = sip_dispatch::backend_ids::BackendIds::new(sip_dispatch_common::MAX_BACKENDS);
     dp.set_encap_source(EncapSource {
         v4: u32::from_ne_bytes(OWN4.parse::<Ipv4Addr>()?.octets()),
         v6: words(OWN6.parse()?),
@@ -195,21 +196,21 @@ fn load_mode(ifindex: u32, mode: u32) -> Result<Dataplane> {
     for (vip, backends) in [(VIP, BACKENDS), (VIP6, BACKENDS6)] {
         dp.set_forwarding(id, mode);
         let table = build_table(&weighted(&backends)?, HashKey::DEFAULT)?;
-        dp.install_service(id, vip.parse()?, &table)?;
+        dp.install_service(&mut ids, id, vip.parse()?, &table)?;
         id += 1;
         if mode == FWD_REWRITE {
             let back = build_table(&weighted(&[vip])?, HashKey::DEFAULT)?;
             for b in backends {
-                dp.install_service(id, b.parse()?, &back)?;
+                dp.install_service(&mut ids, id, b.parse()?, &back)?;
                 id += 1;
             }
         }
     }
-    for (_, bid) in dp.backend_ids() {
-        dp.set_backend_flags(bid, BF_AFFINITY | BF_UP | BF_NEW)?;
+    for (_, bid) in ids.assigned().collect::<Vec<_>>() {
+        dp.set_backend_flags(&mut ids, bid, BF_AFFINITY | BF_UP | BF_NEW)?;
     }
     dp.add_tx_port(ifindex)?;
-    super::fill_next_hops(&mut dp)?;
+    super::fill_next_hops(&mut dp, &ids)?;
     Ok(dp)
 }
 
