@@ -76,6 +76,14 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Packaging: write the man pages and shell completions (from these definitions)
+    /// into a directory; `cargo xtask package` runs it.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Directory to write `man/` and `completions/` into.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// How CLI commands reach the daemon.

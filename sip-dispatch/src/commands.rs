@@ -30,7 +30,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let reply: ReloadReply = request(&client, &Request::Reload)?;
             print(&client, &reply, reload_lines)
         }
-        Command::Run(_) | Command::XdpPass(_) | Command::Decap(_) | Command::Detach(_) => {
+        Command::Run(_)
+        | Command::XdpPass(_)
+        | Command::Decap(_)
+        | Command::Detach(_)
+        | Command::GenerateDocs { .. } => {
             bail!("not a client command")
         }
     }

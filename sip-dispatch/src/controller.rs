@@ -320,7 +320,10 @@ impl Controller {
                 Some((addr, outcome)) = self.probe_rx.recv() => self.on_probe(addr, outcome, true),
                 Some(event) = self.srv.rx.recv() => self.on_srv(event),
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
-                    match self.reload().map(|r| self.saved(Reply::Reload(r))) {
+                    crate::notify::reloading();
+                    let reloaded = self.reload().map(|r| self.saved(Reply::Reload(r)));
+                    crate::notify::reloaded(reloaded.is_ok());
+                    match reloaded {
                         Ok(done) => log::info!(
                             "reload (SIGHUP): {}",
                             serde_json::to_string(&done).unwrap_or_default()

@@ -1,12 +1,9 @@
 //! sip-dispatch: the controller daemon and its CLI.
 use clap::Parser as _;
-use sip_dispatch::{cli, commands, run};
+use sip_dispatch::{cli, commands, docs, run};
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .format_timestamp_millis()
-        .init();
+    sip_dispatch::logging::init();
     abort_on_panic();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
@@ -32,6 +29,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::XdpPass(args) => run::xdp_pass(args),
         cli::Command::Decap(args) => run::decap(args),
         cli::Command::Detach(args) => run::detach(args),
+        cli::Command::GenerateDocs { out } => docs::generate(&out),
         command => commands::run(command),
     };
     match result {

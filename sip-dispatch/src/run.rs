@@ -12,7 +12,7 @@ use crate::{
     control,
     controller::{Controller, Started},
     dataplane::{AttachMode, ModeChoice},
-    metrics,
+    metrics, notify,
     sysctl::Forwarding,
 };
 
@@ -72,6 +72,7 @@ async fn run_daemon(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
         }
     })
     .await;
+    notify::stopping();
     control_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
@@ -140,8 +141,9 @@ async fn injected_panic() {
     std::future::pending::<()>().await
 }
 
-/// The one line on stdout that scripts and tests wait for.
+/// The one line on stdout that scripts and tests wait for, and READY=1 to systemd.
 pub(crate) fn ready(details: &str) {
     println!("sip-dispatch: ready {details}");
     let _ = std::io::stdout().flush();
+    notify::ready(details);
 }

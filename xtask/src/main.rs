@@ -1,8 +1,9 @@
 //! Project tasks: `cargo xtask test`, `cargo xtask run [-- ARGS]`, `cargo xtask bench`,
-//! `cargo xtask fuzz`, `cargo xtask prereqs`.
+//! `cargo xtask fuzz`, `cargo xtask package`, `cargo xtask prereqs`.
 mod bench;
 mod demo;
 mod fuzz;
+mod package;
 mod prereqs;
 mod privilege;
 mod shell;
@@ -84,6 +85,18 @@ enum Task {
         /// Targets to run (default: all of fuzz/fuzz_targets).
         targets: Vec<String>,
     },
+    /// Build the Debian package target/debian/sip-dispatch_<version>_<arch>.deb (release
+    /// build, man pages, shell completions, the systemd unit, docs) with cargo-deb,
+    /// installing cargo-deb first if it is missing. No root needed.
+    Package {
+        /// Do not check or install the toolchain and cargo-deb.
+        #[arg(long)]
+        skip_install: bool,
+        /// Then install it with dpkg, check the files, the unit (systemd-analyze verify)
+        /// and the man pages, and remove it again, as `cargo xtask test` does (as root).
+        #[arg(long)]
+        check: bool,
+    },
     /// Only check and install the prerequisites.
     Prereqs,
 }
@@ -129,6 +142,27 @@ fn run(task: Task) -> Result<()> {
             }
             shell::header(&format!("fuzz ({seconds} s per target)"));
             fuzz::run(seconds, &targets, fuzz::Corpus::Grow)
+        }
+        Task::Package {
+            skip_install,
+            check,
+        } => {
+            if check {
+                privilege::ensure_root("package --check")?;
+            }
+            if !skip_install {
+                shell::header("prerequisites: the toolchain and cargo-deb");
+                prereqs::ensure_nightly()?;
+                prereqs::ensure_bpf_linker()?;
+                prereqs::ensure_cargo_deb()?;
+            }
+            shell::header("package: cargo build --release, generate-docs, cargo deb");
+            let deb = package::build(package::Profile::Release)?;
+            if check {
+                shell::header("package check: dpkg -i, systemd-analyze verify, man -l, dpkg -r");
+                package::check(&deb)?;
+            }
+            Ok(())
         }
         Task::Prereqs => {
             privilege::ensure_root("prereqs")?;

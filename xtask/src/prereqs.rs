@@ -1,7 +1,8 @@
 //! Installs what building and testing sip-dispatch needs and a fresh Debian machine lacks:
 //! the tools of the test bed (Debian packages), the nightly toolchain with `rust-src` (the
 //! eBPF crate is built with `-Z build-std=core`), and `bpf-linker` 0.13.0 linked against
-//! the LLVM of that nightly, and `cargo-fuzz` for the fuzz targets in `fuzz/`. Everything
+//! the LLVM of that nightly, `cargo-fuzz` for the fuzz targets in `fuzz/`, and `cargo-deb`
+//! for the Debian package. Everything
 //! already present is reported in one line and left alone, so a second run is quick.
 use std::{path::Path, process::Command};
 
@@ -47,6 +48,16 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "blocks a backend's health checks (OPTIONS only) for the affinity test's health flap",
     ),
     (
+        "man-db",
+        "man",
+        "renders the packaged man pages in the package test (man -l)",
+    ),
+    (
+        "systemd",
+        "systemd-analyze",
+        "checks the packaged unit in the package test (systemd-analyze verify)",
+    ),
+    (
         "sipsak",
         "sipsak",
         "a connected-socket SIP client: answers must come from the VIP (forwarding tests)",
@@ -68,6 +79,43 @@ pub fn ensure_all() -> Result<()> {
     ensure_nightly()?;
     ensure_bpf_linker()?;
     ensure_cargo_fuzz()?;
+    ensure_cargo_deb()?;
+    Ok(())
+}
+
+/// cargo-deb's version: a newer one may refuse the dev profile the package test uses.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// `cargo-deb` from crates.io: `cargo deb` builds the Debian package (`cargo xtask
+/// package`, and the package test in `cargo xtask test`).
+pub fn ensure_cargo_deb() -> Result<()> {
+    let wanted = format!("cargo-deb {CARGO_DEB_VERSION}");
+    if let Some(path) = shell::which("cargo-deb") {
+        let version = shell::capture(Command::new(&path).arg("--version")).unwrap_or_default();
+        if version.trim() == wanted {
+            note(format!("{wanted}: already installed ({})", path.display()));
+            return Ok(());
+        }
+        note(format!(
+            "reinstalling cargo-deb: found {:?}, need {wanted}",
+            version.trim()
+        ));
+    } else {
+        note(format!(
+            "installing {wanted} from crates.io: it builds the Debian package"
+        ));
+    }
+    shell::run(shell::cargo().args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--force",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]))?;
+    if shell::which("cargo-deb").is_none() {
+        bail!("cargo-deb was installed but is still not found");
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    fuzz, prereqs,
+    fuzz, package, prereqs,
     shell::{self, header},
 };
 
@@ -111,6 +111,11 @@ pub fn run(skip_install: bool) -> Result<()> {
                         .env("SIP_DISPATCH_FORCE_BPF_LOOP", "1"),
                 )
             },
+        );
+        step(
+            &mut outcomes,
+            "package: cargo deb, dpkg -i/-r, systemd-analyze verify, man -l",
+            || package::check(&package::build(package::Profile::Dev)?),
         );
         step(
             &mut outcomes,
