@@ -18,6 +18,12 @@ pub fn init() {
     builder.init();
 }
 
+/// What starts the daemon's last line, the one that says why it failed (written with
+/// `eprintln!`, not the logger): `<3>` (error) when stderr is the journal.
+pub fn error_prefix() -> &'static str {
+    if stderr_is_journal() { "<3>" } else { "" }
+}
+
 /// The syslog priority sd-daemon(3) reads from the start of a journal line.
 pub fn journal_priority(level: Level) -> u8 {
     match level {

@@ -43,7 +43,10 @@ fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             // One line that names the problem, with its causes.
-            eprintln!("sip-dispatch: error: {e:#}");
+            eprintln!(
+                "{}sip-dispatch: error: {e:#}",
+                sip_dispatch::logging::error_prefix()
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -247,6 +247,27 @@ mod tests {
     }
 
     #[test]
+    fn package_takes_check_and_skip_install() {
+        match Cli::try_parse_from(["xtask", "package"]).unwrap().command {
+            Task::Package {
+                skip_install,
+                check,
+            } => assert!(!skip_install && !check),
+            other => panic!("{other:?}"),
+        }
+        match Cli::try_parse_from(["xtask", "package", "--check", "--skip-install"])
+            .unwrap()
+            .command
+        {
+            Task::Package {
+                skip_install,
+                check,
+            } => assert!(skip_install && check),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn run_takes_trailing_args() {
         let cli = Cli::try_parse_from([
             "xtask",
