@@ -23,7 +23,9 @@ use tokio::{
 
 use crate::{
     control::{AcceptBackoff, Command},
-    protocol::{BackendSnapshot, BackendState, Reply, Request, Snapshot, slow_path_counters},
+    protocol::{
+        BackendSnapshot, BackendState, Reply, Request, Snapshot, TableSnapshot, slow_path_counters,
+    },
 };
 
 /// Connections open at once.
@@ -185,6 +187,14 @@ type BackendFamily = (
     fn(&BackendSnapshot) -> String,
 );
 
+/// A per-service table metric family: name, type, help, and how to read its value.
+type TableFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&TableSnapshot) -> u64,
+);
+
 /// The snapshot in Prometheus text format.
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
@@ -289,6 +299,28 @@ pub fn render(s: &Snapshot) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP sip_dispatch_backend_state 1 for the backend's state (up, down: failing its health checks, drained, disabled), 0 for the others.\n\
+         # TYPE sip_dispatch_backend_state gauge"
+    );
+    for b in &s.backends {
+        for state in [
+            BackendState::Up,
+            BackendState::Down,
+            BackendState::Drained,
+            BackendState::Disabled,
+        ] {
+            let _ = writeln!(
+                out,
+                "sip_dispatch_backend_state{{service=\"{}\",backend=\"{}\",source=\"{}\",state=\"{state}\"}} {}",
+                b.service,
+                b.address,
+                b.source,
+                u8::from(b.state == state)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
         "# HELP sip_dispatch_slowpath_datagrams_total Datagrams handled by the userspace slow path, by outcome.\n\
          # TYPE sip_dispatch_slowpath_datagrams_total counter"
     );
@@ -339,6 +371,40 @@ pub fn render(s: &Snapshot) -> String {
          # TYPE sip_dispatch_affinity_capacity gauge\nsip_dispatch_affinity_capacity {}",
         s.affinity_entries, s.affinity_capacity
     );
+    let tables: [TableFamily; 3] = [
+        (
+            "table_generation",
+            "gauge",
+            "Slot tables of the service swapped in since the daemon started.",
+            |t| t.generation,
+        ),
+        (
+            "table_publish_failures_total",
+            "counter",
+            "Slot tables that could not be built or swapped in (the one before stayed in force).",
+            |t| t.publish_failures,
+        ),
+        (
+            "table_last_publish_successful",
+            "gauge",
+            "0 when the service's last table could not be built or swapped in: the table in force is stale until a later change publishes one.",
+            |t| u64::from(!t.last_publish_failed),
+        ),
+    ];
+    for (name, kind, help, value) in tables {
+        let _ = writeln!(
+            out,
+            "# HELP sip_dispatch_{name} {help}\n# TYPE sip_dispatch_{name} {kind}"
+        );
+        for t in &s.tables {
+            let _ = writeln!(
+                out,
+                "sip_dispatch_{name}{{service=\"{}\"}} {}",
+                t.service,
+                value(t)
+            );
+        }
+    }
     out
 }
 
@@ -370,9 +436,16 @@ mod tests {
             slow_path: Default::default(),
             affinity_entries: 1500,
             affinity_capacity: 262_144,
+            tables: vec![TableSnapshot {
+                service: "198.18.0.100:5060".parse().unwrap(),
+                generation: 4,
+                publish_failures: 1,
+                last_publish_failed: true,
+            }],
         };
         let text = render(&s);
         let labels = r#"{service="198.18.0.100:5060",backend="198.18.0.21:5060",source="_sip._udp.example.net"}"#;
+        let state_labels = labels.trim_end_matches('}');
         for line in [
             "sip_dispatch_fastpath_packets_total{outcome=\"xdp_tx\"} 42".to_string(),
             format!("sip_dispatch_backend_packets_total{labels} 7"),
@@ -388,6 +461,13 @@ mod tests {
             "sip_dispatch_affinity_entries 1500".to_string(),
             "sip_dispatch_affinity_capacity 262144".to_string(),
             "sip_dispatch_fastpath_fib_fallbacks_total 3".to_string(),
+            format!("sip_dispatch_backend_state{state_labels},state=\"up\"}} 1"),
+            format!("sip_dispatch_backend_state{state_labels},state=\"down\"}} 0"),
+            "sip_dispatch_table_generation{service=\"198.18.0.100:5060\"} 4".to_string(),
+            "sip_dispatch_table_publish_failures_total{service=\"198.18.0.100:5060\"} 1"
+                .to_string(),
+            "sip_dispatch_table_last_publish_successful{service=\"198.18.0.100:5060\"} 0"
+                .to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
@@ -421,6 +501,7 @@ mod tests {
                     slow_path: Default::default(),
                     affinity_entries: 0,
                     affinity_capacity: 0,
+                    tables: Vec::new(),
                 };
                 let _ = reply.send(Ok(Reply::Stats(Box::new(s))));
             }

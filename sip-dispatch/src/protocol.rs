@@ -226,6 +226,22 @@ pub struct Snapshot {
     pub affinity_entries: u64,
     #[serde(default)]
     pub affinity_capacity: u64,
+    /// Each service's slot table: how many were published, and whether the last failed.
+    #[serde(default)]
+    pub tables: Vec<TableSnapshot>,
+}
+
+/// A service's slot tables, as the metrics show them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TableSnapshot {
+    pub service: SocketAddr,
+    /// Tables swapped in since the daemon started (`backends list`'s table generation).
+    pub generation: u64,
+    /// Tables that could not be built or swapped in (the one before stayed in force).
+    pub publish_failures: u64,
+    /// The last table could not be built or swapped in: the one in force is older than
+    /// what the backends' states ask for, until a later change publishes.
+    pub last_publish_failed: bool,
 }
 
 /// The fast path's counters by name, in the order of `sip_dispatch_common::Counter`

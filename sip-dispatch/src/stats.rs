@@ -97,5 +97,6 @@ pub fn snapshot(
         slow_path: slow_path.snapshot(),
         affinity_entries: 0,
         affinity_capacity: 0,
+        tables: Vec::new(),
     })
 }

@@ -62,6 +62,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "sipsak",
         "a connected-socket SIP client: answers must come from the VIP (forwarding tests)",
     ),
+    (
+        "prometheus",
+        "promtool",
+        "promtool checks and unit-tests the alert rules (sip-dispatch/dist/prometheus) and the dashboard's queries",
+    ),
 ];
 
 /// What `cargo xtask bench` adds to the test bed's packages (same columns).

@@ -67,6 +67,23 @@ fn build_upgrade_from() -> Result<()> {
     Ok(())
 }
 
+/// The Prometheus alert rules are valid, and fire (and stay quiet) as their unit tests
+/// say. The dashboard and the rules are checked against a live daemon's metrics by the
+/// integration test `monitoring`.
+fn check_alert_rules() -> Result<()> {
+    let dir = shell::workspace_dir().join("sip-dispatch/dist/prometheus");
+    shell::run(
+        Command::new("promtool")
+            .args(["check", "rules", "sip-dispatch.rules.yml"])
+            .current_dir(&dir),
+    )?;
+    shell::run(
+        Command::new("promtool")
+            .args(["test", "rules", "sip-dispatch.rules.test.yml"])
+            .current_dir(&dir),
+    )
+}
+
 pub fn run(skip_install: bool) -> Result<()> {
     let mut outcomes = Vec::new();
     let total = Instant::now();
@@ -76,6 +93,13 @@ pub fn run(skip_install: bool) -> Result<()> {
     } else {
         step(&mut outcomes, "prerequisites", prereqs::ensure_all)
     };
+    if prepared {
+        step(
+            &mut outcomes,
+            "alert rules: promtool check rules, promtool test rules",
+            check_alert_rules,
+        );
+    }
     // The upgrade test needs a second, different executable to upgrade from: the same
     // source with the daemon crate at another optimisation level (only that crate is
     // rebuilt). It is built first and copied away; the build under test comes next.

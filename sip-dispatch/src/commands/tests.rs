@@ -137,6 +137,7 @@ fn stats_of_backends_at_the_top_of_the_counter_range_do_not_overflow() {
         slow_path: Default::default(),
         affinity_entries: 0,
         affinity_capacity: 0,
+        tables: Vec::new(),
     };
     let out = stats_table(&v, Some(&v), Duration::from_secs(1));
     assert!(out.contains("198.18.0.22:5060"), "{out}");
@@ -203,6 +204,7 @@ fn human_renderings_are_pinned() {
         slow_path: Default::default(),
         affinity_entries: 3,
         affinity_capacity: 262_144,
+        tables: Vec::new(),
     };
     let mut before = s.clone();
     before.counters.0[0].1 = 5;

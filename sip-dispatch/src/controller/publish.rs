@@ -109,8 +109,16 @@ impl Controller {
         let installed = table.and_then(|table| self.install(i, table));
         match installed {
             // The old table stays in force; the next change tries again.
-            Err(e) => log::error!("table {vip}: {e:#}"),
-            Ok(()) => self.published(i, selection, took),
+            Err(e) => {
+                log::error!("table {vip}: {e:#}");
+                let service = &mut self.services[i];
+                service.publish_failures += 1;
+                service.last_publish_failed = true;
+            }
+            Ok(()) => {
+                self.services[i].last_publish_failed = false;
+                self.published(i, selection, took);
+            }
         }
         self.release_unused_ids();
         self.answer_waiting();

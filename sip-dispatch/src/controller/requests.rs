@@ -465,6 +465,16 @@ impl Controller {
             s.affinity_entries = self.censuses.last().map_or(0, |c| c.entries);
             s.affinity_capacity = affinity.entries.into();
         }
+        s.tables = self
+            .services
+            .iter()
+            .map(|service| crate::protocol::TableSnapshot {
+                service: service.vip,
+                generation: service.generation,
+                publish_failures: service.publish_failures,
+                last_publish_failed: service.last_publish_failed,
+            })
+            .collect();
         Ok(s)
     }
 

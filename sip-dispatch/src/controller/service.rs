@@ -34,6 +34,9 @@ pub struct Service {
     /// The request number of the last build that came back (installed or failed).
     pub(super) built_seq: u64,
     pub(super) generation: u64,
+    /// Tables that could not be built or swapped in, and whether the last one was such.
+    pub(super) publish_failures: u64,
+    pub(super) last_publish_failed: bool,
     /// The slow path reads the table in force from here.
     pub(super) tables: watch::Sender<Option<Arc<slowpath::InstalledTable>>>,
     /// Static backends added with `backends add` (the others come from the settings).
@@ -55,6 +58,8 @@ impl Service {
             requested: None,
             built_seq: 0,
             generation: 0,
+            publish_failures: 0,
+            last_publish_failed: false,
             tables: watch::channel(None).0,
             cli_added: BTreeSet::new(),
             removed: BTreeSet::new(),

@@ -282,11 +282,17 @@ fn stats_have_a_stable_wire_form() {
         },
         affinity_entries: 3,
         affinity_capacity: 262_144,
+        tables: vec![TableSnapshot {
+            service: "198.18.0.100:5060".parse().unwrap(),
+            generation: 3,
+            publish_failures: 1,
+            last_publish_failed: false,
+        }],
     };
     pinned(
         &s,
         &format!(
-            r#"{{"counters":{{"rx":10,"xdp_tx":4}},"backends":[{{{BACKEND},"calls":4}}],"dns_failures":1,"reloads":{{"ok":2,"failed":1,"last_failed":false}},"slow_path":{{"received":5,"forwarded":0,"answered_503":0,"dropped_not_sip":0,"dropped_no_call_id":0,"dropped_no_backend":0,"rate_limited_503":0,"send_errors":0,"too_large_503":0,"affinity_followed":0,"affinity_written":0,"not_on_link":0,"too_big":1}},"affinity_entries":3,"affinity_capacity":262144}}"#
+            r#"{{"counters":{{"rx":10,"xdp_tx":4}},"backends":[{{{BACKEND},"calls":4}}],"dns_failures":1,"reloads":{{"ok":2,"failed":1,"last_failed":false}},"slow_path":{{"received":5,"forwarded":0,"answered_503":0,"dropped_not_sip":0,"dropped_no_call_id":0,"dropped_no_backend":0,"rate_limited_503":0,"send_errors":0,"too_large_503":0,"affinity_followed":0,"affinity_written":0,"not_on_link":0,"too_big":1}},"affinity_entries":3,"affinity_capacity":262144,"tables":[{{"service":"198.18.0.100:5060","generation":3,"publish_failures":1,"last_publish_failed":false}}]}}"#
         ),
     );
     // The untagged reply writes the snapshot as it is.
