@@ -85,9 +85,11 @@ fn field<'a>(fields: &[&'a str], key: &str) -> Option<&'a str> {
         .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// `198.18.0.21:5060/60` or `[2001:db8::21]:5060/60`.
+/// `198.18.0.21:5060/60` or `[2001:db8::21]:5060/60`; a load factor below 100 %
+/// follows the weight (`/60@50%`).
 fn weighted_backend(s: &str) -> Option<(SocketAddr, u32)> {
     let (addr, weight) = s.rsplit_once('/')?;
+    let weight = weight.split_once('@').map_or(weight, |(w, _)| w);
     Some((addr.parse().ok()?, weight.parse().ok()?))
 }
 

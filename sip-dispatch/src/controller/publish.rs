@@ -129,15 +129,18 @@ impl Controller {
         let vip = self.services[i].vip;
         self.services[i].generation += 1;
         log::debug!("table {vip} built in {took:?}");
-        let weights: HashMap<SocketAddr, u32> = self
+        let weights: HashMap<SocketAddr, (u32, u32)> = self
             .candidates_with_health(&self.services[i])
             .iter()
-            .map(|c| (c.addr, c.weight))
+            .map(|c| (c.addr, (c.weight, c.load_percent)))
             .collect();
         let list: Vec<String> = selection
             .members
             .iter()
-            .map(|(a, _)| format!("{a}/{}", weights.get(a).copied().unwrap_or(0)))
+            .map(|(a, _)| match weights.get(a).copied().unwrap_or((0, 100)) {
+                (w, 100) => format!("{a}/{w}"),
+                (w, load) => format!("{a}/{w}@{load}%"),
+            })
             .collect();
         let service = &mut self.services[i];
         log::info!(
