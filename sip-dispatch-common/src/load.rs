@@ -80,7 +80,7 @@ fn digits(s: &str, max_len: usize) -> Option<u64> {
 
 /// The overload feedback in the value of a response's top Via header (strict RFC 7339
 /// grammar: `oc` 0 to 100, `oc-validity` digits, `oc-seq` digits "." digits, `oc-algo`
-/// a quoted list naming `loss`; each at most once).
+/// a quoted list naming `loss`; each with one value).
 pub fn parse_oc(via: &str) -> OcFeedback {
     let (mut oc, mut validity, mut seq, mut algo) = (None, None, None, None);
     for param in via_params(via) {
@@ -99,10 +99,17 @@ pub fn parse_oc(via: &str) -> OcFeedback {
         } else {
             continue;
         };
-        if slot.is_some() {
-            return OcFeedback::Malformed(format!("{name} given twice"));
+        // A backend should give our bare `oc` its value, but one that appends
+        // `oc=N` (or repeats `oc-algo`) next to our offer still means one thing; two
+        // different values do not.
+        match (&*slot, value) {
+            (None, _) | (Some(None), Some(_)) => *slot = Some(value),
+            (Some(_), None) => {}
+            (Some(Some(old)), Some(new)) if old.eq_ignore_ascii_case(new) => {}
+            (Some(Some(_)), Some(_)) => {
+                return OcFeedback::Malformed(format!("{name} given twice"));
+            }
         }
-        *slot = Some(value);
     }
     // Our own bare `oc` echoed back, or no `oc` at all: no feedback.
     let Some(Some(oc)) = oc else {

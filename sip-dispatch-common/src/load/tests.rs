@@ -36,6 +36,11 @@ fn a_full_feedback_is_read() {
     assert_eq!(oc(";oc=100;oc-validity=0"), valid(100, 0, None));
     // A list naming loss among others; quoted commas do not end the Via value.
     assert_eq!(oc(";oc=10;oc-algo=\"rate,loss\""), valid(10, 500, None));
+    // Appended next to our offer instead of giving it a value: the same feedback.
+    assert_eq!(
+        oc(";oc;oc-algo=\"loss\";oc=50;oc-algo=\"loss\";oc-validity=1000"),
+        valid(50, 1000, None)
+    );
     // Only the first Via value counts.
     assert_eq!(
         parse_oc("SIP/2.0/UDP a;branch=z9hG4bK1, SIP/2.0/UDP b;oc=50"),

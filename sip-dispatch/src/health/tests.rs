@@ -268,3 +268,63 @@ async fn probes_a_real_udp_responder_and_sees_icmp_unreachable() {
     }
     assert_eq!(probe.buf.as_ptr(), buffer, "one buffer across reconnects");
 }
+
+/// A backend under load answers the probe with RFC 7339 feedback in our Via; one that
+/// echoes the Via as it came gives none.
+#[tokio::test]
+async fn the_probe_offers_overload_control_and_reads_the_answer() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        let mut n_probe = 0;
+        while let Ok((n, from)) = server.recv_from(&mut buf).await {
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let header = |name: &str| {
+                req.lines()
+                    .find(|l| l.starts_with(name))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            n_probe += 1;
+            let via = match n_probe {
+                // As RFC 7339 has it: our bare `oc` gets its value.
+                1 => format!(
+                    "{};oc-validity=2000;oc-seq=7.1",
+                    header("Via:").replace(";oc;", ";oc=50;")
+                ),
+                _ => header("Via:"),
+            };
+            let resp = format!(
+                "SIP/2.0 200 OK\r\n{via}\r\n{}\r\nCSeq: 1 OPTIONS\r\n\r\n",
+                header("Call-ID:")
+            );
+            let _ = server.send_to(resp.as_bytes(), from).await;
+        }
+    });
+    let mut probe = Probe::new(addr, &HealthUri::default());
+    let outcome = probe.once(Duration::from_secs(2)).await;
+    let ProbeOutcome::Answered { overload, .. } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(
+        overload,
+        sip_dispatch_common::load::OcFeedback::Valid(sip_dispatch_common::load::Oc {
+            percent: 50,
+            validity: Duration::from_secs(2),
+            seq: Some((7, 1)),
+        })
+    );
+    // The offer echoed back: `oc` without a value is no feedback.
+    let outcome = probe.once(Duration::from_secs(2)).await;
+    assert!(
+        matches!(
+            outcome,
+            ProbeOutcome::Answered {
+                overload: sip_dispatch_common::load::OcFeedback::None,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+}
