@@ -337,12 +337,14 @@ fn backends_table(list: &BackendsList) -> String {
         for row in &s.backends {
             let b = &row.backend;
             out += &format!(
-                "{:<26} {:<24} {:>4} {:>11} {:>9.1} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10} {:>6}  {}\n",
+                "{:<26} {:<24} {:>4} {:>11} {:>9} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10} {:>6}  {}\n",
                 b.address.to_string(),
                 with_origin(&b.source, &b.added_by, "config"),
                 b.priority.to_string(),
                 with_origin(b.weight, &b.weight_from, "config"),
-                b.load.effective_weight,
+                b.load
+                    .effective_weight
+                    .map_or_else(|| "-".into(), |w| format!("{w:.1}")),
                 with_origin(b.state, &b.state_from, "health"),
                 millis(b.rtt_ms),
                 or_dash(b.last_code),

@@ -272,7 +272,11 @@ pub fn render(s: &Snapshot) -> String {
             "backend_effective_weight",
             "gauge",
             "The weight the tables give the backend for new calls: its weight times its load factor (RFC 7339 overload, --latency-aware); 0 when it takes none.",
-            |b| b.load.effective_weight.to_string(),
+            |b| {
+                b.load
+                    .effective_weight
+                    .map_or("NaN".into(), |w| w.to_string())
+            },
         ),
         (
             "backend_overload_percent",

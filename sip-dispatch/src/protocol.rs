@@ -353,9 +353,10 @@ pub struct BackendSnapshot {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LoadView {
     /// The weight the tables give it for new calls, in the units of `weight`: 0 when it
-    /// takes none (down, drained, disabled, or overloaded at 100 %).
+    /// takes none (down, drained, disabled, or overloaded at 100 %); null from a daemon
+    /// too old to tell.
     #[serde(default)]
-    pub effective_weight: f64,
+    pub effective_weight: Option<f64>,
     /// The RFC 7339 `oc` in force (percent of new calls sent elsewhere); null: none.
     #[serde(default)]
     pub overload: Option<u8>,
@@ -388,7 +389,7 @@ fn full() -> f64 {
 impl Default for LoadView {
     fn default() -> LoadView {
         LoadView {
-            effective_weight: 0.0,
+            effective_weight: None,
             overload: None,
             overload_expires_ms: None,
             rtt_baseline_ms: None,
@@ -504,7 +505,7 @@ pub fn sample_backend(address: &str, state: BackendState) -> BackendSnapshot {
         bytes: 700,
         calls: Some(4),
         load: LoadView {
-            effective_weight: 2.0,
+            effective_weight: Some(2.0),
             ..LoadView::default()
         },
     }

@@ -157,7 +157,7 @@ fn human_renderings_are_pinned() {
     b2.weight_from = "cli".into();
     b2.state_from = "cli".into();
     b2.reason = "set by the operator".into();
-    b2.load.effective_weight = 0.0;
+    b2.load.effective_weight = Some(0.0);
     b2.load.load_reason = "oc=100 for 2.0s".into();
     b2.source = "static".into();
     let list = BackendsList {

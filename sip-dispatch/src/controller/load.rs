@@ -187,7 +187,7 @@ impl Controller {
         let load = &k.load;
         let percent = if healthy { load.percent } else { 0 };
         LoadView {
-            effective_weight: f64::from(weight) * f64::from(percent) / 100.0,
+            effective_weight: Some(f64::from(weight) * f64::from(percent) / 100.0),
             overload: Some(load.overload.percent(now)).filter(|p| *p > 0),
             overload_expires_ms: load
                 .overload
