@@ -168,6 +168,8 @@ pub enum ProbeOutcome {
         status: u16,
         rtt: Duration,
         retry_after: Option<Duration>,
+        /// RFC 7339 feedback in its top Via (see [`crate::load`]).
+        overload: crate::load::OcFeedback,
     },
     Timeout,
     /// ICMP unreachable, no route, or a send error.
@@ -303,6 +305,7 @@ impl Health {
                 status,
                 rtt,
                 retry_after,
+                ..
             } => {
                 self.last_code = Some(*status);
                 self.last_rtt = Some(*rtt);
@@ -416,6 +419,7 @@ mod tests {
             status,
             rtt: Duration::from_millis(2),
             retry_after: None,
+            overload: crate::load::OcFeedback::None,
         }
     }
 
@@ -424,6 +428,7 @@ mod tests {
             status: 503,
             rtt: Duration::from_millis(1),
             retry_after: Some(retry_after),
+            overload: crate::load::OcFeedback::None,
         }
     }
 
@@ -584,6 +589,7 @@ mod tests {
             status: 503,
             rtt: Duration::MAX,
             retry_after: Some(Duration::MAX),
+            overload: crate::load::OcFeedback::None,
         };
         assert!(h.record(&max, &cfg, now));
         assert_eq!(h.held_until, Some(now + hour));
@@ -624,6 +630,7 @@ mod tests {
             status: 200,
             rtt: Duration::from_millis(ms),
             retry_after: None,
+            overload: crate::load::OcFeedback::None,
         };
         h.record(&at(8), &cfg, Instant::now());
         assert_eq!(h.srtt, Some(Duration::from_millis(8)));

@@ -17,6 +17,8 @@ pub mod csum;
 pub mod hash;
 #[cfg(feature = "user")]
 pub mod health;
+#[cfg(feature = "user")]
+pub mod load;
 pub mod map_specs;
 pub mod maps;
 pub mod parse;

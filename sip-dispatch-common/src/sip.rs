@@ -21,6 +21,8 @@ pub struct Response {
     /// The branch parameter of the top Via.
     pub branch: String,
     pub retry_after: Option<Duration>,
+    /// RFC 7339 overload feedback in the top Via.
+    pub overload: crate::load::OcFeedback,
 }
 
 /// Parses a SIP response (status line and headers; compact forms understood).
@@ -46,6 +48,7 @@ pub fn parse_response(msg: &[u8]) -> Option<Response> {
         call_id: String::new(),
         branch: String::new(),
         retry_after: None,
+        overload: crate::load::OcFeedback::None,
     };
     for line in lines.take_while(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
@@ -68,6 +71,7 @@ pub fn parse_response(msg: &[u8]) -> Option<Response> {
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("branch"))
                 .map(|(_, v)| v.trim().to_string())
                 .unwrap_or_default();
+            response.overload = crate::load::parse_oc(value);
         } else if name.eq_ignore_ascii_case("retry-after") && response.retry_after.is_none() {
             response.retry_after = parse_retry_after(value);
         }

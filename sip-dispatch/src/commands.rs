@@ -319,11 +319,12 @@ fn backends_table(list: &BackendsList) -> String {
             or_dash(s.priority)
         );
         out += &format!(
-            "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>7} {:>10} {:>6}  {}\n",
+            "{:<26} {:<24} {:>4} {:>11} {:>9} {:<14} {:>8} {:>4} {:>8} {:>7} {:>10} {:>6}  {}\n",
             "backend",
             "source",
             "prio",
             "weight",
+            "effective",
             "state",
             "rtt ms",
             "last",
@@ -336,11 +337,12 @@ fn backends_table(list: &BackendsList) -> String {
         for row in &s.backends {
             let b = &row.backend;
             out += &format!(
-                "{:<26} {:<24} {:>4} {:>11} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10} {:>6}  {}\n",
+                "{:<26} {:<24} {:>4} {:>11} {:>9.1} {:<14} {:>8} {:>4} {:>8} {:>6.1}% {:>10} {:>6}  {}\n",
                 b.address.to_string(),
                 with_origin(&b.source, &b.added_by, "config"),
                 b.priority.to_string(),
                 with_origin(b.weight, &b.weight_from, "config"),
+                b.load.effective_weight,
                 with_origin(b.state, &b.state_from, "health"),
                 millis(b.rtt_ms),
                 or_dash(b.last_code),
@@ -348,7 +350,11 @@ fn backends_table(list: &BackendsList) -> String {
                 row.share * 100.0,
                 b.packets.to_string(),
                 or_dash(b.calls),
-                b.reason,
+                if b.load.load_reason.is_empty() {
+                    b.reason.clone()
+                } else {
+                    format!("{}; load: {}", b.reason, b.load.load_reason)
+                },
             );
         }
     }

@@ -54,6 +54,7 @@ impl From<&BackendSpec> for Candidate {
             weight: b.weight,
             sharing: 1,
             healthy: true,
+            load_percent: 100,
         }
     }
 }
@@ -79,6 +80,8 @@ pub struct Settings {
     pub affinity: crate::dataplane::Affinity,
     /// `--call-idle`: how long a call without messages still counts as held.
     pub call_idle: Duration,
+    /// `--latency-aware`: a slow backend's weight shrinks for new calls.
+    pub latency_aware: bool,
     /// `--probe-source` as given (the daemon picks the missing ones at start).
     pub probe_source: SourceAddrs,
     /// `--encap-source` as given (default: the probe source of the family).

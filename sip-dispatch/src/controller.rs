@@ -34,6 +34,7 @@ use crate::{
     table_builds::TableBuilds,
 };
 
+mod load;
 mod publish;
 pub mod reload;
 mod requests;
@@ -84,6 +85,9 @@ pub struct Controller {
     call_idle: std::time::Duration,
     /// Where health checks come from, per family.
     probe_source: crate::addrs::SourceAddrs,
+    /// `--latency-aware`.
+    latency_aware: bool,
+    load_throttle: self::load::LoadThrottle,
 }
 
 impl Controller {
@@ -121,6 +125,8 @@ impl Controller {
             flags_stale: true,
             call_idle: crate::cli::CALL_IDLE_DEFAULT,
             probe_source: Default::default(),
+            latency_aware: false,
+            load_throttle: Default::default(),
         };
         c.sync_backends();
         c
@@ -233,6 +239,7 @@ impl Controller {
                 self.republish();
             }
         }
+        self.observe_load(addr, &outcome, republish);
     }
 
     fn on_srv(&mut self, event: SrvEvent) {
@@ -332,6 +339,7 @@ impl Controller {
                     }
                 }
                 built = self.builds.finished() => self.on_built(built),
+                () = load_republish(self.load_throttle.due) => self.load_republish_due(),
                 Some((request, reply)) = commands.recv() => self.command(request, reply),
                 (waiting, ok) = self.censuses.finished() => self.census_done(waiting, ok),
                 _ = &mut stop => break,
@@ -353,6 +361,14 @@ impl Controller {
         self.dp.retain_services(&mut self.ids, &vips)?;
         self.release_unused_ids();
         Ok(())
+    }
+}
+
+/// Resolves when a load-driven republish is due (never while none waits).
+async fn load_republish(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

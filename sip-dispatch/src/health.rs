@@ -53,7 +53,8 @@ impl ProbeIds {
 }
 
 /// A well-formed OPTIONS request (RFC 3261 section 11) to `uri` (Request-URI and To):
-/// Via with the probe's branch, Max-Forwards, From with a tag, To, Call-ID, CSeq and
+/// Via with the probe's branch and the offer of RFC 7339 loss-based overload control
+/// (`oc`, `oc-algo="loss"`: a backend under load answers with `oc=N`), Max-Forwards, From with a tag, To, Call-ID, CSeq and
 /// Content-Length: 0.
 pub fn options_request(local: SocketAddr, uri: &str, ids: &ProbeIds, cseq: u32) -> String {
     let ProbeIds {
@@ -63,7 +64,7 @@ pub fn options_request(local: SocketAddr, uri: &str, ids: &ProbeIds, cseq: u32) 
     } = ids;
     format!(
         "OPTIONS {uri} SIP/2.0\r\n\
-         Via: SIP/2.0/UDP {local};branch={branch};rport\r\n\
+         Via: SIP/2.0/UDP {local};branch={branch};rport;oc;oc-algo=\"loss\"\r\n\
          Max-Forwards: 70\r\n\
          From: <sip:sip-dispatch@{local}>;tag={tag}\r\n\
          To: <{uri}>\r\n\
@@ -173,6 +174,7 @@ impl Probe {
                             status: r.status,
                             rtt: start.elapsed(),
                             retry_after: r.retry_after,
+                            overload: r.overload,
                         };
                     }
                 }

@@ -240,7 +240,7 @@ pub fn render(s: &Snapshot) -> String {
              sip_dispatch_fastpath_fib_fallbacks_total {n}"
         );
     }
-    let per_backend: [BackendFamily; 6] = [
+    let per_backend: [BackendFamily; 9] = [
         (
             "backend_packets_total",
             "counter",
@@ -269,6 +269,24 @@ pub fn render(s: &Snapshot) -> String {
             },
         ),
         (
+            "backend_effective_weight",
+            "gauge",
+            "The weight the tables give the backend for new calls: its weight times its load factor (RFC 7339 overload, --latency-aware); 0 when it takes none.",
+            |b| b.load.effective_weight.to_string(),
+        ),
+        (
+            "backend_overload_percent",
+            "gauge",
+            "The RFC 7339 overload feedback in force (oc: percent of new calls sent elsewhere); 0 when none.",
+            |b| b.load.overload.unwrap_or(0).to_string(),
+        ),
+        (
+            "backend_latency_factor",
+            "gauge",
+            "The share of its weight the backend's probe round trip leaves it (--latency-aware; 1 otherwise).",
+            |b| b.load.latency_factor.to_string(),
+        ),
+        (
             "health_checks_total",
             "counter",
             "OPTIONS health checks sent.",
@@ -294,6 +312,24 @@ pub fn render(s: &Snapshot) -> String {
                 b.address,
                 b.source,
                 value(b)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sip_dispatch_overload_feedback_total RFC 7339 overload feedback in health-check answers, by result (accepted; stale: an older oc-seq; malformed).\n\
+         # TYPE sip_dispatch_overload_feedback_total counter"
+    );
+    for b in &s.backends {
+        for (result, n) in [
+            ("accepted", b.load.oc_accepted),
+            ("stale", b.load.oc_stale),
+            ("malformed", b.load.oc_malformed),
+        ] {
+            let _ = writeln!(
+                out,
+                "sip_dispatch_overload_feedback_total{{service=\"{}\",backend=\"{}\",source=\"{}\",result=\"{result}\"}} {n}",
+                b.service, b.address, b.source
             );
         }
     }

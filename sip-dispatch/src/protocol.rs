@@ -344,6 +344,61 @@ pub struct BackendSnapshot {
     /// (`--affinity off`, or no census since the last change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calls: Option<u64>,
+    #[serde(flatten)]
+    pub load: LoadView,
+}
+
+/// What a backend's load does to its weight for new calls (see
+/// `sip_dispatch_common::load`); the defaults are what a daemon too old to tell means.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LoadView {
+    /// The weight the tables give it for new calls, in the units of `weight`: 0 when it
+    /// takes none (down, drained, disabled, or overloaded at 100 %).
+    #[serde(default)]
+    pub effective_weight: f64,
+    /// The RFC 7339 `oc` in force (percent of new calls sent elsewhere); null: none.
+    #[serde(default)]
+    pub overload: Option<u8>,
+    /// How long that feedback still holds.
+    #[serde(default)]
+    pub overload_expires_ms: Option<u64>,
+    /// The smallest probe round trip of the last 5 minutes.
+    #[serde(default)]
+    pub rtt_baseline_ms: Option<f64>,
+    /// The share of its weight its latency leaves it (1.0 without `--latency-aware`).
+    #[serde(default = "full")]
+    pub latency_factor: f64,
+    /// Why the effective weight is below the weight by load ("" when it is not).
+    #[serde(default)]
+    pub load_reason: String,
+    /// Overload feedback taken; and ignored: malformed, or older than the last
+    /// (`oc-seq`).
+    #[serde(default)]
+    pub oc_accepted: u64,
+    #[serde(default)]
+    pub oc_malformed: u64,
+    #[serde(default)]
+    pub oc_stale: u64,
+}
+
+fn full() -> f64 {
+    1.0
+}
+
+impl Default for LoadView {
+    fn default() -> LoadView {
+        LoadView {
+            effective_weight: 0.0,
+            overload: None,
+            overload_expires_ms: None,
+            rtt_baseline_ms: None,
+            latency_factor: 1.0,
+            load_reason: String::new(),
+            oc_accepted: 0,
+            oc_malformed: 0,
+            oc_stale: 0,
+        }
+    }
 }
 
 /// Outcomes of `reload` (and SIGHUP) since the daemon started.
@@ -448,6 +503,10 @@ pub fn sample_backend(address: &str, state: BackendState) -> BackendSnapshot {
         packets: 7,
         bytes: 700,
         calls: Some(4),
+        load: LoadView {
+            effective_weight: 2.0,
+            ..LoadView::default()
+        },
     }
 }
 

@@ -29,6 +29,10 @@ pub struct Candidate {
     /// How many addresses share that weight (the addresses of one SRV target).
     pub sharing: u32,
     pub healthy: bool,
+    /// The share of its weight the backend's load leaves it, in percent (RFC 7339
+    /// overload, latency; see `sip_dispatch_common::load`): 100 normally, 0 takes no
+    /// new calls (like a drained backend).
+    pub load_percent: u32,
 }
 
 /// The backends in the table and the priority they were taken from.
@@ -51,10 +55,16 @@ impl Selection {
     }
 }
 
+impl Candidate {
+    fn takes_new_calls(&self) -> bool {
+        self.healthy && self.load_percent > 0
+    }
+}
+
 pub fn select(candidates: &[Candidate]) -> Selection {
     let Some(priority) = candidates
         .iter()
-        .filter(|c| c.healthy)
+        .filter(|c| c.takes_new_calls())
         .map(|c| c.priority)
         .min()
     else {
@@ -62,7 +72,7 @@ pub fn select(candidates: &[Candidate]) -> Selection {
     };
     let group: Vec<&Candidate> = candidates
         .iter()
-        .filter(|c| c.healthy && c.priority == priority)
+        .filter(|c| c.takes_new_calls() && c.priority == priority)
         .collect();
     let any_weighted = group.iter().any(|c| c.weight > 0);
     let mut members: Vec<(SocketAddr, u32)> = group
@@ -73,7 +83,10 @@ pub fn select(candidates: &[Candidate]) -> Selection {
                 (0, false) => 1,
                 (w, _) => w,
             };
-            Some((c.addr, (weight * WEIGHT_SCALE / c.sharing.max(1)).max(1)))
+            let scaled = (weight * WEIGHT_SCALE / c.sharing.max(1)).max(1);
+            // Fits: 65535 x 2520 x 100 < 2^64.
+            let loaded = u64::from(scaled) * u64::from(c.load_percent.min(100)) / 100;
+            Some((c.addr, u32::try_from(loaded).unwrap_or(scaled).max(1)))
         })
         .collect();
     members.sort();
@@ -95,7 +108,39 @@ mod tests {
             weight,
             sharing: 1,
             healthy,
+            load_percent: 100,
         }
+    }
+
+    #[test]
+    fn load_scales_a_weight_and_zero_takes_no_new_calls() {
+        let mut cands = vec![
+            c("198.18.0.1:5060", 10, 1, true),
+            c("198.18.0.2:5060", 10, 2, true),
+        ];
+        cands[0].load_percent = 50;
+        let s = select(&cands);
+        assert_eq!(
+            s.members,
+            vec![
+                (cands[0].addr, WEIGHT_SCALE / 2),
+                (cands[1].addr, 2 * WEIGHT_SCALE)
+            ]
+        );
+        // A backend at 0 % goes like a drained one; with all at 0 % the next priority.
+        cands[0].load_percent = 0;
+        assert_eq!(
+            select(&cands).members,
+            vec![(cands[1].addr, 2 * WEIGHT_SCALE)]
+        );
+        cands[1].load_percent = 0;
+        cands.push(c("198.18.0.3:5060", 20, 1, true));
+        let s = select(&cands);
+        assert_eq!((s.priority, s.members.len()), (Some(20), 1));
+        // The smallest share is still a slot's worth of weight.
+        cands[2].load_percent = 1;
+        cands[2].weight = 1;
+        assert_eq!(select(&cands).members[0].1, WEIGHT_SCALE / 100);
     }
 
     fn weights(s: &Selection) -> Vec<(String, u32)> {

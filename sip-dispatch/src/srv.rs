@@ -88,6 +88,7 @@ impl SrvAnswer {
                     weight: u32::from(t.weight),
                     sharing,
                     healthy: true,
+                    load_percent: 100,
                 });
             }
         }

@@ -39,6 +39,7 @@ pub struct BackendInfo {
     /// Calls it holds as far as the dispatcher can tell (the census); None with
     /// `--affinity off` or before the first census.
     pub calls: Option<u64>,
+    pub load: crate::protocol::LoadView,
 }
 
 pub fn snapshot(
@@ -84,6 +85,7 @@ pub fn snapshot(
                 packets: s.packets.saturating_add(slow.packets),
                 bytes: s.bytes.saturating_add(slow.bytes),
                 calls: b.calls,
+                load: b.load.clone(),
             })
         })
         .collect::<anyhow::Result<_>>()?;

@@ -157,6 +157,8 @@ fn human_renderings_are_pinned() {
     b2.weight_from = "cli".into();
     b2.state_from = "cli".into();
     b2.reason = "set by the operator".into();
+    b2.load.effective_weight = 0.0;
+    b2.load.load_reason = "oc=100 for 2.0s".into();
     b2.source = "static".into();
     let list = BackendsList {
         services: vec![crate::protocol::ServiceView {
@@ -217,9 +219,9 @@ fn human_renderings_are_pinned() {
 
 const BACKENDS_TABLE: &str = concat!(
     "service 198.18.0.100:5060  forwarding rewrite  table generation 3  priority in use -\n",
-    "backend                    source                   prio      weight state            rtt ms last  last ms   share    packets  calls  reason\n",
-    "198.18.0.21:5060           _sip._udp.example.net      10      2(dns) up                 1.50  200     1.20   25.0%          7      4  \n",
-    "[2001:db8::22]:5060        static(cli)                10      2(cli) drained(cli)          -    -        -    0.0%          7      -  set by the operator",
+    "backend                    source                   prio      weight effective state            rtt ms last  last ms   share    packets  calls  reason\n",
+    "198.18.0.21:5060           _sip._udp.example.net      10      2(dns)       2.0 up                 1.50  200     1.20   25.0%          7      4  \n",
+    "[2001:db8::22]:5060        static(cli)                10      2(cli)       0.0 drained(cli)          -    -        -    0.0%          7      -  set by the operator; load: oc=100 for 2.0s",
 );
 const WHICH_LINE: &str = "\"a\\\"b@c\" -> - (slot 7)";
 const RELOAD_LINES: &str = concat!("no configuration change\n", "resolving 2 SRV name(s) now",);

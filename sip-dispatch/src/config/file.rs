@@ -31,6 +31,7 @@ pub(super) struct File {
     pub(super) affinity: Option<Spanned<String>>,
     pub(super) affinity_entries: Option<Spanned<u64>>,
     pub(super) call_idle: Option<Spanned<String>>,
+    pub(super) latency_aware: Option<bool>,
     pub(super) forwarding: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) probe_source: Vec<Spanned<String>>,

@@ -334,6 +334,7 @@ impl Settings {
             services,
             affinity,
             call_idle,
+            latency_aware: args.latency_aware || file.latency_aware.unwrap_or(false),
             probe_source,
             encap_source,
         })

@@ -33,6 +33,7 @@ impl Controller {
                 let k = self.backends.get(&c.addr);
                 Candidate {
                     healthy: k.is_some_and(|k| k.health.takes_traffic()),
+                    load_percent: k.map_or(100, |k| k.load.percent),
                     weight: k.and_then(|k| k.weight_override).unwrap_or(c.weight),
                     ..c
                 }
@@ -183,7 +184,10 @@ impl Controller {
         let assigned: Vec<(SocketAddr, u32)> = self.ids.assigned().collect();
         for (addr, id) in assigned {
             let flags = self.backends.get(&addr).map_or(0, |k| {
-                affinity_flags(&k.health, k.weight_override == Some(0))
+                affinity_flags(
+                    &k.health,
+                    k.weight_override == Some(0) || k.load.percent == 0,
+                )
             });
             if let Err(e) = self.dp.set_backend_flags(&mut self.ids, id, flags) {
                 log::warn!("backend {addr}: {e:#}");

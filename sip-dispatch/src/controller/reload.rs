@@ -211,6 +211,13 @@ impl Controller {
             ));
             self.set_call_idle(next.call_idle);
         }
+        if next.latency_aware != self.latency_aware {
+            changes.push(format!(
+                "latency-aware {}",
+                if next.latency_aware { "on" } else { "off" }
+            ));
+            self.set_latency_aware(next.latency_aware);
+        }
         self.censuses.invalidate();
         self.watch_srv(&BTreeMap::new())?;
         self.changed_backends();

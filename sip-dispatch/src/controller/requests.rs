@@ -187,6 +187,7 @@ impl Controller {
                     weight,
                     sharing: 1,
                     healthy: true,
+                    load_percent: 100,
                 });
                 self.services[i].cli_added.insert(address);
                 self.changed_backends();
@@ -445,6 +446,7 @@ impl Controller {
                     checks: k.health.checks,
                     check_failures: k.health.check_failures,
                     calls: self.calls_held(c.addr),
+                    load: self.load_view(k, eff.weight, eff.healthy),
                 });
             }
         }

@@ -132,6 +132,8 @@ impl Service {
 
 pub(super) struct Known {
     pub(super) health: Health,
+    /// What its probe answers say of its load (see `controller::load`).
+    pub(super) load: super::load::BackendLoad,
     /// `set-weight` from the operator, kept across DNS updates.
     pub(super) weight_override: Option<u32>,
 }
@@ -141,6 +143,7 @@ impl Known {
     pub(super) fn appearing(addr: SocketAddr, pending: &mut state::Pending) -> Known {
         let mut known = Known {
             health: Health::unprobed(),
+            load: Default::default(),
             weight_override: None,
         };
         known.take_pending(addr, pending);

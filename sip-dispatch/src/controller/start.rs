@@ -220,6 +220,7 @@ impl Controller {
             Some(reloader),
         );
         ctl.set_call_idle(settings.call_idle);
+        ctl.set_latency_aware(settings.latency_aware);
         ctl.set_probe_source(probe_source);
         ctl.restore(settings.state_file.clone(), saved_state);
         let mut wrote = false;

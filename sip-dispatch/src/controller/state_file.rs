@@ -57,6 +57,7 @@ impl Controller {
                         weight: a.weight,
                         sharing: 1,
                         healthy: true,
+                        load_percent: 100,
                     });
                     self.services[i].cli_added.insert(a.address);
                 }

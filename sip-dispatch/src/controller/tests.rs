@@ -44,6 +44,7 @@ fn statics(first: u32, n: u32) -> Vec<Candidate> {
             weight: 1,
             sharing: 1,
             healthy: true,
+            load_percent: 100,
         })
         .collect()
 }

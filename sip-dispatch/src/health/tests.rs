@@ -15,7 +15,9 @@ fn options_is_well_formed_and_its_response_matches() {
     let uri = HealthUri::default().for_backend(target);
     let req = options_request(local, &uri, &ids(), 7);
     assert!(req.starts_with("OPTIONS sip:198.18.0.21:5060 SIP/2.0\r\n"));
-    assert!(req.contains("\r\nVia: SIP/2.0/UDP 198.18.0.2:40000;branch=z9hG4bKabc;rport\r\n"));
+    assert!(req.contains(
+        "\r\nVia: SIP/2.0/UDP 198.18.0.2:40000;branch=z9hG4bKabc;rport;oc;oc-algo=\"loss\"\r\n"
+    ));
     assert!(req.contains("\r\nMax-Forwards: 70\r\n"));
     assert!(req.contains("\r\nFrom: <sip:sip-dispatch@198.18.0.2:40000>;tag=t1\r\n"));
     assert!(req.contains("\r\nTo: <sip:198.18.0.21:5060>\r\n"));
@@ -90,6 +92,7 @@ fn a_clamped_retry_after_is_logged_once_per_run() {
         status: 503,
         rtt: Duration::from_millis(1),
         retry_after: Some(Duration::from_secs(secs)),
+        overload: sip_dispatch_common::load::OcFeedback::None,
     };
     let mut logged = false;
     log_clamped_retry_after(target, &busy(10), &mut logged);

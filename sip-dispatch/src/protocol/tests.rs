@@ -212,6 +212,9 @@ fn which_has_a_stable_wire_form() {
     );
 }
 
+/// What every backend row ends with: its load (see `LoadView`).
+const LOAD: &str = r#""effective_weight":2.0,"overload":null,"overload_expires_ms":null,"rtt_baseline_ms":null,"latency_factor":1.0,"load_reason":"","oc_accepted":0,"oc_malformed":0,"oc_stale":0"#;
+
 const BACKEND: &str = r#""service":"198.18.0.100:5060","address":"198.18.0.21:5060","weight":2,"priority":10,"source":"_sip._udp.example.net","added_by":"config","weight_from":"dns","state_from":"health","state":"up","reason":"","rtt_ms":1.5,"last_code":200,"last_rtt_ms":1.2,"consecutive_failures":0,"last_change":0,"checks":9,"check_failures":1,"packets":7,"bytes":700"#;
 
 #[test]
@@ -246,7 +249,7 @@ fn backends_list_has_a_stable_wire_form() {
     pinned(
         &list,
         &format!(
-            r#"{{"services":[{{"vip":"198.18.0.100:5060","forwarding":"rewrite","generation":3,"priority":10,"backends":[{{{BACKEND},"calls":4,"share":0.5}},{{{unknown},"share":0.0}}]}}]}}"#
+            r#"{{"services":[{{"vip":"198.18.0.100:5060","forwarding":"rewrite","generation":3,"priority":10,"backends":[{{{BACKEND},"calls":4,{LOAD},"share":0.5}},{{{unknown},{LOAD},"share":0.0}}]}}]}}"#
         ),
     );
     let empty = BackendsList {
@@ -292,7 +295,7 @@ fn stats_have_a_stable_wire_form() {
     pinned(
         &s,
         &format!(
-            r#"{{"counters":{{"rx":10,"xdp_tx":4}},"backends":[{{{BACKEND},"calls":4}}],"dns_failures":1,"reloads":{{"ok":2,"failed":1,"last_failed":false}},"slow_path":{{"received":5,"forwarded":0,"answered_503":0,"dropped_not_sip":0,"dropped_no_call_id":0,"dropped_no_backend":0,"rate_limited_503":0,"send_errors":0,"too_large_503":0,"affinity_followed":0,"affinity_written":0,"not_on_link":0,"too_big":1}},"affinity_entries":3,"affinity_capacity":262144,"tables":[{{"service":"198.18.0.100:5060","generation":3,"publish_failures":1,"last_publish_failed":false}}]}}"#
+            r#"{{"counters":{{"rx":10,"xdp_tx":4}},"backends":[{{{BACKEND},"calls":4,{LOAD}}}],"dns_failures":1,"reloads":{{"ok":2,"failed":1,"last_failed":false}},"slow_path":{{"received":5,"forwarded":0,"answered_503":0,"dropped_not_sip":0,"dropped_no_call_id":0,"dropped_no_backend":0,"rate_limited_503":0,"send_errors":0,"too_large_503":0,"affinity_followed":0,"affinity_written":0,"not_on_link":0,"too_big":1}},"affinity_entries":3,"affinity_capacity":262144,"tables":[{{"service":"198.18.0.100:5060","generation":3,"publish_failures":1,"last_publish_failed":false}}]}}"#
         ),
     );
     // The untagged reply writes the snapshot as it is.
