@@ -20,6 +20,7 @@ use crate::{
     scenario,
     sipp::{self, UacReport, UacSpec, Uas, UasReport},
     topology::{Topology, TopologySpec},
+    uas::ScriptedUas,
 };
 
 /// Lossy UTF-8 of a command's output.
@@ -27,13 +28,18 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A test network with SIPp backends b1..bN (IPv4) and the XDP_PASS peer program.
+/// A test network with backends b1..bN (SIPp UASes, or scripted ones) and the XDP_PASS
+/// peer program.
 /// Fields drop in order: the daemon slot is the caller's; here backends, then the pass
 /// program, then the namespaces.
 pub struct Bed {
     pub binary: PathBuf,
     pub dir: PathBuf,
     pub uas: Vec<Option<Uas>>,
+    /// The backends of a bed built with [`Bed::build_scripted`] (else empty).
+    pub scripted: Vec<ScriptedUas>,
+    /// Backend addresses b1..bN.
+    addresses: Vec<SocketAddr>,
     pub xdp_pass: Option<Dispatcher>,
     pub vip: SocketAddr,
     pub control: PathBuf,
@@ -54,16 +60,45 @@ impl Bed {
         bound: Duration,
         family: Family,
     ) -> Bed {
+        Bed::build_with(workdir, name, backends, family, |topo, dir| {
+            let uas: Vec<Uas> =
+                scenario::start_backends(topo, family, dir, bound).expect("UAS backends");
+            (uas.into_iter().map(Some).collect(), Vec::new())
+        })
+    }
+
+    /// A bed whose backends are [`ScriptedUas`]es (IPv4), one per backend host, in
+    /// `scripted` (none in `uas`).
+    pub fn build_scripted(workdir: &Path, name: &str, backends: u8) -> Bed {
+        Bed::build_with(workdir, name, backends, Family::V4, |topo, _| {
+            let scripted = topo
+                .backends()
+                .map(|h| {
+                    let addr = SocketAddr::new(h.ip(Family::V4), sipp::SIP_PORT);
+                    ScriptedUas::start(h.ns_name(), &[addr]).expect("scripted UAS")
+                })
+                .collect();
+            (Vec::new(), scripted)
+        })
+    }
+
+    fn build_with(
+        workdir: &Path,
+        name: &str,
+        backends: u8,
+        family: Family,
+        start: impl FnOnce(&Topology, &Path) -> (Vec<Option<Uas>>, Vec<ScriptedUas>),
+    ) -> Bed {
         preflight::require_all().expect("preflight");
         let binary = dispatcher::binary_path().expect("sip-dispatch binary");
         let dir = scenario::run_dir(workdir, name).expect("run dir");
         netns::cleanup_leftovers().expect("cleaning up leftovers");
         let topo = Topology::build(TopologySpec::dispatcher(backends)).expect("topology");
-        let uas = scenario::start_backends(&topo, family, &dir, bound)
-            .expect("UAS backends")
-            .into_iter()
-            .map(Some)
+        let addresses = topo
+            .backends()
+            .map(|h| SocketAddr::new(h.ip(family), sipp::SIP_PORT))
             .collect();
+        let (uas, scripted) = start(&topo, &dir);
         let xdp_pass = scenario::start_xdp_pass(&topo, &binary, XdpMode::Native, &dir, true)
             .expect("xdp-pass on the peer");
         let vip = SocketAddr::new(topo.vip(family), sipp::SIP_PORT);
@@ -72,6 +107,8 @@ impl Bed {
             binary,
             dir,
             uas,
+            scripted,
+            addresses,
             xdp_pass,
             vip,
             control,
@@ -81,7 +118,7 @@ impl Bed {
 
     /// Backend `n` (from 1).
     pub fn backend(&self, n: usize) -> SocketAddr {
-        self.uas[n - 1].as_ref().expect("backend running").address
+        self.addresses[n - 1]
     }
 
     pub fn disp_ns(&self) -> String {
@@ -183,6 +220,7 @@ impl Drop for Bed {
         for u in self.uas.iter_mut().filter_map(Option::take) {
             let _ = u.stop();
         }
+        self.scripted.clear();
         if let Some(p) = self.xdp_pass.take() {
             let _ = p.stop();
         }

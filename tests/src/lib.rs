@@ -2,7 +2,8 @@
 //! processes inside them, SIPp drivers with exact call accounting, and an end-to-end
 //! scenario runner shared by the integration tests (`tests/`) and `cargo xtask run`; the
 //! kernel tests' frames and BPF_PROG_TEST_RUN harness (`frames`, `testrun`); and the
-//! benchmark `sd-bench` (`src/bin/sd-bench/`, feature `bench`).
+//! benchmark `sd-bench` (`src/bin/sd-bench/`, feature `bench`); a scripted UAS (`uas`) for
+//! backends whose health-probe answers a test changes at run time.
 //!
 //! Everything runs inside namespaces this crate creates (`sdt<pid>n<seq>-<role>`), using
 //! only 198.18.0.0/24 and 2001:db8::/64 (and 198.19.0.0/16 for the flood generator's
@@ -30,6 +31,7 @@ pub mod scenario;
 pub mod sipp;
 pub mod testrun;
 pub mod topology;
+pub mod uas;
 
 pub use dispatcher::XdpMode;
 pub use scenario::{ScenarioConfig, ScenarioSummary, run_direct, run_scenario};
