@@ -454,7 +454,7 @@ fn latency_aware_shrinks_a_slow_backends_share() {
 }
 
 /// Malformed `oc` values (out of range, not digits, another algorithm, the parameter
-/// twice) change no weight and are counted, each one in turn, in `backends list` and the
+/// with two values) change no weight and are counted, each one in turn, in `backends list` and the
 /// metrics; a bare `oc` echoed back (b2) is no feedback and not counted; with all of them
 /// in turn the shares of new calls stay half and half.
 #[test]
@@ -479,7 +479,9 @@ fn malformed_oc_values_change_nothing_and_are_counted() {
         "oc=150;oc-validity=1000;oc-algo=\"loss\"",
         "oc=5x;oc-validity=1000;oc-algo=\"loss\"",
         "oc=50;oc-validity=1000;oc-algo=\"rate\"",
-        "oc=50;oc=50;oc-validity=1000;oc-algo=\"loss\"",
+        // Two different values (the same one twice, or our bare `oc` next to a value,
+        // still means one thing: see the parser's unit tests).
+        "oc=50;oc=60;oc-validity=1000;oc-algo=\"loss\"",
     ];
     for v in variants {
         let before = malformed(&listed(&bed.cli_json(&["backends", "list", "--json"])));
