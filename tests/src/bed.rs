@@ -121,6 +121,23 @@ impl Bed {
         self.addresses[n - 1]
     }
 
+    /// The daemon's metrics page at `addr` (one GET from inside the dispatcher's
+    /// namespace), HTTP header included; panics with the reason when it cannot be read.
+    pub fn scrape_metrics(&self, addr: SocketAddr) -> String {
+        let get = move || -> std::io::Result<String> {
+            use std::io::{Read as _, Write as _};
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: sd\r\n\r\n")?;
+            let mut out = String::new();
+            stream.read_to_string(&mut out)?;
+            Ok(out)
+        };
+        crate::rawnet::in_netns(&self.disp_ns(), get)
+            .expect("a thread in the namespace")
+            .unwrap_or_else(|e| panic!("scraping the metrics at {addr}: {e}"))
+    }
+
     pub fn disp_ns(&self) -> String {
         self.topo.dispatcher().unwrap().ns_name().to_owned()
     }

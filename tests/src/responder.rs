@@ -116,25 +116,38 @@ fn bind_all(ns: &str, addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>> {
         .collect()
 }
 
-fn serve(sockets: &[UdpSocket], seen: &Seen, stop: &AtomicBool) -> Result<()> {
-    let mut fds: Vec<libc::pollfd> = sockets
+/// One `pollfd` per socket, waiting for input.
+pub(crate) fn poll_set(sockets: &[UdpSocket]) -> Vec<libc::pollfd> {
+    sockets
         .iter()
         .map(|s| libc::pollfd {
             fd: s.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         })
-        .collect();
+        .collect()
+}
+
+/// Waits up to `ms` for input on `fds`; false when a signal interrupted the wait.
+pub(crate) fn poll_wait(fds: &mut [libc::pollfd], ms: i32) -> Result<bool> {
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        bail!("poll: {e}");
+    }
+    Ok(true)
+}
+
+fn serve(sockets: &[UdpSocket], seen: &Seen, stop: &AtomicBool) -> Result<()> {
+    let mut fds = poll_set(sockets);
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::SeqCst) {
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_MS) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            bail!("poll: {e}");
+        if !poll_wait(&mut fds, POLL_MS)? {
+            continue;
         }
         for (pfd, sock) in fds.iter_mut().zip(sockets) {
             if pfd.revents == 0 {

@@ -15,7 +15,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -225,15 +224,7 @@ struct Server<'a> {
 
 impl Server<'_> {
     fn serve(mut self) -> Result<()> {
-        let mut fds: Vec<libc::pollfd> = self
-            .sockets
-            .iter()
-            .map(|s| libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut fds = crate::responder::poll_set(&self.sockets);
         let mut buf = vec![0u8; 65536];
         while !self.stop.load(Ordering::SeqCst) {
             self.send_due();
@@ -243,14 +234,8 @@ impl Server<'_> {
                 .map(|h| h.due.saturating_duration_since(Instant::now()))
                 .min()
                 .map_or(POLL_MS, |d| (d.as_millis() as i32 + 1).min(POLL_MS));
-            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                bail!("poll: {e}");
+            if !crate::responder::poll_wait(&mut fds, wait)? {
+                continue;
             }
             for (i, pfd) in fds.iter_mut().enumerate() {
                 if pfd.revents == 0 {

@@ -21,7 +21,6 @@ use std::{
 use serde_json::Value;
 use sip_dispatch_testbed::{
     bed::{Bed, listed, text, uac_problems, verdict, wait_list},
-    rawnet,
     sipp::{Received, exactly_one_backend},
 };
 
@@ -94,17 +93,6 @@ fn wait_exit(child: &mut std::process::Child, within: Duration, what: &str) -> i
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The metrics page at `addr` (one GET; the server closes after it).
-fn scrape(addr: SocketAddr) -> std::io::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: sd\r\n\r\n")?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 /// `N calls held` of a `drain --wait` progress line for `a`.
@@ -181,9 +169,7 @@ fn drain_wait_returns_when_the_drained_backends_calls_are_done() {
     let entries = stats["affinity_entries"].as_u64().unwrap_or(0);
     assert!(entries >= 6, "affinity_entries {entries}: {stats}");
     assert_eq!(stats["affinity_capacity"], 262_144, "{stats}");
-    let page = rawnet::in_netns(&bed.disp_ns(), move || scrape(metrics))
-        .expect("a thread in the namespace")
-        .expect("scraping the metrics");
+    let page = bed.scrape_metrics(metrics);
     let gauge = |name: &str| -> Option<u64> {
         page.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())

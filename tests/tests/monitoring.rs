@@ -19,10 +19,7 @@ use std::{
 };
 
 use serde_json::Value;
-use sip_dispatch_testbed::{
-    bed::{Bed, text, wait_list},
-    rawnet,
-};
+use sip_dispatch_testbed::bed::{Bed, text, wait_list};
 
 const PREFIX: &str = "sip_dispatch_";
 
@@ -220,17 +217,6 @@ fn problems(exprs: &[String], page: &Page) -> Vec<String> {
     all.iter().filter_map(|u| page.problem(u)).collect()
 }
 
-/// The metrics page at `addr` (one GET; the server closes after it), without the header.
-fn scrape(addr: SocketAddr) -> std::io::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: sd\r\n\r\n")?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out)?;
-    Ok(out)
-}
-
 /// A live daemon's `/metrics` has every metric and label value the dashboard and the
 /// alert rules use, and the dashboard shows every family the daemon exports. The same
 /// check reports a misspelled name or label value.
@@ -251,9 +237,7 @@ fn dashboard_and_rules_use_only_exported_metrics() {
     wait_list(&bed, Duration::from_secs(10), "two backends up", |l| {
         l.len() == 2 && l.values().all(|b| b["state"] == "up")
     });
-    let raw = rawnet::in_netns(&bed.disp_ns(), move || scrape(metrics))
-        .expect("a thread in the namespace")
-        .expect("scraping the metrics");
+    let raw = bed.scrape_metrics(metrics);
     drop(daemon);
     let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

@@ -32,7 +32,6 @@ use std::{
 use serde_json::Value;
 use sip_dispatch_testbed::{
     bed::{Bed, listed, uac_problems, verdict, wait_list},
-    rawnet,
     uas::{Arrival, Landing, ProbeAnswer, landings},
 };
 
@@ -78,23 +77,6 @@ fn unloaded(list: &BTreeMap<SocketAddr, Value>, a: SocketAddr) -> bool {
         && b["overload_expires_ms"].is_null()
         && b["latency_factor"].as_f64() == Some(1.0)
         && b["load_reason"] == ""
-}
-
-/// The metrics page, fetched from inside the dispatcher's namespace.
-fn scrape(bed: &Bed) -> String {
-    use std::io::{Read as _, Write as _};
-    let get = || -> std::io::Result<String> {
-        let addr: SocketAddr = METRICS.parse().expect("metrics address");
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: sd\r\n\r\n")?;
-        let mut out = String::new();
-        stream.read_to_string(&mut out)?;
-        Ok(out)
-    };
-    rawnet::in_netns(&bed.disp_ns(), get)
-        .expect("a thread in the namespace")
-        .expect("scraping the metrics")
 }
 
 /// The value of series `name` whose labels include `backend="ADDR"` and every one of
@@ -250,7 +232,7 @@ fn oc_feedback_cuts_a_backends_share_of_new_calls() {
     {
         problems.push(format!("backends list at oc=50: {list:#?}"));
     }
-    let page = scrape(&bed);
+    let page = bed.scrape_metrics(METRICS.parse().expect("metrics address"));
     let accepted = series(
         &page,
         "sip_dispatch_overload_feedback_total",
@@ -510,7 +492,7 @@ fn malformed_oc_values_change_nothing_and_are_counted() {
     problems.extend(uac_problems(&uac, CALLS));
 
     let list = listed(&bed.cli_json(&["backends", "list", "--json"]));
-    let page = scrape(&bed);
+    let page = bed.scrape_metrics(METRICS.parse().expect("metrics address"));
     let count = |a: SocketAddr, key: &str| num(&list, a, key).unwrap_or(-1.0);
     let metric = |a: SocketAddr, result: &str| {
         series(

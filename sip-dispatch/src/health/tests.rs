@@ -110,12 +110,25 @@ async fn responder(
     status: &'static str,
     extra: String,
 ) -> (SocketAddr, mpsc::Receiver<String>) {
+    responder_with(first, status, extra, |via, _| via.to_string()).await
+}
+
+/// [`responder`], with the Via line of the answer to the n-th request (from 1) made by
+/// `via` from the request's.
+async fn responder_with(
+    first: Option<&'static str>,
+    status: &'static str,
+    extra: String,
+    via: impl Fn(&str, usize) -> String + Send + 'static,
+) -> (SocketAddr, mpsc::Receiver<String>) {
     let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = server.local_addr().unwrap();
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
+        let mut requests = 0;
         while let Ok((n, from)) = server.recv_from(&mut buf).await {
+            requests += 1;
             let req = String::from_utf8_lossy(&buf[..n]).to_string();
             let header = |name: &str| {
                 req.lines()
@@ -127,7 +140,7 @@ async fn responder(
             for line in first.into_iter().chain([status]) {
                 let resp = format!(
                     "SIP/2.0 {line}\r\n{}\r\n{}\r\nCSeq: 1 OPTIONS\r\n{extra}\r\n",
-                    header("Via:"),
+                    via(&header("Via:"), requests),
                     header("Call-ID:")
                 );
                 let _ = server.send_to(resp.as_bytes(), from).await;
@@ -273,35 +286,15 @@ async fn probes_a_real_udp_responder_and_sees_icmp_unreachable() {
 /// echoes the Via as it came gives none.
 #[tokio::test]
 async fn the_probe_offers_overload_control_and_reads_the_answer() {
-    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = server.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        let mut n_probe = 0;
-        while let Ok((n, from)) = server.recv_from(&mut buf).await {
-            let req = String::from_utf8_lossy(&buf[..n]).to_string();
-            let header = |name: &str| {
-                req.lines()
-                    .find(|l| l.starts_with(name))
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            n_probe += 1;
-            let via = match n_probe {
-                // As RFC 7339 has it: our bare `oc` gets its value.
-                1 => format!(
-                    "{};oc-validity=2000;oc-seq=7.1",
-                    header("Via:").replace(";oc;", ";oc=50;")
-                ),
-                _ => header("Via:"),
-            };
-            let resp = format!(
-                "SIP/2.0 200 OK\r\n{via}\r\n{}\r\nCSeq: 1 OPTIONS\r\n\r\n",
-                header("Call-ID:")
-            );
-            let _ = server.send_to(resp.as_bytes(), from).await;
-        }
-    });
+    // As RFC 7339 has it, the first answer gives our bare `oc` its value.
+    let (addr, _seen) = responder_with(None, "200 OK", String::new(), |via, n| match n {
+        1 => format!(
+            "{};oc-validity=2000;oc-seq=7.1",
+            via.replace(";oc;", ";oc=50;")
+        ),
+        _ => via.to_string(),
+    })
+    .await;
     let mut probe = Probe::new(addr, &HealthUri::default());
     let outcome = probe.once(Duration::from_secs(2)).await;
     let ProbeOutcome::Answered { overload, .. } = outcome else {
