@@ -41,8 +41,9 @@ pub struct Oc {
     /// How long it holds ([`DEFAULT_OC_VALIDITY`] when absent); zero ends overload
     /// control now.
     pub validity: Duration,
-    /// `oc-seq` as (before the dot, after it); None when absent.
-    pub seq: Option<(u64, u32)>,
+    /// `oc-seq` as one number: its digits before the dot times 10^5, plus its fraction
+    /// (a decimal fraction: `7.5` is `7.50000`, later than `7.40`); None when absent.
+    pub seq: Option<u64>,
 }
 
 /// The parameters of a Via header's first value (`;` separated, after the sent-by),
@@ -134,9 +135,11 @@ pub fn parse_oc(via: &str) -> OcFeedback {
     let seq = match seq {
         None => None,
         Some(v) => {
-            let parsed = v
-                .and_then(|v| v.split_once('.'))
-                .and_then(|(a, b)| Some((digits(a, 12)?, u32::try_from(digits(b, 5)?).ok()?)));
+            let parsed = v.and_then(|v| v.split_once('.')).and_then(|(a, b)| {
+                // At most 12 + 5 digits: below 10^17, far from u64's end.
+                let fraction = digits(b, 5)? * 10u64.pow(5 - b.len() as u32);
+                Some(digits(a, 12)? * 100_000 + fraction)
+            });
             match parsed {
                 Some(s) => Some(s),
                 None => {
@@ -183,7 +186,7 @@ pub enum Taken {
 pub struct Overload {
     /// Percent and until when.
     in_force: Option<(u8, Instant)>,
-    last_seq: Option<(u64, u32)>,
+    last_seq: Option<u64>,
     pub accepted: u64,
     pub stale: u64,
     pub malformed: u64,
@@ -293,7 +296,9 @@ impl Latency {
             return;
         };
         let slow_line = base.saturating_mul(2).saturating_add(SLOW_MARGIN);
-        let recovered_line = (base + base / 2).saturating_add(RECOVERED_MARGIN);
+        let recovered_line = base
+            .saturating_add(base / 2)
+            .saturating_add(RECOVERED_MARGIN);
         if srtt > slow_line {
             let ratio = slow_line.as_secs_f64() / srtt.as_secs_f64();
             let percent = ((ratio * 10.0).floor() as u8).saturating_mul(10);

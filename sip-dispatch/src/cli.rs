@@ -260,10 +260,11 @@ pub struct RunArgs {
     /// Fewer new calls for a backend whose health checks answer well above its own
     /// baseline round trip (the smallest of the last 5 minutes): above 2 x baseline +
     /// 5 ms its weight is scaled by (2 x baseline + 5 ms) / smoothed RTT, in 10 % steps,
-    /// at least 10 %, until the RTT is below 1.5 x baseline + 2 ms again (reloadable).
-    /// RFC 7339 overload feedback (`oc` in a probe answer's Via) is always followed.
-    #[arg(long)]
-    pub latency_aware: bool,
+    /// at least 10 %, until the RTT is below 1.5 x baseline + 2 ms again (reloadable;
+    /// `--latency-aware` alone means on; default off). RFC 7339 overload feedback (`oc`
+    /// in a probe answer's Via) is always followed.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "on")]
+    pub latency_aware: Option<OnOff>,
     /// How packets reach the backends: rewrite (the destination becomes the backend's;
     /// it answers from its own address), l2dsr (only the Ethernet addresses change; the
     /// backend holds the VIP on lo and answers from it) or ipip (IP-in-IP to the

@@ -54,7 +54,8 @@ impl From<&BackendSpec> for Candidate {
             weight: b.weight,
             sharing: 1,
             healthy: true,
-            load_percent: 100,
+            latency_percent: 100,
+            overload_percent: 0,
         }
     }
 }

@@ -228,18 +228,20 @@ impl Controller {
         let Some(k) = self.backends.get_mut(&addr) else {
             return;
         };
-        if k.health.record(&outcome, &self.health_cfg, Instant::now()) {
+        let health_changed = k.health.record(&outcome, &self.health_cfg, Instant::now());
+        if health_changed {
             self.flags_stale = true;
             log::info!(
                 "backend {addr} state={} reason={:?}",
                 k.health.state.name(),
                 k.health.reason
             );
-            if republish {
-                self.republish();
-            }
         }
+        // Load first: a table published for a health change has this answer's load too.
         self.observe_load(addr, &outcome, republish);
+        if health_changed && republish {
+            self.republish();
+        }
     }
 
     fn on_srv(&mut self, event: SrvEvent) {

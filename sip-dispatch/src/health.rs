@@ -54,8 +54,8 @@ impl ProbeIds {
 
 /// A well-formed OPTIONS request (RFC 3261 section 11) to `uri` (Request-URI and To):
 /// Via with the probe's branch and the offer of RFC 7339 loss-based overload control
-/// (`oc`, `oc-algo="loss"`: a backend under load answers with `oc=N`), Max-Forwards, From with a tag, To, Call-ID, CSeq and
-/// Content-Length: 0.
+/// (`oc`, `oc-algo="loss"`: a backend under load answers with `oc=N`), Max-Forwards,
+/// From with a tag, To, Call-ID, CSeq and Content-Length: 0.
 pub fn options_request(local: SocketAddr, uri: &str, ids: &ProbeIds, cseq: u32) -> String {
     let ProbeIds {
         branch,

@@ -271,7 +271,7 @@ pub fn render(s: &Snapshot) -> String {
         (
             "backend_effective_weight",
             "gauge",
-            "The weight the tables give the backend for new calls: its weight times its load factor (RFC 7339 overload, --latency-aware); 0 when it takes none.",
+            "The weight the table gives the backend for new calls, in its weight's units, after RFC 7339 overload and --latency-aware; 0 when it takes none.",
             |b| {
                 b.load
                     .effective_weight

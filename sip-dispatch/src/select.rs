@@ -11,6 +11,14 @@
 //!
 //! An SRV target with several addresses contributes each address, sharing the record's
 //! weight; weights are therefore scaled by [`WEIGHT_SCALE`] before they are split.
+//!
+//! Load (new calls only; see `sip_dispatch_common::load`): a latency factor scales a
+//! backend's weight. RFC 7339 overload `oc=N` cuts the backend's share by N %: what it
+//! sheds goes to the backends of its priority that report no overload, in proportion to
+//! their shares; when every one of them reports some, the shed share is left to no
+//! backend ([`Selection::shed`]: those new calls get a 503 from the slow path, as RFC 7339
+//! has a client reject what it cannot send elsewhere). A backend at `oc=100` takes no new
+//! calls, as a drained one does.
 use std::net::SocketAddr;
 
 use sip_dispatch_common::{Backend, table::Weighted};
@@ -29,10 +37,11 @@ pub struct Candidate {
     /// How many addresses share that weight (the addresses of one SRV target).
     pub sharing: u32,
     pub healthy: bool,
-    /// The share of its weight the backend's load leaves it, in percent (RFC 7339
-    /// overload, latency; see `sip_dispatch_common::load`): 100 normally, 0 takes no
-    /// new calls (like a drained backend).
-    pub load_percent: u32,
+    /// The share of its weight its latency leaves the backend, in percent (100 normally).
+    pub latency_percent: u32,
+    /// The RFC 7339 overload in force (`oc`): the percentage of its share of new calls it
+    /// sheds; 100 takes none.
+    pub overload_percent: u32,
 }
 
 /// The backends in the table and the priority they were taken from.
@@ -41,9 +50,23 @@ pub struct Selection {
     pub priority: Option<u16>,
     /// Sorted by address, weights scaled.
     pub members: Vec<(SocketAddr, u32)>,
+    /// The weight of the share no backend takes (overload with nowhere to go), in the
+    /// members' units; 0 normally.
+    pub shed: u32,
+    /// Member weights are scaled weights divided by this (above 1 only when the largest
+    /// had to be made to fit a u32).
+    pub divisor: u32,
 }
 
 impl Selection {
+    /// The weight `addr` has in this selection, in configured-weight units (0 when it is
+    /// not a member): what the table gives it for new calls.
+    pub fn effective_weight(&self, addr: SocketAddr) -> f64 {
+        self.members.iter().find(|m| m.0 == addr).map_or(0.0, |m| {
+            f64::from(m.1) * f64::from(self.divisor.max(1)) / f64::from(WEIGHT_SCALE)
+        })
+    }
+
     pub fn weighted(&self) -> Vec<Weighted> {
         self.members
             .iter()
@@ -57,7 +80,7 @@ impl Selection {
 
 impl Candidate {
     fn takes_new_calls(&self) -> bool {
-        self.healthy && self.load_percent > 0
+        self.healthy && self.overload_percent < 100
     }
 }
 
@@ -75,7 +98,8 @@ pub fn select(candidates: &[Candidate]) -> Selection {
         .filter(|c| c.takes_new_calls() && c.priority == priority)
         .collect();
     let any_weighted = group.iter().any(|c| c.weight > 0);
-    let mut members: Vec<(SocketAddr, u32)> = group
+    // (address, weight with latency, overload %); u64: the shares moved below add up.
+    let mut weighed: Vec<(SocketAddr, u64, u64)> = group
         .iter()
         .filter_map(|c| {
             let weight = match (c.weight, any_weighted) {
@@ -83,18 +107,48 @@ pub fn select(candidates: &[Candidate]) -> Selection {
                 (0, false) => 1,
                 (w, _) => w,
             };
-            let scaled = (weight * WEIGHT_SCALE / c.sharing.max(1)).max(1);
-            // Fits: 65535 x 2520 x 100 < 2^64.
-            let loaded = u64::from(scaled) * u64::from(c.load_percent.min(100)) / 100;
-            Some((c.addr, u32::try_from(loaded).unwrap_or(scaled).max(1)))
+            let scaled = u64::from((weight * WEIGHT_SCALE / c.sharing.max(1)).max(1));
+            let latency = u64::from(c.latency_percent.clamp(1, 100));
+            let overload = u64::from(c.overload_percent.min(99));
+            Some((c.addr, (scaled * latency / 100).max(1), overload))
         })
         .collect();
-    members.sort();
-    members.dedup_by_key(|m| m.0);
+    weighed.sort();
+    weighed.dedup_by_key(|m| m.0);
+    let shed = shed_overload(&mut weighed);
+    // Back into the builder's u32 weights, keeping the proportions.
+    let heaviest = weighed.iter().map(|m| m.1).chain([shed]).max().unwrap_or(1);
+    let divisor = heaviest.div_ceil(u64::from(u32::MAX)).max(1);
+    let fit = |w: u64| u32::try_from(w / divisor).unwrap_or(u32::MAX);
     Selection {
         priority: Some(priority),
-        members,
+        members: weighed
+            .iter()
+            .map(|&(addr, w, _)| (addr, fit(w).max(1)))
+            .collect(),
+        shed: fit(shed),
+        divisor: u32::try_from(divisor).unwrap_or(u32::MAX),
     }
+}
+
+/// Cuts each overloaded member's weight by its overload and gives what it sheds to the
+/// members without overload, in proportion to their weights; returns what is left for no
+/// backend (all that was shed, when every member reports overload).
+fn shed_overload(members: &mut [(SocketAddr, u64, u64)]) -> u64 {
+    let mut shed = 0;
+    for m in members.iter_mut().filter(|m| m.2 > 0) {
+        let cut = m.1 * m.2 / 100;
+        m.1 = (m.1 - cut).max(1);
+        shed += cut;
+    }
+    let free: u64 = members.iter().filter(|m| m.2 == 0).map(|m| m.1).sum();
+    if free == 0 {
+        return shed;
+    }
+    for m in members.iter_mut().filter(|m| m.2 == 0) {
+        m.1 += shed * m.1 / free;
+    }
+    0
 }
 
 #[cfg(test)]
@@ -108,39 +162,80 @@ mod tests {
             weight,
             sharing: 1,
             healthy,
-            load_percent: 100,
+            latency_percent: 100,
+            overload_percent: 0,
         }
     }
 
     #[test]
-    fn load_scales_a_weight_and_zero_takes_no_new_calls() {
+    fn overload_cuts_a_share_and_gives_it_to_the_free_backends() {
+        let (a, b, d) = ("198.18.0.1:5060", "198.18.0.2:5060", "198.18.0.3:5060");
+        let mut cands = vec![c(a, 10, 1, true), c(b, 10, 1, true)];
+        // oc=50 on a: a gets half its normal half (1/4), b the rest.
+        cands[0].overload_percent = 50;
+        let s = select(&cands);
+        let share = |s: &Selection, i: usize| {
+            let total: u32 = s.members.iter().map(|m| m.1).sum::<u32>() + s.shed;
+            f64::from(s.members[i].1) / f64::from(total)
+        };
+        assert_eq!(s.shed, 0);
+        assert!((share(&s, 0) - 0.25).abs() < 1e-6, "{s:?}");
+        assert!((share(&s, 1) - 0.75).abs() < 1e-6, "{s:?}");
+        // Both overloaded: each keeps (1 - oc) of its share, the rest is shed (503).
+        cands[1].overload_percent = 20;
+        let s = select(&cands);
+        assert!((share(&s, 0) - 0.25).abs() < 1e-6, "{s:?}");
+        assert!((share(&s, 1) - 0.40).abs() < 1e-6, "{s:?}");
+        assert_eq!(s.shed, WEIGHT_SCALE * 7 / 10, "{s:?}");
+        // oc=100 takes no new calls, like a drained backend; all at 100: the next
+        // priority takes them.
+        cands[0].overload_percent = 100;
+        cands[1].overload_percent = 0;
+        assert_eq!(select(&cands).members, vec![(cands[1].addr, WEIGHT_SCALE)]);
+        cands[1].overload_percent = 100;
+        cands.push(c(d, 20, 1, true));
+        let s = select(&cands);
+        assert_eq!((s.priority, s.members.len(), s.shed), (Some(20), 1, 0));
+    }
+
+    #[test]
+    fn latency_scales_a_weight() {
         let mut cands = vec![
             c("198.18.0.1:5060", 10, 1, true),
             c("198.18.0.2:5060", 10, 2, true),
         ];
-        cands[0].load_percent = 50;
+        cands[0].latency_percent = 10;
         let s = select(&cands);
         assert_eq!(
             s.members,
             vec![
-                (cands[0].addr, WEIGHT_SCALE / 2),
+                (cands[0].addr, WEIGHT_SCALE / 10),
                 (cands[1].addr, 2 * WEIGHT_SCALE)
             ]
         );
-        // A backend at 0 % goes like a drained one; with all at 0 % the next priority.
-        cands[0].load_percent = 0;
-        assert_eq!(
-            select(&cands).members,
-            vec![(cands[1].addr, 2 * WEIGHT_SCALE)]
-        );
-        cands[1].load_percent = 0;
-        cands.push(c("198.18.0.3:5060", 20, 1, true));
+        // With an overload on top: a third of a's already smaller share is shed to b.
+        cands[0].overload_percent = 30;
         let s = select(&cands);
-        assert_eq!((s.priority, s.members.len()), (Some(20), 1));
-        // The smallest share is still a slot's worth of weight.
-        cands[2].load_percent = 1;
-        cands[2].weight = 1;
-        assert_eq!(select(&cands).members[0].1, WEIGHT_SCALE / 100);
+        let cut = WEIGHT_SCALE / 10 * 30 / 100;
+        assert_eq!(
+            s.members,
+            vec![
+                (cands[0].addr, WEIGHT_SCALE / 10 - cut),
+                (cands[1].addr, 2 * WEIGHT_SCALE + cut)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_largest_weights_with_overload_keep_their_proportions() {
+        let mut cands: Vec<Candidate> = (1..=40)
+            .map(|i| c(&format!("198.18.0.{i}:5060"), 0, 65535, true))
+            .collect();
+        cands[0].overload_percent = 50;
+        let s = select(&cands);
+        let total: u64 = s.members.iter().map(|m| u64::from(m.1)).sum();
+        let first = s.members[0].1 as f64 / total as f64;
+        assert!((first - 0.5 / 40.0).abs() < 1e-6, "{first}");
     }
 
     fn weights(s: &Selection) -> Vec<(String, u32)> {

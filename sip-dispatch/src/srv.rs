@@ -88,7 +88,8 @@ impl SrvAnswer {
                     weight: u32::from(t.weight),
                     sharing,
                     healthy: true,
-                    load_percent: 100,
+                    latency_percent: 100,
+                    overload_percent: 0,
                 });
             }
         }

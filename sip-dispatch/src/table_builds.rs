@@ -14,8 +14,8 @@ use std::{
 };
 
 use sip_dispatch_common::{
-    HashKey,
-    table::{SlotTable, build_table},
+    Backend, HashKey, NO_BACKEND,
+    table::{SlotTable, Weighted, build_table},
 };
 use tokio::task::JoinHandle;
 
@@ -129,12 +129,12 @@ impl TableBuilds {
         let Some(Request { seq, selection }) = self.queued.remove(&service) else {
             return;
         };
-        let members = selection.weighted();
+        let (members, shed) = (selection.weighted(), selection.shed);
         let key = self.key;
         let handle = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             injected_build_delay();
-            let table = build_table(&members, key).map_err(anyhow::Error::from);
+            let table = build_with_shed(members, shed, key);
             (table, started.elapsed())
         });
         self.running = Some(Running {
@@ -159,6 +159,38 @@ fn injected_build_delay() {
     }
 }
 
+/// The slot table of `members`, with a share of weight `shed` owned by no backend (the
+/// new calls RFC 7339 overload sheds with nowhere to go; the slow path answers them with
+/// 503). The shed share is a member without an address while the table is built, so its
+/// slots are as deterministic as everyone else's; it sorts first (family 0).
+pub fn build_with_shed(
+    mut members: Vec<Weighted>,
+    shed: u32,
+    key: HashKey,
+) -> anyhow::Result<SlotTable> {
+    if shed == 0 {
+        return Ok(build_table(&members, key)?);
+    }
+    members.push(Weighted {
+        backend: Backend::default(),
+        weight: shed,
+    });
+    let mut table = build_table(&members, key)?;
+    let Some(nobody) = table.members.iter().position(|m| m.backend.family == 0) else {
+        anyhow::bail!("the shed share is missing from the built table");
+    };
+    table.members.remove(nobody);
+    let nobody = nobody as u32;
+    for slot in &mut table.slots {
+        *slot = match *slot {
+            s if s == nobody => NO_BACKEND,
+            s if s != NO_BACKEND && s > nobody => s - 1,
+            s => s,
+        };
+    }
+    Ok(table)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -172,7 +204,33 @@ mod tests {
                 .iter()
                 .map(|n| (SocketAddr::from(([198, 18, 0, *n], 5060)), 1))
                 .collect(),
+            shed: 0,
+            divisor: 1,
         }
+    }
+
+    #[test]
+    fn a_shed_share_is_slots_of_no_backend_and_the_rest_keep_their_members() {
+        let key = HashKey::DEFAULT;
+        let members: Vec<Weighted> = (21..=22u8)
+            .map(|n| Weighted {
+                backend: Backend::from_socket_addr(SocketAddr::from(([198, 18, 0, n], 5060))),
+                weight: 1,
+            })
+            .collect();
+        let plain = build_with_shed(members.clone(), 0, key).unwrap();
+        let shed = build_with_shed(members.clone(), 2, key).unwrap();
+        assert_eq!(shed.members, plain.members, "the same members, same order");
+        let nobody = shed.slots.iter().filter(|&&s| s == NO_BACKEND).count();
+        let half = sip_dispatch_common::SLOTS / 2;
+        assert!(nobody.abs_diff(half) <= 1, "{nobody} slots of no backend");
+        let counts = shed.slot_counts();
+        assert!(
+            counts.iter().all(|&c| c.abs_diff(half / 2) <= 1),
+            "{counts:?}"
+        );
+        // Deterministic: the same table again.
+        assert_eq!(build_with_shed(members, 2, key).unwrap().slots, shed.slots);
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ fn oc(params: &str) -> OcFeedback {
     parse_oc(&format!("{VIA}{params}"))
 }
 
-fn valid(percent: u8, validity_ms: u64, seq: Option<(u64, u32)>) -> OcFeedback {
+fn valid(percent: u8, validity_ms: u64, seq: Option<u64>) -> OcFeedback {
     OcFeedback::Valid(Oc {
         percent,
         validity: Duration::from_millis(validity_ms),
@@ -28,7 +28,7 @@ fn no_oc_value_is_no_feedback() {
 fn a_full_feedback_is_read() {
     assert_eq!(
         oc(";oc=50;oc-validity=30000;oc-seq=1282321615.782;oc-algo=\"loss\""),
-        valid(50, 30_000, Some((1_282_321_615, 782)))
+        valid(50, 30_000, Some(1_282_321_615 * 100_000 + 78_200))
     );
     // Names are case-insensitive, blanks around "=" allowed; the default validity.
     assert_eq!(oc("; OC = 20 ;OC-ALGO=\"Loss\""), valid(20, 500, None));
@@ -36,6 +36,10 @@ fn a_full_feedback_is_read() {
     assert_eq!(oc(";oc=100;oc-validity=0"), valid(100, 0, None));
     // A list naming loss among others; quoted commas do not end the Via value.
     assert_eq!(oc(";oc=10;oc-algo=\"rate,loss\""), valid(10, 500, None));
+    // The fraction of oc-seq is decimal: 7.5 is 7.50000, after 7.40.
+    assert_eq!(oc(";oc=5;oc-seq=7.5"), valid(5, 500, Some(750_000)));
+    assert_eq!(oc(";oc=5;oc-seq=7.40"), valid(5, 500, Some(740_000)));
+    assert_eq!(oc(";oc=5;oc-seq=7.00001"), valid(5, 500, Some(700_001)));
     // Appended next to our offer instead of giving it a value: the same feedback.
     assert_eq!(
         oc(";oc;oc-algo=\"loss\";oc=50;oc-algo=\"loss\";oc-validity=1000"),
@@ -122,23 +126,23 @@ fn older_sequence_numbers_and_malformed_values_change_nothing() {
     let t0 = Instant::now();
     let hold = Duration::from_millis(100);
     let mut o = Overload::default();
-    o.take(&valid(50, 10_000, Some((100, 2))), t0, hold);
+    o.take(&valid(50, 10_000, Some(10000002)), t0, hold);
     assert_eq!(
-        o.take(&valid(90, 10_000, Some((100, 1))), t0, hold),
+        o.take(&valid(90, 10_000, Some(10000001)), t0, hold),
         Taken::Stale
     );
     assert_eq!(
-        o.take(&valid(90, 10_000, Some((99, 9))), t0, hold),
+        o.take(&valid(90, 10_000, Some(9900009)), t0, hold),
         Taken::Stale
     );
     assert_eq!(o.percent(t0), 50);
     // The same number again is a refresh; a newer one replaces it.
     assert_eq!(
-        o.take(&valid(50, 10_000, Some((100, 2))), t0, hold),
+        o.take(&valid(50, 10_000, Some(10000002)), t0, hold),
         Taken::Accepted
     );
     assert_eq!(
-        o.take(&valid(20, 10_000, Some((101, 0))), t0, hold),
+        o.take(&valid(20, 10_000, Some(10100000)), t0, hold),
         Taken::Accepted
     );
     assert_eq!(o.percent(t0), 20);
@@ -150,7 +154,7 @@ fn older_sequence_numbers_and_malformed_values_change_nothing() {
     // Once it has expired, a restarted backend's lower numbers count again.
     let later = at(t0, 20_000);
     assert_eq!(
-        o.take(&valid(30, 10_000, Some((1, 0))), later, hold),
+        o.take(&valid(30, 10_000, Some(100000)), later, hold),
         Taken::Accepted
     );
     assert_eq!(o.percent(later), 30);

@@ -334,7 +334,11 @@ impl Settings {
             services,
             affinity,
             call_idle,
-            latency_aware: args.latency_aware || file.latency_aware.unwrap_or(false),
+            latency_aware: args
+                .latency_aware
+                .map(|v| v == crate::cli::OnOff::On)
+                .or(file.latency_aware)
+                .unwrap_or(false),
             probe_source,
             encap_source,
         })

@@ -393,6 +393,30 @@ fn the_default_health_timeout_fits_a_short_interval() {
 }
 
 #[test]
+fn latency_aware_comes_from_the_flag_the_file_or_the_default() {
+    let with = with_one_service;
+    assert!(!with(&[]).unwrap().latency_aware, "off by default");
+    assert!(
+        with(&["--latency-aware"]).unwrap().latency_aware,
+        "alone: on"
+    );
+    assert!(with(&["--latency-aware", "on"]).unwrap().latency_aware);
+    let dir = std::env::temp_dir().join(format!("sd-latency-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, "latency-aware = true\n").unwrap();
+    let file = cfg.to_str().unwrap();
+    assert!(with(&["--config", file]).unwrap().latency_aware);
+    assert!(
+        !with(&["--config", file, "--latency-aware", "off"])
+            .unwrap()
+            .latency_aware,
+        "the flag wins"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn call_idle_comes_from_the_flag_the_file_or_the_default() {
     let with = with_one_service;
     assert_eq!(with(&[]).unwrap().call_idle, Duration::from_secs(600));

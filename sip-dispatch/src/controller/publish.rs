@@ -33,7 +33,8 @@ impl Controller {
                 let k = self.backends.get(&c.addr);
                 Candidate {
                     healthy: k.is_some_and(|k| k.health.takes_traffic()),
-                    load_percent: k.map_or(100, |k| k.load.percent),
+                    overload_percent: k.map_or(0, |k| u32::from(self.load_factors(k).0)),
+                    latency_percent: k.map_or(100, |k| u32::from(self.load_factors(k).1)),
                     weight: k.and_then(|k| k.weight_override).unwrap_or(c.weight),
                     ..c
                 }
@@ -129,17 +130,33 @@ impl Controller {
         let vip = self.services[i].vip;
         self.services[i].generation += 1;
         log::debug!("table {vip} built in {took:?}");
-        let weights: HashMap<SocketAddr, (u32, u32)> = self
-            .candidates_with_health(&self.services[i])
-            .iter()
-            .map(|c| (c.addr, (c.weight, c.load_percent)))
-            .collect();
+        let candidates = self.candidates_with_health(&self.services[i]);
+        let weights: HashMap<SocketAddr, u32> =
+            candidates.iter().map(|c| (c.addr, c.weight)).collect();
+        // What the table would give each without load: a weight the load changed shows
+        // the percentage of that it gets.
+        let unloaded = select(
+            &candidates
+                .iter()
+                .map(|c| Candidate {
+                    overload_percent: 0,
+                    latency_percent: 100,
+                    ..*c
+                })
+                .collect::<Vec<_>>(),
+        );
         let list: Vec<String> = selection
             .members
             .iter()
-            .map(|(a, _)| match weights.get(a).copied().unwrap_or((0, 100)) {
-                (w, 100) => format!("{a}/{w}"),
-                (w, load) => format!("{a}/{w}@{load}%"),
+            .map(|(a, _)| {
+                let w = weights.get(a).copied().unwrap_or(0);
+                let normal = unloaded.effective_weight(*a);
+                let percent = (selection.effective_weight(*a) * 100.0 / normal).round();
+                if normal <= 0.0 || (percent - 100.0).abs() < 1.0 {
+                    format!("{a}/{w}")
+                } else {
+                    format!("{a}/{w}@{percent}%")
+                }
             })
             .collect();
         let service = &mut self.services[i];
@@ -189,7 +206,7 @@ impl Controller {
             let flags = self.backends.get(&addr).map_or(0, |k| {
                 affinity_flags(
                     &k.health,
-                    k.weight_override == Some(0) || k.load.percent == 0,
+                    k.weight_override == Some(0) || self.load_factors(k).0 >= 100,
                 )
             });
             if let Err(e) = self.dp.set_backend_flags(&mut self.ids, id, flags) {

@@ -187,7 +187,8 @@ impl Controller {
                     weight,
                     sharing: 1,
                     healthy: true,
-                    load_percent: 100,
+                    latency_percent: 100,
+                    overload_percent: 0,
                 });
                 self.services[i].cli_added.insert(address);
                 self.changed_backends();
@@ -415,6 +416,8 @@ impl Controller {
         let mut out = Vec::new();
         for s in &self.services {
             let effective = self.candidates_with_health(s);
+            // What the table gives each for new calls (as the next build would).
+            let selection = crate::select::select(&effective);
             for ((c, source), eff) in s.candidates().into_iter().zip(effective) {
                 let Some(k) = self.backends.get(&c.addr) else {
                     continue;
@@ -446,7 +449,7 @@ impl Controller {
                     checks: k.health.checks,
                     check_failures: k.health.check_failures,
                     calls: self.calls_held(c.addr),
-                    load: self.load_view(k, eff.weight, eff.healthy),
+                    load: self.load_view(k, selection.effective_weight(c.addr)),
                 });
             }
         }

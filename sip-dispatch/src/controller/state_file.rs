@@ -57,7 +57,8 @@ impl Controller {
                         weight: a.weight,
                         sharing: 1,
                         healthy: true,
-                        load_percent: 100,
+                        latency_percent: 100,
+                        overload_percent: 0,
                     });
                     self.services[i].cli_added.insert(a.address);
                 }

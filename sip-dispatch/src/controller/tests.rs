@@ -44,7 +44,8 @@ fn statics(first: u32, n: u32) -> Vec<Candidate> {
             weight: 1,
             sharing: 1,
             healthy: true,
-            load_percent: 100,
+            latency_percent: 100,
+            overload_percent: 0,
         })
         .collect()
 }
@@ -248,6 +249,8 @@ fn a_build_listing_a_removed_backend_is_known_as_such() {
     let built = Selection {
         priority: Some(0),
         members: vec![(addr(0), 1), (addr(1), 1), (addr(2), 1)],
+        shed: 0,
+        divisor: 1,
     };
     assert_eq!(s.unlisted_member(&built), None);
     s.statics.retain(|c| c.addr != addr(1));

@@ -305,7 +305,7 @@ async fn the_probe_offers_overload_control_and_reads_the_answer() {
         sip_dispatch_common::load::OcFeedback::Valid(sip_dispatch_common::load::Oc {
             percent: 50,
             validity: Duration::from_secs(2),
-            seq: Some((7, 1)),
+            seq: Some(710_000),
         })
     );
     // The offer echoed back: `oc` without a value is no feedback.
