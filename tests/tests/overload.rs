@@ -536,3 +536,123 @@ fn malformed_oc_values_change_nothing_and_are_counted() {
     }
     verdict(NAME, &bed.dir.clone(), problems);
 }
+
+/// Every backend of the priority overloaded (both at `oc=50`): each keeps half its share
+/// and the other half of the slots belongs to no backend (RFC 7339: what cannot go
+/// elsewhere is rejected). `which` names no backend for those Call-IDs, and a request
+/// with one of them gets a 503 from the slow path; a Call-ID with a backend is
+/// forwarded to it.
+#[test]
+fn every_backend_overloaded_sheds_new_calls_with_503() {
+    const NAME: &str = "oc-all";
+    const PROBES: usize = 400;
+    let mut bed = Bed::build_scripted(&workdir(), NAME, 2);
+    let (b1, b2) = (bed.backend(1), bed.backend(2));
+    let daemon = start(&bed, &[]);
+    let mut problems = Vec::new();
+    for u in &bed.scripted {
+        u.answer_probes(ProbeAnswer::Overload {
+            oc: 50,
+            validity_ms: 1000,
+        });
+    }
+    let list = wait_list(&bed, CHANGE_WITHIN, "both at oc=50 with a quarter", |l| {
+        [b1, b2]
+            .iter()
+            .all(|&b| num(l, b, "overload") == Some(50.0) && (share(l, b) - 0.25).abs() < 0.01)
+    });
+    for b in [b1, b2] {
+        if num(&list, b, "effective_weight") != Some(0.5) {
+            problems.push(format!("{b} at oc=50 of two: {:#?}", list[&b]));
+        }
+    }
+
+    // Where Call-IDs go now: about half to no backend.
+    let vip = bed.vip.to_string();
+    let mut shed = Vec::new();
+    let mut placed = Vec::new();
+    for i in 0..PROBES {
+        let call_id = format!("shed-{i}@198.18.0.10");
+        let w = bed.cli_json(&["which", &call_id, "--service", &vip, "--json"]);
+        match w["backend"].as_str() {
+            None => shed.push(call_id),
+            Some(b) => placed.push((call_id, b.to_owned())),
+        }
+    }
+    let ratio = shed.len() as f64 / PROBES as f64;
+    let tol = SIGMAS * (0.25 / PROBES as f64).sqrt();
+    eprintln!(
+        "[{NAME}] {} of {PROBES} Call-IDs go to no backend: {:.1} % (expected 50 +- {:.1} %)",
+        shed.len(),
+        ratio * 100.0,
+        tol * 100.0
+    );
+    if (ratio - 0.5).abs() > tol {
+        problems.push(format!("{} of {PROBES} Call-IDs shed", shed.len()));
+    }
+
+    // A request of a shed Call-ID is answered 503 by the slow path; one with a backend
+    // reaches that backend.
+    let client = SocketAddr::new(bed.topo.client().ip(sip_dispatch_testbed::Family::V4), 0);
+    let sock = sip_dispatch_testbed::rawnet::in_netns(bed.topo.client().ns_name(), move || {
+        std::net::UdpSocket::bind(client).expect("client socket")
+    })
+    .expect("a thread in the namespace");
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let from = sock.local_addr().expect("client address");
+    let invite = |call_id: &str| {
+        format!(
+            "INVITE sip:svc@{vip} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK-{i}\r\n\
+             From: <sip:test@{from}>;tag=1\r\nTo: <sip:svc@{vip}>\r\nCall-ID: {call_id}\r\n\
+             CSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            i = call_id.len()
+        )
+    };
+    if let Some(call_id) = shed.first() {
+        sock.send_to(invite(call_id).as_bytes(), bed.vip)
+            .expect("sending");
+        let mut buf = vec![0u8; 4096];
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) if buf[..n].starts_with(b"SIP/2.0 503 ") => {}
+            other => problems.push(format!(
+                "a shed Call-ID's INVITE: wanted a 503, got {:?}",
+                other.map(|(n, a)| (String::from_utf8_lossy(&buf[..n]).into_owned(), a))
+            )),
+        }
+    }
+    if let Some((call_id, _)) = placed.first() {
+        sock.send_to(invite(call_id).as_bytes(), bed.vip)
+            .expect("sending");
+        // The backend's answer (100 or 200) says the INVITE arrived.
+        let mut buf = vec![0u8; 4096];
+        match sock.recv_from(&mut buf) {
+            Ok((n, _))
+                if buf[..n].starts_with(b"SIP/2.0 1") || buf[..n].starts_with(b"SIP/2.0 2") => {}
+            other => problems.push(format!(
+                "a placed Call-ID's INVITE: wanted its backend's answer, got {:?}",
+                other.map(|(n, a)| (String::from_utf8_lossy(&buf[..n]).into_owned(), a))
+            )),
+        }
+    }
+    drop(daemon);
+    let arrivals = all_arrivals(&mut bed);
+    let land = landings(&arrivals);
+    if let Some(call_id) = shed.first()
+        && land.contains_key(call_id)
+    {
+        problems.push(format!("shed Call-ID {call_id} reached a backend"));
+    }
+    if let Some((call_id, backend)) = placed.first() {
+        let at: Vec<String> = land
+            .get(call_id)
+            .map(|l| l.backends.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        if at != [backend.clone()] {
+            problems.push(format!(
+                "{call_id}: `which` said {backend}, it reached {at:?}"
+            ));
+        }
+    }
+    verdict(NAME, &bed.dir.clone(), problems);
+}
