@@ -656,3 +656,44 @@ fn every_backend_overloaded_sheds_new_calls_with_503() {
     }
     verdict(NAME, &bed.dir.clone(), problems);
 }
+
+/// Load that changes at every probe answer (10 a second) republishes the table at most
+/// twice a second, and does republish.
+#[test]
+fn load_changes_republish_at_most_twice_a_second() {
+    const NAME: &str = "oc-flap";
+    const WATCH: Duration = Duration::from_secs(4);
+    let bed = Bed::build_scripted(&workdir(), NAME, 2);
+    let b1 = bed.backend(1);
+    let daemon = start(&bed, &[]);
+    let mut problems = Vec::new();
+    bed.scripted[0].answer_probes(ProbeAnswer::Raw(
+        [10, 20, 30, 40]
+            .iter()
+            .map(|oc| format!("oc={oc};oc-validity=1000;oc-algo=\"loss\""))
+            .collect(),
+    ));
+    wait_list(&bed, CHANGE_WITHIN, "b1 overloaded", |l| {
+        num(l, b1, "overload").is_some()
+    });
+    let generation = || {
+        bed.cli_json(&["backends", "list", "--json"])["services"][0]["generation"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let (g0, t0) = (generation(), std::time::Instant::now());
+    // A window to count in: nothing to wait for.
+    std::thread::sleep(WATCH);
+    let (g1, took) = (generation(), t0.elapsed());
+    let tables = g1.saturating_sub(g0);
+    // Two a second, plus one that may have been due as the window opened.
+    let most = (took.as_secs_f64() * 2.0).floor() as u64 + 1;
+    eprintln!("[{NAME}] {tables} tables in {took:.1?} while b1's oc changed at every answer");
+    if !(2..=most).contains(&tables) {
+        problems.push(format!(
+            "{tables} tables in {took:?} (wanted 2 to {most}) while the load changed 10 times a second"
+        ));
+    }
+    drop(daemon);
+    verdict(NAME, &bed.dir.clone(), problems);
+}
