@@ -143,6 +143,33 @@ impl Drop for Installed {
 /// Installs `deb` with dpkg, checks what it installed (the files, the unit with
 /// systemd-analyze, the man pages with man), removes it and checks that the files are
 /// gone. Refuses to run over an installed sip-dispatch (it would remove it).
+/// The maintainer scripts' systemd branches run only under systemd (not on a test
+/// machine whose PID 1 is something else): at least `sh -n` reads each of them whole.
+fn check_maintainer_scripts(deb: &Path) -> Result<()> {
+    let control = std::env::temp_dir().join(format!("sd-deb-control-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&control);
+    shell::run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&control))?;
+    let bad: Vec<&str> = ["postinst", "prerm", "postrm"]
+        .into_iter()
+        .filter(|script| {
+            !Command::new("sh")
+                .arg("-n")
+                .arg(control.join(script))
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&control);
+    if !bad.is_empty() {
+        bail!(
+            "maintainer scripts missing or not valid sh: {}",
+            bad.join(", ")
+        );
+    }
+    note("maintainer scripts: postinst, prerm and postrm are there and valid sh (sh -n)");
+    Ok(())
+}
+
 pub fn check(deb: &Path) -> Result<()> {
     if shell::capture(Command::new("dpkg-query").args(["-W", "-f", "${Status}", "sip-dispatch"]))
         .is_some_and(|s| s.contains("installed") && !s.contains("not-installed"))
@@ -155,6 +182,7 @@ pub fn check(deb: &Path) -> Result<()> {
         bail!("{found} exists before the package is installed: remove it first");
     }
 
+    check_maintainer_scripts(deb)?;
     shell::run(Command::new("dpkg").arg("-i").arg(deb))?;
     let installed = Installed;
     let missing: Vec<&str> = INSTALLED
