@@ -104,13 +104,16 @@ impl Drop for Responder {
     }
 }
 
-fn bind_all(ns: &str, addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>> {
+/// Non-blocking UDP sockets bound to `addrs` in namespace `ns` (the calling thread
+/// enters it for good: a responder's own thread).
+pub(crate) fn bind_all(ns: &str, addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>> {
     rawnet::enter_netns(ns)?;
     addrs
         .iter()
         .map(|a| {
             let s = UdpSocket::bind(a).with_context(|| format!("binding {a} in {ns}"))?;
-            s.set_nonblocking(true)?;
+            s.set_nonblocking(true)
+                .with_context(|| format!("making {a}'s socket non-blocking"))?;
             Ok(s)
         })
         .collect()

@@ -23,9 +23,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
-
-use crate::rawnet;
+use anyhow::{Result, anyhow, bail};
 
 /// How the UAS answers health probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,7 +93,7 @@ impl ScriptedUas {
             let (ns, addrs) = (ns.to_owned(), addrs.to_vec());
             let (script, seen, stop) = (script.clone(), seen.clone(), stop.clone());
             std::thread::spawn(move || {
-                let sockets = match bind_all(&ns, &addrs) {
+                let sockets = match crate::responder::bind_all(&ns, &addrs) {
                     Ok(s) => {
                         let _ = ready_tx.send(Ok(()));
                         s
@@ -189,19 +187,6 @@ fn epoch_secs() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn bind_all(ns: &str, addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>> {
-    rawnet::enter_netns(ns)?;
-    addrs
-        .iter()
-        .map(|a| {
-            let s = UdpSocket::bind(a).with_context(|| format!("binding {a} in {ns}"))?;
-            s.set_nonblocking(true)
-                .with_context(|| format!("making {a}'s socket non-blocking"))?;
-            Ok(s)
-        })
-        .collect()
 }
 
 /// A datagram waiting in the delay line.

@@ -443,9 +443,9 @@ fn latency_aware_shrinks_a_slow_backends_share() {
 }
 
 /// Malformed `oc` values (out of range, not digits, another algorithm, the parameter
-/// with two values) change no weight and are counted, each one in turn, in `backends list` and the
-/// metrics; a bare `oc` echoed back (b2) is no feedback and not counted; with all of them
-/// in turn the shares of new calls stay half and half.
+/// with two values) change no weight and are counted, each one in turn, in `backends
+/// list` and the metrics; a bare `oc` echoed back (b2) is no feedback and not counted;
+/// with all of them in turn the shares of new calls stay half and half.
 #[test]
 fn malformed_oc_values_change_nothing_and_are_counted() {
     const NAME: &str = "oc-malformed";
