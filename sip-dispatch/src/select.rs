@@ -146,7 +146,10 @@ fn shed_overload(members: &mut [(SocketAddr, u64, u64)]) -> u64 {
         return shed;
     }
     for m in members.iter_mut().filter(|m| m.2 == 0) {
-        m.1 += shed * m.1 / free;
+        // u128: 2048 backends of the largest weight shed up to ~2^38, times a weight of
+        // up to ~2^28 is past u64. The quotient is at most `shed`.
+        let gets = u128::from(shed) * u128::from(m.1) / u128::from(free);
+        m.1 += u64::try_from(gets).unwrap_or(shed);
     }
     0
 }
@@ -224,6 +227,29 @@ mod tests {
                 (cands[1].addr, 2 * WEIGHT_SCALE + cut)
             ]
         );
+    }
+
+    #[test]
+    fn the_most_backends_at_the_largest_weight_shed_without_overflow() {
+        let mut cands: Vec<Candidate> = (0..2048u32)
+            .map(|i| {
+                c(
+                    &format!("198.18.{}.{}:5060", i / 256, i % 256),
+                    0,
+                    65535,
+                    true,
+                )
+            })
+            .collect();
+        for cand in cands.iter_mut().skip(1) {
+            cand.overload_percent = 99;
+        }
+        let s = select(&cands);
+        let total: u64 = s.members.iter().map(|m| u64::from(m.1)).sum();
+        // The one free backend takes what 2047 shed: 1 + 2047 x 0.99 of 2048 shares.
+        let first = s.members[0].1 as f64 / total as f64;
+        let want = (1.0 + 2047.0 * 0.99) / 2048.0;
+        assert!((first - want).abs() < 1e-4, "{first} vs {want}");
     }
 
     #[test]
